@@ -1,0 +1,165 @@
+"""Shared plumbing for result objects: metadata, atomic files, safetensors + JSON storage.
+
+Every tvlens result is a frozen dataclass of CPU tensors plus a :class:`ResultMeta`. Results worth
+keeping are saved as a ``.safetensors`` file holding the tensors and a ``.json`` sidecar holding the
+metadata; both are written atomically (temporary file in the same folder, then ``os.replace``), so an
+interrupted write never leaves a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ResultMeta",
+    "atomic_write_text",
+    "atomic_write_bytes",
+    "save_tensors",
+    "load_tensors",
+    "check_same_model",
+    "check_writable",
+    "version",
+]
+
+
+def version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+@dataclass(frozen=True)
+class ResultMeta:
+    """Where a result came from: enough to refuse mixing results of different models."""
+
+    model: str = "unknown"
+    config_hash: str = ""
+    tasks: tuple[str, ...] = ()
+    seed: int | None = None
+    tvlens_version: str = field(default_factory=version)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def for_model(cls, model: Any, *, tasks: tuple[str, ...] | list[str] = (), seed: int | None = None, **extra: Any) -> "ResultMeta":
+        from .models import ModelInfo
+
+        info = ModelInfo.of(model)
+        return cls(model=info.name, config_hash=info.config_hash, tasks=tuple(tasks), seed=seed, extra=dict(extra))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["tasks"] = list(self.tasks)
+        d["extra"] = dict(self.extra)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ResultMeta":
+        return cls(
+            model=d.get("model", "unknown"),
+            config_hash=d.get("config_hash", ""),
+            tasks=tuple(d.get("tasks", ())),
+            seed=d.get("seed"),
+            tvlens_version=d.get("tvlens_version", "unknown"),
+            extra=dict(d.get("extra", {})),
+        )
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Fail early, before any expensive work, if ``path`` cannot be written."""
+    path = Path(path)
+    parent = path.parent if path.suffix else path
+    probe = parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise ValueError(f"cannot write to {str(path)!r}: {str(probe)!r} is a file, not a folder; choose another output path")
+    if not os.access(probe, os.W_OK):
+        raise PermissionError(f"cannot write to {str(path)!r}: {str(probe)!r} is not writable; choose another output path (e.g. --out ./figures)")
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write bytes to ``path`` atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.tolist()
+    if isinstance(obj, (tuple, set, frozenset)):
+        return list(obj)
+    if hasattr(obj, "item"):
+        return obj.item()
+    return str(obj)
+
+
+def save_tensors(path: str | os.PathLike, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> Path:
+    """Save tensors to ``<path>.safetensors`` and metadata to ``<path>.json`` (both atomic).
+
+    ``path`` may be given with or without the ``.safetensors`` suffix; the returned path is the tensor file.
+    """
+    from safetensors.torch import save
+
+    base = Path(path)
+    if base.suffix in (".safetensors", ".json"):
+        base = base.with_suffix("")
+    data = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
+    tensor_path = atomic_write_bytes(base.with_suffix(".safetensors"), data)
+    atomic_write_text(base.with_suffix(".json"), json.dumps(dict(meta), indent=2, default=_json_default))
+    return tensor_path
+
+
+def load_tensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Load what :func:`save_tensors` wrote. Raises ``FileNotFoundError`` naming the missing file."""
+    from safetensors.torch import load
+
+    base = Path(path)
+    if base.suffix in (".safetensors", ".json"):
+        base = base.with_suffix("")
+    tensor_path, meta_path = base.with_suffix(".safetensors"), base.with_suffix(".json")
+    for p in (tensor_path, meta_path):
+        if not p.exists():
+            raise FileNotFoundError(f"{str(p)!r} does not exist; tvlens files come in pairs (.safetensors + .json) written by .save()")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{str(meta_path)!r} is not valid JSON (line {err.lineno}): {err.msg}; re-save the result") from err
+    return load(tensor_path.read_bytes()), meta
+
+
+def check_same_model(model: Any, meta: Mapping[str, Any], *, what: str = "file") -> None:
+    """Refuse to use a saved result with a different model than the one that produced it."""
+    from .models import ModelInfo
+
+    info = ModelInfo.of(model)
+    saved_hash = meta.get("config_hash")
+    if saved_hash and saved_hash != info.config_hash:
+        raise ValueError(
+            f"this {what} was made with model {meta.get('model', '?')!r} (config hash {saved_hash}), not with the loaded "
+            f"model {info.name!r} (config hash {info.config_hash}); recompute it for this model or load the model it came from"
+        )
