@@ -8,6 +8,7 @@ interrupted write never leaves a half-written file under the final name.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -89,6 +90,11 @@ def check_writable(path: str | os.PathLike) -> Path:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write bytes to ``path`` atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
+    probe = path.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"cannot write to {str(path)!r}: {str(probe)!r} is a file, not a folder; choose another output path")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -129,8 +135,11 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, Tensor], meta: M
     if base.suffix in (".safetensors", ".json"):
         base = base.with_suffix("")
     data = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
+    # Each file is written atomically but the pair is not: the digest lets load_tensors detect new tensors
+    # paired with old metadata after an interrupted re-save.
+    meta = {**dict(meta), "tensors_sha256": hashlib.sha256(data).hexdigest()}
     tensor_path = atomic_write_bytes(base.with_suffix(".safetensors"), data)
-    atomic_write_text(base.with_suffix(".json"), json.dumps(dict(meta), indent=2, default=_json_default))
+    atomic_write_text(base.with_suffix(".json"), json.dumps(meta, indent=2, default=_json_default))
     return tensor_path
 
 
@@ -149,7 +158,11 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, 
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{str(meta_path)!r} is not valid JSON (line {err.lineno}): {err.msg}; re-save the result") from err
-    return load(tensor_path.read_bytes()), meta
+    raw = tensor_path.read_bytes()
+    want = meta.get("tensors_sha256")
+    if want and hashlib.sha256(raw).hexdigest() != want:
+        raise ValueError(f"{str(tensor_path)!r} does not match {str(meta_path)!r} (an interrupted save?); re-save the result")
+    return load(raw), meta
 
 
 def check_same_model(model: Any, meta: Mapping[str, Any], *, what: str = "file") -> None:
