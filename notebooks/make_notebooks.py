@@ -1,0 +1,382 @@
+"""Generate the tvlens notebooks (``notebooks/0*.ipynb``) from the cell lists below.
+
+    python notebooks/make_notebooks.py          # rewrite every notebook, outputs stripped
+
+Edit the cells here, not in the ``.ipynb`` files, so the notebooks stay reviewable and can be
+regenerated. Every notebook runs top to bottom on the shipped model organism on a CPU in well
+under a minute (small prompt counts); ``tests/test_notebooks.py`` executes them all.
+The notebooks only call the public tvlens API: no analysis logic lives here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = Path(__file__).resolve().parent
+
+SETUP = """\
+import torch
+import tvlens
+
+torch.set_num_threads(2)  # small model, small batches: more threads only add overhead
+model = tvlens.load_model("organism", device="cpu")  # the shipped model organism (offline)
+tvlens.ModelInfo.of(model)"""
+
+REFERENCES = {
+    "hendel": "Hendel, Geva & Globerson 2023, *In-Context Learning Creates Task Vectors* (Findings of EMNLP 2023)",
+    "todd": "Todd, Li, Sen Sharma, Mueller, Wallace & Bau 2024, *Function Vectors in Large Language Models* (ICLR 2024)",
+    "hojel": "Hojel, Bai, Darrell, Globerson & Bar 2024, *Finding Visual Task Vectors* (ECCV 2024)",
+    "luo": "Luo, Darrell & Bar 2024, *Task Vectors are Cross-Modal*",
+    "logit_lens": "nostalgebraist 2020, *interpreting GPT: the logit lens* (LessWrong)",
+    "nanda": "Nanda 2023, *Attribution Patching: Activation Patching At Industrial Scale*",
+    "syed": "Syed, Rager & Conmy 2023, *Attribution Patching Outperforms Automated Circuit Discovery*",
+    "ilharco": "Ilharco et al. 2023, *Editing Models with Task Arithmetic* (ICLR 2023)",
+    "newsom": "J. Newsom, the `task_vectors` package (soft per-head task weights)",
+}
+
+
+def cite(*keys: str) -> str:
+    return "\n".join(f"- {REFERENCES[k]}" for k in keys)
+
+
+NOTEBOOKS: dict[str, list[tuple[str, str]]] = {}
+
+# ----------------------------------------------------------------------------------------------
+NOTEBOOKS["01_quickstart"] = [
+    ("md", f"""\
+# tvlens quickstart
+
+When a transformer reads in-context examples (`france → paris`, `japan → tokyo`, …) it forms a compact
+internal representation of the task — a **task vector** — at the final separator token. Patch that vector into a
+zero-shot prompt and the model performs the task without any examples (Hendel et al. 2023); sum the outputs of a
+few attention heads and you get a **function vector** (Todd et al. 2024); score every head by how much its output
+varies *between* tasks compared with *within* a task and you find where the task lives (ρ_token, Hojel et al. 2024).
+
+This notebook loads the shipped **model organism** (a small Llama-shaped transformer trained on the tvlens task
+suite, so everything runs offline on a CPU), measures its in-context-learning accuracy and draws the
+layers × heads taskness heatmap.
+
+{cite("hendel", "todd", "hojel", "luo")}"""),
+    ("code", SETUP),
+    ("md", "## Tasks and prompts\n\nThe suite has four families (as in Hendel et al. §4.1). `resolve_tasks` accepts names, `family:<name>` or `all`."),
+    ("code", """\
+for family in ("knowledge", "linguistic", "translation", "algorithmic"):
+    print(f"{family:>12}: {', '.join(tvlens.list_tasks(family))}")
+task = tvlens.load_task("country_capital")
+task, task.instruction, task.pairs[:4]"""),
+    ("code", """\
+batch = tvlens.icl_prompts(model, task, n_prompts=4, n_shots=3, seed=0)
+print(batch.texts[0])
+print("answer:", batch.answers[0])"""),
+    ("md", "## In-context learning accuracy\n\nFirst-token accuracy with 0 and 5 demonstrations: the gap is what a task vector has to carry."),
+    ("code", """\
+for name in ["country_capital", "antonym", "english_french", "next_letter"]:
+    zero = tvlens.evaluate_icl(model, name, 0, n_prompts=24)
+    five = tvlens.evaluate_icl(model, name, 5, n_prompts=24)
+    print(f"{name:>16}: zero-shot {zero.first_token:.2f}   5-shot {five.first_token:.2f}")"""),
+    ("md", """\
+## Which heads know the task? (ρ_token)
+
+For each head, ρ = (variance of its output pooled over all tasks) / (mean within-task variance), at the final
+separator (Hojel et al. 2024, §3). ρ ≈ 1: the head does not tell the tasks apart; large ρ: it encodes the task.
+Hover over a cell for layer, head and value."""),
+    ("code", """\
+tasks = tvlens.resolve_tasks("country_capital,country_language,antonym,past_tense,english_french,next_letter")
+rho = tvlens.taskness(model, tasks, n_prompts=24, n_shots=5)
+print(rho.top(5))
+rho.plot()"""),
+    ("md", """\
+## The same code on a real model
+
+Every function takes any model loaded by `tvlens.load_model` — `"gpt2"`, `"EleutherAI/pythia-70m"`, a Llama or
+Qwen checkpoint by hub name or local folder. This cell needs the internet (or the model in the Hugging Face
+cache); offline it prints why it was skipped. GPT-2's tokenizer splits `→` into several tokens, so the prompts
+use `->` as the separator."""),
+    ("code", """\
+try:
+    gpt2 = tvlens.load_model("gpt2", device="cpu")
+except (ValueError, OSError) as err:  # offline: no network and not in the Hugging Face cache
+    gpt2 = None
+    print(f"Skipped the gpt2 section (it needs the internet or a cached copy): {err}")
+
+if gpt2 is not None:
+    print(tvlens.ModelInfo.of(gpt2))
+    acc = tvlens.evaluate_icl(gpt2, "country_capital", 5, n_prompts=16, separator="->")
+    print(f"gpt2 country_capital 5-shot accuracy: {acc.first_token:.2f}")
+    gpt2_rho = tvlens.taskness(gpt2, ["country_capital", "country_language", "antonym"], n_prompts=8, separator="->")
+    display(gpt2_rho.plot())"""),
+    ("md", "Next: `02_taskness` (per-position scores and a causal check), `03_logit_lens`, `04_task_and_function_vectors`, `05_patching`, `06_selection`."),
+]
+
+# ----------------------------------------------------------------------------------------------
+NOTEBOOKS["02_taskness"] = [
+    ("md", f"""\
+# Taskness: per head, per position, and does it mean anything?
+
+Hojel et al. (2024) find task vectors by scoring each activation with
+
+ρ(i) = Σ_e Var(h_all^i[e]) / ( (1/n) Σ_j Σ_e Var(h_task_j^i[e]) ),
+
+the variance of activation *i* pooled over the prompts of all *n* tasks over its average within-task variance.
+tvlens computes it from streaming per-task means and variances of every head's output (`hook_z`), the same
+task-mean head outputs Todd et al. (2024) patch. Then we check the score causally: patching the **top-k ρ heads'**
+task means into zero-shot prompts should restore more accuracy than patching k random heads.
+
+{cite("hojel", "todd")}"""),
+    ("code", SETUP),
+    ("code", """\
+tasks = tvlens.resolve_tasks("country_capital,country_language,country_currency,antonym,english_french,english_german")
+stats = tvlens.head_means(model, tasks, n_prompts=24, n_shots=5, positions="separator")
+stats"""),
+    ("code", """\
+rho = tvlens.taskness(stats)
+rho.top(8)"""),
+    ("md", "Blocks on x and heads on y, the orientation of Hojel et al.'s figures:"),
+    ("code", "rho.plot(transpose=True)"),
+    ("md", "## Per position\n\nWith `positions=\"all\"` every token position (aligned from the right: −1 is the final separator) is scored; a head's score is the mean of its token scores."),
+    ("code", """\
+stats_all = tvlens.head_means(model, tasks[:4], n_prompts=12, n_shots=3, positions="all")
+rho_all = tvlens.taskness(stats_all)
+rho_all.plot_positions()"""),
+    ("md", "## Validation: top-ρ heads vs random heads\n\nTask means of the top-k heads are patched into zero-shot prompts at the final position (random heads: mean of several draws)."),
+    ("code", """\
+from tvlens.stats import validate_taskness
+
+check = validate_taskness(model, rho, stats, ks=(2, 4, 8), n_random=4, n_prompts=16)
+print(check.summary())
+check.plot()"""),
+    ("code", """\
+try:
+    display(rho.to_frame().sort_values("score", ascending=False).head(8))
+except ImportError:
+    print("pandas is not installed: use rho.top(k) or rho.scores")"""),
+]
+
+# ----------------------------------------------------------------------------------------------
+NOTEBOOKS["03_logit_lens"] = [
+    ("md", f"""\
+# The logit lens at the separator
+
+Decode the residual stream at the final separator with the model's own final norm and unembedding, layer by
+layer. Luo, Darrell & Bar (2024) see three phases in ICL prompts: early layers decode to the **input**, middle
+layers to words **describing the task** (for country → capital: "capital", "city"), late layers to the
+**answer**. tvlens recomputes the final norm on each layer's residual (not the final layer's scale) and reports the
+phases with the rule it used. The organism may or may not show a task-word phase: look, don't assume.
+
+{cite("luo", "logit_lens")}"""),
+    ("code", SETUP),
+    ("code", """\
+lens = tvlens.logit_lens(model, "country_capital", n_prompts=24, n_shots=5, top_k=8)
+print(lens.phases())
+print(lens.to_markdown(k=5))"""),
+    ("code", "lens.plot()"),
+    ("md", "Track your own task words instead of the instruction's words:"),
+    ("code", """\
+custom = tvlens.logit_lens(model, "country_capital", n_prompts=24, task_words=["capital", "city", "country"])
+custom.phases(), custom.curve("task", "prob")"""),
+    ("md", "## One summary for several tasks\n\n`lens_summary` runs the lens on each task and (with `out=`) writes one HTML page; `.text()` is the table."),
+    ("code", """\
+summary = tvlens.lens_summary(model, ["country_capital", "antonym", "english_french", "next_letter"], n_prompts=16)
+print(summary.text())"""),
+    ("md", "## Decoding a vector\n\n`decode` reads any residual-stream vector the same way — here the mean output `z̄ @ W_O` of the head with the highest ρ_token."),
+    ("code", """\
+tasks = ["country_capital", "country_language", "antonym", "english_french"]
+stats = tvlens.head_means(model, tasks, n_prompts=24)
+layer, head, score = tvlens.taskness(stats).top(1)[0]
+z_mean = stats.mean("country_capital")[layer, head].float()     # [d_head] (stats are kept in float64)
+out = z_mean @ model.W_O[layer, head].detach()                   # [d_model]: the head's contribution
+print(f"L{layer}H{head} (rho {score:.2f}) decodes to:", [(t, round(p, 4)) for t, p in tvlens.decode(model, out, top_k=8)])"""),
+]
+
+# ----------------------------------------------------------------------------------------------
+NOTEBOOKS["04_task_and_function_vectors"] = [
+    ("md", f"""\
+# Task vectors and function vectors
+
+- **Task vector** (Hendel et al. 2023): average the residual stream entering block L at the final separator of
+  few-shot prompts (with a *dummy* query), then *replace* that state in zero-shot prompts. A sweep over L, with the
+  best layer chosen on a dev split and reported on a test split, shows where the task is formed.
+- **Function vector** (Todd et al. 2024): the causal indirect effect (CIE) of each head — how much patching its
+  task-mean output into shuffled-label prompts raises the answer's probability — picks the top heads; the sum of
+  their mean outputs is *added* to the residual stream.
+- **Instruction vectors and ensembles** (Luo et al. 2024): the same read-out from prompts holding only the task's
+  instruction, alone or averaged with exemplar vectors.
+- **Arithmetic**: vectors of one model and layer add, subtract and average (the activation-space analogue of
+  Ilharco et al.'s task arithmetic).
+
+{cite("hendel", "todd", "luo", "ilharco")}"""),
+    ("code", SETUP),
+    ("md", "## Layer sweep"),
+    ("code", """\
+tasks = ["country_capital", "antonym", "english_french", "next_letter"]
+sweep = tvlens.layer_sweep(model, tasks, n_prompts=24, n_shots=5)
+print(sweep.table("task"))
+sweep.plot()"""),
+    ("code", """\
+from tvlens.vectors import evaluate_vector
+
+L = sweep.best_layer
+tv = tvlens.task_vector(model, "country_capital", layer=L, n_prompts=24)
+print(tv)
+print("zero-shot accuracy with the task vector:", evaluate_vector(model, "country_capital", tv, n_prompts=24))
+tvlens.decode(model, tv.vector, top_k=8)"""),
+    ("md", "Apply a vector to your own prompts and read the logits:"),
+    ("code", """\
+batch = tvlens.icl_prompts(model, "country_capital", n_prompts=4, n_shots=0, seed=3)
+logits = tvlens.apply_vector(model, batch, tv)          # replace mode at tv.layer
+for query, answer, pred in zip(batch.queries, batch.answers, logits.argmax(-1)):
+    print(f"{query:>12} -> {model.tokenizer.decode([int(pred)]).strip():<12} (answer: {answer})")"""),
+    ("md", "## Function vector"),
+    ("code", """\
+fv = tvlens.function_vector(model, "country_capital", n_heads=6, n_prompts=24, n_cie_prompts=12, n_shots=5)
+print("top heads:", fv.top_heads)
+fv.plot()"""),
+    ("code", """\
+info = tvlens.ModelInfo.of(model)
+for layer in range(info.n_layers):
+    acc = evaluate_vector(model, "country_capital", fv, n_prompts=24, layer=layer)
+    print(f"function vector added at layer {layer}: accuracy {acc:.2f}")"""),
+    ("md", "## Instruction vectors and ensembles"),
+    ("code", """\
+from tvlens.vectors import ensemble
+
+iv = tvlens.instruction_vector(model, "country_capital", layer=L, n_prompts=24)
+both = ensemble([tv, iv])
+for name, vec in [("exemplar (task) vector", tv), ("instruction vector", iv), ("ensemble", both)]:
+    print(f"{name:>24}: {evaluate_vector(model, 'country_capital', vec, n_prompts=24):.2f}")"""),
+    ("md", "## Arithmetic, and the checks that keep it honest"),
+    ("code", """\
+from tvlens.vectors import mean
+
+tv_lang = tvlens.task_vector(model, "country_language", layer=L, n_prompts=24)
+mixed = mean([tv, tv_lang])
+for task in ["country_capital", "country_language"]:
+    print(f"{task:>17}: own vector {evaluate_vector(model, task, tv if task == 'country_capital' else tv_lang, n_prompts=24):.2f}"
+          f"   mean of both {evaluate_vector(model, task, mixed, n_prompts=24):.2f}")
+other_layer = tvlens.task_vector(model, "country_language", layer=(L + 1) % info.n_layers, n_prompts=8)
+try:
+    tv + other_layer
+except ValueError as err:
+    print("refused:", err)"""),
+    ("md", "Vectors save to safetensors + JSON and refuse to load into another model:"),
+    ("code", """\
+import tempfile
+from pathlib import Path
+
+with tempfile.TemporaryDirectory() as tmp:
+    path = tv.save(Path(tmp) / "country_capital_tv")
+    again = tvlens.TaskVector.load(path, model)
+    print(again, torch.equal(again.vector, tv.vector))"""),
+]
+
+# ----------------------------------------------------------------------------------------------
+NOTEBOOKS["05_patching"] = [
+    ("md", f"""\
+# Activation patching: heads, positions, and attribution
+
+Replace one component's activation in a *target* run with its value from a *source* and measure the answer:
+the result says how much that component carries. The source can be another prompt batch (ICL → shuffled labels,
+ICL → zero-shot) or task-mean activations (means-patching, as Todd et al. 2024 use for function vectors).
+tvlens computes the same numbers as one forward per site, but runs the target once and recomputes only what a
+patch can change. Attribution patching (Nanda 2023; Syed et al. 2023) linearises every patch with one backward pass.
+
+{cite("todd", "nanda", "syed")}"""),
+    ("code", SETUP),
+    ("md", "## Means-patching every head into zero-shot prompts"),
+    ("code", """\
+task = "antonym"
+zero_shot = tvlens.icl_prompts(model, task, n_prompts=12, n_shots=0, seed=1)
+means = tvlens.head_means(model, [task], n_prompts=16, n_shots=5, split="train")
+heads = tvlens.patch_heads(model, zero_shot, means, positions="final", metric="logprob")
+print("unpatched log p(answer):", round(heads.target_value, 3))
+print("top heads (layer, head, change):", [(l, h, round(v - heads.target_value, 3)) for l, h, v in heads.top(5)])
+heads.plot()"""),
+    ("md", "## Clean ICL → shuffled labels, per head and per position\n\nThe same queries and demonstrations, the labels of the demonstrations permuted (Todd et al.'s corrupted prompts); normalised: 0 = corrupted, 1 = clean."),
+    ("code", """\
+clean = tvlens.icl_prompts(model, task, n_prompts=8, n_shots=3, seed=2)
+corrupted = tvlens.icl_prompts(model, task, n_prompts=8, n_shots=3, seed=2, shuffle_labels=True)
+by_head = tvlens.patch_heads(model, corrupted, clean, metric="logit_diff", normalize=True)
+by_head.plot()"""),
+    ("code", """\
+by_pos = tvlens.patch_positions(model, corrupted, clean, hook="resid_pre", metric="logit_diff", normalize=True)
+by_pos.plot()"""),
+    ("md", "## Attribution vs exact\n\nOne forward + backward gives every head's linear estimate; `confirm_top=\"all\"` re-runs the exact patches and reports the correlation."),
+    ("code", """\
+import time
+
+t0 = time.perf_counter()
+attr = tvlens.attribution_patch_heads(model, corrupted, clean, metric="logprob")
+t_attr = time.perf_counter() - t0
+t0 = time.perf_counter()
+exact = tvlens.patch_heads(model, corrupted, clean, metric="logprob")
+t_exact = time.perf_counter() - t0
+checked = tvlens.attribution_patch_heads(model, corrupted, clean, metric="logprob", confirm_top="all")
+print(f"attribution {t_attr:.2f}s, exact {t_exact:.2f}s, correlation over all heads {checked.correlation:.3f}")
+attr.plot()"""),
+]
+
+# ----------------------------------------------------------------------------------------------
+NOTEBOOKS["06_selection"] = [
+    ("md", f"""\
+# Finding the task heads: REINFORCE vs soft weights vs ρ
+
+ρ_token ranks heads one at a time. Hojel et al. (2024) instead *search* for the set of heads whose task-mean
+outputs, patched into zero-shot prompts, best perform the task: one Bernoulli variable per head (logits initialised
+at −1), trained with REINFORCE. The `task_vectors` package (J. Newsom) relaxes the mask to soft per-head weights
+α ∈ [0, 1] trained by gradient descent through the frozen model. Here both run for a few steps and are compared,
+on held-out prompts, with ρ top-k, CIE top-k (Todd et al.), random heads, zero-shot and ICL.
+
+{cite("hojel", "newsom", "todd")}"""),
+    ("code", SETUP),
+    ("code", """\
+tasks = ["country_capital", "country_language", "antonym", "english_french"]
+means = tvlens.head_means(model, tasks, n_prompts=16, n_shots=5, split="train")  # train-split queries only"""),
+    ("md", "## REINFORCE (Hojel et al. 2024)"),
+    ("code", """\
+reinforce = tvlens.reinforce_select(model, tasks, head_means=means, steps=20, samples_per_step=16, n_prompts=8,
+                                    progress=False)
+print(reinforce)
+reinforce.plot_rewards()"""),
+    ("code", "reinforce.plot()"),
+    ("md", "## Soft per-head weights"),
+    ("code", """\
+soft = tvlens.soft_select(model, tasks, head_means=means, steps=20, n_prompts=8, progress=False)
+print(soft)
+soft.plot()"""),
+    ("md", "## Comparison on held-out prompts"),
+    ("code", """\
+comparison = tvlens.compare_selections(
+    model, tasks, selections={"reinforce": reinforce, "soft": soft}, head_means=means, per="all",
+    n_prompts=12, n_icl_prompts=12, n_random=4, cie_kw=dict(n_prompts=12, n_cie_prompts=6, n_shots=5), progress=False,
+)
+print(comparison.table(by="task"))
+comparison.plot()"""),
+    ("code", """\
+# the weights of the model are never touched by a selection
+print(reinforce.heads()[:8])
+print(soft.alphas.round(decimals=2))"""),
+]
+
+
+def build(name: str, cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
+    nb = new_notebook()
+    nb.cells = [new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in cells]
+    nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
+    nb.metadata["language_info"] = {"name": "python"}
+    for i, cell in enumerate(nb.cells):  # stable ids: regenerating gives the same file
+        cell["id"] = f"{name[:2]}-{i:02d}"
+    return nb
+
+
+def main() -> None:
+    for name, cells in NOTEBOOKS.items():
+        path = HERE / f"{name}.ipynb"
+        nbformat.write(build(name, cells), path)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
