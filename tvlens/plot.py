@@ -169,7 +169,7 @@ def layer_head_heatmap(
     else:
         x, y, xlabel, ylabel = list(range(n_heads)), layer_ids.tolist(), "head", "layer"
         nx, ny = n_heads, n_layers
-    width = _cells(nx, 34, 360, 1400) + 190
+    width = _cells(nx, 34, 460, 1400) + 190
     height = _cells(ny, 26, 220, 1200) + 130
     return _heatmap(
         arr, x=x, y=y, xlabel=xlabel, ylabel=ylabel, hover=hover, customdata=custom, title=title,
@@ -257,7 +257,9 @@ def line_plot(
                       annotation_text=str(name), annotation_position="top left")
     fig.update_layout(
         template=TEMPLATE, title=dict(text=title, x=0.5, xanchor="center"), xaxis_title=xlabel, yaxis_title=ylabel,
-        width=max(520, min(1200, 40 * len(x) + 300)), height=420, font=_FONT, legend=dict(orientation="v"),
+        width=max(640, min(1200, 40 * len(x) + 300)), height=460, font=_FONT,
+        legend=dict(orientation="h", yanchor="top", y=-0.2, xanchor="left", x=0),
+        margin=dict(l=70, r=30, t=80 if title else 30, b=110),
     )
     return fig
 
