@@ -1,0 +1,324 @@
+"""Tests of tvlens.selection: REINFORCE and soft head selection, the batched masked objective,
+Selection storage and the comparison table.
+
+Kept fast: tiny random models (2 layers x 4 heads), a handful of prompts and steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+import tvlens
+from tvlens import selection as sel_mod
+from tvlens.hooks import act_name, hook_count, run
+from tvlens.selection import PatchObjective, Selection, compare_selections, evaluate_heads, reinforce_select, soft_select
+
+TASKS = ["antonym", "country_capital"]
+SMALL = dict(n_prompts=4, n_mean_prompts=4, n_shots=2, progress=False)
+
+
+def weights_checksum(model) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def llama_means(tiny_llama):
+    tasks = tvlens.resolve_tasks(TASKS)
+    return sel_mod._means_for(tiny_llama, tasks, None, n_prompts=4, n_shots=2, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the batched objective equals the obvious one-mask-at-a-time loop
+
+
+def naive_metric(model, obj: PatchObjective, mask: torch.Tensor) -> torch.Tensor:
+    """One full hooked forward for one mask: z[:, -1, heads] <- the row's task mean; answer log-prob."""
+    hooks = []
+    for layer in range(mask.shape[0]):
+        heads = mask[layer].nonzero().flatten()
+        if not len(heads):
+            continue
+
+        def patch(z, hook, layer=layer, heads=heads):
+            z = z.clone()
+            z[:, -1, heads] = obj.row_means[:, layer, heads].to(z.dtype)
+            return z
+
+        hooks.append((act_name("z", layer), patch))
+    with torch.no_grad():
+        logits = run(model, obj.tokens, attention_mask=obj.attention_mask, fwd_hooks=hooks)[:, -1]
+    return logits.float().log_softmax(-1).gather(-1, obj.answer_ids[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("engine", ["patching", "hooks"])
+def test_batched_objective_matches_naive_loop(tiny_model, engine):
+    tasks = tvlens.resolve_tasks(TASKS)
+    means = sel_mod._means_for(tiny_model, tasks, None, n_prompts=4, n_shots=2, seed=0)
+    obj = PatchObjective.build(tiny_model, tasks, means, n_prompts=5, split="train", seed=0, engine=engine)
+    g = torch.Generator().manual_seed(1)
+    masks = torch.rand(6, *means.shape[1:3], generator=g) < 0.4
+    masks[0] = False  # the unpatched model
+    masks[1] = True  # every head
+    got = obj.per_row(masks.float(), "logprob")
+    for s in range(masks.shape[0]):
+        ref = naive_metric(tiny_model, obj, masks[s])
+        torch.testing.assert_close(got[s].float(), ref, atol=1e-4, rtol=1e-4)
+    # patching changes something (the test is not vacuous)
+    assert (got[1] - got[0]).abs().max() > 1e-4
+    # reward = mean over prompts of the same numbers
+    torch.testing.assert_close(obj.reward(masks), got.mean(1).float(), atol=1e-5, rtol=1e-5)
+    # accuracy is the argmax test on the same logits
+    acc = obj.per_row(masks.float(), "accuracy")
+    assert set(acc.unique().tolist()) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("engine", ["patching", "hooks"])
+def test_zero_weights_leave_metric_unchanged(tiny_gpt2, engine):
+    tasks = tvlens.resolve_tasks(TASKS)
+    means = sel_mod._means_for(tiny_gpt2, tasks, None, n_prompts=4, n_shots=2, seed=0)
+    obj = PatchObjective.build(tiny_gpt2, tasks, means, n_prompts=3, split="train", seed=0, engine=engine)
+    got = obj.per_row(torch.zeros(1, *means.shape[1:3]), "logprob")[0]
+    with torch.no_grad():
+        logits = run(tiny_gpt2, obj.tokens, attention_mask=obj.attention_mask)[:, -1]
+    ref = logits.log_softmax(-1).gather(-1, obj.answer_ids[:, None])[:, 0]
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# the optimisers
+
+
+def test_reinforce_concentrates_on_the_rewarded_head(tiny_llama):
+    target = (1, 2)
+
+    def reward_fn(masks):  # depends only on one known head
+        return masks[:, target[0], target[1]].float()
+
+    sel = reinforce_select(tiny_llama, reward_fn=reward_fn, steps=200, samples_per_step=32, sparsity=0.02, seed=0,
+                           patience=None, progress=False)
+    p = sel.probabilities
+    assert p[target] > 0.9
+    others = torch.ones_like(p, dtype=torch.bool)
+    others[target] = False
+    assert p[others].max() < 0.3, p
+    assert sel.heads() == [target]
+    assert sel.rewards.shape == (200,)
+    assert sel.rewards[-20:].mean() > sel.rewards[:20].mean()
+
+
+def test_reinforce_early_stopping_on_plateau(tiny_llama):
+    sel = reinforce_select(tiny_llama, reward_fn=lambda m: torch.zeros(m.shape[0]), steps=500, samples_per_step=4,
+                           patience=10, progress=False)
+    assert sel.rewards.numel() < 500
+    assert sel.meta.extra["stopped_early"]
+
+
+def test_weights_untouched_and_no_grads(tiny_llama):
+    before = weights_checksum(tiny_llama)
+    reinforce_select(tiny_llama, TASKS, steps=3, samples_per_step=4, **SMALL)
+    soft_select(tiny_llama, TASKS, steps=3, **SMALL)
+    assert weights_checksum(tiny_llama) == before
+    assert all(not p.requires_grad for p in tiny_llama.parameters())
+    assert all(p.grad is None for p in tiny_llama.parameters())
+
+
+def test_soft_select_improves_its_objective(tiny_gpt2):
+    sel = soft_select(tiny_gpt2, TASKS, steps=15, lr=0.2, l1=0.0, patience=None, **SMALL)
+    assert sel.method == "soft"
+    assert torch.all((sel.alphas >= 0) & (sel.alphas <= 1))
+    assert sel.rewards[-1] > sel.rewards[0]
+    assert torch.equal(sel.mask, sel.alphas > 0.5)
+
+
+def _fd_check(model, eps: float, rtol: float, atol: float, engine: str = "auto") -> None:
+    tasks = tvlens.resolve_tasks(TASKS)
+    means = sel_mod._means_for(model, tasks, None, n_prompts=4, n_shots=2, seed=0)
+    obj = PatchObjective.build(model, tasks, means, n_prompts=3, split="train", seed=0, engine=engine)
+    theta = torch.randn(*means.shape[1:3], generator=torch.Generator().manual_seed(0), dtype=torch.float64,
+                        requires_grad=True)
+    loss, _ = obj.soft_loss(theta, l1=1e-2)
+    loss.backward()
+    fd = torch.zeros_like(theta)
+    with torch.no_grad():
+        for i in range(theta.shape[0]):
+            for j in range(theta.shape[1]):
+                up, down = theta.detach().clone(), theta.detach().clone()
+                up[i, j] += eps
+                down[i, j] -= eps
+                fd[i, j] = (obj.soft_loss(up, l1=1e-2)[0] - obj.soft_loss(down, l1=1e-2)[0]) / (2 * eps)
+    assert fd.abs().max() > 1e-4  # not a vacuous comparison
+    torch.testing.assert_close(theta.grad, fd, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("engine", ["patching", "hooks"])
+def test_soft_gradient_matches_finite_differences_float64(tiny_dirs, engine):
+    """GPT-2 computes everything in float64 here, so central differences are tight."""
+    model = tvlens.load_model(tiny_dirs["gpt2"], device="cpu", dtype="float64")
+    _fd_check(model, eps=1e-6, rtol=1e-5, atol=1e-8, engine=engine)
+
+
+def test_soft_gradient_matches_finite_differences_llama(tiny_dirs):
+    """HF's LlamaRMSNorm upcasts to float32 and back, so a float64 Llama is only float32-accurate:
+    larger steps and a looser tolerance (measured: FD noise dominates below eps ~1e-4)."""
+    model = tvlens.load_model(tiny_dirs["llama"], device="cpu", dtype="float64")
+    _fd_check(model, eps=1e-3, rtol=2e-2, atol=2e-5)
+
+
+def test_deterministic_given_seed(tiny_llama, llama_means):
+    kw = dict(head_means=llama_means, steps=4, samples_per_step=6, **SMALL)
+    a = reinforce_select(tiny_llama, TASKS, seed=3, **kw)
+    b = reinforce_select(tiny_llama, TASKS, seed=3, **kw)
+    assert torch.equal(a.probabilities, b.probabilities) and torch.equal(a.rewards, b.rewards)
+    c = reinforce_select(tiny_llama, TASKS, seed=4, **kw)
+    assert not torch.equal(a.probabilities, c.probabilities)
+    s1 = soft_select(tiny_llama, TASKS, head_means=llama_means, steps=3, batch_size=3, seed=1, **SMALL)
+    s2 = soft_select(tiny_llama, TASKS, head_means=llama_means, steps=3, batch_size=3, seed=1, **SMALL)
+    assert torch.equal(s1.alphas, s2.alphas) and torch.equal(s1.rewards, s2.rewards)
+
+
+def test_global_rng_untouched(tiny_llama):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    reinforce_select(tiny_llama, reward_fn=lambda m: m.float().sum((1, 2)), steps=3, samples_per_step=4, progress=False)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_hooks_removed_after_exception(tiny_llama, llama_means):
+    def boom(module, args):
+        raise RuntimeError("boom inside the forward")
+
+    # fails mid-forward, while the selection's hooks are attached (whatever engine attached them)
+    handle = tiny_llama.blocks[-1].mlp.register_forward_pre_hook(boom)
+    try:
+        before = hook_count(tiny_llama)
+        with pytest.raises(RuntimeError, match="boom"):
+            reinforce_select(tiny_llama, TASKS, head_means=llama_means, steps=2, samples_per_step=2, **SMALL)
+        assert hook_count(tiny_llama) == before
+        with pytest.raises(RuntimeError, match="boom"):
+            soft_select(tiny_llama, TASKS, head_means=llama_means, steps=2, **SMALL)
+        assert hook_count(tiny_llama) == before
+    finally:
+        handle.remove()
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def test_checkpoint_resume_equals_uninterrupted_run(tiny_llama, tmp_path):
+    calls = {"n": 0}
+
+    def reward_fn(masks):
+        return masks[:, 0, 1].float() - 0.1 * masks.float().sum((1, 2))
+
+    def flaky(masks):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return reward_fn(masks)
+
+    kw = dict(steps=10, samples_per_step=8, seed=5, patience=None, progress=False)
+    full = reinforce_select(tiny_llama, reward_fn=reward_fn, **kw)
+    ckpt = tmp_path / "run.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        reinforce_select(tiny_llama, reward_fn=flaky, checkpoint=ckpt, checkpoint_every=1, **kw)
+    assert ckpt.exists()
+    resumed = reinforce_select(tiny_llama, reward_fn=reward_fn, checkpoint=ckpt, checkpoint_every=1, **kw)
+    assert torch.equal(resumed.probabilities, full.probabilities)
+    assert torch.equal(resumed.rewards, full.rewards)
+
+
+def test_checkpoint_refuses_other_config_or_model(tiny_llama, tiny_gpt2, tmp_path):
+    ckpt = tmp_path / "run.ckpt"
+    rf = lambda m: m.float().sum((1, 2))  # noqa: E731
+    reinforce_select(tiny_llama, reward_fn=rf, steps=2, samples_per_step=2, checkpoint=ckpt, progress=False)
+    with pytest.raises(ValueError, match="different configuration"):
+        reinforce_select(tiny_llama, reward_fn=rf, steps=2, samples_per_step=2, lr=0.5, checkpoint=ckpt, progress=False)
+    with pytest.raises(ValueError, match="another model"):
+        reinforce_select(tiny_gpt2, reward_fn=rf, steps=2, samples_per_step=2, checkpoint=ckpt, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# the result object
+
+
+def test_selection_save_load_and_model_check(tiny_llama, tiny_gpt2, llama_means, tmp_path):
+    sel = reinforce_select(tiny_llama, TASKS, head_means=llama_means, steps=2, samples_per_step=2, **SMALL)
+    path = sel.save(tmp_path / "sel")
+    back = Selection.load(path, model=tiny_llama)
+    assert torch.equal(back.probabilities, sel.probabilities) and torch.equal(back.mask, sel.mask)
+    assert torch.equal(back.rewards, sel.rewards) and back.method == "reinforce" and back.tasks == sel.tasks
+    torch.testing.assert_close(back.head_means, sel.head_means)
+    with pytest.raises(ValueError, match="not with the loaded model"):
+        Selection.load(path, model=tiny_gpt2)
+    acc = back.evaluate(tiny_llama, n_prompts=3)
+    assert acc.shape == (2,) and torch.all((acc >= 0) & (acc <= 1))
+    fig = sel.plot()
+    assert fig.data[0].z.shape == tuple(sel.probabilities.shape)
+    assert sel.to_html(tmp_path / "sel.html").exists()
+
+
+def test_selection_heads_order(tiny_llama):
+    sel = Selection.from_heads(tiny_llama, [(1, 3), (0, 2)], method="manual")
+    assert set(sel.heads()) == {(1, 3), (0, 2)} and len(sel) == 2
+    with pytest.raises(ValueError, match="out of range"):
+        Selection.from_heads(tiny_llama, [(5, 0)])
+
+
+def test_bad_arguments_raise_before_work(tiny_llama):
+    with pytest.raises(ValueError, match="baseline"):
+        reinforce_select(tiny_llama, TASKS, baseline="median", progress=False)
+    with pytest.raises(ValueError, match="metric"):
+        reinforce_select(tiny_llama, TASKS, metric="f1", progress=False)
+    with pytest.raises(ValueError, match="positions"):
+        reinforce_select(tiny_llama, TASKS, positions="all", progress=False)
+    with pytest.raises(ValueError, match="head means"):
+        reinforce_select(tiny_llama, TASKS, head_means=torch.zeros(2, 3, 4, 16), progress=False)
+    with pytest.raises(KeyError):
+        soft_select(tiny_llama, ["no_such_task"], progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# the comparison
+
+
+def test_compare_selections_structure(tiny_llama, tmp_path):
+    tasks = ["antonym", "country_capital", "english_french"]
+    cmp = compare_selections(
+        tiny_llama, tasks, n_mean_prompts=4, n_shots=2, n_icl_prompts=4, n_random=3, n_prompts=4, progress=False,
+        methods=("zero_shot", "rho_topk", "reinforce", "soft", "random_k", "icl"),
+        reinforce_kw=dict(steps=2, samples_per_step=2, n_prompts=3), soft_kw=dict(steps=2, n_prompts=3),
+    )
+    assert cmp.accuracy.shape == (3, 6)
+    assert not torch.isnan(cmp.accuracy).any()
+    assert cmp.family_accuracy().shape == (3, 6)
+    assert set(cmp.selections) == {"reinforce", "soft", "rho_topk"}
+    assert set(cmp.selections["reinforce"]) == {"linguistic", "knowledge", "translation"}
+    text = cmp.table()
+    assert "REINFORCE" in text and "linguistic" in text and "mean" in text
+    assert len(cmp.plot().data) == 6
+    assert cmp.to_html(tmp_path / "cmp.html").exists()
+    # zero-shot column equals the plain model's first-token accuracy on the same test prompts
+    from tvlens.prompts import first_token_accuracy, icl_prompts
+
+    task = tvlens.load_task("antonym")
+    batch = icl_prompts(tiny_llama, task, n_prompts=4, n_shots=0, seed=0, split="test")
+    with torch.no_grad():
+        logits = run(tiny_llama, batch.tokens, attention_mask=batch.attention_mask)[:, -1]
+    assert cmp.accuracy[0, 0].item() == pytest.approx(first_token_accuracy(logits, batch))
+
+
+def test_soft_selection_beats_zero_shot_on_organism(organism):
+    """On the trained organism a few soft-α steps on one task already lift held-out accuracy well above zero-shot."""
+    sel = soft_select(organism, ["country_capital"], steps=30, lr=0.1, n_prompts=8, n_mean_prompts=50, progress=False)
+    acc = evaluate_heads(organism, ["country_capital"], torch.stack([torch.zeros_like(sel.weights), sel.weights]),
+                         head_means=sel.head_means)[:, 0]
+    assert acc[1] >= acc[0] + 0.3, acc
