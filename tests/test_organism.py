@@ -1,0 +1,187 @@
+"""The model organism: tokenizer, training script (micro config, seconds) and shipped checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tvlens.organism import train as T
+from tvlens.organism.tokenizer import build_tokenizer, default_organism_tokenizer, words_of
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer
+
+
+def test_tokenizer_round_trip_keeps_newline_and_separator():
+    tok = build_tokenizer(["france paris japan tokyo", "india new delhi", "Give the capital city of the country."])
+    text = "france → paris\njapan →"
+    ids = tok(text)["input_ids"]
+    assert tok.convert_ids_to_tokens(ids) == ["<bos>", "france", "→", "paris", "\n", "japan", "→"]
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    # multi-word answers are several tokens; "→" and "\n" are split off even without spaces
+    assert tok.convert_ids_to_tokens(tok("india→new delhi\n", add_special_tokens=False)["input_ids"]) == [
+        "india", "→", "new", "delhi", "\n"]
+    assert tok.decode(tok("\nfrance → paris\n\n", add_special_tokens=False)["input_ids"]) == "\nfrance → paris\n\n"
+    assert tok.convert_ids_to_tokens(tok("narnia", add_special_tokens=False)["input_ids"]) == ["<unk>"]
+    assert words_of("a b\nc→d") == ["a", "b", "\n", "c", "→", "d"]
+
+
+def test_tokenizer_saves_and_reloads(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = build_tokenizer(["france paris"])
+    tok.save_pretrained(tmp_path)
+    tok2 = AutoTokenizer.from_pretrained(tmp_path)
+    text = "france → paris\nfrance →"
+    assert tok2(text)["input_ids"] == tok(text)["input_ids"]
+    assert tok2.decode(tok2(text)["input_ids"], skip_special_tokens=True) == text
+    assert tok2.padding_side == "left" and tok2.pad_token == "<pad>" and tok2.bos_token == "<bos>"
+
+
+def test_default_tokenizer_covers_the_suite():
+    from tvlens.tasks import list_tasks, load_task
+
+    tok = default_organism_tokenizer()
+    unk = tok.unk_token_id
+    for name in list_tasks():
+        t = load_task(name)
+        text = "\n".join(f"{x} → {y}" for x, y in t.pairs) + "\n" + t.instruction
+        assert unk not in tok(text, add_special_tokens=False)["input_ids"], name
+
+
+# ---------------------------------------------------------------------------------------------
+# training script (micro config: seconds)
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_sampler_builds_the_tvlens_prompt_format():
+    import random
+
+    from tvlens.tasks import load_task
+
+    tok = default_organism_tokenizer()
+    task = load_task("country_capital")
+    s = T.EpisodeSampler([task], tok, T.TrainConfig(p_instruction=0.0, p_instruction_only=0.0))
+    b = s.batch(random.Random(0), 4)
+    facts = dict(task.pairs)
+    for r in range(4):
+        row = b.tokens[r][b.tokens[r] != tok.pad_token_id].tolist()
+        text = tok.decode(row, skip_special_tokens=True)
+        lines = text.split("\n")
+        assert row[0] == tok.bos_token_id
+        assert len(lines) == b.n_shots[r] + 1
+        for line in lines:
+            x, y = line.split(" → ")
+            assert facts[x] == y
+        # the final separator is the query's →, and it predicts the answer's first token
+        assert b.tokens[r, b.final_sep[r]].item() == tok.convert_tokens_to_ids("→")
+        assert b.targets[r, b.final_sep[r]].item() == tok.convert_tokens_to_ids(lines[-1].split(" → ")[1].split()[0])
+        # loss on every answer token of every shot, nothing else
+        n_answer_tokens = sum(len(line.split(" → ")[1].split()) for line in lines)
+        assert int((b.targets[r] != -100).sum()) == n_answer_tokens
+
+
+def test_micro_training_runs_and_is_deterministic(tmp_path):
+    out = tmp_path / "micro"
+    assert T.main(["--out", str(out), "--micro", "--quiet", "--seed", "3"]) == 0
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["final_step"] == T.MICRO.icl_steps + T.MICRO.extra_steps
+    assert any("tvp_loss" in s for s in log["steps"])  # the TVP phase ran
+    cfg = T.MICRO.__class__(**{**T.MICRO.__dict__, "seed": 3})
+    m1, _ = T.train(cfg, None, micro=True, verbose=False)
+    m2, _ = T.train(cfg, None, micro=True, verbose=False)
+    s1, s2 = _state(m1), _state(m2)
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    # the saved checkpoint is the same run
+    from safetensors.torch import load_file
+
+    saved = load_file(out / "model.safetensors")
+    assert all(torch.equal(saved[k], s1[k]) for k in saved)
+    m3, _ = T.train(T.MICRO.__class__(**{**T.MICRO.__dict__, "seed": 4}), None, micro=True, verbose=False)
+    assert not torch.equal(_state(m3)["model.embed_tokens.weight"], s1["model.embed_tokens.weight"])
+
+
+def test_phase1_snapshot_resume_is_bit_identical(tmp_path):
+    snap = tmp_path / "phase1.pt"
+    natural = T.MICRO.__class__(**{**T.MICRO.__dict__, "tvp_layer": None})
+    straight, _ = T.train(natural, None, micro=True, verbose=False, snapshot=snap)
+    resumed, log = T.train(natural, None, micro=True, verbose=False, resume=snap)
+    a, b = _state(straight), _state(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert log["resumed_from"] == str(snap)
+    # a snapshot of another phase-1 configuration is refused
+    other = T.MICRO.__class__(**{**T.MICRO.__dict__, "seed": 9})
+    with pytest.raises(ValueError, match="different phase-1"):
+        T.train(other, None, micro=True, verbose=False, resume=snap)
+
+
+def test_bad_tvp_layer_is_refused():
+    cfg = T.MICRO.__class__(**{**T.MICRO.__dict__, "tvp_layer": 7})
+    with pytest.raises(ValueError, match="out of range"):
+        T.train(cfg, None, micro=True, verbose=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# shipped checkpoints
+
+# A fixed sample across the four families, to catch a broken or untrained checkpoint. It leaves out
+# the tasks the model card documents as weak on `organism` (successor, predecessor, previous_letter,
+# swap_case: 0.18-0.76 at 5 shots), which would make this smoke test a test of those.
+SAMPLE_TASKS = ("country_capital", "country_currency", "english_french", "antonym", "past_tense", "double",
+                "next_letter", "first_letter")
+
+
+@pytest.mark.parametrize("name", ["organism", "organism-natural"])
+def test_shipped_organism_does_icl(name):
+    from tvlens.models import load_model, organism_path
+    from tvlens.prompts import evaluate_icl
+
+    if not (organism_path(name) / "model.safetensors").exists():
+        pytest.skip(f"{name} checkpoint not shipped yet")
+    torch.set_num_threads(1)
+    model = load_model(name, device="cpu")
+    assert model.cfg.n_layers >= 4 and model.cfg.n_heads >= 8
+    five = [evaluate_icl(model, t, 5, n_prompts=12, seed=0).first_token for t in SAMPLE_TASKS]
+    zero = [evaluate_icl(model, t, 0, n_prompts=12, seed=0).first_token for t in SAMPLE_TASKS]
+    mean5, mean0 = sum(five) / len(five), sum(zero) / len(zero)
+    assert mean5 >= 0.9, dict(zip(SAMPLE_TASKS, five))
+    assert mean0 < mean5 - 0.3, (mean0, mean5)
+
+
+def test_shipped_organism_has_task_vectors_at_its_tvp_layer():
+    """The ground truth `organism` was trained to have: Hendel task vectors at L* = 2 (mean over
+    dummy-query five-shot prompts) that carry the task, not a generic 'answer now' signal."""
+    from tvlens.hooks import act_name
+    from tvlens.models import load_model, organism_path
+    from tvlens.organism.check import _first_token_acc, _replace_hook, _separator_states
+    from tvlens.prompts import icl_prompts
+
+    if not (organism_path("organism") / "model.safetensors").exists():
+        pytest.skip("organism checkpoint not shipped yet")
+    log = json.loads((organism_path("organism") / "training_log.json").read_text())
+    layer = log["config"]["tvp_layer"]
+    assert layer == 2
+    torch.set_num_threads(1)
+    model = load_model("organism", device="cpu")
+    name = act_name("resid_pre", layer)
+
+    def vector(task):
+        dummy = icl_prompts(model, task, n_prompts=20, n_shots=5, seed=1, dummy_query=True)
+        return _separator_states(model, dummy)[layer].mean(0)
+
+    own = {}
+    for task in ("country_capital", "english_french", "antonym"):
+        zs = icl_prompts(model, task, n_prompts=12, n_shots=0, seed=2)
+        own[task] = _first_token_acc(model, zs, [(name, _replace_hook(vector(task)))])
+    assert sum(own.values()) / len(own) >= 0.8, own
+    # country_capital's vector on country_currency's queries answers capitals, not currencies
+    zs = icl_prompts(model, "country_currency", n_prompts=12, n_shots=0, seed=2)
+    cross = _first_token_acc(model, zs, [(name, _replace_hook(vector("country_capital")))])
+    assert cross <= 0.2, cross
