@@ -1001,6 +1001,8 @@ def decode(
             f"vector has shape {tuple(v.shape)} but this model's residual stream has width d_model={info.d_model}; "
             f"pass [{info.d_model}] or [n, {info.d_model}] (a head's output must be mapped through W_O first: z @ W_O[layer, head])"
         )
+    if not bool(torch.isfinite(v).all()):  # NaN in -> NaN probabilities out, silently: refuse
+        raise ValueError(f"vector has {int((~torch.isfinite(v)).sum())} NaN/inf entries; decode a finite vector (recompute it, or check the model's dtype)")
     top_k = _check_top_k(top_k, info.d_vocab)
     single = v.ndim == 1
     decoder = get_decoder(model, lens, apply_norm=apply_norm)
