@@ -457,10 +457,10 @@ BAD_CLI = [
     BadCli("cli-layer-out-of-range", ("fv", "--tasks", TASK, "--layer", "9"), ("--layer 9", "0..1"), loads_model=True),
     BadCli("cli-top-k-over-vocab", ("lens", "--tasks", TASK, "--top-k", "100000"), ("top_k=100000", "use 1.."),
            loads_model=True),
-    BadCli("cli-unknown-positions", ("taskness", "--positions", "nowhere"), ("nowhere", "separator"), request="R3"),
+    BadCli("cli-unknown-positions", ("taskness", "--positions", "nowhere"), ("nowhere", "separator")),
     BadCli("cli-unknown-lens-position", ("lens", "--tasks", TASK, "--position", "bogus"), ("bogus", "separator"),
-           request="R3"),
-    BadCli("cli-unknown-method", ("select", "--methods", "bogus"), ("bogus", "zero_shot"), request="R3"),
+           ),
+    BadCli("cli-unknown-method", ("select", "--methods", "bogus"), ("bogus", "zero_shot")),
 ]
 
 

@@ -356,11 +356,12 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_taskness(args: argparse.Namespace) -> None:
-    from .stats import head_means, taskness
+    from .stats import _resolve_positions, head_means, taskness
 
     out = _check_out(args)
     tasks = _resolve_tasks(args.tasks)
     _need_two(tasks, "taskness (rho_token)")
+    _resolve_positions(args.positions)  # a bad --positions fails before the model loads
     model = _load(args)
     stats = head_means(model, tasks, n_prompts=args.n_prompts, n_shots=args.n_shots, positions=args.positions,
                        seed=args.seed, progress=True)
@@ -379,11 +380,15 @@ def cmd_taskness(args: argparse.Namespace) -> None:
 
 def cmd_lens(args: argparse.Namespace) -> None:
     from .lens import lens_summary
+    from .prompts import TokenClass
 
     out = _check_out(args)
     tasks = _resolve_tasks(args.tasks)
-    model = _load(args)
     position = int(args.position) if args.position.lstrip("-").isdigit() else args.position
+    if isinstance(position, str) and position.lower() != "separator" and position.upper() not in TokenClass.__members__:
+        raise CliError(f"unknown --position {position!r}; use 'separator', an integer index, or a token class: "
+                       f"{', '.join(c.name.lower() for c in TokenClass if c.name != 'PAD')}")
+    model = _load(args)
     summary = lens_summary(model, tasks, out=out / "logit_lens.html", position=position, top_k=args.top_k,
                            task_words=args.task_words, n_prompts=args.n_prompts, n_shots=args.n_shots, seed=args.seed)
     print(summary.text())
@@ -462,11 +467,14 @@ def cmd_patch(args: argparse.Namespace) -> None:
 
 
 def cmd_select(args: argparse.Namespace) -> None:
-    from .selection import compare_selections
+    from .selection import METHOD_LABELS, compare_selections
 
     out = _check_out(args)
     tasks = _resolve_tasks(args.tasks)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHOD_LABELS]
+    if unknown:
+        raise CliError(f"unknown --methods {', '.join(unknown)}; choose from {', '.join(METHOD_LABELS)}")
     model = _load(args)
     comparison = compare_selections(
         model, tasks, k=args.k, methods=methods, per=args.per, seed=args.seed, n_prompts=args.n_prompts,
