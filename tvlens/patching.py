@@ -223,7 +223,11 @@ def _resolve_metric(metric: str | MetricFn, prompts: _Prompts, clean_logits: Ten
                 _check_metric_output(c, B, metric)
             return torch.stack([c.to(logits.device, torch.float32) for c in cols], 1)
 
-        fn(clean_logits[:, None])  # shape check before any sweep work
+        clean = fn(clean_logits[:, None])  # shape check before any sweep work
+        bad = int((~torch.isfinite(clean)).sum())
+        if bad:
+            raise ValueError(f"metric {_metric_name(metric)!r} returned NaN/inf for {bad} of {B} prompts on the unpatched "
+                             "target run; a patching metric must be finite (look for log(0) or a division by zero in it)")
         return fn
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)} or a function (logits [batch, d_vocab], batch) -> [batch]")
@@ -1006,6 +1010,10 @@ def _means_tensor(source: Any, kind: str, info: Any, positions: str = "final") -
     z = getattr(source, "z_mean", None)
     if not isinstance(z, Tensor) or hasattr(source, "tokens"):
         return None
+    saved = (getattr(source, "meta", None) or {}).get("config_hash")
+    if saved and saved != info.config_hash:
+        raise ValueError(f"these head means come from another model (config hash {saved}, this model "
+                         f"{info.config_hash}); recompute them with tvlens.head_means(model, tasks)")
     if kind != "z":
         raise ValueError(f"a HeadStats holds means of hook_z; patching component {kind!r} needs a tensor of "
                          f"{kind} means [layer, n_kv_heads, d_head] (or use component='z')")
@@ -1214,6 +1222,14 @@ def _head_edits(sites: list[tuple[int, int]], n_units: int, src: dict[int, Tenso
     return edits
 
 
+def _check_vocab(prompts: _Prompts, what: str, info: Any) -> None:
+    """Refuse token ids outside the model's vocabulary (they would fail inside the embedding)."""
+    lo, hi = int(prompts.tokens.min()), int(prompts.tokens.max())
+    if lo < 0 or hi >= info.d_vocab:
+        raise ValueError(f"{what} token ids span {lo}..{hi} but the model's vocabulary is 0..{info.d_vocab - 1}; "
+                         "tokenize with this model's tokenizer (tvlens.icl_prompts does)")
+
+
 def _validate_source(target: _Prompts, source: Any, positional: bool) -> _Prompts:
     src = _as_prompts(source, "source")
     if len(src) != len(target):
@@ -1264,6 +1280,28 @@ def _meta(model: Any, **extra: Any) -> dict:
     return {**mid, **extra}
 
 
+def _digest(*tensors: Tensor) -> str:
+    """Short content hash of tensors (shape, dtype, bytes): identifies a checkpointed sweep's inputs."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().to("cpu").contiguous()
+        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def _from_units(ck: Any, g0: int, p: int, layer_cols: dict[int, list[int]], n_cols: int) -> Tensor:
+    """``[b, site]`` of one prompt group and position, assembled from its per-layer checkpoint units."""
+    parts = {l: ck[(g0, p, l)]["values"] for l in layer_cols}
+    first = next(iter(parts.values()))
+    out = torch.empty((first.shape[0], n_cols), dtype=first.dtype)
+    for l, cols in layer_cols.items():
+        out[:, cols] = parts[l].to(out.dtype)
+    return out
+
+
 def patch_heads(
     model: Any,
     target: Any,
@@ -1280,6 +1318,7 @@ def patch_heads(
     max_memory: int | None = None,
     progress: bool = True,
     fast: bool | Literal["auto"] = "auto",
+    checkpoint: str | Path | None = None,
 ) -> PatchResult:
     """Patch each attention head's output into the target run and measure ``metric``: ``[layer, head]``.
 
@@ -1305,6 +1344,11 @@ def patch_heads(
             chunk (default 512 MiB on CPU); ``progress``: tqdm bar on multi-chunk sweeps.
         fast: ``"auto"`` uses the cached recompute (exact) and falls back to one forward per site
             if the model does not support it; ``False`` forces the naive loop.
+        checkpoint: a file (:class:`tvlens.checkpoint.SweepCheckpoint`) where every finished
+            (prompt group, position, layer) is written atomically; an interrupted sweep re-run with
+            the same arguments computes only the unfinished units. A file from another model or
+            another configuration is refused before any work. (A metric *function* is identified
+            by its name only.)
 
     Returns a :class:`PatchResult`.  Equal to the naive loop (one ``run_with_hooks`` per site) to
     float rounding, ≥ 20× faster at the final position on a GPT-2-small shape (benchmarks/bench_patching.py).
@@ -1321,8 +1365,11 @@ def patch_heads(
     n_units = info.n_kv_heads if component in ("k", "v") else info.n_heads
     site_list = _sites(info, layers, heads, sites, n_units)
     tgt = _as_prompts(target, "target")
+    _check_vocab(tgt, "target", info)
     means = _means_tensor(source, component, info, positions)
     src = None if means is not None else _validate_source(tgt, source, positions != "final")
+    if src is not None:
+        _check_vocab(src, "source", info)
     if normalize and src is None:
         raise ValueError("normalize=True needs a source prompt batch (its metric is the 1 of the scale); "
                          "with task-mean activations as the source, leave normalize=False")
@@ -1340,6 +1387,16 @@ def patch_heads(
     pos_list = list(range(P)) if positions == "each" else [P - 1 if positions == "final" else 0]
     n_cols = len(site_list)
     per_prompt_chunks, tvals, svals = [], [], []
+    ck = None
+    if checkpoint is not None:  # opened before any forward: a mismatched file is refused before work
+        from .checkpoint import SweepCheckpoint
+
+        ck = SweepCheckpoint(checkpoint, model=model, config=dict(
+            what="patch_heads", positions=positions, metric=_metric_name(metric), component=component,
+            sites=[list(s) for s in site_list], normalize=bool(normalize), groups=[list(g) for g in groups],
+            target=_digest(tgt.tokens, tgt.mask, *[t for t in (tgt.answer_ids, tgt.foil_ids) if t is not None]),
+            source=_digest(means) if means is not None else _digest(src.tokens, src.mask)))
+        layer_cols = {l: [j for j, s in enumerate(site_list) if s[0] == l] for l in src_layers}
     pbar = None
     if progress:
         total = n_cols * len(pos_list) * len(groups)
@@ -1349,6 +1406,16 @@ def patch_heads(
             pbar = tqdm(total=total, desc=f"patch_heads[{positions}]", unit="site")
     try:
         for g0, g1 in groups:
+            if ck is not None and ("clean", g0) in ck and not ck.remaining(
+                    [(g0, p, l) for p in pos_list for l in src_layers]):  # finished earlier: no forward
+                clean = ck[("clean", g0)]
+                tvals.append(clean["target"])
+                if "source" in clean:
+                    svals.append(clean["source"])
+                per_prompt_chunks.append(torch.stack([_from_units(ck, g0, p, layer_cols, n_cols) for p in pos_list], -1))
+                if pbar is not None:
+                    pbar.update(n_cols * len(pos_list))
+                continue
             tg = tgt.slice(g0, g1)
             runner = PatchRunner(model, tg, fast=fast)
             fn = _resolve_metric(metric, tg, runner.clean_logits)
@@ -1359,13 +1426,31 @@ def patch_heads(
                 sg = src.slice(g0, g1)
                 src_acts, src_logits = _capture_acts(model, sg, component, src_layers, final_only=positions == "final")
                 svals.append(fn(src_logits[:, None])[:, 0])
+            if ck is not None:  # checkpointed values live on the CPU: keep everything there
+                tvals[-1] = tvals[-1].cpu()
+                svals[-1:] = [v.cpu() for v in svals[-1:]]
+                ck.record(("clean", g0), {"target": tvals[-1], **({"source": svals[-1]} if means is None else {})})
             cols_out = []
             for p in pos_list:
-                edits = _head_edits(site_list, n_units, src_acts, p, positions == "all", component, dev, runner.dtype)
-                with torch.no_grad():
-                    vals = runner.map(edits, fn, n_columns=n_cols, start_pos=p, max_memory=max_memory,
-                                      batch_size=batch_size, pbar=pbar)  # [b, site]
-                cols_out.append(vals)
+                if ck is None:
+                    edits = _head_edits(site_list, n_units, src_acts, p, positions == "all", component, dev, runner.dtype)
+                    with torch.no_grad():
+                        vals = runner.map(edits, fn, n_columns=n_cols, start_pos=p, max_memory=max_memory,
+                                          batch_size=batch_size, pbar=pbar)  # [b, site]
+                    cols_out.append(vals)
+                    continue
+                for l, cols in layer_cols.items():  # one unit per layer: its sites in one batched map
+                    if (g0, p, l) in ck:
+                        if pbar is not None:
+                            pbar.update(len(cols))
+                        continue
+                    edits = _head_edits([site_list[j] for j in cols], n_units, src_acts, p, positions == "all",
+                                        component, dev, runner.dtype)
+                    with torch.no_grad():
+                        vals = runner.map(edits, fn, n_columns=len(cols), start_pos=p, max_memory=max_memory,
+                                          batch_size=batch_size, pbar=pbar)  # [b, sites of layer l]
+                    ck.record((g0, p, l), {"values": vals})
+                cols_out.append(_from_units(ck, g0, p, layer_cols, n_cols))
             per_prompt_chunks.append(torch.stack(cols_out, -1))  # [b, site, n_pos_list]
     finally:
         if pbar is not None:
@@ -1427,7 +1512,9 @@ def patch_positions(
             raise ValueError(f"layer {l} is out of range: this model has {info.n_layers} layers (0..{info.n_layers - 1})")
     ls = [l % info.n_layers for l in ls]
     tgt = _as_prompts(target, "target")
+    _check_vocab(tgt, "target", info)
     src = _validate_source(tgt, source, True)
+    _check_vocab(src, "source", info)
     t0 = time.perf_counter()
     P = tgt.n_pos
     dev = _hooks.device_of(model)
@@ -1504,8 +1591,11 @@ def attribution_patch_heads(
         _check_choice("metric", metric, METRICS)
     n_units = info.n_kv_heads if component in ("k", "v") else info.n_heads
     tgt = _as_prompts(target, "target")
+    _check_vocab(tgt, "target", info)
     means = _means_tensor(source, component, info, positions)
     src = None if means is not None else _validate_source(tgt, source, positions != "final")
+    if src is not None:
+        _check_vocab(src, "source", info)
     if normalize and src is None:
         raise ValueError("normalize=True needs a source prompt batch; with task-mean activations leave normalize=False")
     if means is not None and not bool(torch.isfinite(means).all()):
