@@ -599,13 +599,9 @@ class LensResult:
     @classmethod
     def load(cls, path: str | Path, model: Any = None) -> "LensResult":
         """Load what :meth:`save` wrote; with ``model``, refuse a file made with another model."""
-        from .results import ResultMeta, check_same_model, load_tensors
+        from .results import ResultMeta, load_result
 
-        tensors, info = load_tensors(path)
-        if info.get("kind") != "LensResult":
-            raise ValueError(f"{str(path)!r} is not a saved LensResult (kind={info.get('kind')!r}); load it with the class that saved it")
-        if model is not None:
-            check_same_model(model, info.get("meta", {}), what="lens result")
+        tensors, info = load_result(path, "LensResult", model=model, what="lens result")
         return cls(
             layers=tuple(info["layers"]), n_layers=int(info["n_layers"]), top_tokens=tuple(tuple(r) for r in info["top_tokens"]),
             task_words=tuple(info["task_words"]), position=info["position"], lens=info["lens"], task=info["task"],

@@ -1136,13 +1136,9 @@ class PatchResult:
     @classmethod
     def load(cls, path: str | Path, model: Any = None) -> "PatchResult":
         """Read a result written by :meth:`save`; with ``model``, refuse one made with a different model."""
-        from .results import check_same_model, load_tensors
+        from .results import load_result
 
-        tensors, meta = load_tensors(path)
-        if meta.get("kind") != "PatchResult":
-            raise ValueError(f"{str(path)!r} holds a {meta.get('kind', 'unknown')!r}, not a PatchResult")
-        if model is not None:
-            check_same_model(model, meta.get("meta", {}), what="patching result")
+        tensors, meta = load_result(path, "PatchResult", model=model, what="patching result")
         return cls(values=tensors["values"], dims=tuple(meta["dims"]), metric=meta["metric"],
                    target_value=meta["target_value"], source_value=meta["source_value"],
                    normalized=meta["normalized"], per_prompt=tensors.get("per_prompt"), method=meta["method"],

@@ -26,6 +26,7 @@ __all__ = [
     "save_tensors",
     "load_tensors",
     "check_same_model",
+    "load_result",
     "check_writable",
     "version",
 ]
@@ -167,6 +168,22 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, 
     if want and hashlib.sha256(raw).hexdigest() != want:
         raise ValueError(f"{str(tensor_path)!r} does not match {str(meta_path)!r} (an interrupted save?); re-save the result")
     return load(raw), meta
+
+
+def load_result(path: str | os.PathLike, kind: str, *, model: Any = None, what: str | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Load a saved result of class ``kind``; with ``model``, refuse one made with another model.
+
+    The one loader behind every result's ``.load``: the file's recorded ``kind`` must match, and the
+    model fingerprint is read from the nested ``meta`` when there is one, else from the top level.
+    """
+    tensors, meta = load_tensors(path)
+    saved_kind = meta.get("kind", meta.get("type", "unknown"))
+    if saved_kind not in (kind, f"tvlens.{kind}"):
+        raise ValueError(f"{str(path)!r} holds a {saved_kind!r} result, not a {kind}; load it with the class that saved it")
+    if model is not None:
+        inner = meta.get("meta") if isinstance(meta.get("meta"), Mapping) else meta
+        check_same_model(model, inner, what=what or kind)
+    return tensors, meta
 
 
 def check_same_model(model: Any, meta: Mapping[str, Any], *, what: str = "file") -> None:

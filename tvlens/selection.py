@@ -519,13 +519,10 @@ class Selection:
     @classmethod
     def load(cls, path: str | Path, model: Any = None) -> "Selection":
         """Load what :meth:`save` wrote; with ``model``, refuse a file made with another model."""
-        from .results import ResultMeta, check_same_model, load_tensors
+        from .results import ResultMeta, load_result
 
-        tensors, meta = load_tensors(path)
-        if meta.get("kind") != "tvlens.Selection":
-            raise ValueError(f"{str(path)!r} is not a saved Selection (kind={meta.get('kind')!r}); load it with the class that saved it")
+        tensors, meta = load_result(path, "Selection", model=model, what="selection")
         if model is not None:
-            check_same_model(model, meta, what="selection")
             from .models import ModelInfo
 
             info = ModelInfo.of(model)

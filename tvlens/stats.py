@@ -334,14 +334,10 @@ class HeadStats:
     @classmethod
     def load(cls, path: str | Path, model: Any = None) -> "HeadStats":
         """Read what :meth:`save` wrote; with ``model``, refuse stats of a different model."""
-        from .results import check_same_model, load_tensors
+        from .results import load_result
 
-        tensors, meta = load_tensors(path)
-        if meta.get("kind") != "HeadStats":
-            raise ValueError(f"{str(path)!r} holds a {meta.get('kind', 'unknown')!r} result, not HeadStats; load it with its own class")
+        tensors, meta = load_result(path, "HeadStats", model=model, what="HeadStats file")
         inner = dict(meta.get("meta", {}))
-        if model is not None:
-            check_same_model(model, inner, what="HeadStats file")
         return cls(tuple(meta["tasks"]), tensors["z_mean"], tensors["z_var"], tensors["count"], meta["positions"],
                    tuple(meta.get("layers", ())), tensors.get("out_mean"), tensors.get("out_var"), inner)
 
