@@ -1346,6 +1346,7 @@ def layer_sweep(
     center: bool = False,
     function_kw: Mapping[str, Any] | None = None,
     batch_size: int = _DEFAULT_BATCH,
+    checkpoint: str | Path | None = None,
 ) -> SweepResult:
     """Hendel et al. 2023's layer sweep: for every task and layer, the accuracy of the task vector
     patched into zero-shot prompts, with the zero-shot and ICL baselines of the same run.
@@ -1366,6 +1367,12 @@ def layer_sweep(
     ``alpha *`` the vector. ``center=True`` first subtracts the mean vector over the swept tasks at
     each layer (the task-specific part; needs >= 2 tasks).
     All prompts are built (and their errors raised) before any forward pass.
+
+    ``checkpoint``: a file (:class:`tvlens.checkpoint.SweepCheckpoint`) where each task's vectors and
+    ICL baseline, then each task's layer grid, are written atomically as they finish; re-run with
+    the same arguments after an interruption, the sweep computes only the unfinished tasks. A file
+    from another model or configuration is refused before any forward pass. (Tasks then run one at
+    a time instead of batched together: equal to float rounding.)
     """
     from .prompts import icl_prompts
     from .tasks import resolve_tasks
@@ -1399,34 +1406,66 @@ def layer_sweep(
     icl = [icl_prompts(model, t, queries=list(zip(z[-1].queries, z[-1].answers)), n_shots=n_shots, seed=seed)
            for t, z in zip(task_list, zs)]
 
-    T = len(task_list)
-    if kind == "function":
-        fkw = dict(function_kw or {})
-        fkw.setdefault("n_shots", n_shots)
-        fkw.setdefault("seed", seed)
-        fvs = [function_vector(model, t, **fkw) for t in task_list]
-        vecs = torch.stack([fv.vector for fv in fvs])[:, None].expand(T, len(ls), -1).contiguous()
-        icl_logits, _ = _run_rows(model, [r for b in icl for r in _rows_of(b)], batch_size=batch_size)
-    else:
-        # one pass: every layer's vector, and the ICL prompts packed with the extraction prompts
-        # they share their demos with
-        both, icl_logits = _extract_with_icl(model, ext, icl, ls, batch_size, extra=ins)
-        if kind in ("task", "instruction"):
-            vecs = both
-        else:
-            vecs = (both[:T].double() + both[T:].double()).div(2).float()
-    if center:
-        vecs = vecs - vecs.mean(0, keepdim=True)
-    icl_sc = _scores(icl_logits, torch.cat([b.answer_ids for b in icl]))  # [rows, 2]
-    owner = torch.repeat_interleave(torch.arange(T), torch.as_tensor([len(b) for b in icl]))
-    icl_mean = torch.zeros(T, 2).index_add_(0, owner, icl_sc) / torch.bincount(owner).float()[:, None]
+    T, S, L = len(task_list), len(splits), len(ls)
+    ck = None
+    if checkpoint is not None:  # opened before any forward: a mismatched file is refused before work
+        from .checkpoint import SweepCheckpoint
 
-    flat = [zs[t][s] for t in range(T) for s in range(len(splits))]
-    flat_vecs = vecs.repeat_interleave(len(splits), dim=0)  # [task*split, layer, d]
-    per_col, clean = _grid_eval(model, flat, flat_vecs, ls, mode, alpha)
-    S = len(splits)
-    grid = torch.stack([c.mean(0) for c in per_col]).reshape(T, S, len(ls), 2)
-    base = torch.stack([c.mean(0) for c in clean]).reshape(T, S, 2)
+        ck = SweepCheckpoint(checkpoint, model=model, config=dict(
+            what="layer_sweep", tasks=[t.name for t in task_list], n_prompts=n_prompts, n_shots=n_shots, mode=mode,
+            alpha=float(alpha), seed=seed, splits=list(splits), layers=list(ls), kind=kind,
+            dummy_query=bool(dummy_query), center=bool(center), function_kw=dict(function_kw or {}),
+            batch_size=batch_size))
+
+    def vectors_and_icl(idx: list[int]) -> tuple[Tensor, Tensor]:
+        """Uncentred vectors ``[len(idx), layer, d_model]`` and ICL scores ``[len(idx), 2]`` of tasks ``idx``."""
+        n = len(idx)
+        sub_icl = [icl[t] for t in idx]
+        if kind == "function":
+            fkw = dict(function_kw or {})
+            fkw.setdefault("n_shots", n_shots)
+            fkw.setdefault("seed", seed)
+            fvs = [function_vector(model, task_list[t], **fkw) for t in idx]
+            v = torch.stack([fv.vector for fv in fvs])[:, None].expand(n, L, -1).contiguous()
+            icl_logits, _ = _run_rows(model, [r for b in sub_icl for r in _rows_of(b)], batch_size=batch_size)
+        else:
+            # one pass: every layer's vector, and the ICL prompts packed with the extraction prompts
+            # they share their demos with
+            both, icl_logits = _extract_with_icl(model, [ext[t] for t in idx] if ext else [], sub_icl, ls, batch_size,
+                                                 extra=[ins[t] for t in idx] if ins else [])
+            v = both if kind in ("task", "instruction") else (both[:n].double() + both[n:].double()).div(2).float()
+        sc = _scores(icl_logits, torch.cat([b.answer_ids for b in sub_icl]))  # [rows, 2]
+        owner = torch.repeat_interleave(torch.arange(n), torch.as_tensor([len(b) for b in sub_icl]))
+        return v, torch.zeros(n, 2).index_add_(0, owner, sc) / torch.bincount(owner, minlength=n).float()[:, None]
+
+    def grid_of(idx: list[int], v: Tensor) -> tuple[Tensor, Tensor]:
+        """``[len(idx), split, layer, 2]`` patched scores and ``[len(idx), split, 2]`` zero-shot scores."""
+        per_col, clean = _grid_eval(model, [zs[t][s] for t in idx for s in range(S)], v.repeat_interleave(S, dim=0),
+                                    ls, mode, alpha)
+        return (torch.stack([c.mean(0) for c in per_col]).reshape(len(idx), S, L, 2),
+                torch.stack([c.mean(0) for c in clean]).reshape(len(idx), S, 2))
+
+    if ck is None:
+        vecs, icl_mean = vectors_and_icl(list(range(T)))
+        if center:
+            vecs = vecs - vecs.mean(0, keepdim=True)
+        grid, base = grid_of(list(range(T)), vecs)
+    else:  # task by task, every finished part on disk (centring needs every task's vectors first)
+        for t, task in enumerate(task_list):
+            if ("vectors", task.name) not in ck:
+                v, im = vectors_and_icl([t])
+                ck.record(("vectors", task.name), {"vectors": v[0], "icl": im[0]})
+        vecs = torch.stack([ck[("vectors", t.name)]["vectors"] for t in task_list])
+        icl_mean = torch.stack([ck[("vectors", t.name)]["icl"] for t in task_list])
+        if center:
+            vecs = vecs - vecs.mean(0, keepdim=True)
+        for t, task in enumerate(task_list):
+            if ("grid", task.name) not in ck:
+                g, b = grid_of([t], vecs[t:t + 1])
+                ck.record(("grid", task.name), {"grid": g[0], "base": b[0]})
+        grid = torch.stack([ck[("grid", t.name)]["grid"] for t in task_list])
+        base = torch.stack([ck[("grid", t.name)]["base"] for t in task_list])
+    flat = [zs[t][s] for t in range(T) for s in range(S)]
     n_eval = torch.as_tensor([len(b) for b in flat]).reshape(T, S)
     meta = _make_meta(model, [t.name for t in task_list], seed, n_prompts=n_prompts, n_shots=n_shots, kind=kind,
                       dummy_query=bool(dummy_query), center=bool(center), seconds=time.perf_counter() - t0,
