@@ -128,6 +128,16 @@ def test_fast_sweep_equals_naive_sweep(tiny_model, mode):
     assert (fast.logprob - fast.zero_shot_logprob[..., None]).abs().max().item() > 1e-3
 
 
+def test_speedups_are_exact_and_can_be_off(tiny_llama, monkeypatch):
+    """The packed (shared-prefix) ICL pass and the final-position-only last block change no number."""
+    fast = V.layer_sweep(tiny_llama, TASKS, n_prompts=5, n_shots=3, seed=2)
+    monkeypatch.setattr(V, "_shared_ok", lambda model: False)
+    monkeypatch.setattr(V, "_final_only_ok", lambda model: False)
+    plain = V.layer_sweep(tiny_llama, TASKS, n_prompts=5, n_shots=3, seed=2)
+    for name in ("accuracy", "logprob", "zero_shot", "icl", "icl_logprob", "vectors"):
+        assert (getattr(fast, name) - getattr(plain, name)).abs().max().item() < 1e-5, name
+
+
 @pytest.mark.parametrize("kind", ["instruction", "ensemble", "function"])
 def test_sweep_of_other_vector_kinds(tiny_llama, kind):
     kw = dict(n_prompts=4, n_shots=2, seed=3)

@@ -34,6 +34,8 @@ _EXPORTS: dict[str, str] = {
     "TokenClass": "prompts",
     "icl_prompts": "prompts",
     "evaluate_icl": "prompts",
+    "evaluate_prompts": "prompts",
+    "IclAccuracy": "prompts",
     # stats
     "HeadStats": "stats",
     "head_means": "stats",
@@ -53,6 +55,10 @@ _EXPORTS: dict[str, str] = {
     "apply_vector": "vectors",
     "layer_sweep": "vectors",
     "function_vector": "vectors",
+    "task_vectors_all_layers": "vectors",
+    "evaluate_vector": "vectors",
+    "vector_applied": "vectors",
+    "ensemble": "vectors",
     # patching
     "PatchResult": "patching",
     "patch_heads": "patching",
@@ -63,11 +69,15 @@ _EXPORTS: dict[str, str] = {
     "reinforce_select": "selection",
     "soft_select": "selection",
     "compare_selections": "selection",
+    "Comparison": "selection",
+    "SweepCheckpoint": "checkpoint",
+    "LensSummary": "lens",
     # plot / report
     "layer_head_heatmap": "plot",
     "layer_position_heatmap": "plot",
     "line_plot": "plot",
     "save_figure": "plot",
+    "bar_plot": "plot",
     "build_report": "report",
 }
 

@@ -57,7 +57,7 @@ from torch import Tensor
 
 from . import hooks as _hooks
 from .hooks import act_name
-from .results import ResultMeta, check_same_model, load_tensors, save_tensors
+from .results import ResultMeta, check_same_model, load_result, load_tensors, save_tensors
 
 __all__ = [
     "TaskVector",
@@ -1309,11 +1309,7 @@ class SweepResult:
 
     @classmethod
     def load(cls, path: str | Path, model: Any = None) -> "SweepResult":
-        tensors, meta = load_tensors(path)
-        if meta.get("type") != "SweepResult":
-            raise ValueError(f"{str(path)!r} is not a saved SweepResult; save one with SweepResult.save")
-        if model is not None:
-            check_same_model(model, meta.get("meta", {}), what=f"sweep file {str(path)!r}")
+        tensors, meta = load_result(path, "SweepResult", model=model, what=f"sweep file {str(path)!r}")
         return cls(tasks=tuple(meta["tasks"]), families=tuple(meta["families"]), layers=tuple(meta["layers"]),
                    splits=tuple(meta["splits"]), accuracy=tensors["accuracy"], zero_shot=tensors["zero_shot"],
                    icl=tensors["icl"], n_eval=tensors["n_eval"], vectors=tensors["vectors"], logprob=tensors.get("logprob"),
