@@ -84,6 +84,7 @@ from torch import Tensor
 
 from . import hooks as _hooks
 from .hooks import act_name
+from .results import tensor_digest as _digest
 
 __all__ = [
     "PatchResult",
@@ -1276,16 +1277,6 @@ def _meta(model: Any, **extra: Any) -> dict:
     return {**mid, **extra}
 
 
-def _digest(*tensors: Tensor) -> str:
-    """Short content hash of tensors (shape, dtype, bytes): identifies a checkpointed sweep's inputs."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().to("cpu").contiguous()
-        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
 
 
 def _from_units(ck: Any, g0: int, p: int, layer_cols: dict[int, list[int]], n_cols: int) -> Tensor:

@@ -24,6 +24,7 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_bytes",
     "save_tensors",
+    "tensor_digest",
     "load_tensors",
     "check_same_model",
     "load_result",
@@ -127,6 +128,16 @@ def _json_default(obj: Any) -> Any:
     if hasattr(obj, "item"):
         return obj.item()
     return str(obj)
+
+
+def tensor_digest(*tensors: Tensor) -> str:
+    """Short content hash of tensors (shape, dtype, bytes): identifies a checkpointed run's inputs."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().to("cpu").contiguous()
+        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
 
 
 def save_tensors(path: str | os.PathLike, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> Path:

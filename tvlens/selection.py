@@ -31,6 +31,8 @@ index −1 of the left-padded :class:`~tvlens.prompts.PromptBatch`) is changed, 
 
 from __future__ import annotations
 
+from .tasks import task_name as _task_name
+from .results import tensor_digest as _tensor_digest
 import hashlib
 import io
 import math
@@ -88,16 +90,6 @@ def _check_float(name: str, value: Any, *, lo: float | None = None, strict: bool
     return value
 
 
-def _task_name(task: Any) -> str:
-    if isinstance(task, str):
-        return task
-    name = getattr(task, "name", None)
-    if isinstance(name, str):
-        return name
-    name = getattr(task, "task", None)  # a PromptBatch
-    if isinstance(name, str):
-        return name
-    raise TypeError(f"cannot tell the name of task {task!r}; pass task names or tvlens Task objects")
 
 
 def _resolve_tasks(tasks: Any) -> list[Any]:
@@ -122,13 +114,6 @@ def _weights_checksum(model: Any) -> str:
     return h.hexdigest()
 
 
-def _tensor_digest(*tensors: Tensor) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().to("cpu").contiguous()
-        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
 
 
 # ==============================================================================================

@@ -32,6 +32,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .tasks import task_name as _task_name
+
 __all__ = [
     "HeadStats",
     "head_means",
@@ -362,16 +364,6 @@ def _sample_var(var: Tensor, count: Tensor, per_position: bool) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def _task_name(task: Any) -> str:
-    if isinstance(task, str):
-        return task
-    name = getattr(task, "name", None)
-    if isinstance(name, str):
-        return name
-    name = getattr(task, "task", None)  # a PromptBatch
-    if isinstance(name, str):
-        return name
-    raise TypeError(f"expected a task name, Task or PromptBatch, got {type(task).__name__}")
 
 
 def _is_prompt_batch(x: Any) -> bool:

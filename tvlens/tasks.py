@@ -296,6 +296,19 @@ def families() -> tuple[str, ...]:
     return tuple(f for f in FAMILIES if f in present) + tuple(sorted(present - set(FAMILIES)))
 
 
+def task_name(task: Any) -> str:
+    """The name of a task given as a name, a :class:`Task`, or a prompt batch built from one."""
+    if isinstance(task, str):
+        return task
+    name = getattr(task, "name", None)
+    if isinstance(name, str):
+        return name
+    name = getattr(task, "task", None)  # a PromptBatch
+    if isinstance(name, str):
+        return name
+    raise TypeError(f"expected a task name, Task or PromptBatch, got {type(task).__name__}; pass task names or tvlens Task objects")
+
+
 def list_tasks(family: str | None = None) -> list[str]:
     """Names of the shipped tasks, grouped by family (then alphabetical); only ``family`` if given."""
     if family is not None and family not in families():
