@@ -188,8 +188,10 @@ def load_result(path: str | os.PathLike, kind: str, *, model: Any = None, what: 
     model fingerprint is read from the nested ``meta`` when there is one, else from the top level.
     """
     tensors, meta = load_tensors(path)
-    saved_kind = meta.get("kind", meta.get("type", "unknown"))
-    if saved_kind not in (kind, f"tvlens.{kind}"):
+    # results record their class under "kind" (most) or "type" (vectors, whose "kind" says task/function/...)
+    recorded = {meta.get("kind"), meta.get("type")}
+    saved_kind = meta.get("type") or meta.get("kind") or "unknown"
+    if not recorded & {kind, f"tvlens.{kind}"}:
         raise ValueError(f"{str(path)!r} holds a {saved_kind!r} result, not a {kind}; load it with the class that saved it")
     if model is not None:
         inner = meta.get("meta") if isinstance(meta.get("meta"), Mapping) else meta
