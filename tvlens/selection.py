@@ -651,6 +651,20 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _resume(checkpoint: Any, info: Any, config: dict, theta: Tensor, opt: Any, gen: torch.Generator, stopper: Any) -> dict | None:
+    """Restore what both optimisers checkpoint (parameters, Adam, generator, plateau detector) and
+    return the saved state for the caller's own fields; ``None`` when there is nothing to resume."""
+    if checkpoint is None:
+        return None
+    state = _load_checkpoint(checkpoint, info.config_hash, config)
+    if state is not None:
+        with torch.no_grad():
+            theta.copy_(state["theta"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        stopper.load(state["plateau"])
+    return state
+
 def _load_checkpoint(path: Path, model_hash: str, config: dict) -> dict | None:
     if not path.exists():
         return None
@@ -808,17 +822,10 @@ def reinforce_select(
     stopper = _Plateau(patience, tol)
     ema_baseline: float | None = None
     start, done = 0, False
-    if checkpoint is not None:
-        state = _load_checkpoint(checkpoint, info.config_hash, config)
-        if state is not None:
-            with torch.no_grad():
-                theta.copy_(state["theta"])
-            opt.load_state_dict(state["optimizer"])
-            gen.set_state(state["generator"])
-            curve = list(state["curve"])
-            stopper.load(state["plateau"])
-            ema_baseline = state["ema_baseline"]
-            start, done = int(state["step"]), bool(state["done"])
+    state = _resume(checkpoint, info, config, theta, opt, gen, stopper)
+    if state is not None:
+        curve, ema_baseline = list(state["curve"]), state["ema_baseline"]
+        start, done = int(state["step"]), bool(state["done"])
 
     def snapshot(step: int, finished: bool) -> dict:
         return {"kind": "tvlens.selection.checkpoint", "config_hash": info.config_hash, "config": config,
@@ -952,16 +959,10 @@ def soft_select(
     curve: list[float] = []
     stopper = _Plateau(patience, tol)
     start, done = 0, False
-    if checkpoint is not None:
-        state = _load_checkpoint(checkpoint, info.config_hash, config)
-        if state is not None:
-            with torch.no_grad():
-                theta.copy_(state["theta"])
-            opt.load_state_dict(state["optimizer"])
-            gen.set_state(state["generator"])
-            curve = list(state["curve"])
-            stopper.load(state["plateau"])
-            start, done = int(state["step"]), bool(state["done"])
+    state = _resume(checkpoint, info, config, theta, opt, gen, stopper)
+    if state is not None:
+        curve = list(state["curve"])
+        start, done = int(state["step"]), bool(state["done"])
 
     def snapshot(step: int, finished: bool) -> dict:
         return {"kind": "tvlens.selection.checkpoint", "config_hash": info.config_hash, "config": config,

@@ -589,20 +589,8 @@ def _train(cfg, out, tasks, tokenizer, snapshot, resume, micro, verbose, t_start
             if step == cfg.icl_steps:
                 phase1_seconds = time.time() - t_start
                 if snapshot is not None:
-                    Path(snapshot).parent.mkdir(parents=True, exist_ok=True)
-                    tmp = Path(str(snapshot) + ".tmp")
-                    torch.save(
-                        {
-                            "phase1_key": cfg.phase1_key(),
-                            "model": model.state_dict(),
-                            "optimizer": opt.state_dict(),
-                            "step": step,
-                            "log_steps": log["steps"],
-                            "seconds": phase1_seconds,
-                        },
-                        tmp,
-                    )
-                    tmp.replace(snapshot)
+                    # no generator states: phase 2 reseeds its generators at the boundary
+                    _write_state(Path(snapshot), cfg, model, opt, step, log, phase1_seconds)
                     _log(verbose, f"phase-1 snapshot written to {snapshot}")
     finally:
         if handle is not None:
@@ -622,22 +610,23 @@ def _train(cfg, out, tasks, tokenizer, snapshot, resume, micro, verbose, t_start
     return model, log
 
 
-def _write_state(path: Path, cfg, model, opt, step, log, seconds, rngs) -> None:
+def _write_state(path: Path, cfg, model, opt, step, log, seconds, rngs=None) -> None:
+    """Write a training state atomically; with ``rngs`` it is a mid-phase state that resumes exactly,
+    without them the phase-1 snapshot (phase 2 reseeds its generators)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(str(path) + ".tmp")
-    torch.save(
-        {
-            "phase1_key": cfg.phase1_key(),
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "step": step,
-            "log_steps": log["steps"],
-            "seconds": seconds,
-            "rng": [r.getstate() for r in rngs],
-            "task_weights": getattr(model, "_tvlens_task_weights", None),
-        },
-        tmp,
-    )
+    state = {
+        "phase1_key": cfg.phase1_key(),
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "step": step,
+        "log_steps": log["steps"],
+        "seconds": seconds,
+    }
+    if rngs is not None:
+        state["rng"] = [r.getstate() for r in rngs]
+        state["task_weights"] = getattr(model, "_tvlens_task_weights", None)
+    torch.save(state, tmp)
     tmp.replace(path)
 
 
