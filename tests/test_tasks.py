@@ -134,6 +134,16 @@ FACTS = [
     ("spanish_english", "perro", "dog"),
     ("german_english", "hund", "dog"),
     ("italian_english", "libro", "book"),
+    ("city_continent", "toronto", "north america"),
+    ("city_continent", "cape town", "africa"),
+    ("city_continent", "zurich", "europe"),
+    ("state_abbreviation", "california", "ca"),
+    ("state_abbreviation", "maine", "me"),
+    ("state_abbreviation", "new york", "ny"),
+    ("state_abbreviation", "alaska", "ak"),
+    ("masculine_plural", "policeman", "policemen"),
+    ("masculine_plural", "hero", "heroes"),
+    ("masculine_plural", "king", "kings"),
 ]
 
 
@@ -153,6 +163,45 @@ def test_reverse_tasks_agree():
     assert {(y, x) for x, y in cap.items()} == set(back.items())
     sg, pl = T.load_task("singular_plural").as_dict(), T.load_task("plural_singular").as_dict()
     assert {(y, x) for x, y in sg.items()} == set(pl.items())
+
+
+def test_every_domain_is_shared():
+    """No query domain belongs to a single task: zero-shot is ambiguous for every task by construction, and
+    the zero-shot chance of guessing the task among those sharing the query stays well below ICL."""
+    by_domain: dict[str, list[str]] = {}
+    for n in ALL:
+        by_domain.setdefault(T.load_task(n).domain, []).append(n)
+    assert all(len(ns) >= 2 for ns in by_domain.values()), {d: ns for d, ns in by_domain.items() if len(ns) < 2}
+
+
+def _compose(first: str, second: str) -> dict[str, str]:
+    b = T.load_task(second).as_dict()
+    return {x: b[y] for x, y in T.load_task(first).as_dict().items() if y in b}
+
+
+@pytest.mark.parametrize(
+    "name, first, second",
+    [
+        ("capital_continent", "capital_country", "country_continent"),
+        ("past_to_participle", "past_to_present", "present_participle"),
+        ("french_spanish", "french_english", "english_spanish"),
+        ("german_french", "german_english", "english_french"),
+        ("italian_german", "italian_english", "english_german"),
+        ("spanish_italian", "spanish_english", "english_italian"),
+    ],
+)
+def test_composed_tasks_agree_with_their_parts(name, first, second):
+    """Tasks derived by composing two shipped tasks give exactly the composition, on every input."""
+    assert T.load_task(name).as_dict() == _compose(first, second)
+
+
+def test_city_continent_agrees_with_country_continent():
+    # cities whose country is in country_continent must agree with it (the rest are checked in FACTS)
+    comp = _compose("city_country", "country_continent")
+    got = T.load_task("city_continent").as_dict()
+    assert len(comp) >= 40 and all(got[c] == v for c, v in comp.items() if c in got)
+    assert set(got) <= set(T.load_task("city_country").inputs)
+    assert T.load_task("state_abbreviation").inputs == T.load_task("state_capital").inputs
 
 
 # ---------------------------------------------------------------- algorithmic tasks, recomputed
@@ -190,6 +239,8 @@ ALGO = {
     "list_first": lambda x: x.split()[0],
     "list_last": lambda x: x.split()[-1],
     "list_length": lambda x: str(len(x.split())),
+    "plural_first_letter": lambda x: x[0],
+    "next_number_word": lambda x: _words(next(n for n in range(100) if _words(n) == x) + 1),
 }
 
 
