@@ -79,7 +79,7 @@ class TrainConfig:
     shape: ModelShape = field(default_factory=ModelShape)
     batch_size: int = 32
     icl_steps: int = 3000
-    extra_steps: int = 1800
+    extra_steps: int = 3000
     tvp_layer: int | None = 2  # None: organism-natural (language-model loss only)
     tvp_weight: float = 1.0
     tvp_min_shots: int = 3  # few-shot source prompts for TVP-loss have at least this many demos
