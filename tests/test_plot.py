@@ -87,6 +87,14 @@ def test_line_and_bar_plots():
     assert len(b.data) == 2 and b.layout.barmode == "group"
 
 
+def test_line_plot_keeps_close_reference_labels_apart_and_ticks_integer_xs():
+    fig = line_plot([0, 1, 2, 3], {"a": [0, 1, 0, 1]}, hlines={"ICL A": 0.99, "ICL B": 1.0, "zero-shot": 0.3})
+    labels = [(a.text, a.x, a.y, a.xanchor, a.yanchor) for a in fig.layout.annotations]
+    assert len({pos[1:] for pos in labels}) == 3, labels  # no two labels share a corner
+    assert list(fig.layout.xaxis.tickvals) == [0, 1, 2, 3]
+    assert line_plot([0.5, 1.5], {"a": [1, 2]}).layout.xaxis.tickvals is None  # non-integer xs: plotly's ticks
+
+
 def test_save_figure_writes_html_and_png(tmp_path):
     fig = layer_head_heatmap(np.eye(3))
     paths = save_figure(fig, tmp_path / "deep" / "dir" / "fig.html")

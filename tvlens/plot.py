@@ -252,9 +252,9 @@ def line_plot(
             go.Scatter(x=x, y=ys, mode="lines+markers", name=name,
                        hovertemplate=f"{name}<br>{xlabel or 'x'} %{{x}}, {ylabel or 'y'} %{{y:.4g}}<extra></extra>", **kw)
         )
-    for i, (name, y) in enumerate((hlines or {}).items()):
-        fig.add_hline(y=float(y), line_dash="dash", line_color=_GREYS[i % len(_GREYS)],
-                      annotation_text=str(name), annotation_position="top left")
+    _add_hlines(fig, hlines)
+    if not _is_labels(xs) and len(x) and np.all(np.mod(x, 1) == 0) and len(x) <= 40:
+        fig.update_xaxes(tickmode="array", tickvals=list(x))  # integer xs (layers, shots): no 0.5 ticks
     fig.update_layout(
         template=TEMPLATE, title=dict(text=title, x=0.5, xanchor="center"), xaxis_title=xlabel, yaxis_title=ylabel,
         width=max(640, min(1200, 40 * len(x) + 300)), height=460, font=_FONT,
@@ -265,6 +265,15 @@ def line_plot(
 
 
 _GREYS = ["#555555", "#999999", "#222222", "#bbbbbb"]
+_HLINE_LABELS = ["top left", "bottom right", "top right", "bottom left"]
+
+
+def _add_hlines(fig: go.Figure, hlines: Mapping[str, float] | None) -> None:
+    """Dashed reference lines ({name: y}); the labels' corners alternate so that lines at nearly the
+    same y (two models' ICL accuracy, say) stay readable."""
+    for i, (name, y) in enumerate((hlines or {}).items()):
+        fig.add_hline(y=float(y), line_dash="dash", line_color=_GREYS[i % len(_GREYS)],
+                      annotation_text=str(name), annotation_position=_HLINE_LABELS[i % len(_HLINE_LABELS)])
 
 
 def _is_labels(xs: Any) -> bool:
@@ -295,9 +304,7 @@ def bar_plot(
             kw["error_y"] = dict(type="data", array=to_numpy(errors[name]).reshape(-1), visible=True)
         fig.add_trace(go.Bar(x=labs, y=ys, name=name,
                              hovertemplate=f"{name}<br>%{{x}}: %{{y:.4g}}<extra></extra>", **kw))
-    for i, (name, y) in enumerate((hlines or {}).items()):
-        fig.add_hline(y=float(y), line_dash="dash", line_color=_GREYS[i % len(_GREYS)],
-                      annotation_text=str(name), annotation_position="top left")
+    _add_hlines(fig, hlines)
     fig.update_layout(
         template=TEMPLATE, title=dict(text=title, x=0.5, xanchor="center"), xaxis_title=xlabel, yaxis_title=ylabel,
         barmode="group", width=max(480, min(1400, 60 * len(labs) * max(1, len(series)) + 260)), height=420,
