@@ -57,7 +57,7 @@ def test_default_tokenizer_covers_the_suite():
 
 
 def _state(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}  # train() uses CUDA when present
 
 
 def test_sampler_builds_the_tvlens_prompt_format():
