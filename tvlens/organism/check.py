@@ -18,8 +18,10 @@ split (demonstrations from the train split):
 * Todd et al. 2024-style *add* vectors: (task mean − mean over all tasks) of the same states,
   added to the zero-shot residual at layer L.
 
-This is a clearly separated check script (as issue 6 allows) until the task-vector API
-(`tvlens.vectors`) covers these measurements; it uses only the public prompt/hook helpers.
+The same Hendel and add curves are also measured through the task-vector API,
+:func:`tvlens.vectors.layer_sweep` (best layer chosen on the dev split, accuracy reported on the test
+split, with its own zero-shot and ICL baselines); the script's own loop above, written with only the
+public prompt/hook helpers, is kept as an independent check of that API: the two must agree.
 """
 
 from __future__ import annotations
@@ -197,6 +199,19 @@ def check(model_name: str, *, n_prompts: int = 50, seed: int = 0, verbose: bool 
                 cross_vs_b_diff[b].append(_first_token_acc(model, zb.select(diff_rows), hooks))
     say("cross-task control done")
 
+    # the same curves through the task-vector API (Hendel's protocol: dev selects, test reports)
+    from tvlens.vectors import layer_sweep
+
+    api = {}
+    for key, kw in (("replace", {}), ("add_centered", {"mode": "add", "center": True})):
+        sw = layer_sweep(model, tasks, n_prompts=n_prompts, n_shots=5, seed=seed, **kw)
+        summ = sw.summary()["all"]
+        api[key] = {"best_layer_dev": sw.best_layer, "test_by_layer": [float(v) for v in sw.curve("test")],
+                    "at_best_layer_test": float(sw.curve("test")[sw.layers.index(sw.best_layer)]),
+                    "icl_test": summ["icl"], "zero_shot_test": summ["zero_shot"],
+                    "fraction_of_icl": float(sw.curve("test")[sw.layers.index(sw.best_layer)]) / summ["icl"]}
+    say("task-vector API sweeps done")
+
     def mean(xs):
         xs = list(xs)
         return sum(xs) / len(xs) if xs else float("nan")
@@ -252,6 +267,7 @@ def check(model_name: str, *, n_prompts: int = 50, seed: int = 0, verbose: bool 
             "hendel_per_task_by_layer": hendel,
             "add_per_task_by_layer": add,
             "icl_5shot_per_task": icl5,
+            "api_layer_sweep": api,
         },
         "seconds": round(time.time() - t0, 1),
     }
@@ -287,6 +303,12 @@ def markdown(results: dict[str, dict]) -> str:
         lambda r: f"{r['task_vectors'].get('cross_task_vs_own_answers_where_answers_differ_by_layer', [float('nan')] * 99)[r['task_vectors']['hendel_best_layer']]:.3f}")
     row("  … scored vs A's answers (the vector carries A)",
         lambda r: f"{r['task_vectors']['cross_task_vs_vector_task_answers_by_layer'][r['task_vectors']['hendel_best_layer']]:.3f}")
+    if all("api_layer_sweep" in results[l]["task_vectors"] for l in labels):
+        for key, what in (("replace", "Hendel replace"), ("add_centered", "add (task − all mean)")):
+            row(f"`tvlens.layer_sweep`, {what}: best layer on dev → test accuracy",
+                lambda r, key=key: (lambda a: f"{a['at_best_layer_test']:.3f} at L{a['best_layer_dev']} "
+                                              f"({100 * a['fraction_of_icl']:.0f}% of ICL {a['icl_test']:.3f})")(
+                    r["task_vectors"]["api_layer_sweep"][key]))
     lines.append("")
     # layer curves
     for l in labels:
@@ -298,6 +320,10 @@ def markdown(results: dict[str, dict]) -> str:
         lines.append("|---|" + "---|" * n)
         lines.append("| Hendel replace | " + " | ".join(f"{v:.3f}" for v in tvr["hendel_by_layer"]) + " |")
         lines.append("| add (task − all mean) | " + " | ".join(f"{v:.3f}" for v in tvr["add_by_layer"]) + " |")
+        for key, what in (("replace", "Hendel replace"), ("add_centered", "add (task − all mean)")):
+            if key in tvr.get("api_layer_sweep", {}):
+                lines.append(f"| {what} via `tvlens.layer_sweep` (test split) | "
+                             + " | ".join(f"{v:.3f}" for v in tvr["api_layer_sweep"][key]["test_by_layer"]) + " |")
         lines.append("| cross-task, scored vs B's answers | " + " | ".join(f"{v:.3f}" for v in tvr["cross_task_vs_own_answers_by_layer"]) + " |")
         lines.append("| cross-task, scored vs B's answers, queries where A's and B's answers differ | " + " | ".join(f"{v:.3f}" for v in tvr.get("cross_task_vs_own_answers_where_answers_differ_by_layer", [])) + " |")
         lines.append("| cross-task, scored vs A's answers (A defined on B's query) | " + " | ".join(f"{v:.3f}" for v in tvr["cross_task_vs_vector_task_answers_by_layer"]) + " |")
