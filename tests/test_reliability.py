@@ -70,19 +70,25 @@ class Work(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-@contextlib.contextmanager
-def spy_runs(monkeypatch):
-    """Count calls of tvlens.hooks.run (every module calls it through the module attribute)."""
+def count_calls(monkeypatch, module, name: str) -> dict[str, int]:
+    """Wrap ``module.name`` so each call is counted in the returned ``{"n": ...}`` (monkeypatch undoes it)."""
     calls = {"n": 0}
-    real = hooks_mod.run
+    real = getattr(module, name)
 
     def counting(*a, **k):
         calls["n"] += 1
         return real(*a, **k)
 
-    monkeypatch.setattr(hooks_mod, "run", counting)
+    monkeypatch.setattr(module, name, counting)
+    return calls
+
+
+@contextlib.contextmanager
+def spy_runs(monkeypatch):
+    """Count calls of tvlens.hooks.run (every module calls it through the module attribute)."""
+    real = hooks_mod.run
     try:
-        yield calls
+        yield count_calls(monkeypatch, hooks_mod, "run")
     finally:
         monkeypatch.setattr(hooks_mod, "run", real)
 
@@ -480,14 +486,7 @@ def test_bad_input_cli(case: BadCli, env, tmp_path, monkeypatch, capsys):
         argv += ["--model", str(env.dirs["gpt2"])]
     if argv[0] not in ("info", "tasks", "bogus-command") and "--out" not in argv:
         argv += ["--out", str(out)]
-    loads = {"n": 0}
-    real_load = models_mod.load_model
-
-    def counting_load(*a, **k):
-        loads["n"] += 1
-        return real_load(*a, **k)
-
-    monkeypatch.setattr(models_mod, "load_model", counting_load)
+    loads = count_calls(monkeypatch, models_mod, "load_model")
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()
     with spy_runs(monkeypatch) as runs:
