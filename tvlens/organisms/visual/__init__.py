@@ -1,0 +1,1 @@
+"""organism-visual: a visual in-context-learning model organism (Hojel et al. 2024)."""
