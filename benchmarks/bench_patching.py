@@ -1,12 +1,12 @@
-"""Benchmark: tvlens.patching against the naive TransformerLens-style loop, measured in the same run.
+"""Benchmark: tvlens.analyses.patching against the naive TransformerLens-style loop, measured in the same run.
 
 Cases (all on the same target/source batches, metric = answer log-prob at the final position):
 
 * ``heads, final``  — every head's ``hook_z`` patched at the final position: naive = one
   ``run_with_hooks`` per head + a ``.item()`` per site (TransformerLens ``get_act_patch_*``);
-  tvlens = :func:`tvlens.patching.patch_heads` (cached target, last-token recompute, sites batched).
+  tvlens = :func:`tvlens.analyses.patching.patch_heads` (cached target, last-token recompute, sites batched).
 * ``heads, all``    — every head patched at every position (TL ``..._all_pos``).
-* ``attribution``   — :func:`tvlens.patching.attribution_patch_heads` vs the exact tvlens sweep:
+* ``attribution``   — :func:`tvlens.analyses.patching.attribution_patch_heads` vs the exact tvlens sweep:
   time ratio and the correlation of the estimates with the exact effects.
 
 The default model is a randomly initialised GPT-2-small shape (12 layers x 12 heads, d_model 768,
@@ -66,8 +66,8 @@ def build_organism_shaped(out: Path) -> Path:
     """The organism's architecture (Llama, 4 layers x 8 heads, 4 kv heads, d_model 128) with random weights."""
     if (out / "config.json").exists():
         return out
-    from tvlens.organism.tokenizer import build_tokenizer
-    from tvlens.organism.train import ModelShape, build_model
+    from tvlens.organisms.text.tokenizer import build_tokenizer
+    from tvlens.organisms.text.train import ModelShape, build_model
     from tvlens.tasks import suite_vocabulary
 
     tok = build_tokenizer(suite_vocabulary())
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
 
     import tvlens
-    from tvlens.patching import attribution_patch_heads, patch_heads
+    from tvlens.analyses.patching import attribution_patch_heads, patch_heads
 
     device = torch.device(args.device)
     if args.model is None:

@@ -60,8 +60,8 @@ def _model_source(tmp: Path) -> str:
         pass
     out = tmp / "organism-shaped"
     if not (out / "config.json").exists():
-        from tvlens.organism.tokenizer import default_organism_tokenizer
-        from tvlens.organism.train import ModelShape, build_model
+        from tvlens.organisms.text.tokenizer import default_organism_tokenizer
+        from tvlens.organisms.text.train import ModelShape, build_model
 
         tok = default_organism_tokenizer()
         model = build_model(ModelShape(), tok, seed=0)
@@ -77,7 +77,7 @@ def child(method: str, n_prompts: int, source: str, positions: str, batch_size: 
     torch.set_num_threads(1)
     import tvlens
     from tvlens.hooks import act_name, run
-    from tvlens.stats import _prompt_chunks, head_means
+    from tvlens.analyses.taskness import _prompt_chunks, head_means
 
     model = tvlens.load_model(source, device="cpu")
     with torch.no_grad():  # warm-up (first-call allocations), not timed

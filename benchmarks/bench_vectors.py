@@ -7,7 +7,7 @@
 naive  = tests/reference_vectors.naive_layer_sweep: for every task and layer, one ``run_with_hooks``
          per prompt batch to extract the vector (full forward), one per batch and split to
          evaluate it on zero-shot prompts; plain forwards for the baselines.
-tvlens = tvlens.vectors.layer_sweep: one extraction pass for all tasks and layers (stops after the
+tvlens = tvlens.vectors.activation.layer_sweep: one extraction pass for all tasks and layers (stops after the
          last layer needed, length-bucketed batches), ICL baseline with last-position logits only,
          zero-shot prompts run once and only the final token recomputed per layer (PatchRunner).
 
@@ -48,7 +48,7 @@ def organism_shaped_checkpoint(out: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tvlens.organism.tokenizer import build_tokenizer
+    from tvlens.organisms.text.tokenizer import build_tokenizer
     from tvlens.tasks import suite_vocabulary
 
     if (out / "config.json").exists():
@@ -78,7 +78,7 @@ def _sides(model, args):
     import torch
 
     from reference_vectors import naive_layer_sweep, naive_patched_scores
-    from tvlens import vectors as V
+    from tvlens.vectors import activation as V
     from tvlens.tasks import resolve_tasks
 
     kw = dict(n_prompts=args.n_prompts, n_shots=args.n_shots, seed=0, splits=("dev", "test"), batch_size=args.batch_size)

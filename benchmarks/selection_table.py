@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     import tvlens
-    from tvlens.selection import DEFAULT_METHODS, compare_selections
+    from tvlens.analyses.selection import DEFAULT_METHODS, compare_selections
 
     t0 = time.time()
     model = tvlens.load_model(args.model)

@@ -4,7 +4,7 @@ ensemble and ICL accuracy — Hendel et al. 2023's Table / Luo et al. 2024's res
     python benchmarks/vectors_table.py [--models organism,organism-natural] [--tasks all]
                                        [--n-prompts 50] [--n-shots 5] [--fv-heads 10] [--out DIR]
 
-Everything comes from tvlens.vectors.layer_sweep (one sweep per vector kind; each measures the
+Everything comes from tvlens.vectors.activation.layer_sweep (one sweep per vector kind; each measures the
 zero-shot and ICL baselines of the same run on the same test queries):
 
 * TV    — Hendel: mean final-separator residual of n-shot prompts with dummy queries, REPLACING the
@@ -65,7 +65,7 @@ def run_model(name: str, args: argparse.Namespace) -> None:
     import torch
 
     import tvlens
-    from tvlens import vectors as V
+    from tvlens.vectors import activation as V
 
     model = tvlens.load_model(name, device=args.device)
     common = dict(n_prompts=args.n_prompts, n_shots=args.n_shots, seed=args.seed, batch_size=args.batch_size)

@@ -143,7 +143,7 @@ rho_all = tvlens.taskness(stats_all)
 rho_all.plot_positions()"""),
     ("md", "## Validation: top-ρ heads vs random heads\n\nTask means of the top-k heads are patched into zero-shot prompts at the final position (random heads: mean of several draws)."),
     ("code", """\
-from tvlens.stats import validate_taskness
+from tvlens.analyses.taskness import validate_taskness
 
 check = validate_taskness(model, rho, stats, ks=(2, 4, 8), n_random=4, n_prompts=16)
 print(check.summary())
@@ -216,7 +216,7 @@ sweep = tvlens.layer_sweep(model, tasks, n_prompts=24, n_shots=5)
 print(sweep.table("task"))
 sweep.plot()"""),
     ("code", """\
-from tvlens.vectors import evaluate_vector
+from tvlens.vectors.activation import evaluate_vector
 
 L = sweep.best_layer
 tv = tvlens.task_vector(model, "country_capital", layer=L, n_prompts=24)
@@ -241,7 +241,7 @@ for layer in range(info.n_layers):
     print(f"function vector added at layer {layer}: accuracy {acc:.2f}")"""),
     ("md", "## Instruction vectors and ensembles"),
     ("code", """\
-from tvlens.vectors import ensemble
+from tvlens.vectors.activation import ensemble
 
 iv = tvlens.instruction_vector(model, "country_capital", layer=L, n_prompts=24)
 both = ensemble([tv, iv])
@@ -249,7 +249,7 @@ for name, vec in [("exemplar (task) vector", tv), ("instruction vector", iv), ("
     print(f"{name:>24}: {evaluate_vector(model, 'country_capital', vec, n_prompts=24):.2f}")"""),
     ("md", "## Arithmetic, and the checks that keep it honest"),
     ("code", """\
-from tvlens.vectors import mean
+from tvlens.vectors.activation import mean
 
 tv_lang = tvlens.task_vector(model, "country_language", layer=L, n_prompts=24)
 mixed = mean([tv, tv_lang])

@@ -31,7 +31,7 @@ def build_tiny_checkpoint(kind: str, out: Path, *, seed: int = 0) -> Path:
     """Save a tiny random ``gpt2`` or GQA ``llama`` checkpoint with the suite tokenizer to ``out``."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    from tvlens.organism.tokenizer import build_tokenizer
+    from tvlens.organisms.text.tokenizer import build_tokenizer
 
     tok = build_tokenizer(vocabulary())
     torch.manual_seed(seed)

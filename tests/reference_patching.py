@@ -1,6 +1,6 @@
 """Slow, obvious activation patching: one ``run_with_hooks`` per site (the TransformerLens way).
 
-These are the references ``tests/test_patching.py`` compares ``tvlens.patching`` against. They
+These are the references ``tests/test_patching.py`` compares ``tvlens.analyses.patching`` against. They
 share no code with it: plain hook functions writing into a clone of the activation.
 """
 

@@ -1,4 +1,4 @@
-"""Slow, obvious reference implementations for tvlens.stats (to be merged into tests/reference.py).
+"""Slow, obvious reference implementations for tvlens.analyses.taskness (to be merged into tests/reference.py).
 
 Everything here uses ``run_with_cache`` on a whole PromptBatch at once, explicit Python loops
 over rows and positions, stacks every sample, and calls ``torch.mean`` / ``torch.var`` — no

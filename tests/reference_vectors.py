@@ -1,10 +1,10 @@
-"""Slow, obvious implementations of tvlens.vectors, for tests and benchmarks to compare against.
+"""Slow, obvious implementations of tvlens.vectors.activation, for tests and benchmarks to compare against.
 
 ``naive_layer_sweep`` is Hendel et al. 2023's sweep written as the plain loop: for every task and
 every layer, extract the task vector with one ``run_with_hooks`` per prompt batch (full forward,
 hook on ``blocks.{L}.hook_resid_pre``), then run the zero-shot prompts of each split with one
 ``run_with_hooks`` per batch that replaces the final position at that layer. Baselines: one plain
-forward per batch. Prompts are built exactly as ``tvlens.vectors.layer_sweep`` documents.
+forward per batch. Prompts are built exactly as ``tvlens.vectors.activation.layer_sweep`` documents.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from tvlens.hooks import act_name
-from tvlens.prompts import icl_prompts
+from tvlens.inputs.text import icl_prompts
 from tvlens.tasks import resolve_tasks
 
 

@@ -124,7 +124,7 @@ def test_taskness_writes_heatmap_and_scores(capsys, tiny_dirs, tmp_path):
     files = assert_written(out, "taskness.html", "taskness.safetensors", "taskness.json")
     assert all(f.parent == out_dir for f in files)
     assert re.search(r"L\dH\d\s+\d", out)  # top heads printed
-    from tvlens.stats import Taskness
+    from tvlens.analyses.taskness import Taskness
 
     rho = Taskness.load(out_dir / "taskness")
     assert tuple(rho.scores.shape) == (2, 4)
@@ -154,7 +154,7 @@ def test_sweep_writes_curve_and_result(capsys, tiny_dirs, tmp_path):
                        "--out", tmp_path)
     assert code == 0
     assert_written(out, "task_vector_sweep.html", "task_vector_sweep.safetensors")
-    from tvlens.vectors import SweepResult
+    from tvlens.vectors.activation import SweepResult
 
     sweep = SweepResult.load(tmp_path / "task_vector_sweep")
     assert sweep.tasks == ("country_capital", "next_letter")

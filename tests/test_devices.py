@@ -49,7 +49,7 @@ def test_load_defaults_to_cuda_and_logits_agree(models):
 
 
 def test_icl_accuracy_agrees(models):
-    from tvlens.prompts import evaluate_icl
+    from tvlens.inputs.text import evaluate_icl
 
     for t in TASKS:
         a, b = (evaluate_icl(m, t, 5, n_prompts=24, seed=0) for m in models)
@@ -57,7 +57,7 @@ def test_icl_accuracy_agrees(models):
 
 
 def test_head_means_and_taskness_agree(models):
-    from tvlens.stats import head_means, taskness
+    from tvlens.analyses.taskness import head_means, taskness
 
     s_cpu, s_gpu = (head_means(m, TASKS, n_prompts=16, seed=0) for m in models)
     assert s_gpu.z_mean.device.type == "cpu"
@@ -68,7 +68,7 @@ def test_head_means_and_taskness_agree(models):
 
 
 def test_logit_lens_agrees(models):
-    from tvlens.lens import logit_lens
+    from tvlens.analyses.lens import logit_lens
 
     a, b = (logit_lens(m, "country_capital", n_prompts=8, seed=0) for m in models)
     _close(a.answer_prob, b.answer_prob, atol=1e-4, what="answer_prob")
@@ -76,7 +76,7 @@ def test_logit_lens_agrees(models):
 
 
 def test_layer_sweep_and_task_vector_agree(models):
-    from tvlens.vectors import layer_sweep, task_vector
+    from tvlens.vectors.activation import layer_sweep, task_vector
 
     a, b = (layer_sweep(m, TASKS, n_prompts=16, seed=0) for m in models)
     assert a.best_layer == b.best_layer
@@ -87,9 +87,9 @@ def test_layer_sweep_and_task_vector_agree(models):
 
 
 def test_patch_heads_and_positions_agree(models):
-    from tvlens.patching import patch_heads, patch_positions
-    from tvlens.prompts import icl_prompts
-    from tvlens.stats import head_means
+    from tvlens.analyses.patching import patch_heads, patch_positions
+    from tvlens.inputs.text import icl_prompts
+    from tvlens.analyses.taskness import head_means
 
     res = []
     for m in models:
@@ -104,7 +104,7 @@ def test_patch_heads_and_positions_agree(models):
 
 
 def test_function_vector_agrees(models):
-    from tvlens.vectors import function_vector
+    from tvlens.vectors.activation import function_vector
 
     a, b = (function_vector(m, "antonym", n_heads=4, n_prompts=8, n_cie_prompts=8, seed=0) for m in models)
     _close(a.cie, b.cie, atol=2e-3, rtol=1e-3, what="cie")
@@ -112,7 +112,7 @@ def test_function_vector_agrees(models):
 
 
 def test_selection_runs_on_cuda_and_agrees(models):
-    from tvlens.selection import reinforce_select, soft_select
+    from tvlens.analyses.selection import reinforce_select, soft_select
 
     a, b = (reinforce_select(m, ["antonym", "country_capital"], steps=3, n_prompts=8, seed=0) for m in models)
     assert b.probabilities.device.type == "cpu"

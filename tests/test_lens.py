@@ -18,9 +18,9 @@ import torch.nn.functional as F
 
 import tvlens
 from tvlens import hooks
-from tvlens.lens import LensResult, Phases, decode, instruction_words, lens_summary, logit_lens
+from tvlens.analyses.lens import LensResult, Phases, decode, instruction_words, lens_summary, logit_lens
 from tvlens.models import ModelInfo
-from tvlens.prompts import TokenClass, icl_prompts
+from tvlens.inputs.text import TokenClass, icl_prompts
 
 TASK = "country_capital"
 

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from tvlens.organism import train as T
-from tvlens.organism.tokenizer import build_tokenizer, default_organism_tokenizer, words_of
+from tvlens.organisms.text import train as T
+from tvlens.organisms.text.tokenizer import build_tokenizer, default_organism_tokenizer, words_of
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +141,7 @@ SAMPLE_TASKS = ("country_capital", "country_currency", "english_french", "french
 @pytest.mark.parametrize("name", ["organism", "organism-natural"])
 def test_shipped_organism_does_icl(name):
     from tvlens.models import load_model, organism_path
-    from tvlens.prompts import evaluate_icl
+    from tvlens.inputs.text import evaluate_icl
 
     if not (organism_path(name) / "model.safetensors").exists():
         pytest.skip(f"{name} checkpoint not shipped yet")
@@ -161,8 +161,8 @@ def test_shipped_organism_has_task_vectors_at_its_tvp_layer():
     dummy-query five-shot prompts) that carry the task, not a generic 'answer now' signal."""
     from tvlens.hooks import act_name
     from tvlens.models import load_model, organism_path
-    from tvlens.organism.check import _first_token_acc, _replace_hook, _separator_states
-    from tvlens.prompts import icl_prompts
+    from tvlens.organisms.text.check import _first_token_acc, _replace_hook, _separator_states
+    from tvlens.inputs.text import icl_prompts
 
     if not (organism_path("organism") / "model.safetensors").exists():
         pytest.skip("organism checkpoint not shipped yet")

@@ -1,4 +1,4 @@
-"""tvlens.patching: the fast sweeps equal the naive one-forward-per-site loop (tests/reference_patching.py)."""
+"""tvlens.analyses.patching: the fast sweeps equal the naive one-forward-per-site loop (tests/reference_patching.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 import reference_patching as ref
 from tvlens.hooks import hook_count
-from tvlens.patching import (
+from tvlens.analyses.patching import (
     Edit,
     PatchResult,
     PatchRunner,
@@ -152,7 +152,7 @@ def test_means_patching_equals_naive(tiny_model, positions):
     want = ref.naive_patch_heads(tiny_model, target, None, positions=positions, metric=ref.prob, means=means)
     torch.testing.assert_close(got.values, want, atol=ATOL, rtol=0)
     assert got.source_value is None and got.meta["source"] == "means"
-    # a HeadStats-like object (z_mean [task, layer, head, d_head], float64 as tvlens.stats stores it)
+    # a HeadStats-like object (z_mean [task, layer, head, d_head], float64 as tvlens.analyses.taskness stores it)
     stats = SimpleNamespace(z_mean=means[None].double(), tasks=("t",), layers=tuple(range(tiny_model.cfg.n_layers)))
     again = patch_heads(tiny_model, target, stats, positions=positions, metric="prob", progress=False)
     torch.testing.assert_close(again.values, got.values, atol=1e-5, rtol=0)
@@ -322,7 +322,7 @@ def _linear_toy(tmp_path_factory):
 
     import tvlens
     from conftest import vocabulary
-    from tvlens.organism.tokenizer import build_tokenizer
+    from tvlens.organisms.text.tokenizer import build_tokenizer
 
     tok = build_tokenizer(vocabulary())
     torch.manual_seed(0)
@@ -461,8 +461,8 @@ def test_result_object(tiny_gpt2, pair_gpt2, tmp_path):
 
 
 def test_with_real_prompt_batch(tiny_gpt2):
-    """PromptBatch from tvlens.prompts: ICL prompts patched into zero-shot prompts of another length."""
-    prompts = pytest.importorskip("tvlens.prompts")
+    """PromptBatch from tvlens.inputs.text: ICL prompts patched into zero-shot prompts of another length."""
+    prompts = pytest.importorskip("tvlens.inputs.text")
     icl = prompts.icl_prompts(tiny_gpt2, "country_capital", n_prompts=4, n_shots=3, seed=0)
     zero = prompts.icl_prompts(tiny_gpt2, "country_capital", n_prompts=4, n_shots=0, seed=0)
     res = patch_heads(tiny_gpt2, zero, icl, metric="logprob", progress=False)

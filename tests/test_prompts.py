@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import tvlens
-from tvlens.prompts import (
+from tvlens.inputs.text import (
     IclAccuracy,
     PromptBatch,
     TokenClass,
@@ -74,7 +74,7 @@ def _bpe_tokenizer():
 
 
 def _word_tokenizer():
-    from tvlens.organism.tokenizer import build_tokenizer
+    from tvlens.organisms.text.tokenizer import build_tokenizer
 
     words = set()
     for t in _all_tasks():

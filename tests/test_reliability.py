@@ -36,7 +36,7 @@ from torch.overrides import TorchFunctionMode
 
 import tvlens
 from tvlens import hooks as hooks_mod
-from tvlens.checkpoint import SweepCheckpoint
+from tvlens.runs.checkpoint import SweepCheckpoint
 from tvlens.hooks import hook_count
 
 TASKS = ["antonym", "country_capital"]
@@ -174,9 +174,9 @@ def boom(*args: Any, **kwargs: Any):
 
 @pytest.fixture(scope="module")
 def env(tiny_gpt2, tiny_llama, tiny_dirs, tmp_path_factory):
-    from tvlens.prompts import icl_prompts
-    from tvlens.stats import head_means
-    from tvlens.vectors import task_vector
+    from tvlens.inputs.text import icl_prompts
+    from tvlens.analyses.taskness import head_means
+    from tvlens.vectors.activation import task_vector
 
     root = tmp_path_factory.mktemp("reliability")
     e = SimpleNamespace(gpt2=tiny_gpt2, llama=tiny_llama, dirs=tiny_dirs, root=root)
@@ -220,12 +220,12 @@ class Bad:
 
 
 def _api():
-    from tvlens.lens import decode, logit_lens
-    from tvlens.patching import attribution_patch_heads, patch_heads, patch_positions
-    from tvlens.prompts import evaluate_icl, icl_prompts
-    from tvlens.selection import compare_selections, reinforce_select, soft_select
-    from tvlens.stats import head_means, taskness
-    from tvlens.vectors import TaskVector, apply_vector, function_vector, instruction_vector, layer_sweep, task_vector
+    from tvlens.analyses.lens import decode, logit_lens
+    from tvlens.analyses.patching import attribution_patch_heads, patch_heads, patch_positions
+    from tvlens.inputs.text import evaluate_icl, icl_prompts
+    from tvlens.analyses.selection import compare_selections, reinforce_select, soft_select
+    from tvlens.analyses.taskness import head_means, taskness
+    from tvlens.vectors.activation import TaskVector, apply_vector, function_vector, instruction_vector, layer_sweep, task_vector
 
     L = lambda e: e.llama  # noqa: E731
     nan64 = torch.full((64,), float("nan"))
@@ -532,7 +532,7 @@ def _real_callback(kind: str, model) -> Callable:
     if kind == "metric":  # (logits [batch, d_vocab], batch) -> [batch]
         return lambda lg, b: lg.float().log_softmax(-1)[torch.arange(len(lg)), b.answer_ids.to(lg.device)]
     if kind == "decoder":  # (resid [n, d_model], layer) -> logits
-        from tvlens.lens import get_decoder
+        from tvlens.analyses.lens import get_decoder
 
         return get_decoder(model, "logit")
     if kind == "reward":  # masks [S, layer, head] -> [S]
@@ -541,12 +541,12 @@ def _real_callback(kind: str, model) -> Callable:
 
 
 def _entry_points():
-    from tvlens.lens import decode, lens_summary, logit_lens
-    from tvlens.patching import attribution_patch_heads, patch_heads, patch_positions
-    from tvlens.prompts import evaluate_icl
-    from tvlens.selection import compare_selections, evaluate_heads, reinforce_select, soft_select
-    from tvlens.stats import head_means, taskness
-    from tvlens.vectors import (apply_vector, evaluate_vector, function_vector, instruction_vector, layer_sweep,
+    from tvlens.analyses.lens import decode, lens_summary, logit_lens
+    from tvlens.analyses.patching import attribution_patch_heads, patch_heads, patch_positions
+    from tvlens.inputs.text import evaluate_icl
+    from tvlens.analyses.selection import compare_selections, evaluate_heads, reinforce_select, soft_select
+    from tvlens.analyses.taskness import head_means, taskness
+    from tvlens.vectors.activation import (apply_vector, evaluate_vector, function_vector, instruction_vector, layer_sweep,
                                 task_vector, vector_applied)
 
     sel = dict(n_prompts=2, n_mean_prompts=2, n_shots=1, progress=False)
@@ -697,7 +697,7 @@ def test_instruments_catch_what_they_guard(env):
 
 def test_selection_training_leaves_weights_untouched(env):
     """Soft selection back-propagates through the frozen model: only its own θ may change."""
-    from tvlens.selection import soft_select
+    from tvlens.analyses.selection import soft_select
 
     m = env.llama
     before = ModelState.of(m)
@@ -719,7 +719,7 @@ def test_every_public_function_is_covered():
 
 def test_users_own_hooks_survive(env):
     """A hook the user attached stays attached (and keeps firing) through tvlens calls and their failures."""
-    from tvlens.patching import patch_heads
+    from tvlens.analyses.patching import patch_heads
 
     m = env.llama
     fired = {"n": 0}
@@ -786,11 +786,11 @@ def _assert_same(a: Any, b: Any, *, exact: bool, what: str) -> None:
 
 
 def _seeded():
-    from tvlens.lens import logit_lens
-    from tvlens.prompts import evaluate_icl, icl_prompts
-    from tvlens.selection import compare_selections, reinforce_select, soft_select
-    from tvlens.stats import head_means, taskness
-    from tvlens.vectors import evaluate_vector, function_vector, instruction_vector, layer_sweep, task_vector
+    from tvlens.analyses.lens import logit_lens
+    from tvlens.inputs.text import evaluate_icl, icl_prompts
+    from tvlens.analyses.selection import compare_selections, reinforce_select, soft_select
+    from tvlens.analyses.taskness import head_means, taskness
+    from tvlens.vectors.activation import evaluate_vector, function_vector, instruction_vector, layer_sweep, task_vector
 
     sel = dict(n_prompts=3, n_mean_prompts=2, n_shots=1, progress=False)
     # name -> fn(model, env, seed, batch_size or None) (None: the default batching)
@@ -842,8 +842,8 @@ def test_results_do_not_depend_on_batch_size(name, env):
 
 
 def _batched():
-    from tvlens.patching import attribution_patch_heads, patch_heads, patch_positions
-    from tvlens.vectors import apply_vector
+    from tvlens.analyses.patching import attribution_patch_heads, patch_heads, patch_positions
+    from tvlens.vectors.activation import apply_vector
 
     return {
         "patch_heads[final]": lambda m, e, b: patch_heads(m, e.tgt, e.src, metric="logprob", batch_size=b,
@@ -872,7 +872,7 @@ def test_unseeded_sweeps_repeat_and_do_not_depend_on_batch_size(name, env):
 
 def test_different_seeds_differ(env):
     """The seed is used (the repeat test is not vacuous)."""
-    from tvlens.prompts import icl_prompts
+    from tvlens.inputs.text import icl_prompts
 
     a = icl_prompts(env.llama, TASK, n_prompts=4, n_shots=2, seed=1).tokens
     b = icl_prompts(env.llama, TASK, n_prompts=4, n_shots=2, seed=2).tokens
@@ -903,7 +903,7 @@ def _live_tensors() -> int:
 
 
 def test_fifty_sweeps_do_not_grow_memory(env):
-    from tvlens.patching import attribution_patch_heads, patch_heads
+    from tvlens.analyses.patching import attribution_patch_heads, patch_heads
 
     m = env.gpt2
     tgt, src = env.gpt2_zs, env.gpt2_zs  # equal shapes; the values do not matter here
@@ -1032,7 +1032,7 @@ def test_interrupted_resave_never_pairs_new_tensors_with_old_metadata(tmp_path, 
 def _patch_by_layer(model, tgt, src, path, *, interrupt_after: int | None = None) -> tuple[torch.Tensor, list[int]]:
     """The caller pattern: a head-patching sweep layer by layer, one checkpoint unit per layer."""
     from tvlens.models import ModelInfo
-    from tvlens.patching import patch_heads
+    from tvlens.analyses.patching import patch_heads
 
     info = ModelInfo.of(model)
     ck = SweepCheckpoint(path, model=model, config={"what": "patch_heads", "metric": "logprob", "n": len(tgt)})
@@ -1047,7 +1047,7 @@ def _patch_by_layer(model, tgt, src, path, *, interrupt_after: int | None = None
 
 
 def test_checkpointed_sweep_resumes_without_recomputing(env, tmp_path):
-    from tvlens.patching import patch_heads
+    from tvlens.analyses.patching import patch_heads
 
     m = env.llama
     full = patch_heads(m, env.tgt, env.src, metric="logprob", progress=False).values
@@ -1080,7 +1080,7 @@ def _interrupt_on_call(monkeypatch, owner, name: str, k: int) -> dict:
 
 @pytest.mark.parametrize("method", ["reinforce_select", "soft_select"])
 def test_selection_checkpoint_resumes_only_remaining_steps(method, env, tmp_path, monkeypatch):
-    from tvlens import selection as sel_mod
+    from tvlens.analyses import selection as sel_mod
 
     fn = getattr(sel_mod, method)
     kw = dict(head_means=env.stats, steps=6, seed=2, n_prompts=2, n_mean_prompts=2, n_shots=1, patience=None,
@@ -1105,7 +1105,7 @@ def test_selection_checkpoint_resumes_only_remaining_steps(method, env, tmp_path
 
 
 def test_patch_heads_checkpoint(env, tmp_path, monkeypatch):
-    from tvlens import patching
+    from tvlens.analyses import patching
 
     if not _supports_checkpoint(patching.patch_heads):
         pytest.xfail("fix request R4: patch_heads(checkpoint=path) not implemented yet")
@@ -1126,7 +1126,7 @@ def test_patch_heads_checkpoint(env, tmp_path, monkeypatch):
 
 
 def test_layer_sweep_checkpoint(env, tmp_path, monkeypatch):
-    from tvlens import vectors
+    from tvlens.vectors import activation as vectors
 
     if not _supports_checkpoint(vectors.layer_sweep):
         pytest.xfail("fix request R5: layer_sweep(checkpoint=path) not implemented yet")

@@ -1,4 +1,4 @@
-"""Tests of tvlens.selection: REINFORCE and soft head selection, the batched masked objective,
+"""Tests of tvlens.analyses.selection: REINFORCE and soft head selection, the batched masked objective,
 Selection storage and the comparison table.
 
 Kept fast: tiny random models (2 layers x 4 heads), a handful of prompts and steps.
@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import tvlens
-from tvlens import selection as sel_mod
+from tvlens.analyses import selection as sel_mod
 from tvlens.hooks import act_name, hook_count, run
-from tvlens.selection import PatchObjective, Selection, compare_selections, evaluate_heads, reinforce_select, soft_select
+from tvlens.analyses.selection import PatchObjective, Selection, compare_selections, evaluate_heads, reinforce_select, soft_select
 
 TASKS = ["antonym", "country_capital"]
 SMALL = dict(n_prompts=4, n_mean_prompts=4, n_shots=2, progress=False)
@@ -307,7 +307,7 @@ def test_compare_selections_structure(tiny_llama, tmp_path):
     assert len(cmp.plot().data) == 6
     assert cmp.to_html(tmp_path / "cmp.html").exists()
     # zero-shot column equals the plain model's first-token accuracy on the same test prompts
-    from tvlens.prompts import first_token_accuracy, icl_prompts
+    from tvlens.inputs.text import first_token_accuracy, icl_prompts
 
     task = tvlens.load_task("antonym")
     batch = icl_prompts(tiny_llama, task, n_prompts=4, n_shots=0, seed=0, split="test")

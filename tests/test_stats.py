@@ -1,4 +1,4 @@
-"""tvlens.stats: streaming head statistics and ρ_token, against the slow reference in reference_stats.py.
+"""tvlens.analyses.taskness: streaming head statistics and ρ_token, against the slow reference in reference_stats.py.
 
 Exactness tests run the tiny models in float64 so that batch composition cannot move a number
 by more than rounding (1e-5 relative is then a strict bound, not a float32 noise allowance).
@@ -13,8 +13,8 @@ import tvlens
 from tvlens import hooks
 from tvlens.hooks import act_name
 from tvlens.models import ModelInfo
-from tvlens.prompts import TokenClass, icl_prompts
-from tvlens.stats import HeadStats, Taskness, head_means, rho_token, taskness, validate_taskness
+from tvlens.inputs.text import TokenClass, icl_prompts
+from tvlens.analyses.taskness import HeadStats, Taskness, head_means, rho_token, taskness, validate_taskness
 
 from reference_stats import moments, rho_from_samples, z_samples
 
@@ -151,7 +151,7 @@ def test_merge_carries_disjoint_tasks(llama64):
 
 
 def test_prompt_chunking_is_merge_of_seeded_chunks(llama64, monkeypatch):
-    import tvlens.stats as st
+    import tvlens.analyses.taskness as st
 
     monkeypatch.setattr(st, "_PROMPT_CHUNK", 4)
     got = head_means(llama64, ["antonym", "first_letter"], n_prompts=10, n_shots=2, seed=3)

@@ -1,13 +1,13 @@
-"""tvlens.vectors (issue 9): task / function / instruction vectors, sweeps, arithmetic, storage."""
+"""tvlens.vectors.activation (issue 9): task / function / instruction vectors, sweeps, arithmetic, storage."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tvlens import vectors as V
+from tvlens.vectors import activation as V
 from tvlens.hooks import act_name, hook_count
-from tvlens.prompts import icl_prompts
+from tvlens.inputs.text import icl_prompts
 
 TASK = "country_capital"
 TASKS = ["country_capital", "antonym"]
@@ -190,7 +190,7 @@ def test_sweep_result_selection_and_outputs(tiny_llama, tmp_path):
 
 
 def test_function_vector_cie_matches_naive_loop(tiny_llama):
-    from tvlens.stats import head_means
+    from tvlens.analyses.taskness import head_means
 
     fv = V.function_vector(tiny_llama, "antonym", n_heads=3, n_prompts=6, n_cie_prompts=4, n_shots=3, seed=0)
     info_l, info_h = tiny_llama.cfg.n_layers, tiny_llama.cfg.n_heads
@@ -375,7 +375,7 @@ def test_hooks_removed_after_exceptions(tiny_llama, monkeypatch):
     finally:
         vars(mlp).pop("forward", None)
     # an exception in the middle of a sweep (inside the patch runner)
-    import tvlens.patching as P
+    import tvlens.analyses.patching as P
 
     def fail(self, *a, **k):
         raise KeyboardInterrupt

@@ -339,7 +339,7 @@ def cmd_tasks(args: argparse.Namespace) -> None:
 
 def cmd_info(args: argparse.Namespace) -> None:
     from .models import ModelInfo
-    from .prompts import evaluate_icl
+    from .inputs.text import evaluate_icl
 
     tasks = _resolve_tasks(args.tasks) if args.tasks else []
     model = _load(args)
@@ -356,7 +356,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_taskness(args: argparse.Namespace) -> None:
-    from .stats import _resolve_positions, head_means, taskness
+    from .analyses.taskness import _resolve_positions, head_means, taskness
 
     out = _check_out(args)
     tasks = _resolve_tasks(args.tasks)
@@ -379,8 +379,8 @@ def cmd_taskness(args: argparse.Namespace) -> None:
 
 
 def cmd_lens(args: argparse.Namespace) -> None:
-    from .lens import lens_summary
-    from .prompts import TokenClass
+    from .analyses.lens import lens_summary
+    from .inputs.text import TokenClass
 
     out = _check_out(args)
     tasks = _resolve_tasks(args.tasks)
@@ -396,7 +396,7 @@ def cmd_lens(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    from .vectors import layer_sweep
+    from .vectors.activation import layer_sweep
 
     out = _check_out(args)
     tasks = _resolve_tasks(args.tasks)
@@ -415,8 +415,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 
 def cmd_fv(args: argparse.Namespace) -> None:
-    from .prompts import evaluate_icl
-    from .vectors import evaluate_vector, function_vector
+    from .inputs.text import evaluate_icl
+    from .vectors.activation import evaluate_vector, function_vector
 
     out = _check_out(args)
     tasks = _resolve_tasks(args.tasks)
@@ -438,9 +438,9 @@ def cmd_fv(args: argparse.Namespace) -> None:
 
 
 def cmd_patch(args: argparse.Namespace) -> None:
-    from .patching import patch_heads
-    from .prompts import icl_prompts
-    from .stats import head_means
+    from .analyses.patching import patch_heads
+    from .inputs.text import icl_prompts
+    from .analyses.taskness import head_means
 
     out = _check_out(args)
     tasks = _resolve_tasks(args.tasks)
@@ -467,7 +467,7 @@ def cmd_patch(args: argparse.Namespace) -> None:
 
 
 def cmd_select(args: argparse.Namespace) -> None:
-    from .selection import METHOD_LABELS, compare_selections
+    from .analyses.selection import METHOD_LABELS, compare_selections
 
     out = _check_out(args)
     tasks = _resolve_tasks(args.tasks)

@@ -36,8 +36,11 @@ import torch
 
 __all__ = ["ModelInfo", "load_model", "model_id", "organism_path", "check_hook_contract", "ORGANISMS"]
 
-#: Names of the model organisms shipped inside the package (see ``tvlens/organism/README.md``).
-ORGANISMS = ("organism", "organism-natural")
+from .organisms import REGISTRY as _ORGANISM_REGISTRY
+from .organisms import organism_path
+
+#: Names of the model organisms shipped inside the package (see :mod:`tvlens.organisms`).
+ORGANISMS = tuple(_ORGANISM_REGISTRY)
 
 _DTYPES = {
     "float32": torch.float32,
@@ -138,13 +141,6 @@ def model_id(model: Any) -> dict[str, str]:
     return {"model": info.name, "config_hash": info.config_hash}
 
 
-def organism_path(name: str = "organism") -> Path:
-    """Directory of a shipped model organism checkpoint."""
-    if name not in ORGANISMS:
-        raise ValueError(f"unknown organism {name!r}: the shipped organisms are {', '.join(ORGANISMS)}")
-    return Path(__file__).parent / "organism" / "checkpoints" / name
-
-
 def _resolve_dtype(dtype: Any) -> torch.dtype:
     if dtype is None:
         return torch.float32
@@ -206,7 +202,8 @@ def _resolve_source(name_or_path: str | os.PathLike) -> tuple[str, bool]:
         if not (path / "config.json").exists():
             raise FileNotFoundError(
                 f"the {name_or_path!r} checkpoint is not shipped in this installation ({path} has no config.json); "
-                f"train it with `python -m tvlens.organism.train --out {path}` or reinstall tvlens"
+                f"train it with `python -m tvlens.organisms.{_ORGANISM_REGISTRY[name_or_path].split('/')[0]}.train --out {path}` "
+                "or reinstall tvlens"
             )
         return str(path), True
     path = Path(name_or_path).expanduser()

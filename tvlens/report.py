@@ -143,7 +143,7 @@ def _fmt_p(x: float) -> str:
 
 
 def _section_taskness(ctx: "_Ctx") -> Section:
-    from .stats import head_means, taskness
+    from .analyses.taskness import head_means, taskness
 
     n = ctx.n("taskness")
     stats = head_means(ctx.model, ctx.tasks, n_prompts=n, n_shots=ctx.n_shots, seed=ctx.seed, progress=ctx.progress)
@@ -173,7 +173,7 @@ def _section_taskness(ctx: "_Ctx") -> Section:
 
 
 def _section_lens(ctx: "_Ctx") -> Section:
-    from .lens import lens_summary
+    from .analyses.lens import lens_summary
     from .plot import line_plot
 
     n = ctx.n("lens")
@@ -210,7 +210,7 @@ def _section_lens(ctx: "_Ctx") -> Section:
 
 
 def _section_sweep(ctx: "_Ctx") -> Section:
-    from .vectors import layer_sweep
+    from .vectors.activation import layer_sweep
 
     n = ctx.n("sweep")
     sweep = layer_sweep(ctx.model, ctx.tasks, n_prompts=n, n_shots=ctx.n_shots, seed=ctx.seed)
@@ -241,10 +241,10 @@ def _section_sweep(ctx: "_Ctx") -> Section:
 def _section_patch(ctx: "_Ctx") -> Section:
     import torch
 
-    from .patching import patch_heads
+    from .analyses.patching import patch_heads
     from .plot import layer_head_heatmap
-    from .prompts import icl_prompts
-    from .stats import head_means
+    from .inputs.text import icl_prompts
+    from .analyses.taskness import head_means
 
     n = ctx.n("patch")
     stats = ctx.stats

@@ -2,7 +2,7 @@
 
 A *task* is a function from inputs to outputs given by examples, ``("france", "paris")``, plus a family,
 an input domain and a one-sentence instruction. Everything tvlens measures is measured on ICL prompts
-built from these pairs (see :mod:`tvlens.prompts`).
+built from these pairs (see :mod:`tvlens.inputs.text`).
 
 The shipped suite (``tvlens/data/tasks/*.json``) has four families, as in Hendel et al. 2023 (*In-Context
 Learning Creates Task Vectors*, §4.1: knowledge, linguistic, translation, algorithmic):

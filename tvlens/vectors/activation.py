@@ -17,7 +17,7 @@ Hendel et al.'s "layer L" is the same thing (the hidden state given to layer L).
 
 **Function vector** (Todd et al. 2024, "Function Vectors in Large Language Models"): the
 task-mean output ``z̄`` of every attention head at the final separator over clean ICL prompts
-(:func:`tvlens.stats.head_means`); each head's causal indirect effect (CIE) is the gain in the
+(:func:`tvlens.analyses.taskness.head_means`); each head's causal indirect effect (CIE) is the gain in the
 probability of the correct answer when ``z̄`` of that head alone is patched, at the final
 position, into prompts whose demonstrations have *shuffled labels*; the function vector is the
 sum of the top-k heads' ``z̄ @ W_O``, *added* to the residual stream of zero-shot prompts.
@@ -34,7 +34,7 @@ after the last of them, and the MLP of the last block a pass runs sees only the 
 (the only one read); prompts of all tasks are pooled into length-sorted batches; in a sweep, each
 ICL prompt is packed with the extraction prompt that shows the same demonstrations (shared prefix,
 tree attention mask), so the demos run once for both; evaluating the vectors at every layer uses
-:class:`tvlens.patching.PatchRunner`, which runs the zero-shot prompts once and recomputes only the
+:class:`tvlens.analyses.patching.PatchRunner`, which runs the zero-shot prompts once and recomputes only the
 final token from the patched layer up, all layers side by side.
 """
 
@@ -55,9 +55,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from . import hooks as _hooks
-from .hooks import act_name
-from .results import ResultMeta, check_same_model, load_result, load_tensors, save_tensors
+from .. import hooks as _hooks
+from ..hooks import act_name
+from ..results import ResultMeta, check_same_model, load_result, load_tensors, save_tensors
 
 __all__ = [
     "TaskVector",
@@ -175,7 +175,7 @@ class TaskVector:
     def from_tensor(cls, model: Any, vector: Tensor, *, layer: int, task: str = "custom", kind: str = "custom",
                     **extra: Any) -> "TaskVector":
         """Wrap a user tensor as a vector of ``model`` at ``layer`` (checks width and layer range)."""
-        from .models import ModelInfo
+        from ..models import ModelInfo
 
         info = ModelInfo.of(model)
         layer = _hooks.check_layer(model, layer)
@@ -193,7 +193,7 @@ class TaskVector:
 
         Returns the layer it will be applied at (``layer`` if given and allowed, else ``self.layer``).
         """
-        from .models import ModelInfo
+        from ..models import ModelInfo
 
         info = ModelInfo.of(model)
         check_same_model(model, self.meta.to_dict(), what=self.describe())
@@ -212,8 +212,8 @@ class TaskVector:
 
     def decode(self, model: Any, top_k: int = 10) -> list[tuple[str, float]]:
         """The vector's top tokens under the logit lens (Hendel et al. 2023: task vectors decode
-        to words that describe the task), via :func:`tvlens.lens.decode`."""
-        from .lens import decode
+        to words that describe the task), via :func:`tvlens.analyses.lens.decode`."""
+        from ..analyses.lens import decode
 
         self.check_model(model, layer=None)
         return decode(model, self.vector, top_k, layer=self.layer)
@@ -296,7 +296,7 @@ class TaskVector:
                       mean_head_outputs=tensors.get("head_outputs"))
         vec = kls(**kw)
         if model is not None:
-            from .models import ModelInfo
+            from ..models import ModelInfo
 
             info = ModelInfo.of(model)
             check_same_model(model, meta.get("meta", {}), what=f"vector file {str(path)!r}")
@@ -344,7 +344,7 @@ class FunctionVector(TaskVector):
 
     def plot(self, *, title: str | None = None) -> Any:
         """Heatmap of the CIE ``[layer, head]`` (shared plot module); the top heads are marked."""
-        from . import plot as _plot
+        from .. import plot as _plot
 
         if self.cie is None:
             raise ValueError("this function vector carries no CIE map (it was built from given heads); nothing to plot")
@@ -357,7 +357,7 @@ class FunctionVector(TaskVector):
         )
 
     def to_html(self, path: str | Path) -> Path:
-        from . import plot as _plot
+        from .. import plot as _plot
 
         return _plot.save_figure(self.plot(), path, png=False)[0]
 
@@ -438,7 +438,7 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
 
 
 def _check_layers(model: Any, layers: Sequence[int] | None) -> list[int]:
-    from .models import ModelInfo
+    from ..models import ModelInfo
 
     n = ModelInfo.of(model).n_layers
     if layers is None:
@@ -452,7 +452,7 @@ def _check_layers(model: Any, layers: Sequence[int] | None) -> list[int]:
 
 
 def _task_obj(task: Any) -> Any:
-    from .prompts import _resolve_task
+    from ..inputs.text import _resolve_task
 
     return _resolve_task(task)
 
@@ -539,7 +539,7 @@ def _final_only_ok(model: Any) -> bool:
     """
     ok = _FINAL_ONLY.get(model)
     if ok is None:
-        from .models import ModelInfo
+        from ..models import ModelInfo
 
         info = ModelInfo.of(model)
         name = f"blocks.{info.n_layers - 1}.ln2.hook_in"
@@ -576,7 +576,7 @@ def _run_rows(
     ``patch_value`` (``[d_model]`` or ``[rows, d_model]``) replaces / is added to the final position
     of ``blocks.{patch_layer}.hook_resid_pre``.  Without logits the pass stops at the last captured layer.
     """
-    from .models import ModelInfo
+    from ..models import ModelInfo
 
     info = ModelInfo.of(model)
     n = len(rows)
@@ -624,7 +624,7 @@ def _extraction_prompts(model: Any, task: Any, *, n_prompts: int, n_shots: int, 
     The demos of prompt ``i`` are those the ICL baseline's prompt ``i`` (same seed, test split)
     shows; only the query differs (a dummy instead of the test query).
     """
-    from .prompts import icl_prompts
+    from ..inputs.text import icl_prompts
 
     return icl_prompts(model, task, n_prompts=n_prompts, n_shots=n_shots, seed=seed, dummy_query=dummy_query, split="test")
 
@@ -704,7 +704,7 @@ def _shared_ok(model: Any) -> bool:
     """Does this model take a 4D attention mask and position ids exactly (checked once per model)?"""
     ok = _SHARED.get(model)
     if ok is None:
-        from .models import ModelInfo
+        from ..models import ModelInfo
 
         info = ModelInfo.of(model)
         ok = False
@@ -741,7 +741,7 @@ def _run_shared(model: Any, pairs: Sequence[tuple[Tensor, Tensor]], layers: Sequ
                 batch_size: int) -> tuple[dict[int, Tensor], Tensor]:
     """For pairs of prompts (a, b) sharing a prefix: the residual entering each block in ``layers``
     at a's last token, and the final-position logits of b — one packed forward per chunk."""
-    from .models import ModelInfo
+    from ..models import ModelInfo
 
     info = ModelInfo.of(model)
     device = _hooks.device_of(model)
@@ -813,7 +813,7 @@ def _extract_with_icl(model: Any, ext: Sequence[Any], icl: Sequence[Any], layers
 
 
 def _make_meta(model: Any, task_names: Sequence[str], seed: int | None, **extra: Any) -> ResultMeta:
-    from .models import ModelInfo
+    from ..models import ModelInfo
 
     return ResultMeta.for_model(model, tasks=tuple(task_names), seed=seed, **_model_extra(ModelInfo.of(model)), **extra)
 
@@ -886,7 +886,7 @@ def instruction_vector(
     separator of prompts ``"<instruction>\\n x →"`` (the task's instruction sentence, no examples),
     averaged over ``n_prompts`` train-split queries ``x``.
     """
-    from .prompts import icl_prompts
+    from ..inputs.text import icl_prompts
 
     n_prompts = _check_int("n_prompts", n_prompts, 1)
     layer = _hooks.check_layer(model, layer)
@@ -938,7 +938,7 @@ def mean(vectors: Sequence[TaskVector]) -> TaskVector:
 
 
 def _as_rows(prompts: Any, attention_mask: Tensor | None) -> tuple[list[Tensor], Any]:
-    from .prompts import PromptBatch
+    from ..inputs.text import PromptBatch
 
     if isinstance(prompts, PromptBatch):
         return _rows_of(prompts), prompts
@@ -1029,7 +1029,7 @@ def evaluate_vector(
 ) -> float:
     """First-token accuracy of zero-shot prompts ``"x →"`` of ``task`` (up to ``n_prompts`` distinct
     queries from ``split``) with ``vector`` applied (see :func:`apply_vector`). Hendel et al. 2023's "task vector" accuracy."""
-    from .prompts import first_token_accuracy
+    from ..inputs.text import first_token_accuracy
 
     if not isinstance(vector, TaskVector):
         raise TypeError(f"vector must be a TaskVector, got {type(vector).__name__}")
@@ -1075,9 +1075,9 @@ def _grid_eval(
     zero-shot baseline).
 
     The prompts of all batches are pooled and grouped by length (no padding: no attention mask);
-    each group is one :class:`~tvlens.patching.PatchRunner`: the prompts run once, then only the
+    each group is one :class:`~tvlens.analyses.patching.PatchRunner`: the prompts run once, then only the
     final token is recomputed from each column's layer up, every column side by side."""
-    from .patching import PatchRunner, add_resid, replace_resid
+    from ..analyses.patching import PatchRunner, add_resid, replace_resid
 
     pad = _pad_id(model)
     rows: list[Tensor] = []
@@ -1257,7 +1257,7 @@ class SweepResult:
 
     def plot(self, *, title: str | None = None) -> Any:
         """Mean accuracy vs layer on each split, with dashed zero-shot and ICL baselines (report split)."""
-        from . import plot as _plot
+        from .. import plot as _plot
 
         series = {f"{self.kind} vector ({sp})": self.curve(sp).tolist() for sp in self.splits}
         s = self._split_index(self.report_split)
@@ -1271,7 +1271,7 @@ class SweepResult:
 
     def to_html(self, path: str | Path) -> Path:
         """A standalone HTML page: the plot and the per-family and per-task tables."""
-        from .results import atomic_write_text
+        from ..results import atomic_write_text
 
         fig = self.plot()
         body = fig.to_html(include_plotlyjs=True, full_html=False)
@@ -1320,7 +1320,7 @@ class SweepResult:
 
 def _zero_shot_prompts(model: Any, task: Any, split: str, n_prompts: int, seed: int) -> Any:
     """Zero-shot prompts ``"x →"`` for distinct queries of ``split`` (at most ``n_prompts``)."""
-    from .prompts import icl_prompts
+    from ..inputs.text import icl_prompts
 
     n = min(n_prompts, len({x for x, _ in task.split(split)}))
     return icl_prompts(model, task, n_prompts=max(1, n), n_shots=0, seed=seed, split=split)
@@ -1350,7 +1350,7 @@ def layer_sweep(
     Per task: ``n_prompts`` ``n_shots``-shot prompts with dummy queries give the task vector at every
     layer (one pass, all layers hooked); zero-shot prompts of each split in ``splits`` (up to
     ``n_prompts`` distinct queries) are run once, and the final token is recomputed with the
-    vector patched at each layer (:class:`tvlens.patching.PatchRunner`: exact, and no prefix is
+    vector patched at each layer (:class:`tvlens.analyses.patching.PatchRunner`: exact, and no prefix is
     recomputed); ICL accuracy is measured with ``n_shots`` demonstrations on the same queries as the
     report split's (``splits[-1]``) zero-shot prompts, so zero-shot, task-vector and ICL accuracies
     are paired, as in Hendel's tables. The best layer is chosen on ``splits[0]``.
@@ -1364,14 +1364,14 @@ def layer_sweep(
     each layer (the task-specific part; needs >= 2 tasks).
     All prompts are built (and their errors raised) before any forward pass.
 
-    ``checkpoint``: a file (:class:`tvlens.checkpoint.SweepCheckpoint`) where each task's vectors and
+    ``checkpoint``: a file (:class:`tvlens.runs.checkpoint.SweepCheckpoint`) where each task's vectors and
     ICL baseline, then each task's layer grid, are written atomically as they finish; re-run with
     the same arguments after an interruption, the sweep computes only the unfinished tasks. A file
     from another model or configuration is refused before any forward pass. (Tasks then run one at
     a time instead of batched together: equal to float rounding.)
     """
-    from .prompts import icl_prompts
-    from .tasks import resolve_tasks
+    from ..inputs.text import icl_prompts
+    from ..tasks import resolve_tasks
 
     t0 = time.perf_counter()
     n_prompts = _check_int("n_prompts", n_prompts, 1)
@@ -1405,7 +1405,7 @@ def layer_sweep(
     T, S, L = len(task_list), len(splits), len(ls)
     ck = None
     if checkpoint is not None:  # opened before any forward: a mismatched file is refused before work
-        from .checkpoint import SweepCheckpoint
+        from ..runs.checkpoint import SweepCheckpoint
 
         ck = SweepCheckpoint(checkpoint, model=model, config=dict(
             what="layer_sweep", tasks=[t.name for t in task_list], n_prompts=n_prompts, n_shots=n_shots, mode=mode,
@@ -1497,10 +1497,10 @@ def function_vector(
     """Todd et al. 2024's function vector of ``task``.
 
     1. Task-mean head outputs ``z̄[l, h]`` at the final separator over ``n_prompts`` clean
-       ``n_shots``-shot prompts (train-split queries), from :func:`tvlens.stats.head_means`.
+       ``n_shots``-shot prompts (train-split queries), from :func:`tvlens.analyses.taskness.head_means`.
     2. CIE of each head: mean over ``n_cie_prompts`` shuffled-label ``n_shots``-shot prompts of
        ``p(answer | z̄[l, h] patched at the final position) - p(answer)``, by
-       :func:`tvlens.patching.patch_heads` (exact, one target pass + final-token recompute).
+       :func:`tvlens.analyses.patching.patch_heads` (exact, one target pass + final-token recompute).
     3. FV = ``sum over the top n_heads heads of z̄[l, h] @ W_O[l, h]`` (``heads`` skips 2 and uses
        the given ``(layer, head)`` list, e.g. heads chosen by the average CIE over many tasks).
 
@@ -1508,10 +1508,10 @@ def function_vector(
     "about a third of the way in" — and is only the default: a function vector may be applied at
     any layer (``apply_vector(..., layer=l)``).
     """
-    from .models import ModelInfo
-    from .patching import patch_heads
-    from .prompts import icl_prompts
-    from .stats import head_means
+    from ..models import ModelInfo
+    from ..analyses.patching import patch_heads
+    from ..inputs.text import icl_prompts
+    from ..analyses.taskness import head_means
 
     info = ModelInfo.of(model)
     n_heads = _check_int("n_heads", n_heads, 1)

@@ -1,12 +1,12 @@
 """Train the tvlens model organism: a small Llama-shaped transformer that does in-context task
 inference on the tvlens task suite.
 
-    python -m tvlens.organism.train --out DIR [--seed S] [--tvp-layer L | --no-tvp]
+    python -m tvlens.organisms.text.train --out DIR [--seed S] [--tvp-layer L | --no-tvp]
                                     [--icl-steps N] [--extra-steps M] [--minutes X] [--micro]
 
 Two phases, both on sequences in exactly the tvlens prompt format
 (``<bos> [instruction \\n] x1 → y1 \\n ... xk → yk \\n q → y``, 0–8 shots, see
-:mod:`tvlens.prompts`), with the cross-entropy of *every* answer token (all shots), so the model
+:mod:`tvlens.inputs.text`), with the cross-entropy of *every* answer token (all shots), so the model
 learns every shot count; some prompts carry the task's instruction sentence before the examples
 or instead of them (Luo et al.'s instruction vectors have something to find):
 
@@ -55,7 +55,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tvlens.organism.tokenizer import NEWLINE, SEPARATOR, build_tokenizer, words_of
+from tvlens.organisms.text.tokenizer import NEWLINE, SEPARATOR, build_tokenizer, words_of
 
 __all__ = ["ModelShape", "TrainConfig", "EpisodeSampler", "build_model", "train", "main", "MICRO"]
 
@@ -399,7 +399,7 @@ def _resolve_tasks(cfg: TrainConfig, micro: bool = False):
 
 
 def _organism_tokenizer():
-    from tvlens.organism.tokenizer import default_organism_tokenizer
+    from tvlens.organisms.text.tokenizer import default_organism_tokenizer
 
     return default_organism_tokenizer()
 
@@ -643,7 +643,7 @@ def save(model, tokenizer, out: str | Path, log: dict) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tvlens.organism.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tvlens.organisms.text.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory (HF checkpoint + tokenizer + training_log.json)")
     p.add_argument("--seed", type=int, default=0)
     g = p.add_mutually_exclusive_group()

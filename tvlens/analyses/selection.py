@@ -24,15 +24,15 @@ the final boolean mask, the reward curve and metadata; ``.heads()``, ``.plot()``
 ``.save()`` / ``.load()`` (refusing a different model).
 
 Patching rule everywhere in this module: only the final position (the final separator ``→``,
-index −1 of the left-padded :class:`~tvlens.prompts.PromptBatch`) is changed, and only in
+index −1 of the left-padded :class:`~tvlens.inputs.text.PromptBatch`) is changed, and only in
 ``blocks.{l}.attn.hook_z`` (the head's output before ``W_O``), with ``torch.lerp(z, mean, w)``
 — exact replacement for ``w = 1``, untouched for ``w = 0``.
 """
 
 from __future__ import annotations
 
-from .tasks import task_name as _task_name
-from .results import tensor_digest as _tensor_digest
+from ..tasks import task_name as _task_name
+from ..results import tensor_digest as _tensor_digest
 import hashlib
 import io
 import math
@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 METRICS = ("logprob", "accuracy")
-#: "patching": tvlens.patching.PatchRunner (prompts run once, only the final token recomputed per
+#: "patching": tvlens.analyses.patching.PatchRunner (prompts run once, only the final token recomputed per
 #: weighting); "hooks": one hooked full forward over weightings x prompts; "auto": patching if present.
 ENGINES = ("auto", "patching", "hooks")
 BASELINES = ("mean", "loo", "ema", "none")
@@ -96,7 +96,7 @@ def _resolve_tasks(tasks: Any) -> list[Any]:
     """Task names / Task objects / spec string -> list of Task objects (validated, no forward)."""
     if tasks is None:
         raise ValueError("no tasks given; pass task names (e.g. ['country_capital', 'antonym']), 'family:knowledge' or 'all'")
-    from .tasks import resolve_tasks
+    from ..tasks import resolve_tasks
 
     if isinstance(tasks, str) or not isinstance(tasks, Sequence):
         tasks = [tasks]
@@ -148,8 +148,8 @@ class PatchObjective:
     first-token accuracy) is read at the final position. Two engines give the same numbers
     (tested against a one-mask-at-a-time loop to 1e-4):
 
-    - ``"patching"`` (default when :mod:`tvlens.patching` is present): a
-      :class:`~tvlens.patching.PatchRunner` runs the ``N`` prompts once and caches every layer's
+    - ``"patching"`` (default when :mod:`tvlens.analyses.patching` is present): a
+      :class:`~tvlens.analyses.patching.PatchRunner` runs the ``N`` prompts once and caches every layer's
       keys / values; each weighting is one *column* whose final token alone is recomputed (columns
       ride along the sequence axis against the shared prefix), so a REINFORCE step of ``S`` masks
       costs ``S·N`` single-token passes — ~5× faster than full forwards on the organism;
@@ -173,8 +173,8 @@ class PatchObjective:
         token_budget: int = DEFAULT_TOKEN_BUDGET,
         engine: str = "auto",
     ) -> None:
-        from .hooks import device_of
-        from .models import ModelInfo
+        from ..hooks import device_of
+        from ..models import ModelInfo
 
         info = ModelInfo.of(model)
         if means.ndim != 4 or tuple(means.shape[1:]) != (info.n_layers, info.n_heads, info.d_head):
@@ -219,7 +219,7 @@ class PatchObjective:
     ) -> "PatchObjective":
         """Zero-shot prompts (``n_shots=0``) of each task from ``split``: ``n_prompts`` distinct
         queries per task (all of the split when ``None`` or when the split is smaller)."""
-        from .prompts import _pad_id, _tokenizer_of, icl_prompts
+        from ..inputs.text import _pad_id, _tokenizer_of, icl_prompts
 
         batches = []
         for task in tasks:
@@ -242,7 +242,7 @@ class PatchObjective:
     def _forward_last(self, tokens: Tensor, mask: Tensor, hooks: list) -> Tensor:
         """Logits at the final position [rows, d_vocab]; only the last position is unembedded when
         the model supports ``logits_to_keep`` (HF models through the TL 4 bridge)."""
-        from .hooks import run
+        from ..hooks import run
 
         if self._logits_to_keep is not False:
             try:
@@ -258,7 +258,7 @@ class PatchObjective:
 
     def _hooks(self, weights: Tensor, rows: Tensor) -> list:
         """hook_z patches for weights [s, layer, head] applied to prompt rows ``rows`` (repeated s times)."""
-        from .hooks import act_name
+        from ..hooks import act_name
 
         s = weights.shape[0]
         n = rows.numel()
@@ -308,7 +308,7 @@ class PatchObjective:
         return weights.to(self.device)
 
     def _get_runner(self) -> Any:
-        """The shared :class:`tvlens.patching.PatchRunner` over all prompts (None: use the hooks engine)."""
+        """The shared :class:`tvlens.analyses.patching.PatchRunner` over all prompts (None: use the hooks engine)."""
         if self.engine == "hooks":
             return None
         if self._runner is None:
@@ -465,7 +465,7 @@ class Selection:
 
     def plot(self, transpose: bool = False):
         """Layers × heads heatmap of the probabilities / α; selected heads marked with ●."""
-        from .plot import layer_head_heatmap
+        from ..plot import layer_head_heatmap
 
         text = [["●" if bool(m) else "" for m in row] for row in self.mask.tolist()]
         values = self.probabilities.float()
@@ -476,7 +476,7 @@ class Selection:
 
     def plot_rewards(self):
         """The training curve (reward per step)."""
-        from .plot import line_plot
+        from ..plot import line_plot
 
         ylabel = "mean log p(answer)" if self.meta.extra.get("metric", "logprob") == "logprob" else "accuracy"
         return line_plot(list(range(self.rewards.numel())), {self.method: self.rewards.float()}, title=f"{self.method} reward per step",
@@ -484,7 +484,7 @@ class Selection:
 
     def to_html(self, path: str | Path) -> Path:
         """Standalone HTML of :meth:`plot`."""
-        from .plot import save_figure
+        from ..plot import save_figure
 
         written = save_figure(self.plot(), Path(path), png=False)
         return written[0]
@@ -492,7 +492,7 @@ class Selection:
     # ---- storage ----
     def save(self, path: str | Path) -> Path:
         """Save to ``<path>.safetensors`` + ``<path>.json`` (atomic)."""
-        from .results import save_tensors
+        from ..results import save_tensors
 
         tensors = {"probabilities": self.probabilities.float(), "mask": self.mask.to(torch.uint8),
                    "rewards": self.rewards.float()}
@@ -504,11 +504,11 @@ class Selection:
     @classmethod
     def load(cls, path: str | Path, model: Any = None) -> "Selection":
         """Load what :meth:`save` wrote; with ``model``, refuse a file made with another model."""
-        from .results import ResultMeta, load_result
+        from ..results import ResultMeta, load_result
 
         tensors, meta = load_result(path, "Selection", model=model, what="selection")
         if model is not None:
-            from .models import ModelInfo
+            from ..models import ModelInfo
 
             info = ModelInfo.of(model)
             if tuple(tensors["mask"].shape) != (info.n_layers, info.n_heads):
@@ -524,11 +524,11 @@ class Selection:
                  n_prompts: int | None = None, seed: int = 0, engine: str = "auto") -> Float[Tensor, " task"]:
         """Score this selection (:attr:`weights` patched with its own ``head_means``) on ``tasks``
         (default: the tasks it was made for) — first-token accuracy on the test split by default."""
-        from .results import check_same_model
+        from ..results import check_same_model
 
         check_same_model(model, self.meta.to_dict(), what="selection")
         if self.head_means is None:
-            raise ValueError("this selection carries no head means; use tvlens.selection.evaluate_heads(model, tasks, "
+            raise ValueError("this selection carries no head means; use tvlens.analyses.selection.evaluate_heads(model, tasks, "
                              "selection, head_means=...)")
         task_list = _resolve_tasks(list(self.tasks) if tasks is None else tasks)
         missing = [t.name for t in task_list if t.name not in self.tasks]
@@ -544,9 +544,9 @@ class Selection:
     def from_heads(cls, model: Any, heads: Sequence[tuple[int, int]], *, method: str = "manual", tasks: Sequence[str] = (),
                    head_means: Tensor | None = None, **extra: Any) -> "Selection":
         """A fixed set of heads as a Selection (probability 1 on the set, 0 elsewhere)."""
-        from .hooks import check_head, check_layer
-        from .models import ModelInfo
-        from .results import ResultMeta
+        from ..hooks import check_head, check_layer
+        from ..models import ModelInfo
+        from ..results import ResultMeta
 
         info = ModelInfo.of(model)
         mask = torch.zeros(info.n_layers, info.n_heads, dtype=torch.bool)
@@ -563,12 +563,12 @@ class Selection:
 
 def _means_for(model: Any, tasks: Sequence[Any], head_means: Any, *, n_prompts: int, n_shots: int, seed: int) -> Tensor:
     """[task, layer, head, d_head] task-mean z at the final separator of ``n_shots``-shot prompts."""
-    from .models import ModelInfo
+    from ..models import ModelInfo
 
     info = ModelInfo.of(model)
     names = [t.name for t in tasks]
     if head_means is None:
-        from .stats import head_means as compute
+        from .taskness import head_means as compute
 
         # queries from the train split, so the held-out test queries never feed the means
         head_means = compute(model, list(tasks), n_prompts=n_prompts, n_shots=n_shots, positions="separator", seed=seed,
@@ -644,7 +644,7 @@ class _Plateau:
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
-    from .results import atomic_write_bytes
+    from ..results import atomic_write_bytes
 
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -672,7 +672,7 @@ def _load_checkpoint(path: Path, model_hash: str, config: dict) -> dict | None:
         state = torch.load(path, map_location="cpu", weights_only=True)  # tensors, numbers, strings: no pickled code
     except Exception as err:
         raise ValueError(f"checkpoint {str(path)!r} cannot be read ({type(err).__name__}: {err}); delete it to start afresh") from err
-    if not isinstance(state, dict) or state.get("kind") != "tvlens.selection.checkpoint":
+    if not isinstance(state, dict) or state.get("kind") != "tvlens.analyses.selection.checkpoint":
         raise ValueError(f"{str(path)!r} is not a tvlens selection checkpoint; pass another checkpoint= path")
     if state.get("config_hash") != model_hash:
         raise ValueError(
@@ -758,8 +758,8 @@ def reinforce_select(
         the per-step mean reward; ``meta.extra`` holds the settings and ``final_reward``, the reward
         of the final mask.
     """
-    from .models import ModelInfo
-    from .results import ResultMeta
+    from ..models import ModelInfo
+    from ..results import ResultMeta
 
     info = ModelInfo.of(model)
     steps = _check_int("steps", steps, 1)
@@ -783,7 +783,7 @@ def reinforce_select(
     if reward_fn is not None and not callable(reward_fn):
         raise TypeError("reward_fn must be a function masks [S, layer, head] -> rewards [S]")
     if checkpoint is not None:
-        from .results import check_writable
+        from ..results import check_writable
 
         checkpoint = check_writable(Path(checkpoint))
 
@@ -828,7 +828,7 @@ def reinforce_select(
         start, done = int(state["step"]), bool(state["done"])
 
     def snapshot(step: int, finished: bool) -> dict:
-        return {"kind": "tvlens.selection.checkpoint", "config_hash": info.config_hash, "config": config,
+        return {"kind": "tvlens.analyses.selection.checkpoint", "config_hash": info.config_hash, "config": config,
                 "theta": theta.detach().clone(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
                 "curve": list(curve), "plateau": stopper.state(), "ema_baseline": ema_baseline, "step": step,
                 "done": finished}
@@ -923,8 +923,8 @@ def soft_select(
     Returns a :class:`Selection` (``method="soft"``) with ``probabilities`` = α, mask ``α > threshold``,
     and the mean answer log-prob per step as the reward curve.
     """
-    from .models import ModelInfo
-    from .results import ResultMeta
+    from ..models import ModelInfo
+    from ..results import ResultMeta
 
     info = ModelInfo.of(model)
     steps = _check_int("steps", steps, 1)
@@ -940,7 +940,7 @@ def soft_select(
     if patience is not None:
         patience = _check_int("patience", patience, 1)
     if checkpoint is not None:
-        from .results import check_writable
+        from ..results import check_writable
 
         checkpoint = check_writable(Path(checkpoint))
     task_list = _resolve_tasks(tasks)
@@ -965,7 +965,7 @@ def soft_select(
         start, done = int(state["step"]), bool(state["done"])
 
     def snapshot(step: int, finished: bool) -> dict:
-        return {"kind": "tvlens.selection.checkpoint", "config_hash": info.config_hash, "config": config,
+        return {"kind": "tvlens.analyses.selection.checkpoint", "config_hash": info.config_hash, "config": config,
                 "theta": theta.detach().clone(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
                 "curve": list(curve), "plateau": stopper.state(), "ema_baseline": None, "step": step, "done": finished}
 
@@ -1139,7 +1139,7 @@ class Comparison:
 
     def plot(self):
         """Grouped bar plot: one group per family (and the mean), one bar per method."""
-        from .plot import bar_plot
+        from ..plot import bar_plot
 
         fam = self.family_accuracy()
         labels = [*self.family_names, "mean"]
@@ -1160,7 +1160,7 @@ class Comparison:
 
     def to_html(self, path: str | Path) -> Path:
         """One standalone HTML page: the bar plot, the tables and every selection heatmap."""
-        from .results import atomic_write_text
+        from ..results import atomic_write_text
 
         figs = [self.plot(), *self.heatmaps().values()]
         parts = [f"<h2>{_html_escape(repr(self))}</h2>",
@@ -1221,15 +1221,15 @@ def _given_selection(given: Any, group: str, tasks: Sequence[Any]) -> Selection 
 
 
 def _cie_scores(model: Any, task: Any, *, seed: int, k: int, **kw: Any) -> Tensor:
-    """CIE [layer, head] of Todd et al. 2024 from :func:`tvlens.vectors.function_vector`."""
-    from .vectors import function_vector
+    """CIE [layer, head] of Todd et al. 2024 from :func:`tvlens.vectors.activation.function_vector`."""
+    from ..vectors.activation import function_vector
 
     fv = function_vector(model, task, n_heads=k, seed=seed, **kw)
     for attr in ("cie", "cie_scores", "indirect_effect"):
         val = getattr(fv, attr, None)
         if isinstance(val, Tensor):
             return val.detach().float().cpu().reshape(val.shape[-2], val.shape[-1]) if val.ndim == 2 else val.detach().float().cpu().mean(0)
-    raise AttributeError("tvlens.vectors.FunctionVector has no CIE tensor (looked for .cie); cannot rank heads by CIE")
+    raise AttributeError("tvlens.vectors.activation.FunctionVector has no CIE tensor (looked for .cie); cannot rank heads by CIE")
 
 
 def _topk_heads(scores: Tensor, k: int) -> list[tuple[int, int]]:
@@ -1269,7 +1269,7 @@ def compare_selections(
     - ``zero_shot``: nothing patched; ``icl``: ``n_shots``-shot prompts, nothing patched;
     - ``rho_topk``: the ``k`` heads of highest ρ_token (Hojel et al. 2024) over **all** ``tasks``;
     - ``cie_topk``: the ``k`` heads of highest causal indirect effect (Todd et al. 2024, via
-      :func:`tvlens.vectors.function_vector`), averaged over the group's tasks;
+      :func:`tvlens.vectors.activation.function_vector`), averaged over the group's tasks;
     - ``reinforce`` / ``soft``: :func:`reinforce_select` / :func:`soft_select` trained on the
       group's tasks (train split), or the ones passed in ``selections``; soft patches with its α;
     - ``random_k``: ``k`` random heads, mean over ``n_random`` draws (``torch.Generator(seed)``).
@@ -1281,9 +1281,9 @@ def compare_selections(
     (family / task / ``"all"``) -> Selection; names other than ``reinforce`` / ``soft`` add columns.
     ``reinforce_kw`` / ``soft_kw`` / ``cie_kw`` are passed to the respective functions.
     """
-    from .models import ModelInfo
-    from .prompts import evaluate_prompts, icl_prompts
-    from .results import ResultMeta
+    from ..models import ModelInfo
+    from ..inputs.text import evaluate_prompts, icl_prompts
+    from ..results import ResultMeta
 
     info = ModelInfo.of(model)
     task_list = _resolve_tasks(tasks)
@@ -1306,7 +1306,7 @@ def compare_selections(
     # task means, shared by every method (ρ needs the variances too)
     stats = head_means
     if stats is None:
-        from .stats import head_means as compute
+        from .taskness import head_means as compute
 
         stats = compute(model, task_list, n_prompts=n_mean_prompts, n_shots=n_shots, positions="separator", seed=seed,
                         split="train", progress=progress)
@@ -1320,7 +1320,7 @@ def compare_selections(
         elif len(task_list) < 2:
             notes.append("ρ top-k skipped: ρ_token compares tasks and needs at least 2")
         else:
-            from .stats import taskness
+            from .taskness import taskness
 
             rho = taskness(stats.select([t.name for t in task_list]) if hasattr(stats, "select") else stats).scores.float()
 

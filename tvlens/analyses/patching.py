@@ -82,9 +82,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from . import hooks as _hooks
-from .hooks import act_name
-from .results import tensor_digest as _digest
+from .. import hooks as _hooks
+from ..hooks import act_name
+from ..results import tensor_digest as _digest
 
 __all__ = [
     "PatchResult",
@@ -411,7 +411,7 @@ def _normalize_edits(edits: Iterable[Edit], info: Any, n_columns: int | None, n_
     edits = list(edits)
     for e in edits:
         if not isinstance(e, Edit):
-            raise TypeError(f"edits must be tvlens.patching.Edit objects, got {type(e).__name__}")
+            raise TypeError(f"edits must be tvlens.analyses.patching.Edit objects, got {type(e).__name__}")
         if e.hook not in _UNIT:
             raise ValueError(f"unknown hook {e.hook!r} for an Edit; use one of {', '.join(_UNIT)}")
         if not -info.n_layers <= int(e.layer) < info.n_layers:
@@ -558,7 +558,7 @@ class PatchRunner:
     """
 
     def __init__(self, model: Any, target: Any, *, fast: bool | Literal["auto"] = "auto"):
-        from .models import ModelInfo
+        from ..models import ModelInfo
 
         self.model = model
         self.info = ModelInfo.of(model)
@@ -727,8 +727,8 @@ class PatchRunner:
         if problem is None:
             return True
         if self._fast_setting is True:
-            raise RuntimeError(f"tvlens.patching fast path unavailable for this model: {problem}")
-        warnings.warn(f"tvlens.patching: fast recompute unavailable for this model ({problem}); using one full "
+            raise RuntimeError(f"tvlens.analyses.patching fast path unavailable for this model: {problem}")
+        warnings.warn(f"tvlens.analyses.patching: fast recompute unavailable for this model ({problem}); using one full "
                       "forward per site instead (exact, slower)", RuntimeWarning, stacklevel=4)
         return False
 
@@ -1098,7 +1098,7 @@ class PatchResult:
 
         ``[layer, head, pos]`` results show one position (``pos``, default the final one).
         """
-        from . import plot as _plot
+        from .. import plot as _plot
 
         eff = self.effect
         label = ("normalised " if self.normalized else "Δ ") + self.metric
@@ -1116,13 +1116,13 @@ class PatchResult:
 
     def to_html(self, path: str | Path, **plot_kw: Any) -> Path:
         """Write :meth:`plot` as a standalone HTML file; returns its path."""
-        from . import plot as _plot
+        from .. import plot as _plot
 
         return _plot.save_figure(self.plot(**plot_kw), path, png=False)[0]
 
     def save(self, path: str | Path) -> Path:
         """Write ``<path>.safetensors`` + ``<path>.json`` (atomic); returns the tensor file's path."""
-        from .results import save_tensors, version
+        from ..results import save_tensors, version
 
         tensors = {"values": self.values}
         for name in ("per_prompt", "exact"):
@@ -1137,7 +1137,7 @@ class PatchResult:
     @classmethod
     def load(cls, path: str | Path, model: Any = None) -> "PatchResult":
         """Read a result written by :meth:`save`; with ``model``, refuse one made with a different model."""
-        from .results import load_result
+        from ..results import load_result
 
         tensors, meta = load_result(path, "PatchResult", model=model, what="patching result")
         return cls(values=tensors["values"], dims=tuple(meta["dims"]), metric=meta["metric"],
@@ -1269,7 +1269,7 @@ def _finish(values: Tensor, per_prompt: Tensor, dims: tuple[str, ...], metric: A
 
 def _meta(model: Any, **extra: Any) -> dict:
     try:
-        from .models import model_id
+        from ..models import model_id
 
         mid = model_id(model)
     except Exception:  # pragma: no cover - a model without the foundation's fingerprint
@@ -1331,7 +1331,7 @@ def patch_heads(
             chunk (default 512 MiB on CPU); ``progress``: tqdm bar on multi-chunk sweeps.
         fast: ``"auto"`` uses the cached recompute (exact) and falls back to one forward per site
             if the model does not support it; ``False`` forces the naive loop.
-        checkpoint: a file (:class:`tvlens.checkpoint.SweepCheckpoint`) where every finished
+        checkpoint: a file (:class:`tvlens.runs.checkpoint.SweepCheckpoint`) where every finished
             (prompt group, position, layer) is written atomically; an interrupted sweep re-run with
             the same arguments computes only the unfinished units. A file from another model or
             another configuration is refused before any work. (A metric *function* is identified
@@ -1340,7 +1340,7 @@ def patch_heads(
     Returns a :class:`PatchResult`.  Equal to the naive loop (one ``run_with_hooks`` per site) to
     float rounding, ≥ 20× faster at the final position on a GPT-2-small shape (benchmarks/bench_patching.py).
     """
-    from .models import ModelInfo
+    from ..models import ModelInfo
 
     info = ModelInfo.of(model)
     _check_choice("positions", positions, ("final", "all", "each"))
@@ -1376,7 +1376,7 @@ def patch_heads(
     per_prompt_chunks, tvals, svals = [], [], []
     ck = None
     if checkpoint is not None:  # opened before any forward: a mismatched file is refused before work
-        from .checkpoint import SweepCheckpoint
+        from ..runs.checkpoint import SweepCheckpoint
 
         ck = SweepCheckpoint(checkpoint, model=model, config=dict(
             what="patch_heads", positions=positions, metric=_metric_name(metric), component=component,
@@ -1483,7 +1483,7 @@ def patch_positions(
     shape (positions are paired index by index; tvlens batches are left-padded so the final
     separator lines up).  Each site recomputes only positions ``>= pos`` from its layer on.
     """
-    from .models import ModelInfo
+    from ..models import ModelInfo
 
     info = ModelInfo.of(model)
     allowed = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
@@ -1566,7 +1566,7 @@ def attribution_patch_heads(
     ``correlation`` between estimate and exact effect over those sites.  The metric must be
     differentiable (``accuracy`` is not).
     """
-    from .models import ModelInfo
+    from ..models import ModelInfo
 
     info = ModelInfo.of(model)
     _check_choice("positions", positions, ("final", "all", "each"))
@@ -1676,7 +1676,7 @@ def _exact_subset(model: Any, tgt: _Prompts, source: Any, positions: str, p: int
     """Exact patched metric (prompt mean) for a few sites at one position mode."""
     if positions == "each":
         # one position only: patch it with the suffix engine
-        from .models import ModelInfo
+        from ..models import ModelInfo
 
         info = ModelInfo.of(model)
         n_units = info.n_kv_heads if component in ("k", "v") else info.n_heads

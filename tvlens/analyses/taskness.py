@@ -32,7 +32,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .tasks import task_name as _task_name
+from ..tasks import task_name as _task_name
 
 __all__ = [
     "HeadStats",
@@ -324,7 +324,7 @@ class HeadStats:
     # ---- storage ----
     def save(self, path: str | Path) -> Path:
         """Write ``<path>.safetensors`` (tensors) + ``<path>.json`` (tasks, positions, layers, meta), atomically."""
-        from .results import save_tensors
+        from ..results import save_tensors
 
         tensors = {"z_mean": self.z_mean, "z_var": self.z_var, "count": self.count}
         if self.out_mean is not None:
@@ -336,7 +336,7 @@ class HeadStats:
     @classmethod
     def load(cls, path: str | Path, model: Any = None) -> "HeadStats":
         """Read what :meth:`save` wrote; with ``model``, refuse stats of a different model."""
-        from .results import load_result
+        from ..results import load_result
 
         tensors, meta = load_result(path, "HeadStats", model=model, what="HeadStats file")
         inner = dict(meta.get("meta", {}))
@@ -375,7 +375,7 @@ def _resolve_task_list(tasks: Any) -> list[Any]:
     if tasks is None:
         raise ValueError("no tasks given; pass task names (e.g. ['country_capital', 'antonym']), 'all', or PromptBatches")
     if isinstance(tasks, str):
-        from .tasks import resolve_tasks
+        from ..tasks import resolve_tasks
 
         out: list[Any] = list(resolve_tasks(tasks))
     else:
@@ -385,7 +385,7 @@ def _resolve_task_list(tasks: Any) -> list[Any]:
         plain = [t for t in tasks if isinstance(t, str)]
         resolved: dict[str, Any] = {}
         if plain:
-            from .tasks import resolve_tasks
+            from ..tasks import resolve_tasks
 
             for t in resolve_tasks(list(plain)):
                 resolved[t.name] = t
@@ -407,9 +407,9 @@ def _resolve_positions(positions: Any) -> tuple[str, int | None]:
     if isinstance(positions, str) and positions.lower() == ALL:
         return ALL, None
     try:
-        from .prompts import TokenClass
+        from ..inputs.text import TokenClass
     except ImportError as err:  # pragma: no cover - prompts ships with tvlens
-        raise ValueError(f"positions={positions!r} needs tvlens.prompts.TokenClass, which is unavailable: {err}") from err
+        raise ValueError(f"positions={positions!r} needs tvlens.inputs.text.TokenClass, which is unavailable: {err}") from err
     names = [c.name for c in TokenClass]
     cls = None
     if isinstance(positions, TokenClass):
@@ -441,7 +441,7 @@ def _prompt_chunks(model: Any, task: Any, *, n_prompts: int, n_shots: int, seed:
     if _is_prompt_batch(task):
         yield task
         return
-    from .prompts import icl_prompts
+    from ..inputs.text import icl_prompts
 
     done, i = 0, 0
     while done < n_prompts:
@@ -505,8 +505,8 @@ def head_means(
     heads; moments are float64 and updated with Chan's parallel formula, so memory does not grow
     with ``n_prompts``.
     """
-    from .hooks import check_layer, device_of
-    from .models import ModelInfo
+    from ..hooks import check_layer, device_of
+    from ..models import ModelInfo
 
     info = ModelInfo.of(model)
     task_list = _resolve_task_list(tasks)
@@ -582,7 +582,7 @@ def head_means(
         o_means = [lpad(x, 2) for x in o_means]
         o_vars = [lpad(x, 2) for x in o_vars]
 
-    from .results import version
+    from ..results import version
 
     given = [t for t in task_list if _is_prompt_batch(t)]
     if given:  # ready PromptBatches: record what they hold
@@ -606,7 +606,7 @@ def _accumulate_batch(
     model: Any, tokens: Tensor, mask: Tensor, token_class: Tensor, *, mode: str, cls: int | None,
     layer_ids: list[int], acc_z: _Moments, acc_o: _Moments | None, w_o: Tensor | None, stop_at: int | None,
 ) -> None:
-    from .hooks import act_name, run
+    from ..hooks import act_name, run
 
     # drop columns that are padding in every row (left padding): fewer positions, same result
     keep = mask.bool().any(0)
@@ -789,7 +789,7 @@ class Taskness:
     def plot(self, transpose: bool = False):
         """Layers × heads heatmap of the scores (``transpose=True``: blocks on x, heads on y, as in
         Hojel et al. 2024, Fig. 2). Saturated (degenerate) heads are drawn at the top of the colour scale."""
-        from .plot import layer_head_heatmap
+        from ..plot import layer_head_heatmap
 
         zmax = None
         if bool(self.degenerate.any()) and not bool(self.degenerate.all()):
@@ -804,7 +804,7 @@ class Taskness:
         """Layers × positions heatmap: ``head``'s token scores, or the mean over heads."""
         if self.per_position is None:
             raise ValueError("these scores hold one position; compute taskness with positions='all' or a token class")
-        from .plot import layer_position_heatmap
+        from ..plot import layer_position_heatmap
 
         vals = self.per_position.mean(1) if head is None else self.per_position[:, head]
         what = "mean over heads" if head is None else f"head {head}"
@@ -813,13 +813,13 @@ class Taskness:
 
     def to_html(self, path: str | Path, transpose: bool = False) -> Path:
         """Standalone HTML heatmap (plotly.js embedded)."""
-        from .plot import save_figure
+        from ..plot import save_figure
 
         return save_figure(self.plot(transpose), path, png=False)[0]
 
     def to_png(self, path: str | Path, transpose: bool = False) -> list[Path]:
         """Static PNG (kaleido); if PNG export is unavailable, warns and writes the HTML instead."""
-        from .plot import save_figure
+        from ..plot import save_figure
 
         written = save_figure(self.plot(transpose), path, png=True, html=False)
         if not written:
@@ -827,7 +827,7 @@ class Taskness:
         return written
 
     def save(self, path: str | Path) -> Path:
-        from .results import save_tensors
+        from ..results import save_tensors
 
         tensors = {"scores": self.scores, "total_var": self.total_var, "within_var": self.within_var,
                    "degenerate": self.degenerate.to(torch.uint8)}
@@ -839,7 +839,7 @@ class Taskness:
 
     @classmethod
     def load(cls, path: str | Path) -> "Taskness":
-        from .results import load_tensors
+        from ..results import load_tensors
 
         t, meta = load_tensors(path)
         if meta.get("kind") != "Taskness":
@@ -932,7 +932,7 @@ class TasknessValidation:
         return "\n".join(lines)
 
     def plot(self):
-        from .plot import line_plot
+        from ..plot import line_plot
 
         rnd = self.random_acc.mean(0)  # [k, draw]
         return line_plot(
@@ -947,7 +947,7 @@ class TasknessValidation:
         )
 
     def to_html(self, path: str | Path) -> Path:
-        from .plot import save_figure
+        from ..plot import save_figure
 
         return save_figure(self.plot(), path, png=False)[0]
 
@@ -971,11 +971,11 @@ def validate_taskness(
     ``torch.Generator(seed)``) — the check that a high ρ marks heads that carry the task
     (issue 7; the mean-head patching of Todd et al. 2024 §2.3, restricted to the final token).
 
-    All head sets are evaluated as columns of one ``tvlens.patching.PatchRunner`` pass per task
+    All head sets are evaluated as columns of one ``tvlens.analyses.patching.PatchRunner`` pass per task
     (``fast=False``: one plain hooked forward per head set; same numbers)."""
-    from .hooks import act_name, run
-    from .models import ModelInfo
-    from .prompts import icl_prompts
+    from ..hooks import act_name, run
+    from ..models import ModelInfo
+    from ..inputs.text import icl_prompts
 
     info = ModelInfo.of(model)
     if stats.meta.get("config_hash") not in (None, info.config_hash):
@@ -1032,7 +1032,7 @@ def validate_taskness(
         return torch.cat(out).float()
 
     def patched_correct(batch: Any, means: Tensor) -> Tensor:
-        """[batch, column] correctness; tvlens.patching's PatchRunner evaluates all columns in one pass
+        """[batch, column] correctness; tvlens.analyses.patching's PatchRunner evaluates all columns in one pass
         (only the final token is recomputed); plain hooked forwards when it is unavailable."""
         try:
             from .patching import PatchRunner, replace_heads

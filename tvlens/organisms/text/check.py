@@ -1,6 +1,6 @@
 """Check script for a trained organism: the measurements the model card reports.
 
-    python -m tvlens.organism.check --model DIR_OR_NAME [--out metrics.json] [--figures figures/]
+    python -m tvlens.organisms.text.check --model DIR_OR_NAME [--out metrics.json] [--figures figures/]
 
 Everything is measured through the tvlens path (``load_model`` → TransformerLens bridge,
 ``icl_prompts`` / ``evaluate_prompts``), on fresh prompts whose queries come from the *test*
@@ -19,7 +19,7 @@ split (demonstrations from the train split):
   added to the zero-shot residual at layer L.
 
 The same Hendel and add curves are also measured through the task-vector API,
-:func:`tvlens.vectors.layer_sweep` (best layer chosen on the dev split, accuracy reported on the test
+:func:`tvlens.vectors.activation.layer_sweep` (best layer chosen on the dev split, accuracy reported on the test
 split, with its own zero-shot and ICL baselines); the script's own loop above, written with only the
 public prompt/hook helpers, is kept as an independent check of that API: the two must agree.
 """
@@ -106,7 +106,7 @@ def _first_word_answer_ids(tokenizer, answers) -> torch.Tensor:
 def check(model_name: str, *, n_prompts: int = 50, seed: int = 0, verbose: bool = True) -> dict[str, Any]:
     from tvlens.hooks import act_name
     from tvlens.models import load_model
-    from tvlens.prompts import evaluate_prompts, icl_prompts
+    from tvlens.inputs.text import evaluate_prompts, icl_prompts
     from tvlens.tasks import list_tasks, load_task
 
     t0 = time.time()
@@ -200,7 +200,7 @@ def check(model_name: str, *, n_prompts: int = 50, seed: int = 0, verbose: bool 
     say("cross-task control done")
 
     # the same curves through the task-vector API (Hendel's protocol: dev selects, test reports)
-    from tvlens.vectors import layer_sweep
+    from tvlens.vectors.activation import layer_sweep
 
     api = {}
     for key, kw in (("replace", {}), ("add_centered", {"mode": "add", "center": True})):
@@ -374,7 +374,7 @@ def figures(results: dict[str, dict], outdir: str | Path) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tvlens.organism.check", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tvlens.organisms.text.check", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", action="append", required=True, help="organism name or checkpoint dir (repeatable)")
     p.add_argument("--out", default=None, help="JSON file for the metrics (default: <checkpoint>/metrics.json)")
     p.add_argument("--figures", default=None, help="directory for organism_shots / organism_task_vector_layers figures")

@@ -176,7 +176,7 @@ def available_lenses() -> list[str]:
 def _check_lens(lens: Any) -> None:
     if isinstance(lens, str):
         if lens not in _LENSES:
-            raise ValueError(f"unknown lens {lens!r}; use one of {', '.join(available_lenses())} (or register one with tvlens.lens.register_lens)")
+            raise ValueError(f"unknown lens {lens!r}; use one of {', '.join(available_lenses())} (or register one with tvlens.analyses.lens.register_lens)")
     elif not callable(lens):
         raise TypeError(f"lens must be a name ({', '.join(available_lenses())}) or a Decoder, got {type(lens).__name__}")
 
@@ -514,7 +514,7 @@ class LensResult:
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
 
-        from .plot import SEQUENTIAL_SCALE, TEMPLATE
+        from ..plot import SEQUENTIAL_SCALE, TEMPLATE
 
         if metric not in ("prob", "rank"):
             raise ValueError(f"unknown metric {metric!r}; use 'prob' or 'rank'")
@@ -573,7 +573,7 @@ class LensResult:
 
     def to_html(self, path: str | Path, *, metric: str = "prob") -> Path:
         """Write ``.plot()`` as a standalone HTML file (plotly.js embedded); returns its path."""
-        from .plot import save_figure
+        from ..plot import save_figure
 
         return save_figure(self.plot(metric), path, png=False)[0]
 
@@ -583,7 +583,7 @@ class LensResult:
 
     def save(self, path: str | Path) -> Path:
         """Save as ``<path>.safetensors`` + ``<path>.json`` (the full distribution too, when kept)."""
-        from .results import ResultMeta, save_tensors
+        from ..results import ResultMeta, save_tensors
 
         tensors = {name: getattr(self, name).contiguous() for name in self._TENSORS}
         if self.mean_probs is not None:
@@ -599,7 +599,7 @@ class LensResult:
     @classmethod
     def load(cls, path: str | Path, model: Any = None) -> "LensResult":
         """Load what :meth:`save` wrote; with ``model``, refuse a file made with another model."""
-        from .results import ResultMeta, load_result
+        from ..results import ResultMeta, load_result
 
         tensors, info = load_result(path, "LensResult", model=model, what="lens result")
         return cls(
@@ -630,7 +630,7 @@ def _fmt(x: float) -> str:
 
 
 def _resolve_layers(model: Any, layers: Sequence[int] | int | None, n_layers: int) -> list[int]:
-    from .hooks import check_layer
+    from ..hooks import check_layer
 
     if layers is None:
         return list(range(n_layers + 1))
@@ -660,7 +660,7 @@ def _check_top_k(top_k: Any, d_vocab: int) -> int:
 
 def _positions(batch: Any, position: Any) -> tuple[Tensor, str]:
     """Per-row position index [batch] (non-negative) and a label; raises before any forward."""
-    from .prompts import TokenClass
+    from ..inputs.text import TokenClass
 
     n_rows, n_pos = batch.tokens.shape
     tc = torch.as_tensor(batch.token_class).cpu()
@@ -748,7 +748,7 @@ def _default_task_words(task: Any) -> list[str]:
 
 
 def _resolve_task(task_or_name: Any) -> Any:
-    from .tasks import Task, resolve_tasks
+    from ..tasks import Task, resolve_tasks
 
     if isinstance(task_or_name, Task):
         return task_or_name
@@ -785,7 +785,7 @@ def _first_index(hit: Tensor) -> Tensor:
 
 def _prepare(model: Any, prompts_or_task: Any, *, n_prompts: int, n_shots: int, seed: int, prompt_kw: Mapping[str, Any]):
     """(PromptBatch, Task or None) without running the model."""
-    from .prompts import PromptBatch, icl_prompts
+    from ..inputs.text import PromptBatch, icl_prompts
 
     if isinstance(prompts_or_task, PromptBatch):
         if prompt_kw:
@@ -820,7 +820,7 @@ def logit_lens(
     """Logit lens at one position of ICL prompts, layer by layer (nostalgebraist 2020; Luo et al. 2024, §4).
 
     Args:
-        prompts_or_task: a :class:`~tvlens.prompts.PromptBatch`, a :class:`~tvlens.tasks.Task` or a
+        prompts_or_task: a :class:`~tvlens.inputs.text.PromptBatch`, a :class:`~tvlens.tasks.Task` or a
             task name (then ``icl_prompts(model, task, n_prompts=, n_shots=, seed=, **prompt_kw)``).
         position: ``"separator"`` (the final ``→``, index -1), a token class name (``"query_input"``,
             ``"demo_sep"``, ... — its last occurrence in each prompt) or an int index (negative from
@@ -837,8 +837,8 @@ def logit_lens(
 
     Only the residual at the chosen position of each prompt is captured (no full cache).
     """
-    from .models import ModelInfo
-    from .results import ResultMeta
+    from ..models import ModelInfo
+    from ..results import ResultMeta
 
     info = ModelInfo.of(model)
     top_k = _check_top_k(top_k, info.d_vocab)
@@ -866,8 +866,8 @@ def logit_lens(
 @torch.no_grad()
 def _run_lens(model, batch, pos_idx, pos_label, sel_layers, top_k, decoder, words, cand, owner, task, *,
               batch_size, keep_distribution, info, meta_cls, seed) -> LensResult:
-    from .hooks import act_name, device_of, run
-    from .prompts import TokenClass
+    from ..hooks import act_name, device_of, run
+    from ..inputs.text import TokenClass
 
     device = device_of(model)
     n_rows = batch.tokens.shape[0]
@@ -986,7 +986,7 @@ def decode(
     A ``[d_model]`` vector gives one list of ``(token, prob)``; ``[n, d_model]`` gives one list per row.
     ``layer`` is passed to layer-specific decoders (a tuned lens); the logit lens ignores it.
     """
-    from .models import ModelInfo
+    from ..models import ModelInfo
 
     info = ModelInfo.of(model)
     v = torch.as_tensor(vector)
@@ -1074,7 +1074,7 @@ class LensSummary:
     def to_html(self, path: str | Path, *, title: str = "tvlens — logit-lens task summary") -> Path:
         """One standalone HTML page (plotly.js embedded once): summary table, then per task the phases,
         the top words at the task phase, the top-k table and the figure."""
-        from .results import atomic_write_text
+        from ..results import atomic_write_text
 
         esc = _html.escape
         parts = [
@@ -1142,9 +1142,9 @@ def lens_summary(
     ``out``: the HTML path (written when given). ``.text()`` of the result is a markdown summary.
     Every task's prompts and positions are validated before the first forward pass.
     """
-    from .models import ModelInfo
-    from .results import ResultMeta, check_writable
-    from .tasks import resolve_tasks
+    from ..models import ModelInfo
+    from ..results import ResultMeta, check_writable
+    from ..tasks import resolve_tasks
 
     if metric not in ("rank", "prob"):
         raise ValueError(f"unknown metric {metric!r}; use 'rank' or 'prob'")

@@ -285,7 +285,7 @@ def _check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
 
 def _resolve_task(task: Any) -> Any:
     if isinstance(task, str):
-        from .tasks import load_task  # unknown names raise there, with close matches
+        from ..tasks import load_task  # unknown names raise there, with close matches
 
         return load_task(task)
     if all(hasattr(task, a) for a in ("name", "pairs", "split")):
@@ -709,7 +709,7 @@ class IclAccuracy:
 
 def _forward(model: Any, tokens: Tensor, attention_mask: Tensor) -> Tensor:
     try:
-        from .hooks import run
+        from ..hooks import run
     except ImportError:  # pragma: no cover - hooks is part of the package
         return model(tokens, attention_mask=attention_mask)
     return run(model, tokens, attention_mask=attention_mask)

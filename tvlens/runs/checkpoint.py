@@ -146,7 +146,7 @@ class SweepCheckpoint:
     """
 
     def __init__(self, path: str | os.PathLike | None, *, model: Any, config: Mapping[str, Any]) -> None:
-        from .models import ModelInfo
+        from ..models import ModelInfo
 
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"checkpoint path must be a str or a path, got {type(path).__name__}; e.g. 'runs/sweep.safetensors'")
@@ -168,7 +168,7 @@ class SweepCheckpoint:
     # ---- opening -------------------------------------------------------------------------------
 
     def _check_path(self) -> None:
-        from .results import check_writable
+        from ..results import check_writable
 
         path = self.path
         assert path is not None
@@ -290,7 +290,7 @@ class SweepCheckpoint:
             return
         from safetensors.torch import save
 
-        from .results import atomic_write_bytes, version
+        from ..results import atomic_write_bytes, version
 
         tensors: dict[str, Tensor] = {}
         units = []

@@ -1,4 +1,0 @@
-"""The tvlens model organisms: the training script (``python -m tvlens.organism.train``), the check
-script (``python -m tvlens.organism.check``), the word-level tokenizer and the shipped checkpoints
-(``checkpoints/organism``, ``checkpoints/organism-natural``; load them with
-``tvlens.load_model("organism")``). See ``README.md`` in this directory (the model card)."""

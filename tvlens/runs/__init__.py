@@ -1,0 +1,1 @@
+"""Units of work that outlast one call: resumable checkpoints (and, later, executors)."""
