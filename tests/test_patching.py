@@ -9,19 +9,8 @@ import torch
 
 import reference_patching as ref
 from tvlens.hooks import hook_count
-from tvlens.analyses.patching import (
-    Edit,
-    PatchResult,
-    PatchRunner,
-    add_resid,
-    attribution_patch_heads,
-    blend_heads,
-    final_position_logits,
-    patch_heads,
-    patch_positions,
-    replace_heads,
-    replace_resid,
-)
+from tvlens.analyses.patching import PatchResult, attribution_patch_heads, patch_heads, patch_positions
+from tvlens.engine import Edit, PatchRunner, add_resid, blend_heads, final_position_logits, replace_heads, replace_resid
 
 ATOL = 1e-4
 

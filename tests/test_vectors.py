@@ -131,9 +131,14 @@ def test_fast_sweep_equals_naive_sweep(tiny_model, mode):
 def test_speedups_are_exact_and_can_be_off(tiny_llama, monkeypatch):
     """The packed (shared-prefix) ICL pass and the final-position-only last block change no number."""
     fast = V.layer_sweep(tiny_llama, TASKS, n_prompts=5, n_shots=3, seed=2)
-    monkeypatch.setattr(V, "_shared_ok", lambda model: False)
-    monkeypatch.setattr(V, "_final_only_ok", lambda model: False)
-    plain = V.layer_sweep(tiny_llama, TASKS, n_prompts=5, n_shots=3, seed=2)
+    from tvlens.engine import capabilities
+
+    capabilities.remember(tiny_llama, "tree_mask", False)
+    capabilities.remember(tiny_llama, "final_only_mlp", False)
+    try:
+        plain = V.layer_sweep(tiny_llama, TASKS, n_prompts=5, n_shots=3, seed=2)
+    finally:
+        capabilities.forget(tiny_llama)
     for name in ("accuracy", "logprob", "zero_shot", "icl", "icl_logprob", "vectors"):
         assert (getattr(fast, name) - getattr(plain, name)).abs().max().item() < 1e-5, name
 
@@ -309,7 +314,8 @@ def no_forward(monkeypatch, tiny_llama):
     """Fail the test if a forward pass starts."""
     def boom(*a, **k):
         raise AssertionError("a forward pass ran before the input was checked")
-    monkeypatch.setattr(V, "_run_rows", boom)
+    monkeypatch.setattr(V, "run_rows", boom)
+    monkeypatch.setattr(V, "run_shared", boom)
     monkeypatch.setattr(V, "_vectors_from_batches", boom)
     return tiny_llama
 

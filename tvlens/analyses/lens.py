@@ -763,8 +763,11 @@ def _resolve_task(task_or_name: Any) -> Any:
     return found[0]
 
 
-def _ranks(logits: Tensor, ids: Tensor, budget: int = 1 << 24) -> Tensor:
+def _ranks(logits: Tensor, ids: Tensor) -> Tensor:
     """1-based rank of ``ids`` [b, m] in ``logits`` [b, V]: 1 + number of strictly larger logits."""
+    from ..engine.plan import memory_budget
+
+    budget = memory_budget(logits.device)  # bytes of the [b, chunk, V] boolean comparison
     b, v = logits.shape
     m = ids.shape[1]
     target = logits.gather(1, ids)
@@ -866,7 +869,8 @@ def logit_lens(
 @torch.no_grad()
 def _run_lens(model, batch, pos_idx, pos_label, sel_layers, top_k, decoder, words, cand, owner, task, *,
               batch_size, keep_distribution, info, meta_cls, seed) -> LensResult:
-    from ..hooks import act_name, device_of, run
+    from ..engine.readout import read
+    from ..hooks import act_name, device_of
     from ..inputs.text import TokenClass
 
     device = device_of(model)
@@ -896,16 +900,8 @@ def _run_lens(model, batch, pos_idx, pos_label, sel_layers, top_k, decoder, word
         b = end - start
         rows = torch.arange(b, device=device)
         cols = pos_idx[start:end].to(device)
-        store: dict[int, Tensor] = {}
-
-        def make_hook(i: int):
-            def hook(act: Tensor, hook: Any) -> None:
-                store[i] = act[rows, cols].detach()
-
-            return hook
-
-        run(model, tokens[start:end], attention_mask=attention_mask[start:end],
-            fwd_hooks=[(name, make_hook(i)) for i, name in enumerate(hook_names)], **stop)
+        acts, _ = read(model, tokens[start:end], attention_mask[start:end], hook_names, at=(rows, cols), **stop)
+        store = {i: acts[name] for i, name in enumerate(hook_names)}
         ans = answer_ids[start:end].to(device)
         inp = input_ids[start:end].to(device)
         for li, layer in enumerate(sel_layers):

@@ -1,4 +1,4 @@
-"""Exact, batched activation patching — and the fast recompute machinery the rest of tvlens reuses.
+"""Activation-patching sweeps over heads and positions: thin callers of :mod:`tvlens.engine`.
 
 Activation patching (Vig et al. 2020; Meng et al. 2022; the TransformerLens ``patching`` module)
 asks how much a component carries: run a *target* prompt batch, replace one site's activation
@@ -7,40 +7,9 @@ another prompt batch (clean -> corrupted, ICL -> shuffled labels) or task-mean a
 (means-patching, as in Todd et al. 2024 §2.2 and the taskness validation) — and measure a metric of
 the final-position logits.  One sweep gives a ``[layer, head]`` (or ``[layer, pos]``) map.
 
-The obvious implementation (TransformerLens ``get_act_patch_*``, Todd's CIE loop) runs one full
-forward per site.  This module computes **the same numbers** (to float rounding; tested against
-the naive loop to 1e-4) from much less work, using only what causal attention guarantees:
-
-* **Final-position patching** changes nothing upstream of the patched layer and nothing at
-  earlier positions.  So the target is run **once**, keeping every layer's residual and the keys /
-  values each attention layer used; then for every site only the *last token* is recomputed, from
-  the patched layer upwards, attending to the cached keys / values.  Many sites ride in one forward:
-  they are laid out along the *sequence* axis as extra "final tokens" that share the cached prefix
-  and see only their own key (a block-diagonal mask), so the prefix is never copied per site.
-  Sites join the stream at their own layer (the stream grows as layers go up): a site at layer
-  ``l`` costs ``n_layers - l`` single-token block evaluations.
-* **Patching from position ``p`` on** (``positions="all"`` / ``"each"``, :func:`patch_positions`)
-  changes only positions ``>= p`` from the patched layer on.  Those suffixes are recomputed from
-  the cached residual at the patched layer (not from the embedding), sites along the batch axis,
-  attending to the cached keys / values of positions ``< p``.
-* Sites are processed in chunks sized to a memory budget, with a progress bar, and the metric is
-  reduced on the device per chunk: there is no per-site host synchronisation.
-
-The machinery is one generic engine, :class:`PatchRunner`, driven by a list of :class:`Edit` s —
-``act <- act + weight * (value - act) + add`` at one hook of one layer for a set of *columns*
-(one column = one patched configuration, e.g. one site, one head mask, one layer of a
-task-vector sweep).  :func:`patch_heads`, :func:`patch_positions`, ``vectors.layer_sweep`` (replace / add a
-residual at each layer) and ``selection`` (many head masks, REINFORCE samples as columns; soft
-``alpha`` blends with gradients) are small specialisations of it, in the spirit of TransformerLens'
-``patching.py`` (one generic function, small partials) without its per-site Python loop.
-
-The engine drives the bridge's own blocks (``model.blocks[l]``), so every architecture detail
-(LayerNorm / RMSNorm, learned positions / RoPE, grouped-query attention, soft-capping ...) is the
-model's own code; it hands the attention its cached keys / values through the ``past_key_values``
-protocol and gives the recomputed tokens their true position ids and rotary embeddings.  The first
-time a model is used (per layout), the runner checks that recomputing an *unpatched* column
-reproduces the target's logits; on a model where that fails (or that is not a TransformerLens 4
-bridge) it falls back to the naive loop with a warning, so results are always exact.
+Every sweep here is a list of :class:`~tvlens.engine.sites.Edit` columns handed to the engine's
+one intervention path (:class:`~tvlens.engine.runner.PatchRunner`), which recomputes only what an
+edit can change; the numbers equal one full hooked forward per site (tested to 1e-4).
 
 :func:`attribution_patch_heads` is the gradient approximation (Nanda 2023, "Attribution
 patching"; Syed et al. 2023): one forward + backward on the target and one forward on the source
@@ -49,946 +18,36 @@ give every site's linear estimate at once; ``confirm_top=k`` re-runs the exact p
 
 Hooks are attached only through :mod:`tvlens.hooks` and are removed on every exit path; the cache
 hand-off uses a forward pre-hook on the attention module that is likewise removed in ``finally``.
-
-Reusing the engine (one target pass, then any number of edited columns)::
-
-    runner = PatchRunner(model, zero_shot_batch)                 # runs the batch once
-    # Hendel's layer sweep: column l replaces the final residual at layer l by the task vector
-    logits = runner.logits([replace_resid(l, tv[l], columns=l) for l in range(L)], n_columns=L)
-    # REINFORCE: column s patches the task means of the heads in masks[s] ([sample, layer, head])
-    edits = [replace_heads(l, masks[:, l], mean_z[l]) for l in range(L)]
-    reward = runner.map(edits, lambda lg: lg.log_softmax(-1)[..., 0], n_columns=len(masks))
-    # soft selection: alpha [layer, head] with requires_grad; logits are differentiable in it
-    logits = runner.logits([blend_heads(l, alpha[l], mean_z[l]) for l in range(L)], n_columns=1)
-
-How exact: a patched column computes the same arithmetic as the full patched forward on the
-positions that can differ, with the cached (bit-identical) activations elsewhere; the remaining
-differences are float rounding from different batch shapes (≈1e-6 on logits in float32).
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
-import warnings
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Callable, Iterable, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 
 from .. import hooks as _hooks
+from ..engine.batch import EngineBatch, as_batch
+from ..engine.plan import rows_per_run
+from ..engine.readout import capture_acts
+from ..engine.runner import PatchRunner
+from ..engine.sites import Edit, unit_shape
+from ..metrics import METRICS, MetricFn, metric_name, resolve_metric
 from ..hooks import act_name
 from ..results import tensor_digest as _digest
 
-__all__ = [
-    "PatchResult",
-    "patch_heads",
-    "patch_positions",
-    "attribution_patch_heads",
-    "PatchRunner",
-    "Edit",
-    "replace_resid",
-    "add_resid",
-    "replace_heads",
-    "blend_heads",
-    "final_position_logits",
-    "METRICS",
-]
+__all__ = ["PatchResult", "patch_heads", "patch_positions", "attribution_patch_heads"]
 
 Positions = Literal["final", "all", "each"]
-MetricFn = Callable[[Tensor, Any], Tensor]
-
-#: Built-in metrics of the final-position logits (per prompt, higher = more of the answer).
-METRICS = ("logit_diff", "prob", "logprob", "accuracy")
-
-#: Activation kinds an :class:`Edit` may touch, and the trailing shape of one position's activation.
-_UNIT = {  # kind -> which axis set: "model" = (d_model,), "heads" = (n_heads, d_head), "kv" = (n_kv, d_head)
-    "resid_pre": "model",
-    "resid_mid": "model",
-    "resid_post": "model",
-    "attn_out": "model",
-    "mlp_out": "model",
-    "z": "heads",
-    "q": "heads",
-    "k": "kv",
-    "v": "kv",
-}
-_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
-_DEFAULT_CPU_BUDGET = 512 << 20  # bytes of transient activations per chunk on CPU
-#: model -> {layout key: passed?}: the recompute self-check is a property of the architecture, run once per model
-_VERIFIED: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
-
-
-# ----------------------------------------------------------------------------------------------
-# prompt batches
-
-
-@dataclass(frozen=True)
-class _Prompts:
-    """The parts of a prompt batch this module reads (any object with ``tokens`` works)."""
-
-    tokens: Tensor  # [batch, pos] long
-    mask: Tensor  # [batch, pos] long, 0 = padding (left)
-    answer_ids: Tensor | None  # [batch]
-    foil_ids: Tensor | None  # [batch]
-    obj: Any  # the caller's object, handed to user metrics
-
-    def __len__(self) -> int:
-        return int(self.tokens.shape[0])
-
-    @property
-    def n_pos(self) -> int:
-        return int(self.tokens.shape[1])
-
-    def slice(self, i: int, j: int) -> "_Prompts":
-        obj = self.obj
-        if hasattr(obj, "slice") and callable(obj.slice):
-            obj = obj.slice(i, j)
-        elif obj is not None:
-            obj = SimpleNamespace(
-                tokens=self.tokens[i:j], attention_mask=self.mask[i:j],
-                answer_ids=None if self.answer_ids is None else self.answer_ids[i:j],
-            )
-        cut = lambda t: None if t is None else t[i:j]  # noqa: E731
-        return _Prompts(self.tokens[i:j], self.mask[i:j], cut(self.answer_ids), cut(self.foil_ids), obj)
-
-
-def _as_prompts(batch: Any, what: str) -> _Prompts:
-    if isinstance(batch, _Prompts):
-        return batch
-    tokens = batch if isinstance(batch, Tensor) else getattr(batch, "tokens", None)
-    if not isinstance(tokens, Tensor):
-        raise TypeError(
-            f"{what} must be a prompt batch (an object with .tokens, .attention_mask, .answer_ids such as "
-            f"tvlens.PromptBatch) or a [batch, pos] token tensor; got {type(batch).__name__}"
-        )
-    if tokens.ndim == 1:
-        tokens = tokens[None]
-    if tokens.ndim != 2 or tokens.is_floating_point():
-        raise ValueError(f"{what}.tokens must be an integer tensor [batch, pos]; got shape {tuple(tokens.shape)}")
-    if tokens.shape[0] == 0 or tokens.shape[1] == 0:
-        raise ValueError(f"{what} is empty (tokens shape {tuple(tokens.shape)}); build it with at least one prompt")
-    mask = getattr(batch, "attention_mask", None)
-    mask = torch.ones_like(tokens) if mask is None else mask.to(tokens.device).long()
-    if mask.shape != tokens.shape:
-        raise ValueError(f"{what}.attention_mask has shape {tuple(mask.shape)} but tokens have {tuple(tokens.shape)}")
-    if not bool(mask[:, -1].all()):
-        raise ValueError(
-            f"{what} has padding at the final position; tvlens batches are LEFT-padded so that the final "
-            "separator is the last token of every row (build them with tvlens.icl_prompts)"
-        )
-    answers = getattr(batch, "answer_ids", None)
-    if answers is not None:
-        answers = torch.as_tensor(answers).long().reshape(-1)
-        if answers.numel() != tokens.shape[0]:
-            raise ValueError(f"{what}.answer_ids has {answers.numel()} entries for {tokens.shape[0]} prompts")
-    foils = getattr(batch, "foil_ids", None)
-    if foils is not None:
-        foils = torch.as_tensor(foils).long().reshape(-1)
-    return _Prompts(tokens.long(), mask, answers, foils, batch if not isinstance(batch, Tensor) else None)
-
-
-# ----------------------------------------------------------------------------------------------
-# metrics
-
-
-def _metric_name(metric: Any) -> str:
-    if isinstance(metric, str):
-        return metric
-    return getattr(metric, "__name__", None) or type(metric).__name__
-
-
-def _resolve_metric(metric: str | MetricFn, prompts: _Prompts, clean_logits: Tensor) -> Callable[[Tensor], Tensor]:
-    """Return ``fn(logits [batch, column, d_vocab]) -> [batch, column]`` and validate it on the clean run.
-
-    ``logit_diff`` is the answer's logit minus a *foil* logit: ``batch.foil_ids`` when the batch
-    carries them, otherwise the target run's own highest-scoring wrong token (fixed per prompt, so
-    the metric is linear in the logits).  ``prob`` / ``logprob`` are the answer's softmax
-    probability / log-probability, ``accuracy`` is 1 when the answer is the top token.
-    """
-    B = len(prompts)
-    if callable(metric) and not isinstance(metric, str):
-        user = metric
-        batch_obj = prompts.obj if prompts.obj is not None else SimpleNamespace(
-            tokens=prompts.tokens, attention_mask=prompts.mask, answer_ids=prompts.answer_ids)
-
-        def fn(logits: Tensor) -> Tensor:
-            cols = [torch.as_tensor(user(logits[:, s], batch_obj)) for s in range(logits.shape[1])]
-            for c in cols[:1]:
-                _check_metric_output(c, B, metric)
-            return torch.stack([c.to(logits.device, torch.float32) for c in cols], 1)
-
-        clean = fn(clean_logits[:, None])  # shape check before any sweep work
-        bad = int((~torch.isfinite(clean)).sum())
-        if bad:
-            raise ValueError(f"metric {_metric_name(metric)!r} returned NaN/inf for {bad} of {B} prompts on the unpatched "
-                             "target run; a patching metric must be finite (look for log(0) or a division by zero in it)")
-        return fn
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)} or a function (logits [batch, d_vocab], batch) -> [batch]")
-    if prompts.answer_ids is None:
-        raise ValueError(f"metric {metric!r} needs the correct answers: give the target batch .answer_ids (tvlens.icl_prompts does)")
-    ans = prompts.answer_ids.to(clean_logits.device)
-    V = clean_logits.shape[-1]
-    if bool((ans < 0).any()) or bool((ans >= V).any()):
-        raise ValueError(f"target answer_ids out of range for a vocabulary of {V} tokens")
-    if metric == "logit_diff":
-        foil = prompts.foil_ids
-        if foil is None:
-            masked = clean_logits.float().scatter(-1, ans[:, None], float("-inf"))
-            foil = masked.argmax(-1)
-        foil = foil.to(clean_logits.device)
-
-    def fn(logits: Tensor) -> Tensor:
-        idx = ans[:, None, None].expand(logits.shape[0], logits.shape[1], 1)
-        if metric == "accuracy":
-            return (logits.argmax(-1) == idx[..., 0]).float()
-        if metric == "logit_diff":
-            fidx = foil[:, None, None].expand_as(idx)
-            return (logits.gather(-1, idx) - logits.gather(-1, fidx))[..., 0].float()
-        lp = logits.float().log_softmax(-1).gather(-1, idx)[..., 0]
-        return lp if metric == "logprob" else lp.exp()
-
-    return fn
-
-
-def _check_metric_output(value: Any, n: int, metric: Any) -> None:
-    if not isinstance(value, Tensor) or value.shape != (n,):
-        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-        raise ValueError(
-            f"metric {_metric_name(metric)!r} returned {shape} for {n} prompts; a metric must map "
-            f"(logits [batch, d_vocab], batch) to one value per prompt, a tensor of shape [{n}] "
-            "(e.g. logits.log_softmax(-1)[torch.arange(len(logits)), batch.answer_ids])"
-        )
-
-
-# ----------------------------------------------------------------------------------------------
-# edits
-
-
-@dataclass(frozen=True)
-class Edit:
-    """One intervention at ``hook`` of ``layer``: ``act <- lerp(act, value, weight) + add``.
-
-    That is ``act + weight * (value - act) + add``: ``weight=1`` replaces the activation by
-    ``value`` (exactly), a fractional ``weight`` blends (soft selection), ``add`` adds a vector
-    (function vectors).  It applies to the *columns* in ``columns`` (``None``: every column) — a
-    column is one patched configuration evaluated side by side with the others (one site of a
-    sweep, one head mask, one layer of a task-vector sweep).  ``weight``, ``value`` and ``add``
-    broadcast, aligned from the right, against the activation viewed as
-
-    * ``[batch, column, *unit]`` at the final position (:meth:`PatchRunner.logits` with
-      ``start_pos=-1``), or at position ``pos`` when one is named;
-    * ``[batch, column, pos, *unit]`` for a suffix run (``start_pos=p``) with ``pos=None``:
-      every recomputed position ``p..`` is edited,
-
-    where ``unit`` is ``(d_model,)`` for ``resid_pre/resid_mid/resid_post/attn_out/mlp_out``,
-    ``(n_heads, d_head)`` for ``z``/``q`` and ``(n_kv_heads, d_head)`` for ``k``/``v``, and the
-    column axis has ``len(columns)`` entries (or 1, to broadcast).  Examples::
-
-        Edit(6, "resid_pre", value=task_vector)                          # Hendel: replace
-        Edit(9, "resid_pre", add=2.0 * function_vector)                  # Todd: add
-        Edit(3, "z", weight=mask[..., None], value=mean_z[3])           # head masks, [column, head]
-
-    The helpers :func:`replace_resid`, :func:`add_resid`, :func:`replace_heads`,
-    :func:`blend_heads` build them.  ``weight`` / ``value`` / ``add`` may require grad.
-    """
-
-    layer: int
-    hook: str = "resid_pre"
-    weight: Tensor | float = 1.0
-    value: Tensor | None = None
-    add: Tensor | None = None
-    columns: int | slice | Sequence[int] | Tensor | None = None
-    pos: int | None = None
-
-
-def replace_resid(layer: int, value: Tensor, *, columns: Any = None, hook: str = "resid_pre", pos: int | None = None) -> Edit:
-    """Replace the residual (``hook``) at ``layer`` by ``value`` (Hendel et al. 2023's task-vector patch)."""
-    return Edit(layer, hook, 1.0, value, None, columns, pos)
-
-
-def add_resid(layer: int, value: Tensor, *, alpha: float | Tensor = 1.0, columns: Any = None,
-              hook: str = "resid_pre", pos: int | None = None) -> Edit:
-    """Add ``alpha * value`` to the residual at ``layer`` (Todd et al. 2024's function-vector intervention)."""
-    return Edit(layer, hook, 0.0, None, alpha * value, columns, pos)
-
-
-def replace_heads(layer: int, mask: Tensor, value: Tensor, *, columns: Any = None, hook: str = "z",
-                  pos: int | None = None) -> Edit:
-    """Replace the heads selected by ``mask`` (``[..., head]``, 0/1) with ``value`` (``[..., head, d_head]``).
-
-    ``mask`` of shape ``[column, head]`` evaluates one head set per column (REINFORCE samples);
-    ``value`` of shape ``[head, d_head]`` (task means) broadcasts over prompts and columns.
-    """
-    return Edit(layer, hook, mask.to(value.dtype)[..., None], value, None, columns, pos)
-
-
-def blend_heads(layer: int, alpha: Tensor, value: Tensor, *, columns: Any = None, hook: str = "z",
-                pos: int | None = None) -> Edit:
-    """``z <- (1 - alpha) * z + alpha * value`` per head: soft selection weights, differentiable in ``alpha``."""
-    return Edit(layer, hook, alpha[..., None], value, None, columns, pos)
-
-
-@dataclass
-class _NormEdit:
-    """An :class:`Edit` with resolved layer, column indices and tensors on the model's device."""
-
-    layer: int
-    hook: str
-    weight: Tensor | float
-    value: Tensor | None
-    add: Tensor | None
-    columns: list[int]  # global column indices, in the order of the tensors' column axis
-    pos: int | None  # absolute position index (non-negative) or None
-    canon_rank: int  # rank of the canonical view the tensors broadcast against
-
-    def tensors(self) -> tuple[Any, Any, Any]:
-        return self.weight, self.value, self.add
-
-    def col_axis(self, t: Any) -> int | None:
-        """Axis of ``t`` that indexes columns, or None when ``t`` broadcasts over them."""
-        if not isinstance(t, Tensor):
-            return None
-        ax = t.ndim - (self.canon_rank - 1)
-        if ax < 0 or t.shape[ax] == 1:
-            return None
-        return ax
-
-    def select(self, local: Sequence[int]) -> tuple[Any, Any, Any]:
-        """``weight`` / ``value`` / ``add`` restricted to the given local column positions."""
-        out = []
-        for t in self.tensors():
-            ax = self.col_axis(t)
-            if ax is not None:
-                t = t.index_select(ax, torch.as_tensor(local, device=t.device))
-            out.append(t)
-        return out[0], out[1], out[2]
-
-    def apply(self, sub: Tensor, weight: Any, value: Any, add: Any) -> Tensor:
-        """The edited activation for the region ``sub`` (canonical view)."""
-        new = sub
-        if value is not None:
-            w = weight if isinstance(weight, Tensor) else torch.tensor(float(weight), dtype=sub.dtype, device=sub.device)
-            new = torch.lerp(new, value.expand_as(new) if value.shape != new.shape else value, w.to(sub.dtype))
-        if add is not None:
-            new = new + add
-        return new.expand_as(sub) if new.shape != sub.shape else new
-
-
-def _unit_shape(model_info: Any, kind: str) -> tuple[int, ...]:
-    u = _UNIT[kind]
-    if u == "model":
-        return (model_info.d_model,)
-    return (model_info.n_heads if u == "heads" else model_info.n_kv_heads, model_info.d_head)
-
-
-def _columns_list(spec: Any, n_columns: int | None) -> list[int] | None:
-    if spec is None:
-        return None if n_columns is None else list(range(n_columns))
-    if isinstance(spec, bool):
-        raise TypeError("Edit.columns must be an int, a slice, a sequence of ints or None")
-    if isinstance(spec, int):
-        return [spec]
-    if isinstance(spec, slice):
-        if n_columns is None and spec.stop is None:
-            raise ValueError("an Edit with an open slice of columns needs n_columns")
-        return list(range(*spec.indices(n_columns if n_columns is not None else spec.stop)))
-    if isinstance(spec, Tensor):
-        return [int(c) for c in spec.reshape(-1).tolist()]
-    return [int(c) for c in spec]
-
-
-def _normalize_edits(edits: Iterable[Edit], info: Any, n_columns: int | None, n_pos: int, start_pos: int,
-                     device: torch.device, dtype: torch.dtype, n_batch: int) -> tuple[list[_NormEdit], int]:
-    """Validate edits and resolve columns; returns the edits and the number of columns."""
-    edits = list(edits)
-    for e in edits:
-        if not isinstance(e, Edit):
-            raise TypeError(f"edits must be tvlens.analyses.patching.Edit objects, got {type(e).__name__}")
-        if e.hook not in _UNIT:
-            raise ValueError(f"unknown hook {e.hook!r} for an Edit; use one of {', '.join(_UNIT)}")
-        if not -info.n_layers <= int(e.layer) < info.n_layers:
-            raise ValueError(f"Edit layer {e.layer} is out of range: this model has {info.n_layers} layers (0..{info.n_layers - 1})")
-    if n_columns is None:  # infer from explicit columns, then from tensor shapes
-        cols = [c for e in edits for c in (_columns_list(e.columns, None) or [])]
-        n_columns = max(cols) + 1 if cols else 1
-        if not cols:
-            for e in edits:
-                unit = len(_unit_shape(info, e.hook))
-                rank = 2 + unit + (1 if (e.pos is None and start_pos < n_pos - 1) else 0)
-                for t in (e.weight, e.value, e.add):
-                    if isinstance(t, Tensor) and t.ndim >= rank - 1:
-                        n_columns = max(n_columns, int(t.shape[t.ndim - (rank - 1)]))
-    out = []
-    for e in edits:
-        layer = int(e.layer) % info.n_layers
-        cols = _columns_list(e.columns, n_columns)
-        if not cols:
-            continue
-        bad = [c for c in cols if not 0 <= c < n_columns]
-        if bad:
-            raise ValueError(f"Edit at layer {layer} names column {bad[0]} but there are {n_columns} columns (0..{n_columns - 1})")
-        pos = None if e.pos is None else int(e.pos) % n_pos
-        final_mode = start_pos == n_pos - 1
-        if pos is not None:
-            if pos < start_pos:
-                raise ValueError(f"Edit position {e.pos} is before the recomputed suffix (start_pos={start_pos}); "
-                                 f"use start_pos <= {pos}")
-            if final_mode:
-                pos = None  # the final position is the only one there is
-        unit = _unit_shape(info, e.hook)
-        rank = 2 + len(unit) + (1 if (pos is None and not final_mode) else 0)
-        conv = lambda t: t.to(device=device, dtype=dtype) if isinstance(t, Tensor) else t  # noqa: E731
-        if e.value is None and e.add is None:
-            raise ValueError(f"Edit at layer {layer} has neither a value nor an add: it would change nothing")
-        weight = conv(e.weight) if isinstance(e.weight, Tensor) else float(e.weight)
-        ne = _NormEdit(layer, e.hook, weight, conv(e.value), conv(e.add), cols, pos, rank)
-        canon = (n_batch, len(cols), *((n_pos - start_pos,) if rank > 2 + len(unit) else ()), *unit)
-        names = "[batch, column, " + ("pos, " if len(canon) > 2 + len(unit) else "") + (
-            "d_model]" if len(unit) == 1 else "head, d_head]")
-        for name, t in (("weight", weight), ("value", ne.value), ("add", ne.add)):
-            if isinstance(t, Tensor):
-                try:
-                    ok = t.ndim <= rank and torch.broadcast_shapes(t.shape, canon) == canon
-                except RuntimeError:
-                    ok = False
-                if not ok:
-                    raise ValueError(f"Edit.{name} at layer {layer} ({e.hook}) has shape {tuple(t.shape)}, which does not "
-                                     f"broadcast to the activation {names} = {list(canon)}")
-        out.append(ne)
-    return out, n_columns
-
-
-# ----------------------------------------------------------------------------------------------
-# the cache hand-off to the bridge's attention
-
-
-class _RecordKV:
-    """``past_key_values`` stand-in for the clean run: records the keys/values attention uses."""
-
-    def __init__(self, store: dict, layer: int):
-        self.store, self.layer = store, layer
-
-    def update(self, k: Tensor, v: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
-        self.store[self.layer] = (k.detach(), v.detach())
-        return k, v
-
-
-class _PrefixKV:
-    """``past_key_values`` stand-in for recomputation: prepends the cached keys/values of the prefix."""
-
-    def __init__(self, k: Tensor, v: Tensor):
-        self.k, self.v = k, v
-
-    def update(self, k: Tensor, v: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
-        return torch.cat([self.k, k], dim=-2), torch.cat([self.v, v], dim=-2)
-
-
-def _inject_cache(attn: torch.nn.Module, cache: Any):
-    """Register a pre-hook handing ``cache`` to the attention as ``past_key_values``; returns the handle."""
-
-    def pre(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        kwargs = dict(kwargs)
-        for name in _CACHE_KWARGS:
-            kwargs.pop(name, None)
-        kwargs["past_key_values"] = cache
-        return args, kwargs
-
-    return attn.register_forward_pre_hook(pre, with_kwargs=True)
-
-
-class _Unsupported(Exception):
-    pass
-
-
-def _bool_mask(captured: Any, mask2d: Tensor, P: int) -> Tensor:
-    """The attention mask a block used, as a boolean ``[batch|1, 1|heads, P, P]`` (True = attend)."""
-    if isinstance(captured, Tensor) and captured.ndim == 4:
-        m = captured[..., :P, :P]
-        if m.dtype != torch.bool:
-            m = m > torch.finfo(m.dtype).min / 2 if m.is_floating_point() else m != 0
-        return m
-    if captured is not None and not (isinstance(captured, Tensor) and captured.ndim == 2):
-        raise _Unsupported(f"attention_mask of shape {getattr(captured, 'shape', type(captured))}")
-    causal = torch.ones(P, P, dtype=torch.bool, device=mask2d.device).tril()
-    return causal[None, None] & mask2d[:, None, None, :].bool()
-
-
-# ----------------------------------------------------------------------------------------------
-# the engine
-
-
-def _default_budget(device: torch.device) -> int:
-    if device.type == "cuda":
-        try:
-            free, _ = torch.cuda.mem_get_info(device)
-            return int(free * 0.4)
-        except Exception:  # pragma: no cover - exotic setups
-            return 4 << 30
-    return _DEFAULT_CPU_BUDGET
-
-
-class PatchRunner:
-    """A target batch run once and cached, plus exact recomputation of only what edits can change.
-
-    ::
-
-        runner = PatchRunner(model, batch)    # one forward of the target
-        runner.clean_logits                   # [batch, d_vocab] at the final position
-        logits = runner.logits([replace_resid(l, tv, columns=l) for l in range(L)], n_columns=L)
-        logits.shape                          # [batch, L, d_vocab]: the task vector at every layer
-
-    :meth:`logits` evaluates ``n_columns`` edited configurations side by side in one pass
-    (``start_pos=-1``: only the final position is edited, only it is recomputed;
-    ``start_pos=p``: positions ``p..`` are recomputed, sites along the batch axis).  Each column
-    is recomputed from its lowest edited layer upwards, starting from the cached clean residual.
-    :meth:`map` does the same in memory-bounded chunks and reduces each chunk with a function
-    (a metric), so a sweep of thousands of columns never holds their logits at once.
-
-    Gradients flow to ``Edit.weight`` / ``value`` / ``add`` when grad mode is on (the cached target
-    activations are constants).  ``fast=False`` (or a model where the self-check fails) runs one
-    full hooked forward per column instead — same numbers, slower.
-    """
-
-    def __init__(self, model: Any, target: Any, *, fast: bool | Literal["auto"] = "auto"):
-        from ..models import ModelInfo
-
-        self.model = model
-        self.info = ModelInfo.of(model)
-        self.prompts = _as_prompts(target, "target")
-        self.device = _hooks.device_of(model)
-        self.B, self.P = len(self.prompts), self.prompts.n_pos
-        self.L = self.info.n_layers
-        self._fast_setting = fast
-        self._fast_ok: dict[str, bool] = {}
-        self._kw_cache: dict = {}
-        self.tokens = self.prompts.tokens.to(self.device)
-        self.mask = self.prompts.mask.to(self.device)
-        self.bridge = fast is not False and hasattr(model, "blocks") and all(
-            hasattr(b, "attn") and hasattr(b, "original_component") for b in model.blocks)
-        if fast is True and not self.bridge:
-            raise ValueError("fast=True needs a TransformerLens 4 TransformerBridge (tvlens.load_model); use fast='auto'")
-        with torch.no_grad():
-            if self.bridge:
-                self._capture()
-            else:
-                logits = _hooks.run(model, self.tokens, attention_mask=self.mask)
-                self.clean_logits = logits[:, -1].detach()
-        self.dtype = self.clean_logits.dtype if self.clean_logits.is_floating_point() else torch.float32
-        try:
-            self.dtype = next(model.parameters()).dtype
-        except StopIteration:
-            pass
-
-    # -- clean run -----------------------------------------------------------------------------
-
-    def _capture(self) -> None:
-        model = self.model
-        blocks = list(model.blocks)
-        self.block_kwargs: list[dict] = [None] * self.L  # type: ignore[list-item]
-        self.resid: list[Tensor] = [None] * self.L  # type: ignore[list-item]
-        kv: dict[int, tuple[Tensor, Tensor]] = {}
-        self._hidden_name: list[str] = [None] * self.L  # type: ignore[list-item]
-        handles = []
-
-        def grab(layer: int):
-            def pre(module: Any, args: tuple, kwargs: dict) -> None:
-                fwd = module.original_component.forward
-                params = inspect.signature(fwd).parameters
-                bound = inspect.signature(fwd).bind_partial(*args, **kwargs).arguments
-                flat: dict = {}
-                for name, val in bound.items():
-                    if params[name].kind is inspect.Parameter.VAR_KEYWORD:
-                        flat.update(val)
-                    elif params[name].kind is not inspect.Parameter.VAR_POSITIONAL:
-                        flat[name] = val
-                hidden_name = next(iter(params))
-                self._hidden_name[layer] = hidden_name
-                self.resid[layer] = flat.pop(hidden_name).detach()
-                self.block_kwargs[layer] = flat
-            return pre
-
-        try:
-            for layer, block in enumerate(blocks):
-                handles.append(block.register_forward_pre_hook(grab(layer), with_kwargs=True))
-                handles.append(_inject_cache(block.attn, _RecordKV(kv, layer)))
-            logits = _hooks.run(model, self.tokens, attention_mask=self.mask)
-        finally:
-            for h in handles:
-                h.remove()
-        self.clean_logits = logits[:, -1].detach()
-        self.keys = [kv[layer][0] if layer in kv else None for layer in range(self.L)]
-        self.values = [kv[layer][1] if layer in kv else None for layer in range(self.L)]
-        if any(k is None for k in self.keys) or any(r is None for r in self.resid):
-            self.bridge = False  # some block did not go through the bridge's attention: use the naive path
-
-    # -- public ---------------------------------------------------------------------------------
-
-    def clean_resid(self, layer: int) -> Tensor:
-        """The target's clean residual entering block ``layer`` (``hook_resid_pre``), ``[batch, pos, d_model]``."""
-        if not self.bridge:
-            raise RuntimeError("clean residuals are cached only on the fast path (a TransformerBridge)")
-        return self.resid[layer]
-
-    def logits(self, edits: Iterable[Edit], n_columns: int | None = None, *, start_pos: int = -1) -> Float[Tensor, "batch column d_vocab"]:
-        """Final-position logits of ``n_columns`` edited configurations, in one pass.
-
-        ``start_pos=-1`` (default): the edits act on the final position only (``Edit.pos`` is
-        ignored) and only the final token is recomputed.  ``start_pos=p``: edits act on positions
-        ``>= p`` (all of them, or ``Edit.pos``) and positions ``p..`` are recomputed.
-        """
-        start_pos = int(start_pos) % self.P
-        nedits, n_columns = _normalize_edits(edits, self.info, n_columns, self.P, start_pos, self.device, self.dtype,
-                                             self.B)
-        return self._logits(nedits, n_columns, start_pos)
-
-    def map(self, edits: Iterable[Edit], fn: Callable[[Tensor], Tensor], n_columns: int | None = None, *,
-            start_pos: int = -1, max_memory: int | None = None, batch_size: int | None = None,
-            progress: bool = False, desc: str = "patching", pbar: Any = None) -> Tensor:
-        """:meth:`logits` in column chunks, each reduced by ``fn(logits [batch, chunk, d_vocab]) -> [batch, chunk, ...]``.
-
-        The chunk size keeps the transient activations under ``max_memory`` bytes (default: 512 MiB
-        on CPU, 40% of free memory on a GPU), or holds ``batch_size`` (prompt, column) rows.
-        ``progress`` shows a tqdm bar over columns when there are several chunks (``pbar``: advance
-        an existing bar instead).  Returns the chunks' results concatenated along the column axis.
-        """
-        start_pos = int(start_pos) % self.P
-        nedits, n_columns = _normalize_edits(edits, self.info, n_columns, self.P, start_pos, self.device, self.dtype,
-                                             self.B)
-        size = self.columns_per_chunk(start_pos, max_memory=max_memory, batch_size=batch_size)
-        bounds = [(c, min(c + size, n_columns)) for c in range(0, n_columns, size)]
-        own = None
-        if pbar is None and progress and len(bounds) > 1:
-            from tqdm.auto import tqdm
-
-            pbar = own = tqdm(total=n_columns, desc=desc, unit="site")
-        outs = []
-        try:
-            for c0, c1 in bounds:
-                outs.append(fn(self._logits(_restrict(nedits, c0, c1), c1 - c0, start_pos)))
-                if pbar is not None:
-                    pbar.update(c1 - c0)
-        finally:
-            if own is not None:
-                own.close()
-        return torch.cat(outs, dim=1)
-
-    def columns_per_chunk(self, start_pos: int = -1, *, max_memory: int | None = None, batch_size: int | None = None) -> int:
-        """How many columns fit in one pass of :meth:`map` for this batch."""
-        if batch_size is not None:
-            if batch_size < 1:
-                raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-            return max(1, batch_size // self.B)
-        budget = max_memory if max_memory is not None else _default_budget(self.device)
-        return max(1, min(1024, int(budget // max(1, self.B * self.bytes_per_row(start_pos)))))
-
-    def bytes_per_row(self, start_pos: int = -1) -> int:
-        """Rough transient bytes per (prompt, column) row of a recompute pass (for chunk sizing)."""
-        return _bytes_per_row(self.model, self.info, self.P, int(start_pos) % self.P, self.dtype)
-
-    # -- internals ------------------------------------------------------------------------------
-
-    def _use_fast(self, layout: str, start_pos: int) -> bool:
-        if not self.bridge or self._fast_setting is False:
-            return False
-        # padding changes which mask the blocks receive: verify padded and unpadded batches separately
-        key = (layout if layout == "seq" else ("batch", start_pos > 0), bool((self.mask == 0).any()))
-        if key not in self._fast_ok:
-            try:
-                known = _VERIFIED.setdefault(self.model, {})
-            except TypeError:  # pragma: no cover - unhashable model
-                known = {}
-            if key not in known:
-                known[key] = self._self_check(start_pos)
-            self._fast_ok[key] = known[key]
-        return self._fast_ok[key]
-
-    def _self_check(self, start_pos: int) -> bool:
-        """Recompute one unedited column from layer 0; it must reproduce the target's logits."""
-        problem = None
-        try:
-            with torch.no_grad():
-                got = self._fast_logits([], 1, start_pos, force_start=0)[:, 0]
-            ref = self.clean_logits
-            tol = 1e-4 if self.dtype in (torch.float32, torch.float64) else 5e-2
-            err = float((got.float() - ref.float()).abs().max())
-            scale = float(ref.float().abs().max()) or 1.0
-            if not err <= tol * max(1.0, scale):
-                problem = f"recomputed logits differ from the target run by {err:.2e}"
-        except _Unsupported as exc:
-            problem = f"unsupported block argument ({exc})"
-        if problem is None:
-            return True
-        if self._fast_setting is True:
-            raise RuntimeError(f"tvlens.analyses.patching fast path unavailable for this model: {problem}")
-        warnings.warn(f"tvlens.analyses.patching: fast recompute unavailable for this model ({problem}); using one full "
-                      "forward per site instead (exact, slower)", RuntimeWarning, stacklevel=4)
-        return False
-
-    def _logits(self, nedits: list[_NormEdit], n_columns: int, start_pos: int) -> Tensor:
-        layout = "seq" if start_pos == self.P - 1 else "batch"
-        if self._use_fast(layout, start_pos):
-            return self._fast_logits(nedits, n_columns, start_pos)
-        return self._naive_logits(nedits, n_columns, start_pos)
-
-    def _layer_kwargs(self, layer: int, layout: str, S: int, start_pos: int) -> dict:
-        """The block's keyword arguments for the recomputed tokens (positions, rotary, mask)."""
-        P, B = self.P, self.B
-        if self._kw_cache.get("start_pos") != start_pos:  # keep only one suffix start's tensors alive
-            self._kw_cache = {"start_pos": start_pos}
-        key = (layer, layout, S, start_pos)
-        hit = self._kw_cache.get(key)
-        if hit is not None:
-            return hit
-        dev = self.device
-        out: dict = {}
-        for name, val in self.block_kwargs[layer].items():
-            if name in _CACHE_KWARGS:
-                continue
-            if name == "use_cache":
-                out[name] = False
-            elif name == "attention_mask":
-                ck = ("mask", id(val), layout, S, start_pos)
-                m = self._kw_cache.get(ck)
-                if m is None:
-                    full = _bool_mask(val, self.mask, P)
-                    if layout == "seq":
-                        pref = full[:, :, -1:, : P - 1]
-                        pref = pref.expand(pref.shape[0], pref.shape[1], S, P - 1)
-                        eye = torch.eye(S, dtype=torch.bool, device=dev).expand(pref.shape[0], pref.shape[1], S, S)
-                        m = torch.cat([pref, eye], dim=-1)
-                    else:
-                        m = full[:, :, start_pos:, :]
-                        m = m.repeat(S, 1, 1, 1) if m.shape[0] == B else m
-                    self._kw_cache[ck] = m
-                out[name] = m
-            elif name == "position_embeddings" and isinstance(val, (tuple, list)):
-                out[name] = tuple(self._pos_rows(t, layout, S, start_pos) for t in val)
-            elif name in ("position_ids",) and isinstance(val, Tensor):
-                out[name] = self._pos_rows(val, layout, S, start_pos)
-            elif name == "cache_position" and isinstance(val, Tensor):
-                out[name] = (torch.full((S,), P - 1, dtype=val.dtype, device=val.device) if layout == "seq"
-                             else val[start_pos:])
-            elif val is None or isinstance(val, (bool, int, float, str)):
-                out[name] = val
-            else:
-                raise _Unsupported(f"{name}={type(val).__name__}")
-        self._kw_cache[key] = out
-        return out
-
-    def _pos_rows(self, t: Tensor, layout: str, S: int, start_pos: int) -> Tensor:
-        """A ``[batch|1, pos, ...]`` tensor (position ids, rotary cos/sin) for the recomputed tokens."""
-        if t.ndim < 2 or t.shape[1] != self.P or t.shape[0] not in (1, self.B):
-            raise _Unsupported(f"position tensor of shape {tuple(t.shape)}")
-        ck = ("pos", id(t), layout, S, start_pos)  # layers share these tensors: build them once
-        hit = self._kw_cache.get(ck)
-        if hit is not None:
-            return hit
-        if layout == "seq":
-            last = t[:, -1:]
-            out = last.expand(last.shape[0], S, *last.shape[2:])
-        else:
-            suf = t[:, start_pos:]
-            out = suf.repeat(S, *([1] * (suf.ndim - 1))) if suf.shape[0] == self.B else suf
-        self._kw_cache[ck] = out
-        return out
-
-    def _edit_hooks(self, nedits: list[_NormEdit], order_pos: dict[int, int], layout: str, start_pos: int) -> list:
-        """One hook per (layer, kind) that applies that hook's edits on the canonical view."""
-        groups: dict[tuple[int, str], list[_NormEdit]] = {}
-        for e in nedits:
-            groups.setdefault((e.layer, e.hook), []).append(e)
-        B = self.B
-        fwd = []
-        for (layer, kind), es in groups.items():
-            plans = []
-            for e in es:
-                idx = torch.as_tensor([order_pos[c] for c in e.columns], device=self.device)
-                t = None if (e.pos is None or layout == "seq") else e.pos - start_pos
-                plans.append((idx, t, e))
-
-            def fn(act: Tensor, hook: Any = None, plans=plans) -> Tensor:
-                if layout == "seq":
-                    canon = act  # [B, S, *unit]
-                else:
-                    S = act.shape[0] // B
-                    canon = act.reshape(S, B, *act.shape[1:]).transpose(0, 1)  # [B, S, T, *unit]
-                for idx, t, e in plans:
-                    sub = canon[:, idx] if t is None else canon[:, idx, t]
-                    new = e.apply(sub, *e.tensors())
-                    canon = canon.clone()
-                    if t is None:
-                        canon[:, idx] = new
-                    else:
-                        canon[:, idx, t] = new
-                if layout == "seq":
-                    return canon
-                return canon.transpose(0, 1).reshape(act.shape)
-
-            fwd.append((act_name(kind, layer), fn))
-        return fwd
-
-    def _fast_logits(self, nedits: list[_NormEdit], n_columns: int, start_pos: int, force_start: int | None = None) -> Tensor:
-        model, B, P, L = self.model, self.B, self.P, self.L
-        layout = "seq" if start_pos == P - 1 else "batch"
-        start = [L] * n_columns
-        for e in nedits:
-            for c in e.columns:
-                start[c] = min(start[c], e.layer)
-        if force_start is not None:
-            start = [min(s, force_start) for s in start]
-        order = sorted(range(n_columns), key=lambda c: start[c])
-        active = [c for c in order if start[c] < L]
-        order_pos = {c: i for i, c in enumerate(active)}
-        out = self.clean_logits[:, None].expand(B, n_columns, self.clean_logits.shape[-1])
-        if not active:
-            return out.clone()
-        first = start[active[0]]
-        n_at = {}
-        for c in active:
-            n_at[start[c]] = n_at.get(start[c], 0) + 1
-        T = P - start_pos
-        h: Tensor | None = None
-        S = 0
-        fwd = self._edit_hooks(nedits, order_pos, layout, start_pos)
-        with _hooks.hooked(model, fwd):
-            for layer in range(first, L):
-                n_new = n_at.get(layer, 0)
-                if n_new:
-                    if layout == "seq":
-                        new = self.resid[layer][:, -1:].expand(B, n_new, self.resid[layer].shape[-1])
-                    else:
-                        new = self.resid[layer][:, start_pos:].repeat(n_new, 1, 1)
-                    h = new if h is None else torch.cat([h, new], dim=1 if layout == "seq" else 0)
-                    S += n_new
-                kwargs = self._layer_kwargs(layer, layout, S, start_pos)
-                k, v = self.keys[layer], self.values[layer]
-                if layout == "seq":
-                    cache = _PrefixKV(k[:, :, : P - 1], v[:, :, : P - 1])
-                elif start_pos > 0:
-                    cache = _PrefixKV(k[:, :, :start_pos].repeat(S, 1, 1, 1), v[:, :, :start_pos].repeat(S, 1, 1, 1))
-                else:
-                    cache = None
-                handle = _inject_cache(model.blocks[layer].attn, cache) if cache is not None else None
-                try:
-                    res = model.blocks[layer](h, **kwargs)
-                finally:
-                    if handle is not None:
-                        handle.remove()
-                h = res[0] if isinstance(res, tuple) else res
-            final = h if layout == "seq" else h[:, -1].reshape(S, B, -1).transpose(0, 1)  # [B, S, d_model]
-            logits = model.unembed(model.ln_final(final))
-        if len(active) == n_columns and active == list(range(n_columns)):
-            return logits
-        res = out.clone() if not logits.requires_grad else out.to(logits.dtype).clone()
-        res[:, torch.as_tensor(active, device=res.device)] = logits.to(res.dtype)
-        return res
-
-    def _naive_logits(self, nedits: list[_NormEdit], n_columns: int, start_pos: int) -> Tensor:
-        """One hooked full forward per column (fallback, and the reference semantics)."""
-        P = self.P
-        final_mode = start_pos == P - 1
-        outs = []
-        for c in range(n_columns):
-            fwd = []
-            for e in nedits:
-                if c not in e.columns:
-                    continue
-                parts = e.select([e.columns.index(c)])
-
-                def fn(act: Tensor, hook: Any = None, e=e, parts=parts) -> Tensor:
-                    orig, act = act, act.clone()  # read from the original: autograd needs it unmodified
-                    if final_mode:
-                        region = (slice(None), P - 1)
-                    elif e.pos is not None:
-                        region = (slice(None), e.pos)
-                    else:
-                        region = (slice(None), slice(start_pos, None))
-                    sub = orig[region][:, None]  # [B, 1, (T,) *unit]
-                    act[region] = e.apply(sub, *parts)[:, 0]
-                    return act
-
-                fwd.append((act_name(e.hook, e.layer), fn))
-            if fwd:
-                logits = _hooks.run(self.model, self.tokens, attention_mask=self.mask, fwd_hooks=fwd)[:, -1]
-            else:
-                logits = self.clean_logits
-            outs.append(logits)
-        return torch.stack(outs, dim=1)
-
-
-def _bytes_per_row(model: Any, info: Any, P: int, start_pos: int, dtype: torch.dtype) -> int:
-    """Rough transient bytes of one (prompt, column) row recomputed from ``start_pos`` (chunk sizing)."""
-    T = P - start_pos
-    d_mlp = int(getattr(getattr(model, "cfg", None), "d_mlp", None) or 4 * info.d_model)
-    per_tok = 8 * info.d_model + 3 * d_mlp + 2 * info.n_heads * (P + 64)
-    prefix = 0 if T == 1 else 4 * info.n_kv_heads * info.d_head * start_pos + 2 * info.n_heads * info.d_head * P
-    elt = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
-    return int(elt * (T * per_tok + prefix) + 4 * 3 * info.d_vocab)
-
-
-def _prompts_per_group(model: Any, info: Any, P: int, start_pos: int, batch_size: int | None,
-                       max_memory: int | None) -> int | None:
-    """Prompts per target run: ``batch_size`` rows, or as many as fit the memory budget (one column each)."""
-    if batch_size is not None:
-        return max(1, int(batch_size))
-    try:
-        dtype = next(model.parameters()).dtype
-    except StopIteration:  # pragma: no cover
-        dtype = torch.float32
-    budget = max_memory if max_memory is not None else _default_budget(_hooks.device_of(model))
-    # the target's own forward and caches scale like a full-length row; keep a handful of columns per chunk
-    per_prompt = 4 * _bytes_per_row(model, info, P, start_pos, dtype) + _bytes_per_row(model, info, P, 0, dtype)
-    return max(1, int(budget // max(1, per_prompt)))
-
-
-def _restrict(nedits: list[_NormEdit], c0: int, c1: int) -> list[_NormEdit]:
-    """The edits' parts that touch columns ``c0..c1-1``, renumbered from 0."""
-    out = []
-    for e in nedits:
-        local = [j for j, c in enumerate(e.columns) if c0 <= c < c1]
-        if not local:
-            continue
-        w, v, a = e.select(local) if len(local) != len(e.columns) else e.tensors()
-        out.append(_NormEdit(e.layer, e.hook, w, v, a, [e.columns[j] - c0 for j in local], e.pos, e.canon_rank))
-    return out
-
-
-def final_position_logits(model: Any, batch: Any, edits: Iterable[Edit], n_columns: int | None = None) -> Tensor:
-    """``[batch, column, d_vocab]`` final-position logits with ``edits`` applied at the final position.
-
-    A one-shot :class:`PatchRunner`; keep the runner instead when evaluating several edit sets
-    on the same batch (the target forward is then paid once).
-    """
-    return PatchRunner(model, batch).logits(edits, n_columns)
 
 
 # ----------------------------------------------------------------------------------------------
 # sources
-
-
-def _capture_acts(model: Any, prompts: _Prompts, kind: str, layers: Sequence[int], final_only: bool,
-                  grad: bool = False) -> tuple[dict[int, Tensor], Tensor]:
-    """Activations ``kind`` at ``layers`` ([batch, pos|1, *unit]) and the final-position logits."""
-    store: dict[int, Tensor] = {}
-
-    def grab(layer: int):
-        def fn(act: Tensor, hook: Any = None) -> None:
-            store[layer] = (act[:, -1:] if final_only else act).detach().clone()
-        return fn
-
-    device = _hooks.device_of(model)
-    with torch.no_grad():
-        logits = _hooks.run(model, prompts.tokens.to(device), attention_mask=prompts.mask.to(device),
-                            fwd_hooks=[(act_name(kind, layer), grab(layer)) for layer in layers])
-    return store, logits[:, -1].detach()
 
 
 def _means_tensor(source: Any, kind: str, info: Any, positions: str = "final") -> Tensor | None:
@@ -996,7 +55,7 @@ def _means_tensor(source: Any, kind: str, info: Any, positions: str = "final") -
 
     Layers a ``HeadStats`` does not cover are NaN (patching them is refused by the caller).
     """
-    unit = _unit_shape(info, kind)
+    unit = unit_shape(info, kind)
     want = (info.n_layers, *unit)
     if isinstance(source, Tensor):
         t = source
@@ -1219,7 +278,7 @@ def _head_edits(sites: list[tuple[int, int]], n_units: int, src: dict[int, Tenso
     return edits
 
 
-def _check_vocab(prompts: _Prompts, what: str, info: Any) -> None:
+def _check_vocab(prompts: EngineBatch, what: str, info: Any) -> None:
     """Refuse token ids outside the model's vocabulary (they would fail inside the embedding)."""
     lo, hi = int(prompts.tokens.min()), int(prompts.tokens.max())
     if lo < 0 or hi >= info.d_vocab:
@@ -1227,8 +286,8 @@ def _check_vocab(prompts: _Prompts, what: str, info: Any) -> None:
                          "tokenize with this model's tokenizer (tvlens.icl_prompts does)")
 
 
-def _validate_source(target: _Prompts, source: Any, positional: bool) -> _Prompts:
-    src = _as_prompts(source, "source")
+def _validate_source(target: EngineBatch, source: Any, positional: bool) -> EngineBatch:
+    src = as_batch(source, "source")
     if len(src) != len(target):
         raise ValueError(f"target has {len(target)} prompts but source has {len(src)}: patching pairs prompt i of the "
                          "source with prompt i of the target, so build them with the same n_prompts (or pass task-mean "
@@ -1240,7 +299,7 @@ def _validate_source(target: _Prompts, source: Any, positional: bool) -> _Prompt
     return src
 
 
-def _pos_labels(model: Any, prompts: _Prompts) -> tuple[str, ...]:
+def _pos_labels(model: Any, prompts: EngineBatch) -> tuple[str, ...]:
     tok = getattr(model, "tokenizer", None)
     row = prompts.tokens[0].tolist()
     labels = []
@@ -1263,7 +322,7 @@ def _finish(values: Tensor, per_prompt: Tensor, dims: tuple[str, ...], metric: A
                              "with task-mean activations as the source, leave normalize=False")
         denom = source_value - target_value
         values = (values - target_value) / denom if denom != 0 else torch.full_like(values, float("nan"))
-    return PatchResult(values=values.cpu(), dims=dims, metric=_metric_name(metric), target_value=target_value,
+    return PatchResult(values=values.cpu(), dims=dims, metric=metric_name(metric), target_value=target_value,
                        source_value=source_value, normalized=normalize, per_prompt=per_prompt.cpu(), meta=meta, **kw)
 
 
@@ -1275,8 +334,6 @@ def _meta(model: Any, **extra: Any) -> dict:
     except Exception:  # pragma: no cover - a model without the foundation's fingerprint
         mid = {}
     return {**mid, **extra}
-
-
 
 
 def _from_units(ck: Any, g0: int, p: int, layer_cols: dict[int, list[int]], n_cols: int) -> Tensor:
@@ -1320,7 +377,7 @@ def patch_heads(
         positions: ``"final"`` patches the final position (the separator; source and target may
             differ in length), ``"all"`` every position at once (TL ``..._all_pos``), ``"each"``
             every position separately -> ``[layer, head, pos]``; the last two need equal lengths.
-        metric: ``"logit_diff"`` (answer minus foil logit, see :func:`_resolve_metric`), ``"prob"``,
+        metric: ``"logit_diff"`` (answer minus foil logit, see :func:`resolve_metric`), ``"prob"``,
             ``"logprob"``, ``"accuracy"`` or ``fn(logits [batch, d_vocab], batch) -> [batch]``.
         component: ``"z"`` (per query head, default), ``"q"``, or ``"k"`` / ``"v"`` per key-value
             head (grouped-query models have fewer of those: the result is ``[layer, n_kv_heads]``).
@@ -1351,7 +408,7 @@ def patch_heads(
         _check_choice("metric", metric, METRICS)
     n_units = info.n_kv_heads if component in ("k", "v") else info.n_heads
     site_list = _sites(info, layers, heads, sites, n_units)
-    tgt = _as_prompts(target, "target")
+    tgt = as_batch(target, "target")
     _check_vocab(tgt, "target", info)
     means = _means_tensor(source, component, info, positions)
     src = None if means is not None else _validate_source(tgt, source, positions != "final")
@@ -1369,7 +426,7 @@ def patch_heads(
     src_layers = sorted({l for l, _ in site_list})
     dev = _hooks.device_of(model)
     P = tgt.n_pos
-    groups = _prompt_groups(len(tgt), _prompts_per_group(model, info, P, P - 1 if positions == "final" else 0,
+    groups = _prompt_groups(len(tgt), rows_per_run(model, info, P, P - 1 if positions == "final" else 0,
                                                          batch_size, max_memory))
     pos_list = list(range(P)) if positions == "each" else [P - 1 if positions == "final" else 0]
     n_cols = len(site_list)
@@ -1379,7 +436,7 @@ def patch_heads(
         from ..runs.checkpoint import SweepCheckpoint
 
         ck = SweepCheckpoint(checkpoint, model=model, config=dict(
-            what="patch_heads", positions=positions, metric=_metric_name(metric), component=component,
+            what="patch_heads", positions=positions, metric=metric_name(metric), component=component,
             sites=[list(s) for s in site_list], normalize=bool(normalize), groups=[list(g) for g in groups],
             target=_digest(tgt.tokens, tgt.mask, *[t for t in (tgt.answer_ids, tgt.foil_ids) if t is not None]),
             source=_digest(means) if means is not None else _digest(src.tokens, src.mask)))
@@ -1405,13 +462,13 @@ def patch_heads(
                 continue
             tg = tgt.slice(g0, g1)
             runner = PatchRunner(model, tg, fast=fast)
-            fn = _resolve_metric(metric, tg, runner.clean_logits)
+            fn = resolve_metric(metric, tg, runner.clean_logits)
             tvals.append(fn(runner.clean_logits[:, None])[:, 0])
             if means is not None:
                 src_acts: dict[int, Tensor] | Tensor = means
             else:
                 sg = src.slice(g0, g1)
-                src_acts, src_logits = _capture_acts(model, sg, component, src_layers, final_only=positions == "final")
+                src_acts, src_logits = capture_acts(model, sg, component, src_layers, final_only=positions == "final")
                 svals.append(fn(src_logits[:, None])[:, 0])
             if ck is not None:  # checkpointed values live on the CPU: keep everything there
                 tvals[-1] = tvals[-1].cpu()
@@ -1498,14 +555,14 @@ def patch_positions(
         if not -info.n_layers <= l < info.n_layers:
             raise ValueError(f"layer {l} is out of range: this model has {info.n_layers} layers (0..{info.n_layers - 1})")
     ls = [l % info.n_layers for l in ls]
-    tgt = _as_prompts(target, "target")
+    tgt = as_batch(target, "target")
     _check_vocab(tgt, "target", info)
     src = _validate_source(tgt, source, True)
     _check_vocab(src, "source", info)
     t0 = time.perf_counter()
     P = tgt.n_pos
     dev = _hooks.device_of(model)
-    groups = _prompt_groups(len(tgt), _prompts_per_group(model, info, P, 0, batch_size, max_memory))
+    groups = _prompt_groups(len(tgt), rows_per_run(model, info, P, 0, batch_size, max_memory))
     per, tvals, svals = [], [], []
     pbar = None
     if progress and len(ls) * P * len(groups) > 64:
@@ -1516,9 +573,9 @@ def patch_positions(
         for g0, g1 in groups:
             tg, sg = tgt.slice(g0, g1), src.slice(g0, g1)
             runner = PatchRunner(model, tg, fast=fast)
-            fn = _resolve_metric(metric, tg, runner.clean_logits)
+            fn = resolve_metric(metric, tg, runner.clean_logits)
             tvals.append(fn(runner.clean_logits[:, None])[:, 0])
-            acts, src_logits = _capture_acts(model, sg, hook, sorted(set(ls)), final_only=False)
+            acts, src_logits = capture_acts(model, sg, hook, sorted(set(ls)), final_only=False)
             svals.append(fn(src_logits[:, None])[:, 0])
             cols = []
             for p in range(P):
@@ -1577,7 +634,7 @@ def attribution_patch_heads(
     if isinstance(metric, str):
         _check_choice("metric", metric, METRICS)
     n_units = info.n_kv_heads if component in ("k", "v") else info.n_heads
-    tgt = _as_prompts(target, "target")
+    tgt = as_batch(target, "target")
     _check_vocab(tgt, "target", info)
     means = _means_tensor(source, component, info, positions)
     src = None if means is not None else _validate_source(tgt, source, positions != "final")
@@ -1606,12 +663,12 @@ def attribution_patch_heads(
         with torch.enable_grad():
             logits = _hooks.run(model, tg.tokens.to(dev), attention_mask=tg.mask.to(dev),
                                 fwd_hooks=[(act_name(component, l), tap(l)) for l in range(L)])[:, -1]
-            fn = _resolve_metric(metric, tg, logits.detach())
+            fn = resolve_metric(metric, tg, logits.detach())
             m = fn(logits[:, None])[:, 0]
             grads = torch.autograd.grad(m.sum(), [leaves[l] for l in range(L)])
         tvals.append(m.detach())
         if means is None:
-            s_acts, s_logits = _capture_acts(model, src.slice(g0, g1), component, list(range(L)),
+            s_acts, s_logits = capture_acts(model, src.slice(g0, g1), component, list(range(L)),
                                              final_only=positions == "final")
             svals.append(fn(s_logits[:, None])[:, 0])
         per_layer = []
@@ -1665,13 +722,13 @@ def attribution_patch_heads(
     if normalize:
         denom = source_value - target_value
         values = values / denom if denom else torch.full_like(values, float("nan"))
-    return PatchResult(values=values.cpu(), dims=dims, metric=_metric_name(metric), target_value=target_value,
+    return PatchResult(values=values.cpu(), dims=dims, metric=metric_name(metric), target_value=target_value,
                        source_value=source_value, normalized=normalize, per_prompt=per_prompt.cpu(),
                        method="attribution", exact=exact, correlation=corr,
                        pos_labels=_pos_labels(model, tgt) if positions == "each" else None, meta=meta)
 
 
-def _exact_subset(model: Any, tgt: _Prompts, source: Any, positions: str, p: int, metric: Any, component: str,
+def _exact_subset(model: Any, tgt: EngineBatch, source: Any, positions: str, p: int, metric: Any, component: str,
                   sites: list[tuple[int, int]], batch_size: Any, max_memory: Any, progress: bool) -> list[float]:
     """Exact patched metric (prompt mean) for a few sites at one position mode."""
     if positions == "each":
@@ -1682,11 +739,11 @@ def _exact_subset(model: Any, tgt: _Prompts, source: Any, positions: str, p: int
         n_units = info.n_kv_heads if component in ("k", "v") else info.n_heads
         means = _means_tensor(source, component, info, "each")
         runner = PatchRunner(model, tgt)
-        fn = _resolve_metric(metric, tgt, runner.clean_logits)
+        fn = resolve_metric(metric, tgt, runner.clean_logits)
         if means is not None:
             src_acts: Any = means
         else:
-            src_acts, _ = _capture_acts(model, _as_prompts(source, "source"), component, sorted({l for l, _ in sites}), False)
+            src_acts, _ = capture_acts(model, as_batch(source, "source"), component, sorted({l for l, _ in sites}), False)
         edits = _head_edits(sites, n_units, src_acts, p, False, component, runner.device, runner.dtype)
         with torch.no_grad():
             vals = runner.map(edits, fn, n_columns=len(sites), start_pos=p, max_memory=max_memory, batch_size=batch_size)

@@ -32,6 +32,8 @@ index −1 of the left-padded :class:`~tvlens.inputs.text.PromptBatch`) is chang
 from __future__ import annotations
 
 from ..tasks import task_name as _task_name
+from ..engine.plan import merge_batches
+from ..metrics import answer_metric
 from ..results import tensor_digest as _tensor_digest
 import hashlib
 import io
@@ -56,16 +58,11 @@ __all__ = [
     "PatchObjective",
 ]
 
-METRICS = ("logprob", "accuracy")
-#: "patching": tvlens.analyses.patching.PatchRunner (prompts run once, only the final token recomputed per
-#: weighting); "hooks": one hooked full forward over weightings x prompts; "auto": patching if present.
-ENGINES = ("auto", "patching", "hooks")
+#: the metrics a selection objective can be scored by (a subset of :data:`tvlens.metrics.METRICS`)
+REWARDS = ("logprob", "accuracy")
+#: the engine's strategy: "auto" recomputes only the final token where the model supports it
+FAST = ("auto", True, False)
 BASELINES = ("mean", "loo", "ema", "none")
-#: Tokens (rows × positions) per batched forward; bounds memory of the masks-along-batch trick.
-DEFAULT_TOKEN_BUDGET = 1 << 16
-#: Bytes of transient activations per PatchRunner chunk (the machine is shared; small chunks are
-#: nearly as fast as big ones once a chunk holds a few thousand rows).
-RUNNER_MEMORY = 256 << 20
 
 
 # ==============================================================================================
@@ -121,22 +118,6 @@ def _weights_checksum(model: Any) -> str:
 # ==============================================================================================
 
 
-def _merge_batches(batches: Sequence[Any], pad_id: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Left-pad several PromptBatches to one width -> tokens, attention_mask, answer_ids, row_task."""
-    width = max(int(b.lengths.max()) for b in batches)
-    toks, masks, answers, owners = [], [], [], []
-    for ti, b in enumerate(batches):
-        b = b.trimmed()
-        extra = width - b.tokens.shape[1]
-        t, m = b.tokens.cpu(), b.attention_mask.cpu()
-        if extra > 0:
-            t = torch.cat([torch.full((len(b), extra), pad_id, dtype=t.dtype), t], 1)
-            m = torch.cat([torch.zeros((len(b), extra), dtype=m.dtype), m], 1)
-        toks.append(t)
-        masks.append(m)
-        answers.append(b.answer_ids.cpu())
-        owners.append(torch.full((len(b),), ti, dtype=torch.long))
-    return torch.cat(toks), torch.cat(masks), torch.cat(answers), torch.cat(owners)
 
 
 class PatchObjective:
@@ -145,18 +126,14 @@ class PatchObjective:
 
     For a weighting ``w [S, layer, head]`` (0/1 masks or soft α), the final-position ``hook_z`` of
     every prompt of task ``t`` becomes ``lerp(z, mean_t, w)`` and the metric (answer log-prob or
-    first-token accuracy) is read at the final position. Two engines give the same numbers
-    (tested against a one-mask-at-a-time loop to 1e-4):
+    first-token accuracy) is read at the final position.  Each weighting is one *column* of the
+    engine's :class:`~tvlens.engine.runner.PatchRunner`: the ``N`` prompts run once, and a REINFORCE
+    step of ``S`` masks costs ``S·N`` single-token recomputations (``fast=False``, or a model the
+    fast path does not support: whole forwards, weightings along the batch axis — the same numbers,
+    tested against a one-mask-at-a-time loop to 1e-4).  A subset of prompts (``rows=``, soft
+    selection's minibatches) reuses the cached run.
 
-    - ``"patching"`` (default when :mod:`tvlens.analyses.patching` is present): a
-      :class:`~tvlens.analyses.patching.PatchRunner` runs the ``N`` prompts once and caches every layer's
-      keys / values; each weighting is one *column* whose final token alone is recomputed (columns
-      ride along the sequence axis against the shared prefix), so a REINFORCE step of ``S`` masks
-      costs ``S·N`` single-token passes — ~5× faster than full forwards on the organism;
-    - ``"hooks"``: ``S·N`` rows (weightings × prompts along the batch dimension) of one hooked full
-      forward per chunk of ``token_budget`` tokens; also used for prompt subsets (``rows=``).
-
-    Gradients reach the weights in both (soft α); the model's weights are constants throughout.
+    Gradients reach the weights (soft α); the model's weights are constants throughout.
     Build with :meth:`PatchObjective.build` (from tasks) or directly from tensors.
     """
 
@@ -170,8 +147,8 @@ class PatchObjective:
         means: Float[Tensor, "task layer head d_head"],
         *,
         task_names: Sequence[str] = (),
-        token_budget: int = DEFAULT_TOKEN_BUDGET,
-        engine: str = "auto",
+        max_memory: int | None = None,
+        fast: bool | str = "auto",
     ) -> None:
         from ..hooks import device_of
         from ..models import ModelInfo
@@ -196,11 +173,10 @@ class PatchObjective:
         #: [N, layer, head, d_head]: the mean each row's heads are pulled towards
         self.row_means = self.means[self.row_task]
         self.task_names = tuple(task_names)
-        self.token_budget = int(token_budget)
-        self._logits_to_keep: bool | None = None
-        if engine not in ENGINES:
-            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-        self.engine = engine
+        self.max_memory = max_memory
+        if fast not in FAST:
+            raise ValueError(f"fast must be one of {FAST}, got {fast!r}")
+        self.fast = fast
         self._runner: Any = None
 
     # ---- construction -------------------------------------------------------------------------
@@ -214,8 +190,8 @@ class PatchObjective:
         n_prompts: int | None,
         split: str,
         seed: int,
-        token_budget: int = DEFAULT_TOKEN_BUDGET,
-        engine: str = "auto",
+        max_memory: int | None = None,
+        fast: bool | str = "auto",
     ) -> "PatchObjective":
         """Zero-shot prompts (``n_shots=0``) of each task from ``split``: ``n_prompts`` distinct
         queries per task (all of the split when ``None`` or when the split is smaller)."""
@@ -226,9 +202,9 @@ class PatchObjective:
             n_split = len(task.split(split))
             n = n_split if n_prompts is None else min(int(n_prompts), n_split)
             batches.append(icl_prompts(model, task, n_prompts=n, n_shots=0, seed=seed, split=split))
-        tokens, mask, answers, owners = _merge_batches(batches, _pad_id(_tokenizer_of(model)))
-        return cls(model, tokens, mask, answers, owners, means, task_names=[t.name for t in tasks], token_budget=token_budget,
-                   engine=engine)
+        tokens, mask, answers, owners = merge_batches(batches, _pad_id(_tokenizer_of(model)))
+        return cls(model, tokens, mask, answers, owners, means, task_names=[t.name for t in tasks], max_memory=max_memory,
+                   fast=fast)
 
     @property
     def n_rows(self) -> int:
@@ -239,66 +215,6 @@ class PatchObjective:
         return _tensor_digest(self.tokens, self.attention_mask, self.answer_ids, self.row_task, self.means.float())
 
     # ---- the forward --------------------------------------------------------------------------
-    def _forward_last(self, tokens: Tensor, mask: Tensor, hooks: list) -> Tensor:
-        """Logits at the final position [rows, d_vocab]; only the last position is unembedded when
-        the model supports ``logits_to_keep`` (HF models through the TL 4 bridge)."""
-        from ..hooks import run
-
-        if self._logits_to_keep is not False:
-            try:
-                out = run(self.model, tokens, attention_mask=mask, fwd_hooks=hooks, logits_to_keep=1)
-                if out.ndim == 3 and out.shape[1] == 1:
-                    self._logits_to_keep = True
-                    return out[:, -1]
-                self._logits_to_keep = False
-                return out[:, -1]
-            except TypeError:
-                self._logits_to_keep = False
-        return run(self.model, tokens, attention_mask=mask, fwd_hooks=hooks)[:, -1]
-
-    def _hooks(self, weights: Tensor, rows: Tensor) -> list:
-        """hook_z patches for weights [s, layer, head] applied to prompt rows ``rows`` (repeated s times)."""
-        from ..hooks import act_name
-
-        s = weights.shape[0]
-        n = rows.numel()
-        row_means = self.row_means[rows]  # [n, layer, head, d_head]
-        hooks = []
-        active = (weights != 0).flatten(2).any(-1).any(0) if not weights.requires_grad else torch.ones(weights.shape[1], dtype=torch.bool)
-        for layer in range(self.info.n_layers):
-            if not bool(active[layer]):
-                continue  # w = 0 everywhere in this layer: lerp would return z unchanged
-
-            def patch(z: Tensor, hook: Any, layer: int = layer) -> Tensor:
-                last = z[:, -1].reshape(s, n, *z.shape[2:])  # [s, n, head, d_head]
-                w = weights[:, layer].to(z.dtype)[:, None, :, None]  # [s, 1, head, 1]
-                new = torch.lerp(last, row_means[:, layer].unsqueeze(0).to(z.dtype), w)
-                return torch.cat([z[:, :-1], new.reshape(s * n, 1, *z.shape[2:])], dim=1)
-
-            hooks.append((act_name("z", layer), patch))
-        return hooks
-
-    def _chunks(self, n_weights: int, rows: Tensor) -> int:
-        per = max(1, rows.numel() * self.tokens.shape[1])
-        return max(1, min(n_weights, self.token_budget // per))
-
-    def _hooked_logits(self, weights: Float[Tensor, "sample layer head"], rows: Tensor | None = None) -> Tensor:
-        """Final-position logits [sample, row, d_vocab] for each weighting (differentiable in ``weights``)."""
-        rows = torch.arange(self.n_rows, device=self.device) if rows is None else rows.to(self.device)
-        weights = self._check_weights(weights)
-        tokens, mask = self.tokens[rows], self.attention_mask[rows]
-        keep = mask.bool().any(0)
-        first = int(keep.nonzero()[0]) if bool(keep.any()) else 0
-        tokens, mask = tokens[:, first:], mask[:, first:]
-        step = self._chunks(weights.shape[0], rows)
-        out = []
-        for i in range(0, weights.shape[0], step):
-            w = weights[i:i + step]
-            s = w.shape[0]
-            logits = self._forward_last(tokens.repeat(s, 1), mask.repeat(s, 1), self._hooks(w, rows))
-            out.append(logits.reshape(s, rows.numel(), -1))
-        return torch.cat(out)
-
     def _check_weights(self, weights: Tensor) -> Tensor:
         if weights.ndim == 2:
             weights = weights.unsqueeze(0)
@@ -308,65 +224,50 @@ class PatchObjective:
         return weights.to(self.device)
 
     def _get_runner(self) -> Any:
-        """The shared :class:`tvlens.analyses.patching.PatchRunner` over all prompts (None: use the hooks engine)."""
-        if self.engine == "hooks":
-            return None
+        """The engine's runner over all prompts (their forward run once, on first use)."""
         if self._runner is None:
-            try:
-                from types import SimpleNamespace
+            from types import SimpleNamespace
 
-                from .patching import PatchRunner
-            except ImportError:
-                if self.engine == "patching":
-                    raise
-                self.engine = "hooks"
-                return None
+            from ..engine.runner import PatchRunner
+
             target = SimpleNamespace(tokens=self.tokens, attention_mask=self.attention_mask, answer_ids=self.answer_ids)
             with torch.no_grad():
-                self._runner = PatchRunner(self.model, target)
+                self._runner = PatchRunner(self.model, target, fast=self.fast)
         return self._runner
 
-    def _edits(self, weights: Tensor) -> list:
+    def _edits(self, weights: Tensor, rows: Tensor | None = None) -> list:
         """One ``Edit`` per layer: ``z_final <- lerp(z_final, row mean, w[column, head])``."""
-        from .patching import Edit
+        from ..engine.sites import Edit
 
         active = range(self.info.n_layers) if weights.requires_grad else [
             layer for layer in range(self.info.n_layers) if bool((weights[:, layer] != 0).any())]
-        return [Edit(layer, "z", weight=weights[:, layer, :, None], value=self.row_means[:, layer][:, None])
+        means = self.row_means if rows is None else self.row_means[rows]
+        return [Edit(layer, "z", weight=weights[:, layer, :, None], value=means[:, layer][:, None])
                 for layer in active]
-
-    @staticmethod
-    def _metric_of(logits: Tensor, answers: Tensor, metric: str) -> Tensor:
-        """``logits [..., d_vocab]`` with ``answers`` broadcast on the leading axes -> metric [...]."""
-        if metric == "accuracy":
-            return (logits.argmax(-1) == answers).float()
-        logp = logits.log_softmax(-1) if logits.dtype == torch.float64 else logits.float().log_softmax(-1)
-        return logp.gather(-1, answers.expand(logp.shape[:-1]).unsqueeze(-1))[..., 0]
 
     def per_row(self, weights: Float[Tensor, "sample layer head"], metric: str = "logprob", rows: Tensor | None = None) -> Tensor:
         """The metric per weighting and prompt: [sample, row] (float32; float64 on a float64 model).
 
         Differentiable in ``weights`` when grad mode is on (the soft objective)."""
-        if metric not in METRICS:
-            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        if metric not in REWARDS:
+            raise ValueError(f"metric must be one of {REWARDS}, got {metric!r}")
         weights = self._check_weights(weights)
-        runner = self._get_runner() if rows is None else None
-        if runner is not None:
-            answers = self.answer_ids
-            edits = self._edits(weights)
-            if not edits:  # nothing patched: the runner's clean logits
-                clean = self._metric_of(runner.clean_logits, answers, metric)
-                return clean.unsqueeze(0).expand(weights.shape[0], -1).clone()
-            if torch.is_grad_enabled() and weights.requires_grad:
-                logits = runner.logits(edits, n_columns=weights.shape[0])  # [row, sample, vocab]
-                return self._metric_of(logits, answers[:, None], metric).T
-            with torch.no_grad():
-                vals = runner.map(edits, lambda lg: self._metric_of(lg, answers[:, None], metric), n_columns=weights.shape[0],
-                                  max_memory=RUNNER_MEMORY if self.device.type == "cpu" else None)
-            return vals.T
-        rows_t = torch.arange(self.n_rows, device=self.device) if rows is None else rows.to(self.device)
-        logits = self._hooked_logits(weights, rows_t)
-        return self._metric_of(logits, self.answer_ids[rows_t][None], metric)
+        runner = self._get_runner()
+        answers = self.answer_ids
+        if rows is not None:
+            rows = rows.to(self.device)
+            runner, answers = runner.subset(rows), answers[rows]
+        edits = self._edits(weights, rows)
+        if not edits:  # nothing patched: the runner's clean logits
+            clean = answer_metric(runner.clean_logits, answers, metric)
+            return clean.unsqueeze(0).expand(weights.shape[0], -1).clone()
+        if torch.is_grad_enabled() and weights.requires_grad:
+            logits = runner.logits(edits, n_columns=weights.shape[0])  # [row, sample, vocab]
+            return answer_metric(logits, answers[:, None], metric).T
+        with torch.no_grad():
+            vals = runner.map(edits, lambda lg: answer_metric(lg, answers[:, None], metric), n_columns=weights.shape[0],
+                              max_memory=self.max_memory)
+        return vals.T
 
     def per_task(self, weights: Float[Tensor, "sample layer head"], metric: str = "accuracy") -> Float[Tensor, "sample task"]:
         """The metric averaged per task: [sample, task]."""
@@ -521,7 +422,7 @@ class Selection:
         )
 
     def evaluate(self, model: Any, tasks: Any = None, *, metric: str = "accuracy", split: str = "test",
-                 n_prompts: int | None = None, seed: int = 0, engine: str = "auto") -> Float[Tensor, " task"]:
+                 n_prompts: int | None = None, seed: int = 0, fast: bool | str = "auto") -> Float[Tensor, " task"]:
         """Score this selection (:attr:`weights` patched with its own ``head_means``) on ``tasks``
         (default: the tasks it was made for) — first-token accuracy on the test split by default."""
         from ..results import check_same_model
@@ -537,7 +438,7 @@ class Selection:
                              "use evaluate_heads(model, tasks, selection, head_means=...) with means for those tasks")
         means = self.head_means[[self.tasks.index(t.name) for t in task_list]]
         return evaluate_heads(model, task_list, self, head_means=means, metric=metric, split=split, n_prompts=n_prompts,
-                              seed=seed, engine=engine)[0]
+                              seed=seed, fast=fast)[0]
 
     # ---- construction from a fixed set ----
     @classmethod
@@ -720,8 +621,8 @@ def reinforce_select(
     progress: bool = True,
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 10,
-    token_budget: int = DEFAULT_TOKEN_BUDGET,
-    engine: str = "auto",
+    max_memory: int | None = None,
+    fast: bool | str = "auto",
 ) -> Selection:
     """Select heads with REINFORCE (Hojel et al. 2024, "Finding Visual Task Vectors", §3.2).
 
@@ -773,8 +674,8 @@ def reinforce_select(
     checkpoint_every = _check_int("checkpoint_every", checkpoint_every, 1)
     if baseline not in BASELINES:
         raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if metric not in REWARDS:
+        raise ValueError(f"metric must be one of {REWARDS}, got {metric!r}")
     if positions != "separator":
         raise ValueError(f"positions={positions!r} is not supported: selection patches the final separator only; "
                          "use positions='separator'")
@@ -796,7 +697,7 @@ def reinforce_select(
         _check_int("n_prompts", n_prompts, 1)
         means = _means_for(model, task_list, head_means, n_prompts=n_mean_prompts, n_shots=n_shots, seed=seed)
         objective = PatchObjective.build(model, task_list, means, n_prompts=n_prompts, split=split, seed=seed,
-                                         token_budget=token_budget, engine=engine)
+                                         max_memory=max_memory, fast=fast)
 
         def reward(masks: Tensor) -> Tensor:
             return objective.reward(masks, metric)
@@ -903,8 +804,8 @@ def soft_select(
     progress: bool = True,
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 10,
-    token_budget: int = DEFAULT_TOKEN_BUDGET,
-    engine: str = "auto",
+    max_memory: int | None = None,
+    fast: bool | str = "auto",
 ) -> Selection:
     """Soft per-head task weights trained by gradient descent (the ``task_vectors`` package's "soft
     task vector", J. Newsom; a relaxation of Hojel et al.'s binary masks).
@@ -946,8 +847,8 @@ def soft_select(
     task_list = _resolve_tasks(tasks)
     task_names = tuple(t.name for t in task_list)
     means = _means_for(model, task_list, head_means, n_prompts=n_mean_prompts, n_shots=n_shots, seed=seed)
-    objective = PatchObjective.build(model, task_list, means, n_prompts=n_prompts, split=split, seed=seed, token_budget=token_budget,
-                                     engine=engine)
+    objective = PatchObjective.build(model, task_list, means, n_prompts=n_prompts, split=split, seed=seed, max_memory=max_memory,
+                                     fast=fast)
     config = dict(method="soft", tasks=list(task_names), lr=lr, l1=l1, init_logit=init_logit, seed=seed, n_prompts=n_prompts,
                   batch_size=batch_size, split=split, n_mean_prompts=n_mean_prompts, n_shots=n_shots, threshold=threshold,
                   objective=objective.digest())
@@ -1032,8 +933,8 @@ def evaluate_heads(
     seed: int = 0,
     n_mean_prompts: int = 100,
     n_shots: int = 5,
-    token_budget: int = DEFAULT_TOKEN_BUDGET,
-    engine: str = "auto",
+    max_memory: int | None = None,
+    fast: bool | str = "auto",
 ) -> Float[Tensor, "sample task"]:
     """Score head weightings on zero-shot prompts with the task means patched in at the final separator.
 
@@ -1050,8 +951,8 @@ def evaluate_heads(
     elif not isinstance(weights, Tensor):
         raise TypeError(f"weights must be a [sample, layer, head] tensor or Selection(s), got {type(weights).__name__}")
     means = _means_for(model, task_list, head_means, n_prompts=n_mean_prompts, n_shots=n_shots, seed=seed)
-    obj = PatchObjective.build(model, task_list, means, n_prompts=n_prompts, split=split, seed=seed, token_budget=token_budget,
-                               engine=engine)
+    obj = PatchObjective.build(model, task_list, means, n_prompts=n_prompts, split=split, seed=seed, max_memory=max_memory,
+                               fast=fast)
     return obj.per_task(weights.float() if weights.dtype == torch.bool else weights, metric)
 
 
@@ -1258,8 +1159,8 @@ def compare_selections(
     soft_kw: Mapping[str, Any] | None = None,
     cie_kw: Mapping[str, Any] | None = None,
     progress: bool = True,
-    token_budget: int = DEFAULT_TOKEN_BUDGET,
-    engine: str = "auto",
+    max_memory: int | None = None,
+    fast: bool | str = "auto",
 ) -> Comparison:
     """Compare ways of choosing the heads to patch, on held-out (test-split) zero-shot prompts.
 
@@ -1343,7 +1244,7 @@ def compare_selections(
                 continue
             sel = _given_selection(selections.get(method), group, g_tasks)
             if sel is None:
-                sel = fn(model, g_tasks, head_means=g_means, seed=seed, progress=progress, **{"engine": engine, **dict(kw or {})})
+                sel = fn(model, g_tasks, head_means=g_means, seed=seed, progress=progress, **{"fast": fast, "max_memory": max_memory, **dict(kw or {})})
             fixed[method] = sel
         for method in extra_methods:
             if method not in ("reinforce", "soft"):
@@ -1373,8 +1274,8 @@ def compare_selections(
                 w = torch.zeros(info.n_layers * info.n_heads)
                 w[perm] = 1.0
                 rows.append(("random_k", w.reshape(info.n_layers, info.n_heads)))
-        obj = PatchObjective.build(model, g_tasks, g_means, n_prompts=n_prompts, split="test", seed=seed, token_budget=token_budget,
-                                   engine=engine)
+        obj = PatchObjective.build(model, g_tasks, g_means, n_prompts=n_prompts, split="test", seed=seed, max_memory=max_memory,
+                                   fast=fast)
         scores = obj.per_task(torch.stack([w for _, w in rows]), "accuracy").double()  # [row, task]
         for r, (method, w) in enumerate(rows):
             if method == "random_k":

@@ -53,8 +53,6 @@ DEFAULT_EPS = 1e-6
 #: ``icl_prompts(model, task, n_prompts=n_prompts, n_shots=n_shots, seed=seed)``.
 _PROMPT_CHUNK = 1024
 _SEED_STRIDE = 1_000_003
-#: Largest float64 block (elements) materialised at once for the head-output (z @ W_O) moments.
-_MAX_BLOCK = 1 << 24
 
 SEPARATOR = "separator"
 ALL = "all"
@@ -606,7 +604,9 @@ def _accumulate_batch(
     model: Any, tokens: Tensor, mask: Tensor, token_class: Tensor, *, mode: str, cls: int | None,
     layer_ids: list[int], acc_z: _Moments, acc_o: _Moments | None, w_o: Tensor | None, stop_at: int | None,
 ) -> None:
-    from ..hooks import act_name, run
+    from ..engine.plan import memory_budget
+    from ..engine.readout import read
+    from ..hooks import act_name
 
     # drop columns that are padding in every row (left padding): fewer positions, same result
     keep = mask.bool().any(0)
@@ -620,22 +620,16 @@ def _accumulate_batch(
     ranks = rank[rows, cols].to(torch.long)
     device = acc_z.device
     rows_d, cols_d = rows.to(device), cols.to(device)
-    grabbed: dict[int, Tensor] = {}
-
-    def grab(layer: int):
-        def fn(z: Tensor, hook: Any) -> None:
-            grabbed[layer] = z[rows_d, cols_d].to(torch.float64)  # [n, head, d_head], a copy (z is freed)
-        return fn
-
-    hooks = [(act_name("z", layer), grab(layer)) for layer in layer_ids]
-    kw = {} if stop_at is None else {"stop_at_layer": stop_at}
-    run(model, tokens, attention_mask=mask, fwd_hooks=hooks, **kw)
-    vals = torch.stack([grabbed[layer] for layer in layer_ids], dim=1)  # [n, layer, head, d_head]
+    names = [act_name("z", layer) for layer in layer_ids]
+    # [n, head, d_head] per layer, copied inside the hook (the full hook_z is freed as the pass goes on)
+    grabbed, _ = read(model, tokens, mask, names, at=(rows_d, cols_d), stop_at_layer=stop_at, cast=torch.float64)
+    vals = torch.stack([grabbed[name] for name in names], dim=1)  # [n, layer, head, d_head]
     ranks = ranks.to(device)
     acc_z.add(ranks, vals.reshape(vals.shape[0], -1))
     if acc_o is not None:
         per_tok = w_o.shape[0] * w_o.shape[1] * w_o.shape[3]
-        step = max(1, _MAX_BLOCK // per_tok)
+        # the head outputs (z @ W_O, float64) are materialised a block of rows at a time, within the budget
+        step = max(1, memory_budget(device) // (8 * per_tok))
         for j in range(0, vals.shape[0], step):
             out = torch.einsum("nlhd,lhdm->nlhm", vals[j:j + step], w_o)
             acc_o.add(ranks[j:j + step], out.reshape(out.shape[0], -1))
@@ -972,8 +966,10 @@ def validate_taskness(
     (issue 7; the mean-head patching of Todd et al. 2024 §2.3, restricted to the final token).
 
     All head sets are evaluated as columns of one ``tvlens.analyses.patching.PatchRunner`` pass per task
-    (``fast=False``: one plain hooked forward per head set; same numbers)."""
-    from ..hooks import act_name, run
+    (``fast=False``: whole hooked forwards, head sets along the batch axis; same numbers)."""
+    from ..engine.readout import final_logits
+    from ..engine.runner import PatchRunner
+    from ..engine.sites import replace_heads
     from ..models import ModelInfo
     from ..inputs.text import icl_prompts
 
@@ -1010,42 +1006,17 @@ def validate_taskness(
         if scores.layers[li] not in layer_pos:
             raise ValueError(f"layer {scores.layers[li]} of the scores has no mean in these stats (layers {final.layers})")
 
-    def hooked_correct(batch: Any, means: Tensor | None, col: int | None) -> Tensor:
-        """[batch] first-token correctness, patching column ``col``'s heads with a plain hook per layer."""
-        out = []
-        for i in range(0, len(batch), batch_size):
-            tokens, mask = batch.tokens[i:i + batch_size], batch.attention_mask[i:i + batch_size]
-            fwd = []
-            for li in (used if col is not None else []):
-                idx = masks[col, li].nonzero().squeeze(1)
-                if idx.numel() == 0:
-                    continue
-                val = means[layer_pos[scores.layers[li]]][idx]  # [k_l, d_head]
-
-                def patch(z: Tensor, hook: Any, idx=idx, val=val) -> Tensor:
-                    z[:, -1, idx.to(z.device)] = val.to(device=z.device, dtype=z.dtype)
-                    return z
-
-                fwd.append((act_name("z", scores.layers[li]), patch))
-            logits = run(model, tokens, attention_mask=mask, fwd_hooks=fwd)
-            out.append(logits[:, -1].argmax(-1).cpu() == batch.answer_ids[i:i + batch_size].cpu())
-        return torch.cat(out).float()
+    def correct(batch: Any) -> Tensor:
+        """[batch] first-token correctness of the unpatched model."""
+        logits = final_logits(model, batch.tokens, batch.attention_mask, batch_size=batch_size)
+        return (logits.argmax(-1) == batch.answer_ids.cpu()).float()
 
     def patched_correct(batch: Any, means: Tensor) -> Tensor:
-        """[batch, column] correctness; tvlens.analyses.patching's PatchRunner evaluates all columns in one pass
-        (only the final token is recomputed); plain hooked forwards when it is unavailable."""
-        try:
-            from .patching import PatchRunner, replace_heads
-        except ImportError:
-            PatchRunner = None  # noqa: N806
-        if PatchRunner is not None and fast:
-            runner = PatchRunner(model, batch)
-            edits = [replace_heads(scores.layers[li], masks[:, li], means[layer_pos[scores.layers[li]]])
-                     for li in used]
-            answer = batch.answer_ids.to(runner.device)
-            hit = runner.map(edits, lambda lg: (lg.argmax(-1) == answer[:, None]).float(), len(columns))
-            return hit.cpu()
-        return torch.stack([hooked_correct(batch, means, c) for c in range(len(columns))], dim=1)
+        """[batch, column] correctness, every head set one column of the engine's runner."""
+        runner = PatchRunner(model, batch, fast="auto" if fast else False)
+        edits = [replace_heads(scores.layers[li], masks[:, li], means[layer_pos[scores.layers[li]]]) for li in used]
+        answer = batch.answer_ids.to(runner.device)
+        return runner.map(edits, lambda lg: (lg.argmax(-1) == answer[:, None]).float(), len(columns)).cpu()
 
     top = torch.zeros(len(task_list), len(ks))
     rnd = torch.zeros(len(task_list), len(ks), n_random)
@@ -1056,8 +1027,8 @@ def validate_taskness(
         name = _task_name(task)
         means = final.mean(name)  # [layer, head, d_head]
         zs = icl_prompts(model, task, n_prompts=n_prompts, n_shots=0, seed=seed + 17)
-        zero[ti] = hooked_correct(zs, None, None).mean()
-        icl[ti] = hooked_correct(icl_prompts(model, task, n_prompts=n_prompts, n_shots=n_shots, seed=seed + 17), None, None).mean()
+        zero[ti] = correct(zs).mean()
+        icl[ti] = correct(icl_prompts(model, task, n_prompts=n_prompts, n_shots=n_shots, seed=seed + 17)).mean()
         acc = patched_correct(zs, means).mean(0).view(len(ks), 1 + n_random)
         top[ti], rnd[ti] = acc[:, 0], acc[:, 1:]
     meta = {"model": info.name, "config_hash": info.config_hash, "n_prompts": n_prompts, "seed": seed,

@@ -44,7 +44,6 @@ import dataclasses
 import html
 import math
 import time
-import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +56,8 @@ from torch import Tensor
 
 from .. import hooks as _hooks
 from ..hooks import act_name
+from ..engine.plan import DEFAULT_BATCH, length_buckets, pad_id_of, pad_left, rows_of
+from ..engine.readout import run_rows, run_shared, tree_mask_ok
 from ..results import ResultMeta, check_same_model, load_result, load_tensors, save_tensors
 
 __all__ = [
@@ -85,9 +86,6 @@ _MODES = ("replace", "add")
 _SPLITS = ("train", "dev", "test")
 _SWEEP_KINDS = ("task", "instruction", "ensemble", "function")
 _LABEL = {"task": "TV", "instruction": "IV", "ensemble": "TV+IV", "function": "FV"}
-#: Rows per forward pass in the extraction / evaluation passes, and a cap on rows x tokens.
-_DEFAULT_BATCH = 64
-_MAX_TOKENS = 4096
 
 
 # ----------------------------------------------------------------------------------------------
@@ -457,163 +455,6 @@ def _task_obj(task: Any) -> Any:
     return _resolve_task(task)
 
 
-def _pad_id(model: Any) -> int:
-    tok = getattr(model, "tokenizer", None)
-    for attr in ("pad_token_id", "eos_token_id"):
-        v = getattr(tok, attr, None)
-        if v is not None:
-            return int(v)
-    return 0
-
-
-# ----------------------------------------------------------------------------------------------
-# the row engine: final-position read-out and patching, length-bucketed
-
-
-_LTK: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
-
-
-def _rows_of(batch: Any) -> list[Tensor]:
-    """The prompts of a left-padded batch without their padding (one 1-D token tensor each)."""
-    mask = batch.attention_mask.bool()
-    return [batch.tokens[i][mask[i]] for i in range(batch.tokens.shape[0])]
-
-
-def _row_chunks(lengths: Sequence[int], batch_size: int, *, exact: bool = False) -> list[list[int]]:
-    """Row indices grouped into forward passes of similar length (little or no padding;
-    ``exact``: one length per pass, so no padding at all)."""
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    chunks: list[list[int]] = []
-    cur: list[int] = []
-    for i in order:
-        if cur and (len(cur) >= batch_size or (len(cur) + 1) * lengths[i] > max(_MAX_TOKENS, lengths[i])
-                    or (exact and lengths[i] != lengths[cur[0]])):
-            chunks.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        chunks.append(cur)
-    return chunks
-
-
-def _pad_left(rows: Sequence[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
-    width = max(int(r.shape[0]) for r in rows)
-    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        tokens[i, width - r.shape[0]:] = r
-        mask[i, width - r.shape[0]:] = 1
-    return tokens, mask
-
-
-def _forward_last(model: Any, tokens: Tensor, mask: Tensor, fwd_hooks: list, **kw: Any) -> Tensor:
-    """Final-position logits; asks the model for the last position only when it supports it."""
-    use = _LTK.get(model, True)
-    if use:
-        try:
-            out = _hooks.run(model, tokens, attention_mask=mask, fwd_hooks=fwd_hooks, logits_to_keep=1, **kw)
-            _LTK[model] = True
-            return out[:, -1]
-        except TypeError as err:
-            if "logits_to_keep" not in str(err):
-                raise
-            _LTK[model] = False
-    return _hooks.run(model, tokens, attention_mask=mask, fwd_hooks=fwd_hooks, **kw)[:, -1]
-
-
-_FINAL_ONLY: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
-
-
-def _last_token_only(act: Tensor, hook: Any = None) -> Tensor:
-    return act[:, -1:]
-
-
-@torch.no_grad()
-def _final_only_ok(model: Any) -> bool:
-    """Can the MLP of a pass's last block run on the final position only?
-
-    Only the final position of the last block a pass needs is ever read, so its MLP input
-    (``blocks.{l}.ln2.hook_in``) is cut to that position (the residual add broadcasts). Checked
-    once per model against the plain forward: where it does not reproduce the final logits (an
-    architecture without that hook or with another block layout), it is not used.
-    """
-    ok = _FINAL_ONLY.get(model)
-    if ok is None:
-        from ..models import ModelInfo
-
-        info = ModelInfo.of(model)
-        name = f"blocks.{info.n_layers - 1}.ln2.hook_in"
-        ok = False
-        if name in model.hook_dict:
-            g = torch.Generator().manual_seed(0)
-            tokens = torch.randint(0, info.d_vocab, (2, 6), generator=g).to(_hooks.device_of(model))
-            try:
-                ref = _hooks.run(model, tokens)[:, -1]
-                got = _hooks.run(model, tokens, fwd_hooks=[(name, _last_token_only)])[:, -1]
-                ok = bool(torch.allclose(got.float(), ref.float(), atol=1e-4, rtol=1e-4))
-            except Exception:
-                ok = False
-        _FINAL_ONLY[model] = ok
-    return ok
-
-
-@torch.no_grad()
-def _run_rows(
-    model: Any,
-    rows: Sequence[Tensor],
-    *,
-    capture: Sequence[int] = (),
-    logits: bool = True,
-    patch_layer: int | None = None,
-    patch_value: Tensor | None = None,
-    patch_mode: str = "replace",
-    batch_size: int = _DEFAULT_BATCH,
-) -> tuple[Tensor | None, dict[int, Tensor]]:
-    """Run prompts (unpadded rows) in length-sorted chunks; read the final position.
-
-    Returns the final-position logits ``[rows, d_vocab]`` (float32 CPU, if ``logits``) and the
-    residual entering each block in ``capture`` at the final position (``{layer: [rows, d_model]}``).
-    ``patch_value`` (``[d_model]`` or ``[rows, d_model]``) replaces / is added to the final position
-    of ``blocks.{patch_layer}.hook_resid_pre``.  Without logits the pass stops at the last captured layer.
-    """
-    from ..models import ModelInfo
-
-    info = ModelInfo.of(model)
-    n = len(rows)
-    device = _hooks.device_of(model)
-    pad = _pad_id(model)
-    caps = {int(l): torch.empty((n, info.d_model), dtype=torch.float32) for l in capture}
-    out = torch.empty((n, info.d_vocab), dtype=torch.float32) if logits else None
-    stop = None if logits or not caps else max(caps)
-    # the last block the pass runs is needed at the final position only: its MLP runs there only
-    last = info.n_layers - 1 if stop is None else stop - 1
-    cut = [(f"blocks.{last}.ln2.hook_in", _last_token_only)] if last >= 0 and _final_only_ok(model) else []
-    for idx in _row_chunks([int(r.shape[0]) for r in rows], batch_size):
-        tokens, mask = _pad_left([rows[i] for i in idx], pad)
-        it = torch.as_tensor(idx)
-        fwd: list = []
-        for layer in caps:
-            def grab(act: Tensor, hook: Any = None, layer: int = layer, it: Tensor = it) -> None:
-                caps[layer][it] = act[:, -1].detach().to("cpu", torch.float32)
-            fwd.append((act_name("resid_pre", layer), grab))
-        if patch_layer is not None and patch_value is not None:
-            pv = patch_value if patch_value.ndim == 1 else patch_value[it]
-
-            def patch(act: Tensor, hook: Any = None, pv: Tensor = pv) -> Tensor:
-                act = act.clone()
-                v = pv.to(act.device, act.dtype)
-                act[:, -1] = v if patch_mode == "replace" else act[:, -1] + v
-                return act
-            # the patch must run before any capture at the same hook point
-            fwd.insert(0, (act_name("resid_pre", patch_layer), patch))
-        fwd.extend(cut)
-        if logits:
-            out[it] = _forward_last(model, tokens.to(device), mask.to(device), fwd).detach().to("cpu", torch.float32)
-        else:
-            _hooks.run(model, tokens.to(device), attention_mask=mask.to(device), fwd_hooks=fwd, stop_at_layer=stop)
-    return out, caps
-
-
 # ----------------------------------------------------------------------------------------------
 # extraction
 
@@ -641,133 +482,11 @@ def _vectors_from_batches(model: Any, batches: Sequence[Any], layers: Sequence[i
     """Mean final-position residual per batch and layer: ``[batch_index, layer_index, d_model]``, one pass."""
     rows, owner = [], []
     for b, batch in enumerate(batches):
-        r = _rows_of(batch)
+        r = rows_of(batch)
         rows.extend(r)
         owner.extend([b] * len(r))
-    _, caps = _run_rows(model, rows, capture=layers, logits=False, batch_size=batch_size)
+    _, caps = run_rows(model, rows, capture=layers, logits=False, batch_size=batch_size)
     return _means_by_owner(caps, list(layers), torch.as_tensor(owner), len(batches))
-
-
-# -- two prompts that share a prefix, in one sequence ------------------------------------------
-#
-# The extraction prompt i (demos_i, dummy query) and the ICL prompt i (demos_i, test query) of a
-# sweep share everything up to the query.  Packed as ``prefix + branch_a + branch_b`` with a
-# tree-shaped attention mask (branch_b does not see branch_a) and branch_b's position ids
-# continuing the prefix, one forward gives both prompts' states exactly, and the shared demos are
-# computed once (Hendel et al.'s prefix trick, without a KV cache).
-
-_SHARED: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
-
-
-def _common_prefix(a: Tensor, b: Tensor) -> int:
-    n = min(int(a.shape[0]), int(b.shape[0])) - 1  # each branch keeps at least its last token
-    if n <= 0:
-        return 0
-    diff = (a[:n] != b[:n]).nonzero()
-    return int(diff[0]) if diff.numel() else n
-
-
-def _pack(prefix: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Tokens, position ids and the boolean [n, n] attention pattern of one packed sequence."""
-    P, la, lb = int(prefix.shape[0]), int(a.shape[0]), int(b.shape[0])
-    n = P + la + lb
-    allow = torch.zeros((n, n), dtype=torch.bool)
-    allow[: P + la, : P + la] = torch.ones((P + la, P + la), dtype=torch.bool).tril()
-    allow[P + la:, :P] = True
-    allow[P + la:, P + la:] = torch.ones((lb, lb), dtype=torch.bool).tril()
-    pos = torch.cat([torch.arange(P + la), torch.arange(P, P + lb)])
-    return torch.cat([prefix, a, b]), pos, allow
-
-
-def _packed_chunk(model: Any, packs: Sequence[tuple[Tensor, Tensor, Tensor, int]], pad: int, dtype: torch.dtype,
-                  device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Left-padded tokens, position ids, additive 4D mask, and each row's branch-a end index."""
-    width = max(int(t.shape[0]) for t, _, _, _ in packs)
-    B = len(packs)
-    tokens = torch.full((B, width), pad, dtype=torch.long)
-    pos = torch.zeros((B, width), dtype=torch.long)
-    allow = torch.eye(width, dtype=torch.bool).repeat(B, 1, 1)  # pads see themselves only (no empty softmax rows)
-    a_end = torch.zeros(B, dtype=torch.long)
-    for r, (t, p, al, la_end) in enumerate(packs):
-        n = int(t.shape[0])
-        tokens[r, width - n:] = t
-        pos[r, width - n:] = p
-        allow[r, width - n:, :] = False
-        allow[r, width - n:, width - n:] = al
-        a_end[r] = width - n + la_end
-    mask = torch.zeros((B, 1, width, width), dtype=dtype).masked_fill(~allow[:, None], torch.finfo(dtype).min)
-    return tokens.to(device), pos.to(device), mask.to(device), a_end
-
-
-@torch.no_grad()
-def _shared_ok(model: Any) -> bool:
-    """Does this model take a 4D attention mask and position ids exactly (checked once per model)?"""
-    ok = _SHARED.get(model)
-    if ok is None:
-        from ..models import ModelInfo
-
-        info = ModelInfo.of(model)
-        ok = False
-        try:
-            g = torch.Generator().manual_seed(1)
-            prefix, a, b = (torch.randint(0, info.d_vocab, (k,), generator=g) for k in (5, 2, 3))
-            store: dict[str, Tensor] = {}
-            layer = info.n_layers - 1
-
-            def grab(act: Tensor, hook: Any = None) -> None:
-                store["r"] = act.detach().clone()
-
-            dev = _hooks.device_of(model)
-            _hooks.run(model, torch.cat([prefix, a])[None].to(dev), fwd_hooks=[(act_name("resid_pre", layer), grab)])
-            ref_a = store["r"][0, -1]
-            ref_b = _hooks.run(model, torch.cat([prefix, b])[None].to(dev))[0, -1]
-            t, p, al = _pack(prefix, a, b)
-            dtype = next(model.parameters()).dtype
-            tokens, pos, mask, a_end = _packed_chunk(model, [(t, p, al, 5 + 2 - 1)], 0, dtype, dev)
-            got_b = _hooks.run(model, tokens, attention_mask=mask, position_ids=pos,
-                               fwd_hooks=[(act_name("resid_pre", layer), grab)])[0, -1]
-            got_a = store["r"][0, int(a_end[0])]
-            tol = 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
-            ok = bool(torch.allclose(got_a.float(), ref_a.float(), atol=tol, rtol=tol)
-                      and torch.allclose(got_b.float(), ref_b.float(), atol=tol, rtol=tol))
-        except Exception:
-            ok = False
-        _SHARED[model] = ok
-    return ok
-
-
-@torch.no_grad()
-def _run_shared(model: Any, pairs: Sequence[tuple[Tensor, Tensor]], layers: Sequence[int],
-                batch_size: int) -> tuple[dict[int, Tensor], Tensor]:
-    """For pairs of prompts (a, b) sharing a prefix: the residual entering each block in ``layers``
-    at a's last token, and the final-position logits of b — one packed forward per chunk."""
-    from ..models import ModelInfo
-
-    info = ModelInfo.of(model)
-    device = _hooks.device_of(model)
-    dtype = next(model.parameters()).dtype
-    pad = _pad_id(model)
-    packs = []
-    for a, b in pairs:
-        P = _common_prefix(a, b)
-        t, p, al = _pack(a[:P], a[P:], b[P:])
-        packs.append((t, p, al, int(a.shape[0]) - 1))
-    n = len(packs)
-    caps = {int(l): torch.empty((n, info.d_model), dtype=torch.float32) for l in layers}
-    logits = torch.empty((n, info.d_vocab), dtype=torch.float32)
-    cut = [(f"blocks.{info.n_layers - 1}.ln2.hook_in", _last_token_only)] if _final_only_ok(model) else []
-    for idx in _row_chunks([int(pk[0].shape[0]) for pk in packs], batch_size):
-        it = torch.as_tensor(idx)
-        tokens, pos, mask, a_end = _packed_chunk(model, [packs[i] for i in idx], pad, dtype, device)
-        rows = torch.arange(len(idx))
-        fwd: list = []
-        for layer in caps:
-            def grab(act: Tensor, hook: Any = None, layer: int = layer, it: Tensor = it) -> None:
-                caps[layer][it] = act[rows.to(act.device), a_end.to(act.device)].detach().to("cpu", torch.float32)
-            fwd.append((act_name("resid_pre", layer), grab))
-        fwd.extend(cut)
-        logits[it] = _forward_last(model, tokens, mask, fwd, position_ids=pos).detach().to("cpu", torch.float32)
-    return caps, logits
 
 
 def _extract_with_icl(model: Any, ext: Sequence[Any], icl: Sequence[Any], layers: Sequence[int],
@@ -777,13 +496,13 @@ def _extract_with_icl(model: Any, ext: Sequence[Any], icl: Sequence[Any], layers
 
     ICL prompt ``i`` of a task is packed with the task's extraction prompt ``i`` (they share the demos)
     when the model takes tree attention masks exactly; otherwise everything runs unpacked."""
-    ext_rows = [_rows_of(b) for b in ext]
-    icl_rows = [_rows_of(b) for b in icl]
-    extra_rows = [_rows_of(b) for b in extra]
+    ext_rows = [rows_of(b) for b in ext]
+    icl_rows = [rows_of(b) for b in icl]
+    extra_rows = [rows_of(b) for b in extra]
     n_b = len(ext) + len(extra)
-    if not ext or not _shared_ok(model):
+    if not ext or not tree_mask_ok(model):
         vecs = _vectors_from_batches(model, [*ext, *extra], layers, batch_size) if n_b else None
-        logits, _ = _run_rows(model, [r for rs in icl_rows for r in rs], batch_size=batch_size)
+        logits, _ = run_rows(model, [r for rs in icl_rows for r in rs], batch_size=batch_size)
         return vecs, logits
     if len(ext) != len(icl):
         raise ValueError("internal: one ICL batch per extraction batch")
@@ -801,11 +520,11 @@ def _extract_with_icl(model: Any, ext: Sequence[Any], icl: Sequence[Any], layers
     for k, rs in enumerate(extra_rows):
         single.extend(rs)
         single_owner.extend([len(ext) + k] * len(rs))
-    caps_p, logits = _run_shared(model, pairs, layers, batch_size)
+    caps_p, logits = run_shared(model, pairs, layers, batch_size)
     owner = pair_owner
     caps = caps_p
     if single:
-        _, caps_s = _run_rows(model, single, capture=layers, logits=False, batch_size=batch_size)
+        _, caps_s = run_rows(model, single, capture=layers, logits=False, batch_size=batch_size)
         caps = {l: torch.cat([caps_p[l], caps_s[l]]) for l in caps_p}
         owner = pair_owner + single_owner
     vecs = _means_by_owner(caps, list(layers), torch.as_tensor(owner), n_b)
@@ -827,7 +546,7 @@ def task_vectors_all_layers(
     n_shots: int = 5,
     dummy_query: bool = True,
     seed: int = 0,
-    batch_size: int = _DEFAULT_BATCH,
+    batch_size: int = DEFAULT_BATCH,
 ) -> list[TaskVector]:
     """Task vectors of ``task`` at every layer in ``layers`` (default all), from ONE pass of hooks.
 
@@ -859,7 +578,7 @@ def task_vector(
     n_shots: int = 5,
     dummy_query: bool = True,
     seed: int = 0,
-    batch_size: int = _DEFAULT_BATCH,
+    batch_size: int = DEFAULT_BATCH,
 ) -> TaskVector:
     """Hendel et al. 2023's task vector: the residual entering block ``layer`` at the final separator,
     averaged over ``n_prompts`` ``n_shots``-shot prompts of ``task``.
@@ -880,7 +599,7 @@ def instruction_vector(
     layer: int,
     n_prompts: int = 50,
     seed: int = 0,
-    batch_size: int = _DEFAULT_BATCH,
+    batch_size: int = DEFAULT_BATCH,
 ) -> TaskVector:
     """Luo et al. 2024's instruction-based vector: the residual entering block ``layer`` at the final
     separator of prompts ``"<instruction>\\n x →"`` (the task's instruction sentence, no examples),
@@ -941,7 +660,7 @@ def _as_rows(prompts: Any, attention_mask: Tensor | None) -> tuple[list[Tensor],
     from ..inputs.text import PromptBatch
 
     if isinstance(prompts, PromptBatch):
-        return _rows_of(prompts), prompts
+        return rows_of(prompts), prompts
     if isinstance(prompts, Tensor) and not prompts.is_floating_point():
         tokens = prompts[None] if prompts.ndim == 1 else prompts
         if tokens.ndim != 2:
@@ -952,7 +671,7 @@ def _as_rows(prompts: Any, attention_mask: Tensor | None) -> tuple[list[Tensor],
         if not bool(mask[:, -1].all()):
             raise ValueError("the last position of some row is padding; tvlens applies vectors at position -1, "
                              "so pad on the LEFT (tvlens.icl_prompts does)")
-        return _rows_of(SimpleNamespace(tokens=tokens.cpu(), attention_mask=mask.cpu())), None
+        return rows_of(SimpleNamespace(tokens=tokens.cpu(), attention_mask=mask.cpu())), None
     raise TypeError(f"prompts must be a tvlens PromptBatch (tvlens.icl_prompts) or a [batch, pos] token tensor, "
                     f"got {type(prompts).__name__}")
 
@@ -966,7 +685,7 @@ def apply_vector(
     alpha: float = 1.0,
     layer: int | None = None,
     attention_mask: Tensor | None = None,
-    batch_size: int = _DEFAULT_BATCH,
+    batch_size: int = DEFAULT_BATCH,
 ) -> Float[Tensor, "batch d_vocab"]:
     """Run ``prompts`` with ``vector`` at the final position; return the final-position logits (float32 CPU).
 
@@ -983,7 +702,7 @@ def apply_vector(
     batch_size = _check_int("batch_size", batch_size, 1)
     rows, _ = _as_rows(prompts, attention_mask)
     value = vector.vector * float(alpha) if mode == "add" else vector.vector
-    logits, _ = _run_rows(model, rows, patch_layer=target, patch_value=value, patch_mode=mode, batch_size=batch_size)
+    logits, _ = run_rows(model, rows, patch_layer=target, patch_value=value, patch_mode=mode, batch_size=batch_size)
     return logits
 
 
@@ -1025,7 +744,7 @@ def evaluate_vector(
     mode: str | None = None,
     alpha: float = 1.0,
     layer: int | None = None,
-    batch_size: int = _DEFAULT_BATCH,
+    batch_size: int = DEFAULT_BATCH,
 ) -> float:
     """First-token accuracy of zero-shot prompts ``"x →"`` of ``task`` (up to ``n_prompts`` distinct
     queries from ``split``) with ``vector`` applied (see :func:`apply_vector`). Hendel et al. 2023's "task vector" accuracy."""
@@ -1077,14 +796,15 @@ def _grid_eval(
     The prompts of all batches are pooled and grouped by length (no padding: no attention mask);
     each group is one :class:`~tvlens.analyses.patching.PatchRunner`: the prompts run once, then only the
     final token is recomputed from each column's layer up, every column side by side."""
-    from ..analyses.patching import PatchRunner, add_resid, replace_resid
+    from ..engine.runner import PatchRunner
+    from ..engine.sites import add_resid, replace_resid
 
-    pad = _pad_id(model)
+    pad = pad_id_of(model)
     rows: list[Tensor] = []
     owner: list[int] = []
     answers: list[Tensor] = []
     for b, batch in enumerate(batches):
-        r = _rows_of(batch)
+        r = rows_of(batch)
         rows.extend(r)
         owner.extend([b] * len(r))
         answers.append(batch.answer_ids.cpu())
@@ -1095,9 +815,9 @@ def _grid_eval(
     by_layer: dict[int, list[int]] = {}
     for c, l in enumerate(col_layers):
         by_layer.setdefault(int(l), []).append(c)
-    for idx in _row_chunks([int(r.shape[0]) for r in rows], rows_per_group, exact=True):
+    for idx in length_buckets([int(r.shape[0]) for r in rows], rows_per_group, exact=True):
         it = torch.as_tensor(idx)
-        tokens, mask = _pad_left([rows[i] for i in idx], pad)
+        tokens, mask = pad_left([rows[i] for i in idx], pad)
         target = SimpleNamespace(tokens=tokens, attention_mask=mask, answer_ids=ans_all[it])
         runner = PatchRunner(model, target)
         edits = []
@@ -1341,7 +1061,7 @@ def layer_sweep(
     dummy_query: bool = True,
     center: bool = False,
     function_kw: Mapping[str, Any] | None = None,
-    batch_size: int = _DEFAULT_BATCH,
+    batch_size: int = DEFAULT_BATCH,
     checkpoint: str | Path | None = None,
 ) -> SweepResult:
     """Hendel et al. 2023's layer sweep: for every task and layer, the accuracy of the task vector
@@ -1423,7 +1143,7 @@ def layer_sweep(
             fkw.setdefault("seed", seed)
             fvs = [function_vector(model, task_list[t], **fkw) for t in idx]
             v = torch.stack([fv.vector for fv in fvs])[:, None].expand(n, L, -1).contiguous()
-            icl_logits, _ = _run_rows(model, [r for b in sub_icl for r in _rows_of(b)], batch_size=batch_size)
+            icl_logits, _ = run_rows(model, [r for b in sub_icl for r in rows_of(b)], batch_size=batch_size)
         else:
             # one pass: every layer's vector, and the ICL prompts packed with the extraction prompts
             # they share their demos with

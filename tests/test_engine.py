@@ -1,0 +1,197 @@
+"""The engine: every strategy gives the numbers of one plain ``run_with_hooks`` per column.
+
+Also the parts the analyses build on: sites as data (a set or a mask of positions), the inputs
+protocol (extra model inputs reach every forward, rows can be taken), row subsets of a cached run,
+the one capability cache and the one memory budget.  References are TransformerLens's own
+``run_with_hooks`` with plain hook functions (``tests/reference_patching.py``), nothing of tvlens.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import tvlens
+from reference_patching import HOOK, forward
+from tvlens.engine import Edit, PatchRunner, as_batch, capabilities, replace_heads
+from tvlens.engine.plan import length_buckets, memory_budget
+
+TASK = "antonym"
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_llama):
+    return tvlens.icl_prompts(tiny_llama, TASK, n_prompts=3, n_shots=2, seed=4)
+
+
+def _means(model, seed=0):
+    info = tvlens.ModelInfo.of(model)
+    return torch.randn(info.n_layers, info.n_heads, info.d_head, generator=torch.Generator().manual_seed(seed))
+
+
+def _set_heads(layer_means, heads, positions):
+    """A plain hook: z[:, positions, heads] <- the given means."""
+    def fn(z, hook):
+        z = z.clone()
+        for p in positions:
+            z[:, p, heads] = layer_means[heads].to(z.dtype)
+        return z
+    return fn
+
+
+def test_a_set_of_positions_equals_a_hooked_forward(tiny_model):
+    b = tvlens.icl_prompts(tiny_model, TASK, n_prompts=3, n_shots=2, seed=4)
+    P = b.tokens.shape[1]
+    means = _means(tiny_model)
+    heads = torch.tensor([0, 2])
+    positions = [P - 4, P - 2]
+    # layer 0: earlier positions' heads reach the final logits only through later layers
+    ref = forward(tiny_model, b, [(HOOK["z"].format(0), _set_heads(means[0], heads, positions))])
+    runner = PatchRunner(tiny_model, b)
+    weight = torch.zeros(tvlens.ModelInfo.of(tiny_model).n_heads, 1)
+    weight[heads] = 1.0
+    as_list = runner.logits([Edit(0, "z", weight=weight, value=means[0], pos=positions)], 1, start_pos=P - 4)[:, 0]
+    mask = torch.zeros(P, dtype=torch.bool)
+    mask[positions] = True
+    as_mask = runner.logits([Edit(0, "z", weight=weight, value=means[0], pos=mask)], 1, start_pos=P - 4)[:, 0]
+    unpatched = runner.clean_logits
+    assert (ref - unpatched).abs().max() > 1e-3  # the patch changes the answer logits
+    torch.testing.assert_close(as_list, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(as_mask, as_list, atol=0, rtol=0)
+
+
+def test_a_weight_with_a_position_axis_is_a_mask_per_column(batch, tiny_llama):
+    """Hojel et al. 2024's (head x position) masks: column c patches its own heads at its own positions."""
+    P = batch.tokens.shape[1]
+    means = _means(tiny_llama, 1)
+    n_heads = tvlens.ModelInfo.of(tiny_llama).n_heads
+    start = P - 3
+    masks = torch.zeros(2, P - start, n_heads, 1)  # [column, pos, head, 1]
+    masks[0, 0, 1] = 1.0  # column 0: head 1 at position P-3
+    masks[1, 2, [0, 3]] = 1.0  # column 1: heads 0 and 3 at the final position
+    got = PatchRunner(tiny_llama, batch).logits([Edit(0, "z", weight=masks, value=means[0])], 2, start_pos=start)
+    refs = [forward(tiny_llama, batch, [(HOOK["z"].format(0), _set_heads(means[0], torch.tensor([1]), [P - 3]))]),
+            forward(tiny_llama, batch, [(HOOK["z"].format(0), _set_heads(means[0], torch.tensor([0, 3]), [P - 1]))])]
+    for c in range(2):
+        torch.testing.assert_close(got[:, c], refs[c], atol=1e-4, rtol=1e-4)
+
+
+def test_whole_forwards_with_columns_along_the_batch_equal_the_fast_path(tiny_model):
+    b = tvlens.icl_prompts(tiny_model, TASK, n_prompts=4, n_shots=2, seed=1)
+    info = tvlens.ModelInfo.of(tiny_model)
+    means = _means(tiny_model, 2)
+    masks = torch.rand(5, info.n_layers, info.n_heads, generator=torch.Generator().manual_seed(3)) < 0.4
+    edits = [replace_heads(layer, masks[:, layer].float(), means[layer]) for layer in range(info.n_layers)]
+    fast = PatchRunner(tiny_model, b).logits(edits, 5)
+    full = PatchRunner(tiny_model, b, fast=False).logits(edits, 5)
+    torch.testing.assert_close(full, fast, atol=1e-4, rtol=1e-4)
+    for c in range(5):  # and both are one plain hooked forward per column
+        hooks = [(HOOK["z"].format(layer), _set_heads(means[layer], masks[c, layer].nonzero().flatten(), [-1]))
+                 for layer in range(info.n_layers) if masks[c, layer].any()]
+        torch.testing.assert_close(full[:, c], forward(tiny_model, b, hooks), atol=1e-4, rtol=1e-4)
+
+
+def test_whole_forwards_are_chunked_by_the_memory_budget(batch, tiny_llama, monkeypatch):
+    import tvlens.engine.runner as R
+
+    info = tvlens.ModelInfo.of(tiny_llama)
+    means = _means(tiny_llama, 5)
+    masks = torch.eye(info.n_heads)[None].expand(info.n_layers, -1, -1).transpose(0, 1).float()  # [column, layer, head]
+    edits = [replace_heads(layer, masks[:, layer], means[layer]) for layer in range(info.n_layers)]
+    whole = PatchRunner(tiny_llama, batch, fast=False).logits(edits, info.n_heads)
+    calls = []
+    real = R._hooks.run
+    monkeypatch.setattr(R, "memory_budget", lambda device, max_memory=None: 1)  # one column per forward
+    monkeypatch.setattr(R._hooks, "run", lambda *a, **k: calls.append(a[1].shape[0]) or real(*a, **k))
+    chunked = PatchRunner(tiny_llama, batch, fast=False).logits(edits, info.n_heads)
+    assert calls[1:] == [len(batch)] * info.n_heads  # after the target run: one forward per column
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_a_subset_of_a_cached_run_equals_a_fresh_run(tiny_model):
+    b = tvlens.icl_prompts(tiny_model, TASK, n_prompts=5, n_shots=2, seed=2)
+    info = tvlens.ModelInfo.of(tiny_model)
+    means = _means(tiny_model, 4)
+    edits = [replace_heads(1, torch.ones(2, info.n_heads), means[1]), Edit(0, "z", weight=0.5, value=means[0], columns=[1])]
+    rows = torch.tensor([4, 1, 2])
+    got = PatchRunner(tiny_model, b).subset(rows).logits(edits, 2)
+    fresh = PatchRunner(tiny_model, b.select(rows)).logits(edits, 2)
+    torch.testing.assert_close(got, fresh, atol=1e-5, rtol=1e-5)
+
+
+class _WithPositions(SimpleNamespace):
+    """A batch that brings its own extra forward input (as a multimodal batch brings pixel_values)."""
+
+    def model_inputs(self):
+        return {"position_ids": self.position_ids}
+
+
+def test_extra_model_inputs_reach_every_forward(tiny_gpt2):
+    b = tvlens.icl_prompts(tiny_gpt2, TASK, n_prompts=3, n_shots=1, seed=0)
+    shifted = torch.arange(b.tokens.shape[1]).expand_as(b.tokens) + 5
+    ours = _WithPositions(tokens=b.tokens, attention_mask=b.attention_mask, answer_ids=b.answer_ids, position_ids=shifted)
+    with torch.no_grad():
+        ref = tiny_gpt2.run_with_hooks(b.tokens, attention_mask=b.attention_mask, position_ids=shifted)[:, -1]
+    plain = PatchRunner(tiny_gpt2, b).clean_logits
+    assert (ref - plain).abs().max() > 1e-4  # the extra input matters
+    for fast in ("auto", False):
+        runner = PatchRunner(tiny_gpt2, ours, fast=fast)
+        torch.testing.assert_close(runner.clean_logits, ref, atol=1e-5, rtol=1e-5)
+    means, n_heads = _means(tiny_gpt2), tvlens.ModelInfo.of(tiny_gpt2).n_heads
+    edit = [replace_heads(0, torch.ones(1, n_heads), means[0])]
+    with torch.no_grad():
+        want = tiny_gpt2.run_with_hooks(b.tokens, attention_mask=b.attention_mask, position_ids=shifted, fwd_hooks=[
+            (HOOK["z"].format(0), _set_heads(means[0], torch.arange(n_heads), [-1]))])[:, -1]
+    got = PatchRunner(tiny_gpt2, ours, fast=False).logits(edit, 1)[:, 0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_extra_inputs_slice_and_repeat_with_the_rows():
+    tokens = torch.arange(12).reshape(3, 4)
+    extra = torch.arange(30.0).reshape(3, 10)
+    eb = as_batch(_WithPositions(tokens=tokens, position_ids=extra), "target")
+    assert torch.equal(eb.take(torch.tensor([2, 0])).extra["position_ids"], extra[[2, 0]])
+    rep = eb.repeat_inputs(2)["position_ids"]
+    assert torch.equal(rep, torch.cat([extra, extra]))  # the order of tokens.repeat(2, 1)
+    flat = as_batch(_WithPositions(tokens=tokens, position_ids=torch.zeros(7, 2)), "target")
+    with pytest.raises(ValueError, match="not row-aligned"):
+        flat.take(torch.tensor([0]))
+
+
+def test_bad_positions_are_refused_before_any_forward(batch, tiny_llama):
+    runner = PatchRunner(tiny_llama, batch)
+    P = batch.tokens.shape[1]
+    value = _means(tiny_llama)[0]
+    with pytest.raises(ValueError, match="before the recomputed suffix"):
+        runner.logits([Edit(0, "z", value=value, pos=[P - 5, P - 1])], 1, start_pos=P - 2)
+    with pytest.raises(ValueError, match="one entry per position"):
+        runner.logits([Edit(0, "z", value=value, pos=torch.ones(P + 1, dtype=torch.bool))], 1, start_pos=0)
+    with pytest.raises(ValueError, match="empty set"):
+        runner.logits([Edit(0, "z", value=value, pos=[])], 1, start_pos=0)
+
+
+def test_capabilities_are_checked_once_and_can_be_forgotten():
+    model = torch.nn.Linear(1, 1)
+    calls = []
+    check = lambda: calls.append(1) or True  # noqa: E731
+    assert capabilities.cached(model, "x", check) and capabilities.cached(model, "x", check)
+    assert len(calls) == 1
+    capabilities.remember(model, "x", False)
+    assert capabilities.cached(model, "x", check) is False
+    capabilities.forget(model)
+    assert capabilities.known(model, "x") is None
+
+
+def test_one_memory_budget():
+    assert memory_budget(torch.device("cpu")) == 512 << 20
+    assert memory_budget(torch.device("cpu"), 1234) == 1234
+    with pytest.raises(ValueError, match="positive"):
+        memory_budget(torch.device("cpu"), 0)
+
+
+def test_length_buckets_keep_similar_lengths_together():
+    buckets = length_buckets([5, 9, 5, 9, 7], batch_size=2, exact=True)
+    assert buckets == [[0, 2], [4], [1, 3]]
+    assert sorted(i for b in length_buckets([3] * 7, batch_size=3) for i in b) == list(range(7))

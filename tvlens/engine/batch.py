@@ -1,0 +1,132 @@
+"""What the engine reads from a batch: the inputs protocol.
+
+Any object with ``tokens`` ``[batch, pos]`` works (a :class:`tvlens.PromptBatch`, a canvas batch,
+a multimodal batch, a ``SimpleNamespace``); :func:`as_batch` checks it once, before any forward,
+and returns an :class:`EngineBatch`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any, Protocol
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+__all__ = ["Inputs", "EngineBatch", "as_batch"]
+
+class Inputs(Protocol):
+    """What the engine needs from a batch (a :class:`tvlens.PromptBatch`, a canvas or multimodal batch).
+
+    Only ``tokens`` is required.  ``attention_mask`` (``1`` = real token, left padding) defaults to
+    all ones; ``answer_ids`` feed the built-in metrics; ``model_inputs()`` returns the extra forward
+    arguments (``pixel_values``, ``image_grid_thw``, ``token_type_ids`` ...), and ``select(index)``
+    the batch restricted to some rows when those extra tensors are not row-aligned (Qwen2.5-VL
+    flattens its patches over the batch).
+    """
+
+    tokens: Int[Tensor, "batch pos"]
+
+
+@dataclass(frozen=True)
+class EngineBatch:
+    """A checked batch: tokens, left-padding mask, answers, and the extra model inputs."""
+
+    tokens: Int[Tensor, "batch pos"]
+    mask: Int[Tensor, "batch pos"]  # 0 = padding (left)
+    answer_ids: Int[Tensor, " batch"] | None
+    foil_ids: Int[Tensor, " batch"] | None
+    obj: Any  # the caller's object, handed to user metrics
+    extra: dict[str, Tensor] = field(default_factory=dict)  # forward kwargs beside the tokens
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def n_pos(self) -> int:
+        return int(self.tokens.shape[1])
+
+    def model_inputs(self, device: torch.device | None = None) -> dict[str, Tensor]:
+        """The extra forward arguments, on ``device``."""
+        return {k: v.to(device) if device is not None else v for k, v in self.extra.items()}
+
+    def repeat_inputs(self, n: int, device: torch.device | None = None) -> dict[str, Tensor]:
+        """The extra arguments of the batch repeated ``n`` times along the batch axis (``tokens.repeat(n, 1)``).
+
+        Concatenating copies is right both for row-aligned tensors and for inputs flattened over
+        the batch, since the copies follow each other in the same order as the repeated tokens.
+        """
+        return {k: torch.cat([v] * n).to(device) if device is not None else torch.cat([v] * n) for k, v in self.extra.items()}
+
+    def take(self, index: Tensor) -> "EngineBatch":
+        """The batch restricted to rows ``index``."""
+        index = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+        obj, extra = self.obj, self.extra
+        if obj is not None and callable(getattr(obj, "select", None)):
+            obj = obj.select(index)
+            extra = _extra_of(obj)
+        else:
+            rows = len(self)
+            bad = [k for k, v in extra.items() if v.ndim == 0 or v.shape[0] != rows]
+            if bad:
+                raise ValueError(f"cannot take rows of the extra model inputs {bad}: they are not row-aligned; give the "
+                                 "batch a select(index) method that slices them (as tvlens's multimodal batches do)")
+            extra = {k: v[index.to(v.device)] for k, v in extra.items()}
+            if obj is not None:
+                obj = SimpleNamespace(tokens=self.tokens[index], attention_mask=self.mask[index],
+                                      answer_ids=None if self.answer_ids is None else self.answer_ids[index], **extra)
+        cut = lambda t: None if t is None else t[index.to(t.device)]  # noqa: E731
+        return EngineBatch(self.tokens[index], self.mask[index], cut(self.answer_ids), cut(self.foil_ids), obj, extra)
+
+    def slice(self, i: int, j: int) -> "EngineBatch":
+        return self.take(torch.arange(i, min(j, len(self))))
+
+
+def _extra_of(batch: Any) -> dict[str, Tensor]:
+    fn = getattr(batch, "model_inputs", None)
+    if not callable(fn):
+        return {}
+    extra = dict(fn())
+    bad = [k for k, v in extra.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise TypeError(f"model_inputs() must return tensors; {bad} are not (give them as tensors)")
+    return extra
+
+
+def as_batch(batch: Any, what: str) -> EngineBatch:
+    """Check ``batch`` once, before any forward, and return what the engine reads of it."""
+    if isinstance(batch, EngineBatch):
+        return batch
+    tokens = batch if isinstance(batch, Tensor) else getattr(batch, "tokens", None)
+    if not isinstance(tokens, Tensor):
+        raise TypeError(
+            f"{what} must be a prompt batch (an object with .tokens, .attention_mask, .answer_ids such as "
+            f"tvlens.PromptBatch) or a [batch, pos] token tensor; got {type(batch).__name__}"
+        )
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    if tokens.ndim != 2 or tokens.is_floating_point():
+        raise ValueError(f"{what}.tokens must be an integer tensor [batch, pos]; got shape {tuple(tokens.shape)}")
+    if tokens.shape[0] == 0 or tokens.shape[1] == 0:
+        raise ValueError(f"{what} is empty (tokens shape {tuple(tokens.shape)}); build it with at least one prompt")
+    mask = getattr(batch, "attention_mask", None)
+    mask = torch.ones_like(tokens) if mask is None else mask.to(tokens.device).long()
+    if mask.shape != tokens.shape:
+        raise ValueError(f"{what}.attention_mask has shape {tuple(mask.shape)} but tokens have {tuple(tokens.shape)}")
+    if not bool(mask[:, -1].all()):
+        raise ValueError(
+            f"{what} has padding at the final position; tvlens batches are LEFT-padded so that the final "
+            "separator is the last token of every row (build them with tvlens.icl_prompts)"
+        )
+    answers = getattr(batch, "answer_ids", None)
+    if answers is not None:
+        answers = torch.as_tensor(answers).long().reshape(-1)
+        if answers.numel() != tokens.shape[0]:
+            raise ValueError(f"{what}.answer_ids has {answers.numel()} entries for {tokens.shape[0]} prompts")
+    foils = getattr(batch, "foil_ids", None)
+    if foils is not None:
+        foils = torch.as_tensor(foils).long().reshape(-1)
+    obj = batch if not isinstance(batch, Tensor) else None
+    return EngineBatch(tokens.long(), mask, answers, foils, obj, _extra_of(obj))

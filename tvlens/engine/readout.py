@@ -1,0 +1,303 @@
+"""The read-out path: forwards that read activations (and final logits) out of a model.
+
+:func:`run_rows` runs prompts in length buckets and reads the final position (residuals entering
+chosen blocks, and the logits), optionally with one residual replaced or added there;
+:func:`run_shared` runs two prompts that share a prefix as one packed sequence with a tree-shaped
+attention mask (Hendel et al. 2023's prefix trick, without a KV cache); :func:`capture_acts`
+reads whole activations at chosen hooks.  Capabilities these rely on (``logits_to_keep``, the
+last block's MLP on one position, 4D masks) are checked once per model in
+:mod:`tvlens.engine.capabilities`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from .. import hooks as _hooks
+from ..hooks import act_name
+from . import capabilities
+from .batch import EngineBatch
+from .plan import DEFAULT_BATCH, length_buckets, pad_id_of, pad_left
+
+__all__ = ["read", "final_logits", "forward_last", "run_rows", "run_shared", "capture_acts", "last_token_only", "pack", "packed_chunk",
+           "common_prefix"]
+
+def forward_last(model: Any, tokens: Tensor, mask: Tensor, fwd_hooks: list, **kw: Any) -> Tensor:
+    """Final-position logits; asks the model for the last position only when it supports it."""
+    # learnt on the first call: a model whose forward does not take the keyword says so by TypeError
+    if capabilities.known(model, "logits_to_keep", True):
+        try:
+            out = _hooks.run(model, tokens, attention_mask=mask, fwd_hooks=fwd_hooks, logits_to_keep=1, **kw)
+            capabilities.remember(model, "logits_to_keep", True)
+            return out[:, -1]
+        except TypeError as err:
+            if "logits_to_keep" not in str(err):
+                raise
+            capabilities.remember(model, "logits_to_keep", False)
+    return _hooks.run(model, tokens, attention_mask=mask, fwd_hooks=fwd_hooks, **kw)[:, -1]
+
+
+def last_token_only(act: Tensor, hook: Any = None) -> Tensor:
+    return act[:, -1:]
+
+
+def final_only_ok(model: Any) -> bool:
+    """Can the MLP of a pass's last block run on the final position only?
+
+    Only the final position of the last block a pass needs is ever read, so its MLP input
+    (``blocks.{l}.ln2.hook_in``) is cut to that position (the residual add broadcasts). Checked
+    once per model against the plain forward: where it does not reproduce the final logits (an
+    architecture without that hook or with another block layout), it is not used.
+    """
+    return capabilities.cached(model, "final_only_mlp", lambda: _check_final_only(model))
+
+
+@torch.no_grad()
+def _check_final_only(model: Any) -> bool:
+    from ..models import ModelInfo
+
+    info = ModelInfo.of(model)
+    name = f"blocks.{info.n_layers - 1}.ln2.hook_in"
+    if name not in model.hook_dict:
+        return False
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, info.d_vocab, (2, 6), generator=g).to(_hooks.device_of(model))
+    try:
+        ref = _hooks.run(model, tokens)[:, -1]
+        got = _hooks.run(model, tokens, fwd_hooks=[(name, last_token_only)])[:, -1]
+        return bool(torch.allclose(got.float(), ref.float(), atol=1e-4, rtol=1e-4))
+    except Exception:
+        return False
+
+
+@torch.no_grad()
+def run_rows(
+    model: Any,
+    rows: Sequence[Tensor],
+    *,
+    capture: Sequence[int] = (),
+    logits: bool = True,
+    patch_layer: int | None = None,
+    patch_value: Tensor | None = None,
+    patch_mode: str = "replace",
+    batch_size: int = DEFAULT_BATCH,
+) -> tuple[Tensor | None, dict[int, Tensor]]:
+    """Run prompts (unpadded rows) in length-sorted chunks; read the final position.
+
+    Returns the final-position logits ``[rows, d_vocab]`` (float32 CPU, if ``logits``) and the
+    residual entering each block in ``capture`` at the final position (``{layer: [rows, d_model]}``).
+    ``patch_value`` (``[d_model]`` or ``[rows, d_model]``) replaces / is added to the final position
+    of ``blocks.{patch_layer}.hook_resid_pre``.  Without logits the pass stops at the last captured layer.
+    """
+    from ..models import ModelInfo
+
+    info = ModelInfo.of(model)
+    n = len(rows)
+    device = _hooks.device_of(model)
+    pad = pad_id_of(model)
+    caps = {int(l): torch.empty((n, info.d_model), dtype=torch.float32) for l in capture}
+    out = torch.empty((n, info.d_vocab), dtype=torch.float32) if logits else None
+    stop = None if logits or not caps else max(caps)
+    # the last block the pass runs is needed at the final position only: its MLP runs there only
+    last = info.n_layers - 1 if stop is None else stop - 1
+    cut = [(f"blocks.{last}.ln2.hook_in", last_token_only)] if last >= 0 and final_only_ok(model) else []
+    for idx in length_buckets([int(r.shape[0]) for r in rows], batch_size):
+        tokens, mask = pad_left([rows[i] for i in idx], pad)
+        it = torch.as_tensor(idx)
+        fwd: list = []
+        for layer in caps:
+            def grab(act: Tensor, hook: Any = None, layer: int = layer, it: Tensor = it) -> None:
+                caps[layer][it] = act[:, -1].detach().to("cpu", torch.float32)
+            fwd.append((act_name("resid_pre", layer), grab))
+        if patch_layer is not None and patch_value is not None:
+            pv = patch_value if patch_value.ndim == 1 else patch_value[it]
+
+            def patch(act: Tensor, hook: Any = None, pv: Tensor = pv) -> Tensor:
+                act = act.clone()
+                v = pv.to(act.device, act.dtype)
+                act[:, -1] = v if patch_mode == "replace" else act[:, -1] + v
+                return act
+            # the patch must run before any capture at the same hook point
+            fwd.insert(0, (act_name("resid_pre", patch_layer), patch))
+        fwd.extend(cut)
+        if logits:
+            out[it] = forward_last(model, tokens.to(device), mask.to(device), fwd).detach().to("cpu", torch.float32)
+        else:
+            _hooks.run(model, tokens.to(device), attention_mask=mask.to(device), fwd_hooks=fwd, stop_at_layer=stop)
+    return out, caps
+
+
+def common_prefix(a: Tensor, b: Tensor) -> int:
+    n = min(int(a.shape[0]), int(b.shape[0])) - 1  # each branch keeps at least its last token
+    if n <= 0:
+        return 0
+    diff = (a[:n] != b[:n]).nonzero()
+    return int(diff[0]) if diff.numel() else n
+
+
+def pack(prefix: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Tokens, position ids and the boolean [n, n] attention pattern of one packed sequence."""
+    P, la, lb = int(prefix.shape[0]), int(a.shape[0]), int(b.shape[0])
+    n = P + la + lb
+    allow = torch.zeros((n, n), dtype=torch.bool)
+    allow[: P + la, : P + la] = torch.ones((P + la, P + la), dtype=torch.bool).tril()
+    allow[P + la:, :P] = True
+    allow[P + la:, P + la:] = torch.ones((lb, lb), dtype=torch.bool).tril()
+    pos = torch.cat([torch.arange(P + la), torch.arange(P, P + lb)])
+    return torch.cat([prefix, a, b]), pos, allow
+
+
+def packed_chunk(model: Any, packs: Sequence[tuple[Tensor, Tensor, Tensor, int]], pad: int, dtype: torch.dtype,
+                  device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Left-padded tokens, position ids, additive 4D mask, and each row's branch-a end index."""
+    width = max(int(t.shape[0]) for t, _, _, _ in packs)
+    B = len(packs)
+    tokens = torch.full((B, width), pad, dtype=torch.long)
+    pos = torch.zeros((B, width), dtype=torch.long)
+    allow = torch.eye(width, dtype=torch.bool).repeat(B, 1, 1)  # pads see themselves only (no empty softmax rows)
+    a_end = torch.zeros(B, dtype=torch.long)
+    for r, (t, p, al, la_end) in enumerate(packs):
+        n = int(t.shape[0])
+        tokens[r, width - n:] = t
+        pos[r, width - n:] = p
+        allow[r, width - n:, :] = False
+        allow[r, width - n:, width - n:] = al
+        a_end[r] = width - n + la_end
+    mask = torch.zeros((B, 1, width, width), dtype=dtype).masked_fill(~allow[:, None], torch.finfo(dtype).min)
+    return tokens.to(device), pos.to(device), mask.to(device), a_end
+
+
+def tree_mask_ok(model: Any) -> bool:
+    """Does this model take a 4D attention mask and position ids exactly (checked once per model)?"""
+    return capabilities.cached(model, "tree_mask", lambda: _check_tree_mask(model))
+
+
+@torch.no_grad()
+def _check_tree_mask(model: Any) -> bool:
+    from ..models import ModelInfo
+
+    info = ModelInfo.of(model)
+    try:
+        g = torch.Generator().manual_seed(1)
+        prefix, a, b = (torch.randint(0, info.d_vocab, (k,), generator=g) for k in (5, 2, 3))
+        store: dict[str, Tensor] = {}
+        layer = info.n_layers - 1
+
+        def grab(act: Tensor, hook: Any = None) -> None:
+            store["r"] = act.detach().clone()
+
+        dev = _hooks.device_of(model)
+        _hooks.run(model, torch.cat([prefix, a])[None].to(dev), fwd_hooks=[(act_name("resid_pre", layer), grab)])
+        ref_a = store["r"][0, -1]
+        ref_b = _hooks.run(model, torch.cat([prefix, b])[None].to(dev))[0, -1]
+        t, p, al = pack(prefix, a, b)
+        dtype = next(model.parameters()).dtype
+        tokens, pos, mask, a_end = packed_chunk(model, [(t, p, al, 5 + 2 - 1)], 0, dtype, dev)
+        got_b = _hooks.run(model, tokens, attention_mask=mask, position_ids=pos,
+                           fwd_hooks=[(act_name("resid_pre", layer), grab)])[0, -1]
+        got_a = store["r"][0, int(a_end[0])]
+        tol = 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
+        return bool(torch.allclose(got_a.float(), ref_a.float(), atol=tol, rtol=tol)
+                    and torch.allclose(got_b.float(), ref_b.float(), atol=tol, rtol=tol))
+    except Exception:
+        return False
+
+
+@torch.no_grad()
+def run_shared(model: Any, pairs: Sequence[tuple[Tensor, Tensor]], layers: Sequence[int],
+                batch_size: int) -> tuple[dict[int, Tensor], Tensor]:
+    """For pairs of prompts (a, b) sharing a prefix: the residual entering each block in ``layers``
+    at a's last token, and the final-position logits of b — one packed forward per chunk."""
+    from ..models import ModelInfo
+
+    info = ModelInfo.of(model)
+    device = _hooks.device_of(model)
+    dtype = next(model.parameters()).dtype
+    pad = pad_id_of(model)
+    packs = []
+    for a, b in pairs:
+        P = common_prefix(a, b)
+        t, p, al = pack(a[:P], a[P:], b[P:])
+        packs.append((t, p, al, int(a.shape[0]) - 1))
+    n = len(packs)
+    caps = {int(l): torch.empty((n, info.d_model), dtype=torch.float32) for l in layers}
+    logits = torch.empty((n, info.d_vocab), dtype=torch.float32)
+    cut = [(f"blocks.{info.n_layers - 1}.ln2.hook_in", last_token_only)] if final_only_ok(model) else []
+    for idx in length_buckets([int(pk[0].shape[0]) for pk in packs], batch_size):
+        it = torch.as_tensor(idx)
+        tokens, pos, mask, a_end = packed_chunk(model, [packs[i] for i in idx], pad, dtype, device)
+        rows = torch.arange(len(idx))
+        fwd: list = []
+        for layer in caps:
+            def grab(act: Tensor, hook: Any = None, layer: int = layer, it: Tensor = it) -> None:
+                caps[layer][it] = act[rows.to(act.device), a_end.to(act.device)].detach().to("cpu", torch.float32)
+            fwd.append((act_name("resid_pre", layer), grab))
+        fwd.extend(cut)
+        logits[it] = forward_last(model, tokens, mask, fwd, position_ids=pos).detach().to("cpu", torch.float32)
+    return caps, logits
+
+
+@torch.no_grad()
+def final_logits(model: Any, tokens: Int[Tensor, "batch pos"], mask: Int[Tensor, "batch pos"] | None, *,
+                 batch_size: int = DEFAULT_BATCH, **model_inputs: Tensor) -> Float[Tensor, "batch d_vocab"]:
+    """Final-position logits of a left-padded batch, ``batch_size`` rows per forward (float32, CPU)."""
+    device = _hooks.device_of(model)
+    out = []
+    for i in range(0, tokens.shape[0], batch_size):
+        rows = slice(i, i + batch_size)
+        m = None if mask is None else mask[rows].to(device)
+        extra = {k: v[rows].to(device) for k, v in model_inputs.items()}
+        out.append(forward_last(model, tokens[rows].to(device), m, [], **extra).detach().to("cpu", torch.float32))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def read(
+    model: Any,
+    tokens: Int[Tensor, "batch pos"],
+    mask: Int[Tensor, "batch pos"] | None,
+    names: Sequence[str],
+    *,
+    at: tuple[Int[Tensor, " n"], Int[Tensor, " n"]] | None = None,
+    last: bool = False,
+    stop_at_layer: int | None = None,
+    cast: torch.dtype | None = None,
+    **model_inputs: Any,
+) -> tuple[dict[str, Tensor], Tensor | None]:
+    """One forward that reads the activations at hook points ``names``.
+
+    Each is read whole (``[batch, pos, ...]``), at the final position only (``last``:
+    ``[batch, 1, ...]``), or at ``at = (rows, cols)`` pairs (``[n, ...]``) — the copy is taken
+    inside the hook, so the full activation is freed as the forward goes on.  Returns the
+    activations and the final-position logits (``None`` when ``stop_at_layer`` ends the pass
+    early).  Extra ``model_inputs`` (``pixel_values`` ...) go to the model's forward.
+    """
+    store: dict[str, Tensor] = {}
+
+    def grab(name: str):
+        def fn(act: Tensor, hook: Any = None) -> None:
+            got = act[at[0], at[1]] if at is not None else act[:, -1:] if last else act
+            store[name] = got.detach().to(cast) if cast is not None else got.detach().clone()
+        return fn
+
+    device = _hooks.device_of(model)
+    if at is not None:
+        at = (at[0].to(device), at[1].to(device))
+    kw = {} if stop_at_layer is None else {"stop_at_layer": stop_at_layer}
+    out = _hooks.run(model, tokens.to(device), attention_mask=None if mask is None else mask.to(device),
+                     fwd_hooks=[(name, grab(name)) for name in names], **kw, **model_inputs)
+    logits = out[:, -1].detach() if stop_at_layer is None and isinstance(out, Tensor) and out.ndim == 3 else None
+    return store, logits
+
+
+def capture_acts(model: Any, prompts: EngineBatch, kind: str, layers: Sequence[int], final_only: bool,
+                 grad: bool = False) -> tuple[dict[int, Tensor], Tensor]:
+    """Activations ``kind`` at ``layers`` (``{layer: [batch, pos|1, *unit]}``) and the final-position logits."""
+    names = {layer: act_name(kind, layer) for layer in layers}
+    acts, logits = read(model, prompts.tokens, prompts.mask, list(names.values()), last=final_only,
+                        **prompts.model_inputs(_hooks.device_of(model)))
+    return {layer: acts[name] for layer, name in names.items()}, logits
