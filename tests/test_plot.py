@@ -34,7 +34,10 @@ def test_heatmap_hover_has_layer_head_value():
     assert z == 9.0 and (x, y) == (1, 2)  # heads on x, layers on y
     assert fig.layout.yaxis.autorange == "reversed"  # layer 0 at the top
     assert tr.colorbar.title.text == "score" and fig.layout.title.text == "rho"
-    assert fig.layout.template.layout.paper_bgcolor is not None or fig.layout.template is not None
+    # the toolkit's own look: plotly_white's white plot background (the default template's is #E5ECF6)
+    import plotly.io as pio
+
+    assert fig.layout.template.layout.plot_bgcolor == pio.templates[plot.TEMPLATE].layout.plot_bgcolor == "white"
 
 
 def test_heatmap_transpose_keeps_hover_identity():
