@@ -27,7 +27,9 @@ from typing import Literal
 import torch
 from jaxtyping import Int
 
-from tvlens.organisms.visual.images import COLOR_NAMES, GRID, N_COLORS, TASKS, check_codes
+import numpy as np
+
+from tvlens.organisms.visual.images import COLOR_NAMES, GRID, N_COLORS, TASKS, Split, check_codes, corrupt, random_pair
 
 __all__ = [
     "VOCAB",
@@ -49,6 +51,7 @@ __all__ = [
     "make_canvas",
     "make_target",
     "make_batch",
+    "random_canvases",
     "prediction_cells",
 ]
 
@@ -169,6 +172,28 @@ def make_batch(
         toks.append(make_canvas(ei, eo, qi, examples=variants[i], task=None if tasks is None else tasks[i]))
         tgts.append(make_target(qo))
     return torch.stack(toks), torch.stack(tgts)
+
+
+def random_canvases(
+    tasks: Sequence[str],
+    rng: np.random.Generator,
+    *,
+    split: Split = "test",
+    examples: Examples = "shown",
+    noise: int = 0,
+) -> tuple[Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "batch pos"]]:
+    """One canvas per entry of ``tasks`` on fresh images of ``split`` (held-out by default): tokens and
+    query-out targets.  ``noise`` cells of each example output are replaced by other codes
+    (:func:`images.corrupt`): a noisy example pair makes one-shot ICL imperfect, so that a patched task
+    vector — a mean over many prompts — has room to beat it (Hojel et al. 2024, §5)."""
+    rows = []
+    for task in tasks:
+        ex_in, ex_out = random_pair(task, rng, split=split)
+        q_in, q_out = random_pair(task, rng, split=split)
+        if noise:
+            ex_out = corrupt(ex_out, noise, rng)
+        rows.append((ex_in, ex_out, q_in, q_out))
+    return make_batch(rows, examples=examples, tasks=list(tasks))
 
 
 def prediction_cells(logits: torch.Tensor) -> Int[torch.Tensor, "*batch 6 6"]:
