@@ -195,3 +195,64 @@ def test_length_buckets_keep_similar_lengths_together():
     buckets = length_buckets([5, 9, 5, 9, 7], batch_size=2, exact=True)
     assert buckets == [[0, 2], [4], [1, 3]]
     assert sorted(i for b in length_buckets([3] * 7, batch_size=3) for i in b) == list(range(7))
+
+
+# ---------------------------------------------------------------------------------------------
+# a bidirectional masked-token model read at several positions (the canvas setting of Hojel et al. 2024)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertForMaskedLM
+
+    d = tmp_path_factory.mktemp("bert")
+    cfg = BertConfig(vocab_size=24, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                     max_position_embeddings=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                     initializer_range=0.5)  # large weights: an edit visibly moves every position
+    torch.manual_seed(0)
+    BertForMaskedLM(cfg).save_pretrained(d)
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(24)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "t0",
+                                                         "pad_token": "t0"}))
+    return tvlens.load_model(d, device="cpu")
+
+
+def _canvas_like(query):
+    tokens = torch.randint(0, 24, (3, 10), generator=torch.Generator().manual_seed(1))
+    return SimpleNamespace(tokens=tokens, query_positions=torch.tensor([query] * 3))
+
+
+def test_bidirectional_model_is_detected_and_read_at_its_query_positions(tiny_bert):
+    b = _canvas_like([2, 5, 9])
+    with pytest.warns(RuntimeWarning, match="fast recompute unavailable"):
+        runner = PatchRunner(tiny_bert, b)
+        val = 5 * torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+        w = torch.zeros(2, 10, 4, 1)  # [column, pos, head, 1]
+        w[0, 3, 1] = 1.0
+        w[1, 7, 2] = w[1, 0, 0] = 1.0
+        got = runner.logits([Edit(0, "z", weight=w, value=val)], 2, start_pos=0)
+    assert not runner.causal and runner.clean_logits.shape == (3, 3, 24)  # [batch, query, d_vocab]
+    for c in range(2):
+        pos, head = w[c, ..., 0].nonzero(as_tuple=True)
+
+        def fn(z, hook, pos=pos, head=head):
+            z = z.clone()
+            z[:, pos, head] = val[head]
+            return z
+        with torch.no_grad():
+            ref = tiny_bert.run_with_hooks(b.tokens, fwd_hooks=[("blocks.0.attn.hook_z", fn)])[:, [2, 5, 9]]
+        assert (ref - runner.clean_logits).abs().max() > 1e-3  # position 0 and 3 reach every query position
+        torch.testing.assert_close(got[:, c], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_bidirectional_edits_must_recompute_everything(tiny_bert):
+    runner = PatchRunner(tiny_bert, _canvas_like([9]))
+    with pytest.raises(ValueError, match="both directions"):  # refused before any recompute
+        runner.logits([Edit(0, "z", value=torch.zeros(4, 8))], 1)  # start_pos=-1: the final position only
+    with pytest.raises(ValueError, match=r"query_positions must lie in 0..9"):
+        PatchRunner(tiny_bert, _canvas_like([3, 10]))

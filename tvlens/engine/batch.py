@@ -22,7 +22,9 @@ class Inputs(Protocol):
 
     Only ``tokens`` is required.  ``attention_mask`` (``1`` = real token, left padding) defaults to
     all ones; ``answer_ids`` feed the built-in metrics; ``model_inputs()`` returns the extra forward
-    arguments (``pixel_values``, ``image_grid_thw``, ``token_type_ids`` ...), and ``select(index)``
+    arguments (``pixel_values``, ``image_grid_thw``, ``token_type_ids`` ...), ``query_positions``
+    (``[batch, query]``) the positions whose logits are read when it is not the last one (a canvas's
+    masked cell, Hojel et al. 2024 §2), and ``select(index)``
     the batch restricted to some rows when those extra tensors are not row-aligned (Qwen2.5-VL
     flattens its patches over the batch).
     """
@@ -40,6 +42,7 @@ class EngineBatch:
     foil_ids: Int[Tensor, " batch"] | None
     obj: Any  # the caller's object, handed to user metrics
     extra: dict[str, Tensor] = field(default_factory=dict)  # forward kwargs beside the tokens
+    query: Int[Tensor, "batch query"] | None = None  # positions whose logits are read (None: the final one)
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -78,7 +81,8 @@ class EngineBatch:
                 obj = SimpleNamespace(tokens=self.tokens[index], attention_mask=self.mask[index],
                                       answer_ids=None if self.answer_ids is None else self.answer_ids[index], **extra)
         cut = lambda t: None if t is None else t[index.to(t.device)]  # noqa: E731
-        return EngineBatch(self.tokens[index], self.mask[index], cut(self.answer_ids), cut(self.foil_ids), obj, extra)
+        return EngineBatch(self.tokens[index], self.mask[index], cut(self.answer_ids), cut(self.foil_ids), obj, extra,
+                           cut(self.query))
 
     def slice(self, i: int, j: int) -> "EngineBatch":
         return self.take(torch.arange(i, min(j, len(self))))
@@ -129,4 +133,20 @@ def as_batch(batch: Any, what: str) -> EngineBatch:
     if foils is not None:
         foils = torch.as_tensor(foils).long().reshape(-1)
     obj = batch if not isinstance(batch, Tensor) else None
-    return EngineBatch(tokens.long(), mask, answers, foils, obj, _extra_of(obj))
+    return EngineBatch(tokens.long(), mask, answers, foils, obj, _extra_of(obj), _query_of(batch, tokens.shape, what))
+
+
+def _query_of(batch: Any, shape: tuple[int, int], what: str) -> Tensor | None:
+    """``batch.query_positions`` ``[batch, query]``, checked (a canvas reads its masked cell, not the last token)."""
+    q = getattr(batch, "query_positions", None)
+    if q is None:
+        return None
+    q = torch.as_tensor(q)
+    if q.ndim == 1:
+        q = q[None].expand(shape[0], -1)
+    if q.ndim != 2 or q.shape[0] != shape[0] or q.shape[1] == 0 or q.is_floating_point():
+        raise ValueError(f"{what}.query_positions must be integer positions [batch, query] = [{shape[0]}, n >= 1]; "
+                         f"got shape {tuple(q.shape)}")
+    if bool((q < 0).any()) or bool((q >= shape[1]).any()):
+        raise ValueError(f"{what}.query_positions must lie in 0..{shape[1] - 1} (the batch has {shape[1]} positions)")
+    return q.long()

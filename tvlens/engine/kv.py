@@ -56,7 +56,7 @@ class Unsupported(Exception):
     pass
 
 
-def bool_mask(captured: Any, mask2d: Tensor, P: int) -> Tensor:
+def bool_mask(captured: Any, mask2d: Tensor, P: int, *, causal: bool = True) -> Tensor:
     """The attention mask a block used, as a boolean ``[batch|1, 1|heads, P, P]`` (True = attend)."""
     if isinstance(captured, Tensor) and captured.ndim == 4:
         m = captured[..., :P, :P]
@@ -65,5 +65,6 @@ def bool_mask(captured: Any, mask2d: Tensor, P: int) -> Tensor:
         return m
     if captured is not None and not (isinstance(captured, Tensor) and captured.ndim == 2):
         raise Unsupported(f"attention_mask of shape {getattr(captured, 'shape', type(captured))}")
-    causal = torch.ones(P, P, dtype=torch.bool, device=mask2d.device).tril()
-    return causal[None, None] & mask2d[:, None, None, :].bool()
+    allowed = torch.ones(P, P, dtype=torch.bool, device=mask2d.device)
+    allowed = allowed.tril() if causal else allowed
+    return allowed[None, None] & mask2d[:, None, None, :].bool()

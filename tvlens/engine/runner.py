@@ -110,6 +110,9 @@ class PatchRunner:
         self._kw_cache: dict = {}
         self.tokens = self.prompts.tokens.to(self.device)
         self.mask = self.prompts.mask.to(self.device)
+        #: [batch, query] positions whose logits are read (None: the final position only)
+        self.query = None if self.prompts.query is None else self.prompts.query.to(self.device)
+        self.causal = capabilities.cached(model, "causal", lambda: _is_causal(model))
         self.bridge = fast is not False and hasattr(model, "blocks") and all(
             hasattr(b, "attn") and hasattr(b, "original_component") for b in model.blocks)
         if fast is True and not self.bridge:
@@ -119,7 +122,7 @@ class PatchRunner:
                 self._capture()
             else:
                 logits = _hooks.run(model, self.tokens, attention_mask=self.mask, **self.prompts.model_inputs(self.device))
-                self.clean_logits = logits[:, -1].detach()
+                self.clean_logits = self._read_logits(logits).detach()
         self.dtype = self.clean_logits.dtype if self.clean_logits.is_floating_point() else torch.float32
         try:
             self.dtype = next(model.parameters()).dtype
@@ -162,7 +165,7 @@ class PatchRunner:
         finally:
             for h in handles:
                 h.remove()
-        self.clean_logits = logits[:, -1].detach()
+        self.clean_logits = self._read_logits(logits).detach()
         self.keys = [kv[layer][0] if layer in kv else None for layer in range(self.L)]
         self.values = [kv[layer][1] if layer in kv else None for layer in range(self.L)]
         if any(k is None for k in self.keys) or any(r is None for r in self.resid):
@@ -183,7 +186,7 @@ class PatchRunner:
         ignored) and only the final token is recomputed.  ``start_pos=p``: edits act on positions
         ``>= p`` (all of them, or ``Edit.pos``) and positions ``p..`` are recomputed.
         """
-        start_pos = int(start_pos) % self.P
+        start_pos = self._check_start(start_pos)
         nedits, n_columns = normalize_edits(edits, self.info, n_columns, self.P, start_pos, self.device, self.dtype,
                                              self.B)
         return self._logits(nedits, n_columns, start_pos)
@@ -198,7 +201,7 @@ class PatchRunner:
         ``progress`` shows a tqdm bar over columns when there are several chunks (``pbar``: advance
         an existing bar instead).  Returns the chunks' results concatenated along the column axis.
         """
-        start_pos = int(start_pos) % self.P
+        start_pos = self._check_start(start_pos)
         nedits, n_columns = normalize_edits(edits, self.info, n_columns, self.P, start_pos, self.device, self.dtype,
                                              self.B)
         size = self.columns_per_chunk(start_pos, max_memory=max_memory, batch_size=batch_size)
@@ -234,6 +237,19 @@ class PatchRunner:
 
     # -- internals ------------------------------------------------------------------------------
 
+    def _check_start(self, start_pos: int) -> int:
+        """``start_pos`` made non-negative, refused where recomputing from it would not be exact."""
+        start_pos = int(start_pos) % self.P
+        if not self.causal and start_pos != 0:
+            raise ValueError(
+                "this model attends in both directions (a masked-token model such as BERT), so an edit at one position "
+                f"changes every other: recompute from start_pos=0 (got {start_pos}) and name the edited positions with "
+                "Edit.pos or a weight with a pos axis")
+        if self.query is not None and start_pos > int(self.query.min()):
+            raise ValueError(f"the batch reads logits at positions from {int(self.query.min())} on, but start_pos="
+                             f"{start_pos} would recompute only from {start_pos}; use start_pos <= {int(self.query.min())}")
+        return start_pos
+
     def _use_fast(self, layout: str, start_pos: int) -> bool:
         if not self.bridge or self._fast_setting is False:
             return False
@@ -260,9 +276,9 @@ class PatchRunner:
         if problem is None:
             return True
         if self._fast_setting is True:
-            raise RuntimeError(f"tvlens.analyses.patching fast path unavailable for this model: {problem}")
-        warnings.warn(f"tvlens.analyses.patching: fast recompute unavailable for this model ({problem}); using one full "
-                      "forward per site instead (exact, slower)", RuntimeWarning, stacklevel=4)
+            raise RuntimeError(f"tvlens.engine: fast recompute unavailable for this model: {problem}")
+        warnings.warn(f"tvlens.engine: fast recompute unavailable for this model ({problem}); running whole forwards "
+                      "instead, the sites along the batch axis (exact, slower)", RuntimeWarning, stacklevel=4)
         return False
 
     def _logits(self, nedits: list[NormEdit], n_columns: int, start_pos: int) -> Tensor:
@@ -291,7 +307,7 @@ class PatchRunner:
                 ck = ("mask", id(val), layout, S, start_pos)
                 m = self._kw_cache.get(ck)
                 if m is None:
-                    full = bool_mask(val, self.mask, P)
+                    full = bool_mask(val, self.mask, P, causal=self.causal)
                     if layout == "seq":
                         pref = full[:, :, -1:, : P - 1]
                         pref = pref.expand(pref.shape[0], pref.shape[1], S, P - 1)
@@ -379,7 +395,7 @@ class PatchRunner:
         order = sorted(range(n_columns), key=lambda c: start[c])
         active = [c for c in order if start[c] < L]
         order_pos = {c: i for i, c in enumerate(active)}
-        out = self.clean_logits[:, None].expand(B, n_columns, self.clean_logits.shape[-1])
+        out = self.clean_logits[:, None].expand(B, n_columns, *self.clean_logits.shape[1:])
         if not active:
             return out.clone()
         first = start[active[0]]
@@ -415,7 +431,7 @@ class PatchRunner:
                     if handle is not None:
                         handle.remove()
                 h = res[0] if isinstance(res, tuple) else res
-            final = h if layout == "seq" else h[:, -1].reshape(S, B, -1).transpose(0, 1)  # [B, S, d_model]
+            final = h if layout == "seq" else self._read_rows(h, S, start_pos)  # [B, S, (query,) d_model]
             logits = model.unembed(model.ln_final(final))
         if len(active) == n_columns and active == list(range(n_columns)):
             return logits
@@ -437,14 +453,28 @@ class PatchRunner:
             c1 = min(c0 + size, n_columns)
             fwd = self._edit_hooks(restrict_columns(nedits, c0, c1), None, "full", start_pos)
             if not fwd:
-                outs.append(self.clean_logits[:, None].expand(self.B, c1 - c0, -1))
+                outs.append(self.clean_logits[:, None].expand(self.B, c1 - c0, *self.clean_logits.shape[1:]))
                 continue
             S = c1 - c0
             extra = self.prompts.repeat_inputs(S, self.device)
             logits = _hooks.run(self.model, self.tokens.repeat(S, 1), attention_mask=self.mask.repeat(S, 1),
-                                fwd_hooks=fwd, **extra)[:, -1]
-            outs.append(logits.reshape(S, self.B, -1).transpose(0, 1))
+                                fwd_hooks=fwd, **extra)
+            outs.append(self._read_rows(logits, S, 0))
         return torch.cat(outs, dim=1)
+
+    def _read_logits(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Tensor:
+        """The target's logits at its query positions: ``[batch, d_vocab]`` (final) or ``[batch, query, d_vocab]``."""
+        if self.query is None:
+            return logits[:, -1]
+        return logits.gather(1, self.query[..., None].expand(*self.query.shape, logits.shape[-1]))
+
+    def _read_rows(self, h: Tensor, S: int, start_pos: int) -> Tensor:
+        """``[S·B, T, ...]`` stream rows (positions ``start_pos..``) -> ``[B, S, (query,) ...]`` at the query positions."""
+        h = h.reshape(S, self.B, *h.shape[1:]).transpose(0, 1)  # [B, S, T, ...]
+        if self.query is None:
+            return h[:, :, -1]
+        idx = (self.query - start_pos)[:, None, :, None].expand(self.B, S, self.query.shape[1], h.shape[-1])
+        return h.gather(2, idx)
 
     def subset(self, rows: Tensor | Sequence[int]) -> "PatchRunner":
         """The same runner restricted to some prompts (their cached state sliced, no forward run)."""
@@ -453,6 +483,7 @@ class PatchRunner:
         cut = lambda t: t[idx] if isinstance(t, Tensor) and t.ndim >= 2 and t.shape[0] == self.B else t  # noqa: E731
         sub.prompts = self.prompts.take(idx.cpu())
         sub.tokens, sub.mask, sub.clean_logits = self.tokens[idx], self.mask[idx], self.clean_logits[idx]
+        sub.query = None if self.query is None else self.query[idx]
         sub.B = int(idx.numel())
         sub._kw_cache, sub._fast_ok = {}, {}
         if self.bridge:
@@ -484,3 +515,16 @@ def _apply_plans(canon: Tensor, plans: list) -> Tensor:
         else:
             canon[:, idx, t] = new
     return canon
+
+
+@torch.no_grad()
+def _is_causal(model: Any) -> bool:
+    """Does a later token leave the earlier positions' logits unchanged (causal attention)?"""
+    from ..models import ModelInfo
+
+    info = ModelInfo.of(model)
+    tokens = torch.randint(0, info.d_vocab, (1, 6), generator=torch.Generator().manual_seed(2)).to(_hooks.device_of(model))
+    changed = tokens.clone()
+    changed[0, -1] = (changed[0, -1] + 1) % info.d_vocab
+    a, b = _hooks.run(model, tokens), _hooks.run(model, changed)
+    return bool(torch.allclose(a[0, :-1].float(), b[0, :-1].float(), atol=1e-5, rtol=1e-5))
