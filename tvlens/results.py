@@ -21,6 +21,7 @@ from torch import Tensor
 
 __all__ = [
     "ResultMeta",
+    "LayerHeadGrid",
     "atomic_write_text",
     "atomic_write_bytes",
     "save_tensors",
@@ -73,6 +74,22 @@ class ResultMeta:
             tvlens_version=d.get("tvlens_version", "unknown"),
             extra=dict(d.get("extra", {})),
         )
+
+
+class LayerHeadGrid:
+    """``n_layers`` / ``n_heads`` for a result whose :attr:`grid` tensor is laid out ``[layer, head, ...]``."""
+
+    @property
+    def grid(self) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.grid.shape[0])
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.grid.shape[1])
 
 
 def check_writable(path: str | os.PathLike) -> Path:

@@ -34,6 +34,7 @@ from __future__ import annotations
 from ..tasks import task_name as _task_name
 from ..engine.plan import merge_batches
 from ..metrics import answer_metric
+from ..results import LayerHeadGrid
 from ..results import tensor_digest as _tensor_digest
 import hashlib
 import io
@@ -298,7 +299,7 @@ class PatchObjective:
 
 
 @dataclass(frozen=True, eq=False)
-class Selection:
+class Selection(LayerHeadGrid):
     """A set of heads (and per-head weights) whose task means, patched in at the final position,
     make zero-shot prompts do the task.
 
@@ -332,12 +333,8 @@ class Selection:
         return self.probabilities
 
     @property
-    def n_layers(self) -> int:
-        return int(self.probabilities.shape[0])
-
-    @property
-    def n_heads(self) -> int:
-        return int(self.probabilities.shape[1])
+    def grid(self) -> Tensor:
+        return self.probabilities
 
     @property
     def weights(self) -> Float[Tensor, "layer head"]:
@@ -552,19 +549,55 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _resume(checkpoint: Any, info: Any, config: dict, theta: Tensor, opt: Any, gen: torch.Generator, stopper: Any) -> dict | None:
-    """Restore what both optimisers checkpoint (parameters, Adam, generator, plateau detector) and
-    return the saved state for the caller's own fields; ``None`` when there is nothing to resume."""
-    if checkpoint is None:
-        return None
-    state = _load_checkpoint(checkpoint, info.config_hash, config)
-    if state is not None:
-        with torch.no_grad():
-            theta.copy_(state["theta"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        stopper.load(state["plateau"])
-    return state
+class _Run:
+    """One selection optimisation's state and per-step bookkeeping, shared by REINFORCE and soft selection.
+
+    Holds θ, Adam, the sampling generator, the reward curve and the plateau detector; resumes them
+    from ``checkpoint`` when it holds this configuration, and after each step records the step's
+    value, advances the progress bar, checks early stopping and writes the checkpoint.
+    """
+
+    def __init__(self, theta: Tensor, *, lr: float, seed: int, patience: int | None, tol: float, steps: int,
+                 checkpoint: Path | None, checkpoint_every: int, info: Any, config: dict, desc: str, progress: bool,
+                 label: str, threshold: float) -> None:
+        self.theta, self.opt = theta, torch.optim.Adam([theta], lr=lr)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.curve: list[float] = []
+        self.stopper = _Plateau(patience, tol)
+        self.ema_baseline: float | None = None
+        self.step, self.done = 0, False
+        self.steps, self.checkpoint, self.every = steps, checkpoint, checkpoint_every
+        self.info, self.config, self.label, self.threshold = info, config, label, threshold
+        state = None if checkpoint is None else _load_checkpoint(checkpoint, info.config_hash, config)
+        if state is not None:
+            with torch.no_grad():
+                theta.copy_(state["theta"])
+            self.opt.load_state_dict(state["optimizer"])
+            self.gen.set_state(state["generator"])
+            self.stopper.load(state["plateau"])
+            self.curve, self.ema_baseline = list(state["curve"]), state["ema_baseline"]
+            self.step, self.done = int(state["step"]), bool(state["done"])
+        self.bar = _progress(steps, desc, progress, initial=min(self.step, steps))
+
+    @property
+    def running(self) -> bool:
+        return not self.done and self.step < self.steps
+
+    def end_step(self, value: float) -> None:
+        self.curve.append(float(value))
+        self.step += 1
+        self.bar.update(1)
+        self.bar.set_postfix(**{self.label: f"{value:.4g}"}, heads=int((torch.sigmoid(self.theta) > self.threshold).sum()))
+        self.done = self.stopper.update(float(value))
+        if self.checkpoint is not None and (self.step % self.every == 0 or self.done or self.step >= self.steps):
+            _save_checkpoint(self.checkpoint, self._snapshot())
+
+    def _snapshot(self) -> dict:
+        return {"kind": "tvlens.analyses.selection.checkpoint", "config_hash": self.info.config_hash, "config": self.config,
+                "theta": self.theta.detach().clone(), "optimizer": self.opt.state_dict(), "generator": self.gen.get_state(),
+                "curve": list(self.curve), "plateau": self.stopper.state(), "ema_baseline": self.ema_baseline,
+                "step": self.step, "done": self.done}
+
 
 def _load_checkpoint(path: Path, model_hash: str, config: dict) -> dict | None:
     if not path.exists():
@@ -717,57 +750,36 @@ def reinforce_select(
 
     shape = (info.n_layers, info.n_heads)
     theta = torch.full(shape, init_logit, dtype=torch.float32, requires_grad=True)
-    opt = torch.optim.Adam([theta], lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    curve: list[float] = []
-    stopper = _Plateau(patience, tol)
-    ema_baseline: float | None = None
-    start, done = 0, False
-    state = _resume(checkpoint, info, config, theta, opt, gen, stopper)
-    if state is not None:
-        curve, ema_baseline = list(state["curve"]), state["ema_baseline"]
-        start, done = int(state["step"]), bool(state["done"])
-
-    def snapshot(step: int, finished: bool) -> dict:
-        return {"kind": "tvlens.analyses.selection.checkpoint", "config_hash": info.config_hash, "config": config,
-                "theta": theta.detach().clone(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
-                "curve": list(curve), "plateau": stopper.state(), "ema_baseline": ema_baseline, "step": step,
-                "done": finished}
-
-    bar = _progress(steps, "reinforce_select", progress, initial=min(start, steps))
-    step = start
+    run = _Run(theta, lr=lr, seed=seed, patience=patience, tol=tol, steps=steps, checkpoint=checkpoint,
+               checkpoint_every=checkpoint_every, info=info, config=config, desc="reinforce_select", progress=progress,
+               label="reward", threshold=threshold)
     try:
-        while not done and step < steps:
+        while run.running:
             with torch.no_grad():
                 p = torch.sigmoid(theta)
-                masks = torch.bernoulli(p.expand(samples_per_step, *shape), generator=gen).bool()
+                masks = torch.bernoulli(p.expand(samples_per_step, *shape), generator=run.gen).bool()
             r = reward(masks)
             if baseline == "mean":
                 b = r.mean()
             elif baseline == "loo":
                 b = (r.sum() - r) / (r.numel() - 1)
             elif baseline == "ema":
-                b = torch.tensor(r.mean().item() if ema_baseline is None else ema_baseline)
-                ema_baseline = r.mean().item() if ema_baseline is None else 0.9 * ema_baseline + 0.1 * r.mean().item()
+                ema = run.ema_baseline
+                b = torch.tensor(r.mean().item() if ema is None else ema)
+                run.ema_baseline = r.mean().item() if ema is None else 0.9 * ema + 0.1 * r.mean().item()
             else:
                 b = torch.zeros(())
             advantage = (r - b).detach()
             m = masks.float()
             log_p = (m * F.logsigmoid(theta) + (1 - m) * F.logsigmoid(-theta)).sum((1, 2))  # [S]
             loss = -(advantage * log_p).mean() + sparsity * torch.sigmoid(theta).sum()
-            opt.zero_grad()
+            run.opt.zero_grad()
             loss.backward()
-            opt.step()
-            curve.append(float(r.mean()))
-            step += 1
-            bar.update(1)
-            bar.set_postfix(reward=f"{curve[-1]:.4g}", heads=int((torch.sigmoid(theta) > threshold).sum()))
-            if stopper.update(curve[-1]):
-                done = True
-            if checkpoint is not None and (step % checkpoint_every == 0 or done or step >= steps):
-                _save_checkpoint(checkpoint, snapshot(step, done))
+            run.opt.step()
+            run.end_step(float(r.mean()))
     finally:
-        bar.close()
+        run.bar.close()
+    curve = run.curve
 
     probs = torch.sigmoid(theta.detach()).clone()
     mask = probs > threshold
@@ -855,44 +867,24 @@ def soft_select(
 
     dtype = objective.dtype if objective.dtype == torch.float64 else torch.float32
     theta = torch.full((info.n_layers, info.n_heads), init_logit, dtype=dtype, requires_grad=True)
-    opt = torch.optim.Adam([theta], lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    curve: list[float] = []
-    stopper = _Plateau(patience, tol)
-    start, done = 0, False
-    state = _resume(checkpoint, info, config, theta, opt, gen, stopper)
-    if state is not None:
-        curve = list(state["curve"])
-        start, done = int(state["step"]), bool(state["done"])
-
-    def snapshot(step: int, finished: bool) -> dict:
-        return {"kind": "tvlens.analyses.selection.checkpoint", "config_hash": info.config_hash, "config": config,
-                "theta": theta.detach().clone(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
-                "curve": list(curve), "plateau": stopper.state(), "ema_baseline": None, "step": step, "done": finished}
-
+    run = _Run(theta, lr=lr, seed=seed, patience=patience, tol=tol, steps=steps, checkpoint=checkpoint,
+               checkpoint_every=checkpoint_every, info=info, config=config, desc="soft_select", progress=progress,
+               label="logprob", threshold=threshold)
     n = objective.n_rows
-    bar = _progress(steps, "soft_select", progress, initial=min(start, steps))
-    step = start
     try:
-        while not done and step < steps:
+        while run.running:
             rows = None
             if batch_size is not None and batch_size < n:
-                rows = torch.randperm(n, generator=gen)[:batch_size]
+                rows = torch.randperm(n, generator=run.gen)[:batch_size]
             with torch.enable_grad():
                 loss, objective_value = objective.soft_loss(theta, l1=l1, rows=rows)
-                opt.zero_grad()
+                run.opt.zero_grad()
                 loss.backward()
-            opt.step()
-            curve.append(float(objective_value))
-            step += 1
-            bar.update(1)
-            bar.set_postfix(logprob=f"{curve[-1]:.4g}", heads=int((torch.sigmoid(theta) > threshold).sum()))
-            if stopper.update(curve[-1]):
-                done = True
-            if checkpoint is not None and (step % checkpoint_every == 0 or done or step >= steps):
-                _save_checkpoint(checkpoint, snapshot(step, done))
+            run.opt.step()
+            run.end_step(float(objective_value))
     finally:
-        bar.close()
+        run.bar.close()
+    curve = run.curve
 
     alphas = torch.sigmoid(theta.detach()).float().clone()
     with torch.no_grad():

@@ -32,6 +32,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ..results import LayerHeadGrid
 from ..tasks import task_name as _task_name
 
 __all__ = [
@@ -126,7 +127,7 @@ class _Moments:
 
 
 @dataclass(frozen=True, eq=False)
-class HeadStats:
+class HeadStats(LayerHeadGrid):
     """Per task, per layer, per head: mean, population variance and count of ``hook_z``.
 
     Shapes (``pos`` only when ``per_position``; ``pos`` is right-aligned: index ``-1`` is the last
@@ -164,12 +165,8 @@ class HeadStats:
         return len(self.tasks)
 
     @property
-    def n_layers(self) -> int:
-        return self.z_mean.shape[1]
-
-    @property
-    def n_heads(self) -> int:
-        return self.z_mean.shape[2]
+    def grid(self) -> Tensor:
+        return self.z_mean[0]
 
     @property
     def d_head(self) -> int:
@@ -708,7 +705,7 @@ def rho_token(
 
 
 @dataclass(frozen=True, eq=False)
-class Taskness:
+class Taskness(LayerHeadGrid):
     """ρ_token taskness (Hojel et al. 2024) per layer × head, and per position when collected.
 
     - ``scores``: ``[layer, head]`` float64 — the head score (mean of its token scores when
@@ -733,12 +730,8 @@ class Taskness:
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def n_layers(self) -> int:
-        return self.scores.shape[0]
-
-    @property
-    def n_heads(self) -> int:
-        return self.scores.shape[1]
+    def grid(self) -> Tensor:
+        return self.scores
 
     def __repr__(self) -> str:
         top = ", ".join(f"L{l}H{h}={s:.3g}" for l, h, s in self.top(3))
