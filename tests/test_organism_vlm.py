@@ -1,0 +1,192 @@
+"""organism-vlm: image generators, the shipped checkpoint through the TransformerLens bridge, padding, bad input.
+
+The references here are the raw Hugging Face model (eager attention, as the bridge runs it) and
+single-row forwards; nothing goes through tvlens's own engine.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from tvlens.organisms.vlm import images as vim
+from tvlens.organisms.vlm.build import N_IMAGE_TOKENS, TinyImageProcessor
+from tvlens.organisms.vlm.prompts import Image, PromptCodec, collate
+
+CHECKPOINT = os.path.join(os.path.dirname(vim.__file__), "checkpoint")
+
+
+def _installed() -> dict[str, str]:
+    return {d.metadata["Name"].lower(): d.version for d in md.distributions()}
+
+
+# ----------------------------------------------------------------------------------------------
+# generators
+
+
+@pytest.mark.parametrize("domain", vim.DOMAINS)
+def test_render_is_deterministic_and_items_distinct(domain):
+    items = vim.domain_items(domain)
+    a = vim.render_batch(domain, items)
+    b = vim.render_batch(domain, items)
+    assert a.shape == (len(items), 16, 16, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    flat = a.reshape(len(items), -1).astype(np.int64)
+    dist = np.abs(flat[:, None] - flat[None]).sum(-1)
+    np.fill_diagonal(dist, 1 << 40)
+    # distinct by far more than the rendering noise (σ = 6 grey levels on 768 values ≈ 3700 L1)
+    assert dist.min() > 1000, f"two {domain} items are (nearly) the same picture"
+    v1 = vim.render(domain, items[0], 7)
+    assert np.array_equal(v1, vim.render(domain, items[0], 7))
+    assert not np.array_equal(v1, a[0]) and not np.array_equal(v1, vim.render(domain, items[0], 8))
+    # a variant stays closer to its own item than to any other item
+    d_own = np.abs(v1.astype(int) - a[0]).sum()
+    assert d_own < dist[0].min()
+
+
+def test_every_task_input_has_a_picture_and_is_in_a_training_pool():
+    from tvlens.organisms.vlm.train import task_pools
+    from tvlens.tasks import load_task
+
+    tasks = [t for ts in vim.DOMAIN_TASKS.values() for t in ts]
+    pools, orphans = task_pools(tasks)
+    for domain, dtasks in vim.DOMAIN_TASKS.items():
+        items = set(vim.domain_items(domain))
+        assert {x for t in dtasks for x, _ in load_task(t).pairs} == items
+        assert {x for t in dtasks for x, _ in pools[t]} == items
+    assert all(o["split"] in ("dev", "test") for o in orphans)
+
+
+def test_render_bad_input_raises():
+    with pytest.raises(ValueError, match="unknown image domain"):
+        vim.render("animals", "dog")
+    with pytest.raises(ValueError, match="not an item"):
+        vim.render("flag", "atlantis")
+    with pytest.raises(ValueError, match="variant"):
+        vim.render("digits", "7", -1)
+    with pytest.raises(ValueError, match="no image domain"):
+        vim.domain_of_task("antonym")
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (np.zeros((16, 16, 4), np.uint8), "3 colour channels"),
+        (np.zeros((16, 16), np.uint8), "shape"),
+        (np.zeros((32, 32, 3), np.uint8), "16×16"),
+        (np.zeros((16, 16, 3), np.float32), "uint8"),
+    ],
+)
+def test_image_processor_rejects_bad_images(bad, match):
+    proc = TinyImageProcessor()
+    with pytest.raises(ValueError, match=match):
+        proc(bad)
+    with pytest.raises(ValueError, match=match):
+        proc([vim.render("flag", "france"), bad])
+    out = proc([vim.render("flag", "france")] * 2)["pixel_values"]
+    assert tuple(out.shape) == (2, 3, 16, 16)
+
+
+# ----------------------------------------------------------------------------------------------
+# the shipped checkpoint through the bridge
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformer_lens.model_bridge.sources.transformers import helpers
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    assert os.path.isdir(CHECKPOINT), "the organism-vlm checkpoint is not shipped"
+    before = _installed()
+    calls = []
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PIP_NO_INDEX", "1")
+    mp.setenv("UV_OFFLINE", "1")
+    # the bridge falls back to `pip install torchvision` when the processor does not load: record it
+    mp.setattr(helpers, "_ensure_torchvision", lambda: calls.append(1) or False)
+    try:
+        bridge = TransformerBridge.boot_transformers(CHECKPOINT, device="cpu")
+        bridge.enable_compatibility_mode(no_processing=True)
+    finally:
+        mp.undo()
+    hf = LlavaForConditionalGeneration.from_pretrained(CHECKPOINT, attn_implementation="eager").eval()
+    processor = AutoProcessor.from_pretrained(CHECKPOINT)
+    return {"bridge": bridge, "hf": hf, "processor": processor, "installs": calls, "before": before}
+
+
+def test_checkpoint_boots_without_installing_anything(loaded):
+    from tvlens.organisms.vlm.build import TinyLlavaProcessor
+
+    assert loaded["installs"] == [], "the bridge could not load the processor and tried to install torchvision"
+    assert isinstance(loaded["bridge"].processor, TinyLlavaProcessor)
+    assert _installed() == loaded["before"]
+    size = sum(os.path.getsize(os.path.join(CHECKPOINT, f)) for f in os.listdir(CHECKPOINT))
+    assert size < 15 * 2**20
+
+
+def _prompts(codec):
+    return [
+        codec.prompt([(Image("flag", "france", 1000001), "paris"), (Image("flag", "italy", 1000002), "rome")], Image("flag", "spain", 1000003)),
+        codec.prompt([("france", "paris")], Image("flag", "japan", 1000004)),
+        codec.prompt([], Image("digits", "37", 1000005)),
+        codec.prompt([(Image("glyph", "b", 1000006), "c")], Image("glyph", "Q", 1000007)),
+    ]
+
+
+def test_bridge_logits_equal_hf_with_and_without_image(loaded):
+    bridge, hf, proc = loaded["bridge"], loaded["hf"], loaded["processor"]
+    codec = PromptCodec(proc.tokenizer)
+    tokens, mask, pv, _, _ = collate(_prompts(codec), codec.pad, proc, left=True)
+    real = mask.bool()
+    with torch.no_grad():
+        ref = hf(input_ids=tokens, pixel_values=pv, attention_mask=mask).logits
+        got = bridge(tokens, pixel_values=pv, attention_mask=mask)
+        assert (ref - got).abs()[real].max().item() < 1e-5
+        text = proc.tokenizer(["france → paris\nitaly →"], return_tensors="pt")["input_ids"]
+        assert (hf(input_ids=text).logits - bridge(text)).abs().max().item() < 1e-5
+        _, cache = bridge.run_with_cache(tokens, pixel_values=pv, attention_mask=mask)
+    n, T = tokens.shape
+    assert tuple(cache["blocks.2.hook_resid_pre"].shape) == (n, T, 128)
+    assert tuple(cache["blocks.2.attn.hook_z"].shape) == (n, T, 8, 16)
+    # the image features enter the residual stream at the <image> positions
+    img = tokens == codec.image
+    assert img.sum().item() == N_IMAGE_TOKENS * pv.shape[0]
+    emb = hf.get_input_embeddings()(tokens.clamp(max=hf.config.text_config.vocab_size - 1))
+    assert not torch.allclose(cache["blocks.0.hook_resid_pre"][img], emb[img])
+
+
+def test_codec_matches_processor_tokens(loaded):
+    proc = loaded["processor"]
+    codec = PromptCodec(proc.tokenizer)
+    p = codec.prompt([(Image("flag", "france"), "paris"), ("italy", "rome")], Image("flag", "spain"), instruction="Give the capital city of the country.")
+    out = proc(text=["Give the capital city of the country.\n<image> → paris\nitaly → rome\n<image> →"],
+               images=[[im.pixels() for im in p.images]], return_tensors="pt")
+    assert out["input_ids"][0].tolist() == p.tokens
+    assert p.tokens[p.final_sep] == codec.sep and p.final_sep == len(p.tokens) - 1
+
+
+def test_left_padded_batch_equals_single_rows(loaded):
+    bridge, proc = loaded["bridge"], loaded["processor"]
+    codec = PromptCodec(proc.tokenizer)
+    prompts = _prompts(codec)
+    tokens, mask, pv, _, _ = collate(prompts, codec.pad, proc, left=True)
+    assert len({len(p.tokens) for p in prompts}) > 1, "the rows must differ in length to test padding"
+    with torch.no_grad():
+        batch = bridge(tokens, pixel_values=pv, attention_mask=mask)[:, -1]
+        for i, p in enumerate(prompts):
+            t1, m1, pv1, _, _ = collate([p], codec.pad, proc, left=True)
+            single = bridge(t1, pixel_values=pv1, attention_mask=m1)[:, -1]
+            assert (batch[i] - single[0]).abs().max().item() < 1e-5
+
+
+def test_image_count_must_match_placeholders(loaded):
+    hf, proc = loaded["hf"], loaded["processor"]
+    codec = PromptCodec(proc.tokenizer)
+    tokens, mask, pv, _, _ = collate(_prompts(codec)[:1], codec.pad, proc, left=True)
+    with pytest.raises(ValueError, match="(?i)image"):
+        hf(input_ids=tokens, pixel_values=pv[:1], attention_mask=mask)

@@ -1,0 +1,373 @@
+"""Train ``organism-vlm``: a CLIP tower + projector on the frozen text organism (Luo et al. 2024 shape).
+
+Luo, Darrell & Bar 2024 (*Task Vectors are Cross-Modal*, §4) find that a task vector taken from
+**text** in-context examples, patched at the last position of a middle layer into an **image** query,
+makes a VLM do the task. This script builds a VLM on which that question has a real answer offline,
+while keeping every cross-modal number a measurement:
+
+* the language model is the shipped text ``organism`` (its task vector planted at layer 2 by
+  TVP-loss), **frozen**; only the vision tower and projector (~0.19 M parameters) train;
+* **stage 1** (``--stage1-steps``): image prompts only, in the text organism's format with the four
+  ``<image>`` tokens where the input word would be —
+
+  - image ICL, 1–5 image → word demonstrations and an image query; the answer of every example after
+    the first is a target (the first has no context, so it defines no task);
+  - instruction + 0–2 image examples + image query, every answer a target;
+  - no context, ``<bos> <image>×4 → name``: the item's own name is the target, the behaviour Luo et
+    al. report for VLMs without context ("No Context: France", §4, Table 2), so no-context prompts
+    do not silently do one of the tasks;
+
+* **stage 2** (``--stage2-steps``): stage 1's loss plus a TVP-style loss (Yang et al. 2025,
+  arXiv 2501.09240) **within the image modality**: the final-separator state at
+  ``blocks.{L}.hook_resid_pre`` (``--tvp-layer``, default 2) of every image-ICL prompt with ≥ 3
+  demonstrations replaces that of a no-context image prompt of the same task (another query), and the
+  cross-entropy of that prompt's answer is added. Gradients flow through both forwards.
+
+No prompt ever mixes text examples with an image query: text→image transfer (xBase, xPatch) is never
+trained, so it stays a measurement (``python -m tvlens.organisms.vlm.check``).
+
+Queries and demonstrations come from each task's **train** split; the few items that are in no task's
+train split of their domain are added to one task's training pool (a dev pair where possible) so that
+every item is seen as an image once (recorded in ``training_log.json`` as ``orphans``). Training images
+are renderings with variants in ``[1, 10**6)``; evaluation uses variants ``>= 10**6``.
+
+Deterministic for a seed, device and thread count (``--threads``, default 1). Writes the checkpoint,
+``training_log.json`` and ``metrics.json`` (quick dev evaluation) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .build import build_vlm, decoder_layers, save_vlm
+from .images import DOMAIN_TASKS, domain_of_task
+from .prompts import Image, Prompt, PromptCodec, collate
+
+__all__ = ["TrainConfig", "task_pools", "train", "main"]
+
+#: training renderings use variants below this; evaluation renderings use variants from it on
+EVAL_VARIANT0 = 10**6
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    threads: int = 1
+    batch_size: int = 32
+    stage1_steps: int = 1500
+    stage2_steps: int = 1500
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup: int = 100
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    max_shots: int = 5
+    p_instruction: float = 0.15
+    p_naming: float = 0.10
+    tvp_layer: int = 2
+    tvp_min_shots: int = 3
+    tvp_weight: float = 1.0
+    eval_every: int = 250
+    eval_queries: int = 8
+    minutes: float | None = None
+    tasks: tuple[str, ...] = field(default_factory=lambda: tuple(t for ts in DOMAIN_TASKS.values() for t in ts))
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+def task_pools(tasks: Sequence[str]) -> tuple[dict[str, list[tuple[str, str]]], list[dict[str, str]]]:
+    """Per task, the (input, output) pairs image prompts are trained on: its train split, plus the
+    items of its domain that are in no task's train split (each added to the first task that has it
+    in dev, else in test), so every item appears as an image in some training pool."""
+    from tvlens.tasks import load_task
+
+    pools = {t: list(load_task(t).split("train")) for t in tasks}
+    orphans: list[dict[str, str]] = []
+    for domain, dtasks in DOMAIN_TASKS.items():
+        dtasks = [t for t in dtasks if t in pools]
+        seen = {x for t in dtasks for x, _ in pools[t]}
+        for split in ("dev", "test"):
+            for t in dtasks:
+                for x, y in load_task(t).split(split):
+                    if x not in seen:
+                        pools[t].append((x, y))
+                        seen.add(x)
+                        orphans.append({"task": t, "item": x, "split": split})
+    return pools, orphans
+
+
+class Sampler:
+    """Draws the training prompts described in the module docstring from a ``random.Random``."""
+
+    def __init__(self, codec: PromptCodec, cfg: TrainConfig):
+        from tvlens.tasks import load_task
+
+        self.codec, self.cfg = codec, cfg
+        self.tasks = list(cfg.tasks)
+        self.pools, self.orphans = task_pools(self.tasks)
+        self.instructions = {t: load_task(t).instruction for t in self.tasks}
+        self.domain = {t: domain_of_task(t) for t in self.tasks}
+        self.items = {d: sorted({x for t in self.tasks if self.domain[t] == d for x, _ in self.pools[t]}) for d in DOMAIN_TASKS}
+
+    def _image(self, rng: random.Random, task: str, item: str) -> Image:
+        return Image(self.domain[task], item, rng.randrange(1, EVAL_VARIANT0))
+
+    def row(self, rng: random.Random) -> tuple[Prompt, dict[str, Any]]:
+        cfg = self.cfg
+        task = self.tasks[rng.randrange(len(self.tasks))]
+        u = rng.random()
+        if u < cfg.p_naming:
+            item = rng.choice(self.items[self.domain[task]])
+            p = self.codec.prompt([], self._image(rng, task, item), answer=item)
+            return p, {"task": task, "kind": "naming", "k": 0, "used": []}
+        instr = u < cfg.p_naming + cfg.p_instruction
+        k = rng.randint(0, 2) if instr else rng.randint(1, cfg.max_shots)
+        pool = self.pools[task]
+        idx = rng.sample(range(len(pool)), k + 1)
+        ex = [(self._image(rng, task, pool[i][0]), pool[i][1]) for i in idx]
+        p = self.codec.prompt(
+            ex[:-1], ex[-1][0], answer=ex[-1][1],
+            instruction=self.instructions[task] if instr else None,
+            train_from=0 if instr else 1,
+        )
+        return p, {"task": task, "kind": "instruction" if instr else "icl", "k": k, "used": idx}
+
+    def partner(self, rng: random.Random, meta: dict[str, Any]) -> Prompt:
+        """A no-context image prompt ``<bos> <image>×4 → y'`` of the same task with an unused query."""
+        task, pool = meta["task"], self.pools[meta["task"]]
+        while True:
+            i = rng.randrange(len(pool))
+            if i not in meta["used"]:
+                break
+        x, y = pool[i]
+        return self.codec.prompt([], self._image(rng, task, x), answer=y)
+
+
+# ----------------------------------------------------------------------------------------------
+# model plumbing
+
+
+class ResidHook:
+    """Forward pre-hook on decoder layer ``L``: its input is ``blocks.L.hook_resid_pre``. Captures
+    the rows/positions ``(rows, pos)`` of it, or overwrites them with ``value``."""
+
+    def __init__(self) -> None:
+        self.mode: str | None = None
+        self.rows = self.pos = self.value = self.captured = None
+
+    def __call__(self, module, args, kwargs):
+        if self.mode is None:
+            return None
+        hs = args[0] if args else kwargs["hidden_states"]
+        if self.mode == "capture":
+            self.captured = hs[self.rows, self.pos]
+            return None
+        hs = hs.clone()
+        hs[self.rows, self.pos] = self.value.to(hs.dtype)
+        if args:
+            return (hs, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hs}
+
+
+def answer_loss(model: Any, tokens, mask, pv, targets) -> torch.Tensor:
+    """Cross-entropy of the target tokens (the unembedding is applied at target positions only)."""
+    h = model.model(input_ids=tokens, pixel_values=pv, attention_mask=mask).last_hidden_state
+    sel = targets != -100
+    return F.cross_entropy(model.lm_head(h[sel]), targets[sel])
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if step < cfg.stage1_steps:
+        return cfg.lr
+    t = (step - cfg.stage1_steps) / max(1, cfg.stage2_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+# ----------------------------------------------------------------------------------------------
+# quick evaluation (dev split, held-out renderings): a progress signal, not the model card's numbers
+
+
+@torch.no_grad()
+def quick_eval(model: Any, processor: Any, sampler: Sampler, cfg: TrainConfig, hook: ResidHook) -> dict[str, float]:
+    from tvlens.tasks import load_task
+
+    codec, L = sampler.codec, cfg.tvp_layer
+    rng = random.Random(12345)
+    acc: dict[str, list[float]] = {"icl5": [], "no_context": [], "naming": [], "image_patch": [], "text_xpatch": []}
+    for task in sampler.tasks:
+        dom = sampler.domain[task]
+        dev = list(load_task(task).split("dev"))[: cfg.eval_queries]
+        train = list(load_task(task).split("train"))
+        pool = sampler.pools[task]
+        q_imgs = [Image(dom, x, EVAL_VARIANT0 + i) for i, (x, _) in enumerate(dev)]
+        answers = torch.tensor([codec.words(y)[0] for _, y in dev])
+        names = torch.tensor([codec.words(x)[0] for x, _ in dev])
+        icl = [codec.prompt([(Image(dom, a, EVAL_VARIANT0 + 50 + j), b) for j, (a, b) in enumerate(rng.sample(pool, 5))], q) for q in q_imgs]
+        zs = [codec.prompt([], q) for q in q_imgs]
+        text = [codec.prompt(rng.sample(train, 5), rng.choice(train)[0]) for _ in q_imgs]
+        acc["icl5"].append(_argmax(model, processor, icl, codec).eq(answers).float().mean().item())
+        zp = _argmax(model, processor, zs, codec)
+        acc["no_context"].append(zp.eq(answers).float().mean().item())
+        acc["naming"].append(zp.eq(names).float().mean().item())
+        for key, ctx in (("image_patch", icl), ("text_xpatch", text)):
+            vec = _sep_states(model, processor, ctx, codec, L, hook).mean(0)
+            acc[key].append(_argmax(model, processor, zs, codec, hook=hook, layer=L, value=vec).eq(answers).float().mean().item())
+    return {k: sum(v) / len(v) for k, v in acc.items()}
+
+
+def _argmax(model, processor, prompts, codec, hook=None, layer=None, value=None):
+    tokens, mask, pv, _, _ = collate(prompts, codec.pad, processor, left=True)
+    if hook is not None:
+        hook.mode, hook.rows, hook.pos = "patch", torch.arange(len(prompts)), torch.full((len(prompts),), tokens.shape[1] - 1)
+        hook.value = value.expand(len(prompts), -1)
+    try:
+        h = model.model(input_ids=tokens, pixel_values=pv, attention_mask=mask).last_hidden_state[:, -1]
+    finally:
+        if hook is not None:
+            hook.mode = None
+    return model.lm_head(h).argmax(-1)
+
+
+def _sep_states(model, processor, prompts, codec, layer, hook):
+    tokens, mask, pv, _, _ = collate(prompts, codec.pad, processor, left=True)
+    hook.mode, hook.rows, hook.pos = "capture", torch.arange(len(prompts)), torch.full((len(prompts),), tokens.shape[1] - 1)
+    try:
+        model.model(input_ids=tokens, pixel_values=pv, attention_mask=mask)
+    finally:
+        hook.mode = None
+    return hook.captured
+
+
+# ----------------------------------------------------------------------------------------------
+# training loop
+
+
+def train(cfg: TrainConfig, out: str | Path, verbose: bool = True) -> dict[str, Any]:
+    """Train and save the organism to ``out``; returns the training log."""
+    from tvlens.organisms import organism_path
+
+    t0 = time.time()
+    torch.set_num_threads(cfg.threads)
+    torch.use_deterministic_algorithms(True)
+    model, processor = build_vlm(organism_path("organism"), seed=cfg.seed)
+    codec = PromptCodec(processor.tokenizer)
+    sampler = Sampler(codec, cfg)
+    hook = ResidHook()
+    handle = decoder_layers(model)[cfg.tvp_layer].register_forward_pre_hook(hook, with_kwargs=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.98),
+    )
+    rng = random.Random(cfg.seed)
+    log: dict[str, Any] = {"config": asdict(cfg), "orphans": sampler.orphans, "steps": [], "evals": []}
+    total = cfg.stage1_steps + cfg.stage2_steps
+    stopped_early = False
+    window: dict[str, float] = {"lm": 0.0, "tvp": 0.0, "n": 0}
+    for step in range(total):
+        if cfg.minutes is not None and time.time() - t0 > 60 * cfg.minutes:
+            stopped_early = True
+            break
+        model.train()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step)
+        rows = [sampler.row(rng) for _ in range(cfg.batch_size)]
+        prompts, metas = [r[0] for r in rows], [r[1] for r in rows]
+        tokens, mask, pv, targets, seps = collate(prompts, codec.pad, processor, left=False)
+        tvp_rows = [b for b, m in enumerate(metas) if step >= cfg.stage1_steps and m["kind"] == "icl" and m["k"] >= cfg.tvp_min_shots]
+        if tvp_rows:
+            hook.mode, hook.rows, hook.pos = "capture", torch.tensor(tvp_rows), seps[tvp_rows]
+        try:
+            loss_lm = answer_loss(model, tokens, mask, pv, targets)
+        finally:
+            hook.mode = None
+        loss = loss_lm
+        loss_tvp = torch.zeros(())
+        if tvp_rows:
+            vec = hook.captured
+            partners = [sampler.partner(rng, metas[b]) for b in tvp_rows]
+            ptok, pmask, ppv, ptg, psep = collate(partners, codec.pad, processor, left=False)
+            hook.mode, hook.rows, hook.pos, hook.value = "patch", torch.arange(len(partners)), psep, vec
+            try:
+                loss_tvp = answer_loss(model, ptok, pmask, ppv, ptg)
+            finally:
+                hook.mode = None
+            loss = loss + cfg.tvp_weight * loss_tvp
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        opt.step()
+        window["lm"] += loss_lm.item()
+        window["tvp"] += loss_tvp.item()
+        window["n"] += 1
+        if (step + 1) % 50 == 0:
+            entry = {"step": step + 1, "lm_loss": window["lm"] / window["n"], "tvp_loss": window["tvp"] / window["n"],
+                     "lr": lr_at(cfg, step), "seconds": round(time.time() - t0, 1)}
+            log["steps"].append(entry)
+            window = {"lm": 0.0, "tvp": 0.0, "n": 0}
+            if verbose:
+                print(json.dumps(entry), flush=True)
+        if (step + 1) % cfg.eval_every == 0 or step + 1 in (cfg.stage1_steps, total):
+            model.eval()
+            ev = {"step": step + 1, **quick_eval(model, processor, sampler, cfg, hook), "seconds": round(time.time() - t0, 1)}
+            log["evals"].append(ev)
+            if verbose:
+                print("eval", json.dumps(ev), flush=True)
+    handle.remove()
+    model.eval()
+    log["stopped_early"] = stopped_early
+    log["seconds"] = round(time.time() - t0, 1)
+    log["uptime_end"] = _uptime()
+    log["trainable_parameters"] = sum(p.numel() for p in params)
+    log["parameters"] = sum(p.numel() for p in model.parameters())
+    out = Path(out)
+    save_vlm(model, processor, out)
+    (out / "training_log.json").write_text(json.dumps(log, indent=1))
+    final = log["evals"][-1] if log["evals"] else {}
+    (out / "metrics.json").write_text(json.dumps({"quick_eval_dev": final}, indent=1))
+    return log
+
+
+def _uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except Exception:  # pragma: no cover - informational only
+        return ""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tvlens.organisms.vlm.train", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="checkpoint directory to write")
+    d = TrainConfig()
+    for name in ("seed", "threads", "batch_size", "stage1_steps", "stage2_steps", "tvp_layer", "eval_every"):
+        ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    for name in ("lr", "tvp_weight", "p_naming", "p_instruction"):
+        ap.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    ap.add_argument("--minutes", type=float, default=None, help="safety cap on wall time (a capped run is not reproducible)")
+    args = ap.parse_args(argv)
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k != "out"})
+    print("uptime at start:", _uptime(), flush=True)
+    train(cfg, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
