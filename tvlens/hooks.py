@@ -36,6 +36,7 @@ _NAMES = {
     "attn_scores": "blocks.{}.attn.hook_attn_scores",
     "ln1_scale": "blocks.{}.ln1.hook_scale",
     "ln2_scale": "blocks.{}.ln2.hook_scale",
+    "ln2_in": "blocks.{}.ln2.hook_in",
 }
 _GLOBAL = {"embed": "hook_embed", "ln_final": "ln_final.hook_normalized", "ln_final_scale": "ln_final.hook_scale"}
 

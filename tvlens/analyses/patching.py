@@ -395,7 +395,7 @@ def patch_heads(
             by its name only.)
 
     Returns a :class:`PatchResult`.  Equal to the naive loop (one ``run_with_hooks`` per site) to
-    float rounding, ≥ 20× faster at the final position on a GPT-2-small shape (benchmarks/bench_patching.py).
+    float rounding; ``benchmarks/bench_patching.py`` measures the two side by side.
     """
     from ..models import ModelInfo
 

@@ -468,6 +468,7 @@ def head_means(
     include_output: bool = False,
     layers: Sequence[int] | None = None,
     progress: bool = False,
+    executor: Any = None,
     **prompt_kw: Any,
 ) -> HeadStats:
     """Mean, variance and count of every head's ``hook_z`` over each task's ICL prompts.
@@ -494,6 +495,9 @@ def head_means(
         layers: restrict to these layers (default all); only their ``hook_z`` is hooked and the
             forward stops after the last of them.
         progress: show a tqdm bar.
+        executor: where to run (:mod:`tvlens.runs.executors`): ``None`` — this process, the loop
+            below; a ``RayExecutor`` — blocks of each task's prompts on the workers' replicas,
+            merged exactly by Chan's update (:meth:`HeadStats.merge`). ``meta["executor"]`` says which.
         **prompt_kw: passed to ``icl_prompts`` (``separator=``, ``instruction=``, ...).
 
     Only ``blocks.{l}.attn.hook_z`` is hooked; each batch is one forward serving all layers and
@@ -520,6 +524,15 @@ def head_means(
     for t in task_list:
         if _is_prompt_batch(t) and len(t) < 2:
             raise ValueError(f"PromptBatch for task {_task_name(t)!r} has {len(t)} prompt(s); a variance needs at least two")
+    from ..runs.executors import executor_meta, splits
+
+    if splits(executor):  # the same prompts, in blocks on the executor's workers
+        from ..runs import distributed
+
+        return distributed.head_means(model, task_list, executor=executor, n_prompts=n_prompts, n_shots=n_shots,
+                                      mode=mode, positions=positions, batch_size=batch_size, seed=seed,
+                                      include_output=include_output, layer_ids=layer_ids, progress=progress,
+                                      prompt_kw=prompt_kw)
 
     device = device_of(model)
     n_l, n_h, d_h, d_m = len(layer_ids), info.n_heads, info.d_head, info.d_model
@@ -588,6 +601,7 @@ def head_means(
         "model": info.name, "config_hash": info.config_hash, "n_prompts": n_prompts, "n_shots": n_shots, "seed": seed,
         "batch_size": batch_size, "variance": "population", "tvlens_version": version(),
         "prompt_kw": {k: v for k, v in prompt_kw.items() if isinstance(v, (str, int, float, bool, type(None)))},
+        "executor": executor_meta(executor),
     }
     return HeadStats(
         tasks=tuple(names), z_mean=torch.stack(z_means), z_var=torch.stack(z_vars), count=torch.stack(counts),
@@ -847,8 +861,8 @@ def taskness(model_or_stats: Any, tasks: Any = None, *, eps: float = DEFAULT_EPS
     positions where every task has at least two samples.
 
     ``model_or_stats``: a model (then ``head_means(model, tasks, **kw)`` is computed first; ``kw``
-    takes its options) or a ``HeadStats`` (``tasks`` optionally selects a subset of its tasks).
-    At least two tasks are needed.
+    takes its options, ``executor=`` among them) or a ``HeadStats`` (``tasks`` optionally selects a
+    subset of its tasks). At least two tasks are needed.
     """
     if isinstance(model_or_stats, HeadStats):
         if kw:
@@ -867,7 +881,8 @@ def taskness(model_or_stats: Any, tasks: Any = None, *, eps: float = DEFAULT_EPS
 def taskness_from_stats(stats: HeadStats, *, eps: float = DEFAULT_EPS) -> Taskness:
     if stats.n_tasks < 2:
         raise ValueError(f"ρ_token compares tasks: it needs at least 2 tasks, got {stats.n_tasks}; pass more tasks")
-    meta = {k: stats.meta.get(k) for k in ("model", "config_hash", "n_prompts", "n_shots", "seed", "tvlens_version")}
+    meta = {k: stats.meta.get(k) for k in ("model", "config_hash", "n_prompts", "n_shots", "seed", "tvlens_version",
+                                           "executor")}
     meta["eps"] = eps
     if not stats.per_position:
         if int(stats.count.min()) < 2:
@@ -956,9 +971,9 @@ def validate_taskness(
     """Patch the top-k ρ heads' task-mean ``z`` (from ``stats``, final position) into zero-shot
     prompts and compare first-token accuracy with patching k random heads (``n_random`` draws,
     ``torch.Generator(seed)``) — the check that a high ρ marks heads that carry the task
-    (issue 7; the mean-head patching of Todd et al. 2024 §2.3, restricted to the final token).
+    (the mean-head patching of Todd et al. 2024 §2.3, restricted to the final token).
 
-    All head sets are evaluated as columns of one ``tvlens.analyses.patching.PatchRunner`` pass per task
+    All head sets are evaluated as columns of one :class:`tvlens.engine.PatchRunner` pass per task
     (``fast=False``: whole hooked forwards, head sets along the batch axis; same numbers)."""
     from ..engine.readout import final_logits
     from ..engine.runner import PatchRunner
@@ -979,7 +994,7 @@ def validate_taskness(
     for k in ks:
         if not 1 <= k <= n_cells:
             raise ValueError(f"k={k} is out of range: the scores cover {n_cells} heads; use 1..{n_cells}")
-    _check_int("n_random", n_random, 1, "average over at least one random draw (the issue asks for >= 10)")
+    _check_int("n_random", n_random, 1, "average over at least one random draw (10 or more give a stable baseline)")
     gen = torch.Generator().manual_seed(seed)
     random_sets = {k: [torch.randperm(n_cells, generator=gen)[:k].tolist() for _ in range(n_random)] for k in ks}
     ranked = [(scores.layers.index(l), h) for l, h, _ in scores.top(max(ks))]

@@ -61,7 +61,7 @@ def _check_final_only(model: Any) -> bool:
     from ..models import ModelInfo
 
     info = ModelInfo.of(model)
-    name = f"blocks.{info.n_layers - 1}.ln2.hook_in"
+    name = act_name("ln2_in", info.n_layers - 1)
     if name not in model.hook_dict:
         return False
     g = torch.Generator().manual_seed(0)
@@ -104,7 +104,7 @@ def run_rows(
     stop = None if logits or not caps else max(caps)
     # the last block the pass runs is needed at the final position only: its MLP runs there only
     last = info.n_layers - 1 if stop is None else stop - 1
-    cut = [(f"blocks.{last}.ln2.hook_in", last_token_only)] if last >= 0 and final_only_ok(model) else []
+    cut = [(act_name("ln2_in", last), last_token_only)] if last >= 0 and final_only_ok(model) else []
     for idx in length_buckets([int(r.shape[0]) for r in rows], batch_size):
         tokens, mask = pad_left([rows[i] for i in idx], pad)
         it = torch.as_tensor(idx)
@@ -226,7 +226,7 @@ def run_shared(model: Any, pairs: Sequence[tuple[Tensor, Tensor]], layers: Seque
     n = len(packs)
     caps = {int(l): torch.empty((n, info.d_model), dtype=torch.float32) for l in layers}
     logits = torch.empty((n, info.d_vocab), dtype=torch.float32)
-    cut = [(f"blocks.{info.n_layers - 1}.ln2.hook_in", last_token_only)] if final_only_ok(model) else []
+    cut = [(act_name("ln2_in", info.n_layers - 1), last_token_only)] if final_only_ok(model) else []
     for idx in length_buckets([int(pk[0].shape[0]) for pk in packs], batch_size):
         it = torch.as_tensor(idx)
         tokens, pos, mask, a_end = packed_chunk(model, [packs[i] for i in idx], pad, dtype, device)

@@ -59,6 +59,7 @@ import warnings
 from typing import Any, Callable, Iterable, Literal, Sequence
 
 import torch
+from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor
 
@@ -373,11 +374,10 @@ class PatchRunner:
             def fn(act: Tensor, hook: Any = None, plans=plans) -> Tensor:
                 if layout == "seq":
                     return _apply_plans(act, plans)  # [B, S, *unit]
-                region = act[:, start_pos:] if layout == "full" else act  # [S·B, T, *unit]
-                S = region.shape[0] // B
-                canon = region.reshape(S, B, *region.shape[1:]).transpose(0, 1)  # [B, S, T, *unit]
+                region = act[:, start_pos:] if layout == "full" else act
+                canon = rearrange(region, "(column batch) pos ... -> batch column pos ...", batch=B)
                 canon = _apply_plans(canon[:, :, 0] if final_mode else canon, plans)
-                new = (canon.unsqueeze(2) if final_mode else canon).transpose(0, 1).reshape(region.shape)
+                new = rearrange(canon.unsqueeze(2) if final_mode else canon, "batch column pos ... -> (column batch) pos ...")
                 return torch.cat([act[:, :start_pos], new], dim=1) if layout == "full" else new
 
             fwd.append((act_name(kind, layer), fn))
@@ -470,7 +470,7 @@ class PatchRunner:
 
     def _read_rows(self, h: Tensor, S: int, start_pos: int) -> Tensor:
         """``[S·B, T, ...]`` stream rows (positions ``start_pos..``) -> ``[B, S, (query,) ...]`` at the query positions."""
-        h = h.reshape(S, self.B, *h.shape[1:]).transpose(0, 1)  # [B, S, T, ...]
+        h = rearrange(h, "(column batch) pos ... -> batch column pos ...", column=S)
         if self.query is None:
             return h[:, :, -1]
         idx = (self.query - start_pos)[:, None, :, None].expand(self.B, S, self.query.shape[1], h.shape[-1])

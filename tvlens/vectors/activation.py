@@ -34,7 +34,7 @@ after the last of them, and the MLP of the last block a pass runs sees only the 
 (the only one read); prompts of all tasks are pooled into length-sorted batches; in a sweep, each
 ICL prompt is packed with the extraction prompt that shows the same demonstrations (shared prefix,
 tree attention mask), so the demos run once for both; evaluating the vectors at every layer uses
-:class:`tvlens.analyses.patching.PatchRunner`, which runs the zero-shot prompts once and recomputes only the
+:class:`tvlens.engine.PatchRunner`, which runs the zero-shot prompts once and recomputes only the
 final token from the patched layer up, all layers side by side.
 """
 
@@ -794,7 +794,7 @@ def _grid_eval(
     zero-shot baseline).
 
     The prompts of all batches are pooled and grouped by length (no padding: no attention mask);
-    each group is one :class:`~tvlens.analyses.patching.PatchRunner`: the prompts run once, then only the
+    each group is one :class:`~tvlens.engine.PatchRunner`: the prompts run once, then only the
     final token is recomputed from each column's layer up, every column side by side."""
     from ..engine.runner import PatchRunner
     from ..engine.sites import add_resid, replace_resid
@@ -990,18 +990,15 @@ class SweepResult:
         )
 
     def to_html(self, path: str | Path) -> Path:
-        """A standalone HTML page: the plot and the per-family and per-task tables."""
-        from ..results import atomic_write_text
+        """An HTML page (loading ``plotly.min.js`` from its folder, written there once): the plot and
+        the per-family and per-task tables."""
+        from .. import plot as _plot
 
-        fig = self.plot()
-        body = fig.to_html(include_plotlyjs=True, full_html=False)
         text = html.escape(self.table("family") + "\n\n" + self.table("task"))
-        doc = (f"<!doctype html><html><head><meta charset='utf-8'><title>tvlens layer sweep</title></head><body>"
-               f"{body}<pre>{text}</pre></body></html>")
         p = Path(path)
         if p.suffix != ".html":
             p = p.with_suffix(".html")
-        return atomic_write_text(p, doc)
+        return _plot.html_page(p, [_plot.figure_div(self.plot()), f"<pre>{text}</pre>"], title="tvlens layer sweep")
 
     def to_frame(self) -> Any:
         """A pandas DataFrame, one row per (task, split, layer) (requires pandas)."""
@@ -1070,7 +1067,7 @@ def layer_sweep(
     Per task: ``n_prompts`` ``n_shots``-shot prompts with dummy queries give the task vector at every
     layer (one pass, all layers hooked); zero-shot prompts of each split in ``splits`` (up to
     ``n_prompts`` distinct queries) are run once, and the final token is recomputed with the
-    vector patched at each layer (:class:`tvlens.analyses.patching.PatchRunner`: exact, and no prefix is
+    vector patched at each layer (:class:`tvlens.engine.PatchRunner`: exact, and no prefix is
     recomputed); ICL accuracy is measured with ``n_shots`` demonstrations on the same queries as the
     report split's (``splits[-1]``) zero-shot prompts, so zero-shot, task-vector and ICL accuracies
     are paired, as in Hendel's tables. The best layer is chosen on ``splits[0]``.
