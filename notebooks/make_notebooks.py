@@ -361,6 +361,56 @@ print(soft.alphas.round(decimals=2))"""),
 ]
 
 
+# ----------------------------------------------------------------------------------------------
+NOTEBOOKS["07_weight_vectors"] = [
+    ("md", f"""\
+# Weight-space task vectors beside activation task vectors
+
+Ilharco et al. 2023 call a *task vector* the weight difference **τ = θ_ft − θ** between a model fine-tuned on a task
+and the model it started from. Adding λτ teaches the task, subtracting it removes it, and sums of several τ give one
+multi-task model. tvlens fine-tunes a copy of the organism on its own prompts (the caller's model is never changed),
+applies τ inside a context manager that restores every weight bit for bit, and compares weight vectors with the
+activation task vectors of the other notebooks on the same tasks.
+
+{cite("ilharco", "hendel")}"""),
+    ("code", SETUP),
+    ("md", "## Fine-tune a copy on one task\n\nZero-shot `x →` prompts from the train split, first-answer-token loss; dev accuracy is logged."),
+    ("code", """\
+ft = tvlens.finetune(model, "country_capital", steps=60, n_prompts=32, progress=False)
+tau = ft.vector
+print(ft)
+print(tau)
+ft.plot()"""),
+    ("code", """\
+before = tvlens.evaluate_icl(model, "country_capital", 0, split="test", n_prompts=14).first_token
+with tvlens.weights_applied(model, tau, lam=1.0):          # θ + τ inside the block only
+    after = tvlens.evaluate_icl(model, "country_capital", 0, split="test", n_prompts=14).first_token
+print(f"zero-shot country_capital: θ {before:.2f} -> θ + τ {after:.2f}")"""),
+    ("md", "## Arithmetic and geometry\n\nVectors add, subtract and scale per parameter; norms and cosines per layer or module kind."),
+    ("code", """\
+vectors = tvlens.weight_vectors(model, ["country_capital", "antonym", "next_letter"], vectors={"country_capital": tau},
+                                steps=60, n_prompts=32, progress=False)
+geo = tvlens.weight_geometry(list(vectors.values()), by="module")
+geo.to_frame().head(8)"""),
+    ("code", "geo.plot()"),
+    ("md", "## Addition: one model for three tasks (TIES beside plain addition, through peft)"),
+    ("code", """\
+add = tvlens.weight_addition(model, list(vectors), vectors=vectors, methods=("task_arithmetic", "ties"), n_prompts=20)
+add.to_frame()"""),
+    ("code", "add.plot()"),
+    ("md", "## Negation: forget one task, keep the others (λ chosen on dev)"),
+    ("code", """\
+neg = tvlens.weight_negation(model, list(vectors), vectors=vectors, lams=(0.5, 1.0, 2.0), n_prompts=16)
+neg.to_frame()"""),
+    ("md", "## Weights vs activations\n\nθ + λτ against Hendel's task vector and Todd's function vector at their dev-best layers."),
+    ("code", """\
+wva = tvlens.weights_vs_activations(model, ["country_capital", "antonym"], vectors=vectors, n_prompts=16,
+                                    function_kw=dict(n_prompts=16, n_cie_prompts=8))
+wva.to_frame()"""),
+    ("code", "wva.plot()"),
+]
+
+
 def build(name: str, cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
     nb = new_notebook()
     nb.cells = [new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in cells]

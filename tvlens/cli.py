@@ -33,6 +33,7 @@ DEFAULT_TASKS = {
     "patch": "country_capital",
     "select": "country_capital",
     "report": "report",
+    "weights": "country_capital,antonym,english_french,past_tense,next_letter",
     "info": None,
     "tasks": "all",
 }
@@ -105,6 +106,27 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
+def _example_sep(text: str) -> str:
+    value = text.replace("\\\\", "\0").replace("\\n", "\n").replace("\\t", "\t").replace("\0", "\\")
+    if not value:
+        raise argparse.ArgumentTypeError("expected a non-empty example separator, e.g. '\\n'")
+    return value
+
+
+#: commands whose analyses take icl_prompts' options (the others build their prompts themselves)
+_TAKES_PROMPT_KW = ("info", "taskness", "lens", "patch")
+
+
+def _prompt_kw(args: argparse.Namespace) -> dict[str, Any]:
+    sep = getattr(args, "example_sep", "\n")
+    if sep == "\n":
+        return {}
+    if args.command not in _TAKES_PROMPT_KW:
+        raise CliError(f"--example-sep is not supported by `tvlens {args.command}` (its analysis builds prompts with the "
+                       f"default newline); leave it out, or use {', '.join(_TAKES_PROMPT_KW)}")
+    return {"example_sep": sep}
+
+
 def _words(text: str) -> list[str]:
     words = [w.strip() for w in text.split(",") if w.strip()]
     if not words:
@@ -149,6 +171,10 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "select": ("find the task heads: REINFORCE (Hojel et al. 2024) and soft per-head weights, compared",
                "  tvlens select --tasks country_capital --steps 50\n"
                "  tvlens select --tasks antonym --method soft --steps 100"),
+    "weights": ("weight-space task vectors (Ilharco et al. 2023): fine-tune, add, negate, analogies, vs activations, vs LoRA",
+                "  tvlens weights addition --tasks country_capital,antonym,english_french,past_tense --merges task_arithmetic,ties\n"
+                "  tvlens weights negation --tasks family:knowledge --cache runs/weights\n"
+                "  tvlens weights peft --tasks antonym --ranks 1,2,4,8"),
     "report": ("taskness, logit lens, task-vector sweep and head patching: one standalone HTML page",
                "  tvlens report                                  # organism, default tasks -> figures/report.html\n"
                "  tvlens report --tasks family:knowledge --out report_knowledge/"),
@@ -176,6 +202,8 @@ def _common(p: argparse.ArgumentParser, command: str, *, model: bool = True, out
         p.add_argument("--n-prompts", type=_int_at_least(2), default=n_prompts, help="prompts per task")
     if n_shots is not None:
         p.add_argument("--n-shots", type=_int_at_least(1), default=n_shots, help="demonstrations per ICL prompt")
+        p.add_argument("--example-sep", type=_example_sep, default="\n", metavar="TEXT",
+                       help="text between demonstrations, escapes allowed ('\\n', '\\n\\n', ' | '); default a newline")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,6 +276,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=_positive_float, default=0.1, help="REINFORCE learning rate")
     p.add_argument("--k", type=_int_at_least(1), default=None,
                    help="heads in the top-k and random-k rows (default: as many as REINFORCE selected)")
+
+    p = add("weights")
+    _common(p, "weights", n_prompts=50, n_shots=5)
+    p.add_argument("experiment", choices=("finetune", "addition", "negation", "analogy", "compare", "peft"),
+                   help="finetune: one fine-tune per task; addition / negation / analogy: Ilharco et al. 2023 §4 / §3 / §5 "
+                        "(analogy: --tasks names composed tasks); compare: weights vs activation vectors; peft: vs LoRA ranks")
+    p.add_argument("--method", choices=("full", "lora"), default="full", help="fine-tune every weight, or peft LoRA adapters")
+    p.add_argument("--steps", type=_int_at_least(1), default=150, help="fine-tuning steps per task")
+    p.add_argument("--lr", type=_positive_float, default=None, help="learning rate (default 3e-4 full, 3e-3 LoRA)")
+    p.add_argument("--rank", type=_int_at_least(1), default=4, help="LoRA rank with --method lora")
+    p.add_argument("--ranks", default="1,2,4,8", metavar="R1,R2", help="LoRA ranks compared by the peft experiment")
+    p.add_argument("--merges", default="task_arithmetic,ties,dare_ties", metavar="M1,M2",
+                   help="addition: merge methods (task_arithmetic, or peft's ties, dare_ties, dare_linear; with LoRA "
+                        "vectors also cat, linear, ties_svd, dare_ties_svd, ...)")
+    p.add_argument("--density", type=_positive_float, default=0.5, help="fraction of entries kept by TIES / DARE")
+    p.add_argument("--cache", default=None, metavar="DIR", help="folder keeping fine-tuned vectors between runs")
 
     p = add("report")
     _common(p, "report", n_prompts=None, n_shots=5)
@@ -342,6 +386,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     from .inputs.text import evaluate_icl
 
     tasks = _resolve_tasks(args.tasks) if args.tasks else []
+    kw = _prompt_kw(args)
     model = _load(args)
     info = ModelInfo.of(model)
     for key, value in info.to_dict().items():
@@ -351,7 +396,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"\n{'task':<{w}}  {'0-shot':>7}  {f'{args.n_shots}-shot':>7}   (first-token accuracy, {args.n_prompts} prompts)")
         for t in tasks:
             zero = evaluate_icl(model, t, 0, n_prompts=args.n_prompts, seed=args.seed)
-            icl = evaluate_icl(model, t, args.n_shots, n_prompts=args.n_prompts, seed=args.seed)
+            icl = evaluate_icl(model, t, args.n_shots, n_prompts=args.n_prompts, seed=args.seed, **kw)
             print(f"{t.name:<{w}}  {zero.first_token:>7.2f}  {icl.first_token:>7.2f}")
 
 
@@ -362,9 +407,10 @@ def cmd_taskness(args: argparse.Namespace) -> None:
     tasks = _resolve_tasks(args.tasks)
     _need_two(tasks, "taskness (rho_token)")
     _resolve_positions(args.positions)  # a bad --positions fails before the model loads
+    kw = _prompt_kw(args)
     model = _load(args)
     stats = head_means(model, tasks, n_prompts=args.n_prompts, n_shots=args.n_shots, positions=args.positions,
-                       seed=args.seed, progress=True)
+                       seed=args.seed, progress=True, **kw)
     rho = taskness(stats)
     written: list[Path] = []
     _save(rho.plot(transpose=args.transpose), out, "taskness", args, written)
@@ -388,9 +434,11 @@ def cmd_lens(args: argparse.Namespace) -> None:
     if isinstance(position, str) and position.lower() != "separator" and position.upper() not in TokenClass.__members__:
         raise CliError(f"unknown --position {position!r}; use 'separator', an integer index, or a token class: "
                        f"{', '.join(c.name.lower() for c in TokenClass if c.name != 'PAD')}")
+    kw = _prompt_kw(args)
     model = _load(args)
     summary = lens_summary(model, tasks, out=out / "logit_lens.html", position=position, top_k=args.top_k,
-                           task_words=args.task_words, n_prompts=args.n_prompts, n_shots=args.n_shots, seed=args.seed)
+                           task_words=args.task_words, n_prompts=args.n_prompts, n_shots=args.n_shots, seed=args.seed,
+                           **kw)
     print(summary.text())
     _finish([summary.path], out)
 
@@ -444,18 +492,20 @@ def cmd_patch(args: argparse.Namespace) -> None:
 
     out = _check_out(args)
     tasks = _resolve_tasks(args.tasks)
+    kw = _prompt_kw(args)
     model = _load(args)
     written: list[Path] = []
     for t in tasks:
         n_shots = 0 if args.target == "zero-shot" else args.n_shots
         target = icl_prompts(model, t, n_prompts=args.n_prompts, n_shots=n_shots, seed=args.seed,
-                             shuffle_labels=args.target == "shuffled")
+                             shuffle_labels=args.target == "shuffled", **kw)
         if args.source == "means":
-            source = head_means(model, [t], n_prompts=args.n_prompts, n_shots=args.n_shots, seed=args.seed, split="train")
+            source = head_means(model, [t], n_prompts=args.n_prompts, n_shots=args.n_shots, seed=args.seed, split="train",
+                                **kw)
         else:
             # the same queries as the target, with n_shots clean demonstrations
             source = icl_prompts(model, t, n_prompts=args.n_prompts, n_shots=args.n_shots, seed=args.seed,
-                                 queries=list(zip(target.queries, target.answers)))
+                                 queries=list(zip(target.queries, target.answers)), **kw)
         result = patch_heads(model, target, source, positions=args.positions, metric=args.metric)
         _save(result.plot(title=f"{t.name}: {args.source} -> {args.target}, {args.positions} position(s), "
                                 f"{args.metric} (unpatched {result.target_value:.3f})"),
@@ -519,6 +569,47 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"report: {report.path}  ({len(report.files)} files in {out}/, {report.seconds:.0f}s)")
 
 
+def cmd_weights(args: argparse.Namespace) -> None:
+    from .analyses import weights as W
+
+    out = _check_out(args)
+    ranks = [_int_at_least(1)(r) for r in _words(args.ranks)]
+    merges = _words(args.merges)
+    fkw = dict(method=args.method, steps=args.steps, rank=args.rank, seed=args.seed, **({"lr": args.lr} if args.lr else {}))
+    common = dict(cache=args.cache, finetune_kw=fkw, seed=args.seed)
+    if args.experiment == "analogy":
+        names = [t.strip() for t in args.tasks.split(",")] if args.tasks != DEFAULT_TASKS["weights"] else list(W.COMPOSED_TASKS)
+        unknown = [n for n in names if n not in W.COMPOSED_TASKS]
+        if unknown:
+            raise CliError(f"--tasks {', '.join(unknown)} are not composed tasks; use some of {', '.join(W.COMPOSED_TASKS)}")
+    else:
+        tasks = _resolve_tasks(args.tasks)
+        if args.experiment in ("addition", "negation"):
+            _need_two(tasks, f"task {args.experiment}")
+    model = _load(args)
+    if args.experiment == "finetune":
+        vecs = W.weight_vectors(model, tasks, cache=args.cache, **fkw)
+        for name, v in vecs.items():
+            print(f"{name}: {v!r}")
+        return
+    if args.experiment == "addition":
+        res = W.weight_addition(model, tasks, methods=merges, density=args.density, n_prompts=args.n_prompts, **common)
+    elif args.experiment == "negation":
+        res = W.weight_negation(model, tasks, n_shots=args.n_shots, n_prompts=args.n_prompts, **common)
+    elif args.experiment == "analogy":
+        res = W.weight_analogy(model, names, n_prompts=args.n_prompts, **common)
+    elif args.experiment == "compare":
+        res = W.weights_vs_activations(model, tasks, n_prompts=args.n_prompts, n_shots=args.n_shots, **common)
+    else:
+        res = W.peft_comparison(model, tasks, ranks=ranks, steps=args.steps, n_shots=args.n_shots, seed=args.seed)
+    name = f"weights_{args.experiment}"
+    written: list[Path] = [res.to_html(out / f"{name}.html")]
+    _save(res.plot(), out, name, args, written, html=False)
+    written += [res.save(out / name), out / f"{name}.json"]
+    print(res.to_frame().to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    _finish(written, out)
+
+
 _HANDLERS = {
     "tasks": cmd_tasks,
     "info": cmd_info,
@@ -529,6 +620,7 @@ _HANDLERS = {
     "patch": cmd_patch,
     "select": cmd_select,
     "report": cmd_report,
+    "weights": cmd_weights,
 }
 
 
@@ -555,6 +647,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return EXIT_USAGE
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        _prompt_kw(args)  # --example-sep on a command that cannot pass it on: refused before any work
         _HANDLERS[args.command](args)
         return 0
     except (CliError, ValueError, KeyError, FileNotFoundError, PermissionError, NotADirectoryError) as err:
