@@ -69,7 +69,7 @@ def test_sampler_builds_the_tvlens_prompt_format():
     task = load_task("country_capital")
     s = T.EpisodeSampler([task], tok, T.TrainConfig(p_instruction=0.0, p_instruction_only=0.0))
     b = s.batch(random.Random(0), 4)
-    facts = dict(task.pairs)
+    facts = {x.lower(): y.lower() for x, y in task.pairs}  # the organism's vocabulary is lowercase here
     for r in range(4):
         row = b.tokens[r][b.tokens[r] != tok.pad_token_id].tolist()
         text = tok.decode(row, skip_special_tokens=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import string
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -33,14 +34,20 @@ def test_each_task_well_formed(name):
     assert len(t.pairs) >= 50
     assert isinstance(t.pairs, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in t.pairs)
     inputs = [x for x, _ in t.pairs]
-    assert len(set(inputs)) == len(inputs), "inputs must be unique"
+    assert len(set(inputs)) == len(inputs), "the shipped tasks have one answer per input"
     assert t.instruction.endswith(".") and len(t.instruction.split()) >= 3 and "\n" not in t.instruction
     for x, y in t.pairs:
         for s in (x, y):
             assert s == s.strip() and s and "  " not in s
             assert "\n" not in s and "→" not in s
-    # lowercase everywhere except where case is the point (letters, chemical symbols)
-    if name not in {"next_letter", "previous_letter", "swap_case", "element_symbol"}:
+    # natural case, as the anchors' data: proper nouns and German nouns capitalised, other words lowercase
+    if t.domain in ("country", "capital_city", "city", "us_state"):
+        assert all(x[0].isupper() for x, _ in t.pairs), name
+        if name not in ("country_currency",):
+            assert all(y[0].isupper() for _, y in t.pairs), name
+    elif "german" in name:
+        assert all((y if name.endswith("german") else x)[0].isupper() for x, y in t.pairs), name
+    elif name not in {"next_letter", "previous_letter", "swap_case", "element_symbol"}:
         assert all(x == x.lower() and y == y.lower() for x, y in t.pairs), name
 
 
@@ -72,28 +79,28 @@ def test_shared_domains():
 
 FACTS = [
     # knowledge
-    ("country_capital", "france", "paris"),
-    ("country_capital", "japan", "tokyo"),
-    ("country_capital", "australia", "canberra"),
-    ("country_capital", "india", "new delhi"),
-    ("country_capital", "argentina", "buenos aires"),
-    ("country_capital", "egypt", "cairo"),
-    ("country_currency", "japan", "yen"),
-    ("country_currency", "germany", "euro"),
-    ("country_currency", "united kingdom", "pound"),
-    ("country_currency", "poland", "zloty"),
-    ("country_currency", "mexico", "peso"),
-    ("country_continent", "brazil", "south america"),
-    ("country_continent", "kenya", "africa"),
-    ("country_continent", "thailand", "asia"),
-    ("country_language", "brazil", "portuguese"),
-    ("country_language", "austria", "german"),
-    ("country_adjective", "netherlands", "dutch"),
-    ("capital_country", "lima", "peru"),
-    ("city_country", "barcelona", "spain"),
-    ("city_country", "osaka", "japan"),
-    ("state_capital", "california", "sacramento"),
-    ("state_capital", "new york", "albany"),
+    ("country_capital", "France", "Paris"),
+    ("country_capital", "Japan", "Tokyo"),
+    ("country_capital", "Australia", "Canberra"),
+    ("country_capital", "India", "New Delhi"),
+    ("country_capital", "Argentina", "Buenos Aires"),
+    ("country_capital", "Egypt", "Cairo"),
+    ("country_currency", "Japan", "yen"),
+    ("country_currency", "Germany", "euro"),
+    ("country_currency", "United Kingdom", "pound"),
+    ("country_currency", "Poland", "zloty"),
+    ("country_currency", "Mexico", "peso"),
+    ("country_continent", "Brazil", "South America"),
+    ("country_continent", "Kenya", "Africa"),
+    ("country_continent", "Thailand", "Asia"),
+    ("country_language", "Brazil", "Portuguese"),
+    ("country_language", "Austria", "German"),
+    ("country_adjective", "Netherlands", "Dutch"),
+    ("capital_country", "Lima", "Peru"),
+    ("city_country", "Barcelona", "Spain"),
+    ("city_country", "Osaka", "Japan"),
+    ("state_capital", "California", "Sacramento"),
+    ("state_capital", "New York", "Albany"),
     ("element_symbol", "iron", "Fe"),
     ("element_symbol", "sodium", "Na"),
     ("element_symbol", "gold", "Au"),
@@ -126,21 +133,21 @@ FACTS = [
     ("english_french", "water", "eau"),
     ("english_spanish", "cat", "gato"),
     ("english_spanish", "house", "casa"),
-    ("english_german", "book", "buch"),
-    ("english_german", "bread", "brot"),
+    ("english_german", "book", "Buch"),
+    ("english_german", "bread", "Brot"),
     ("english_italian", "water", "acqua"),
     ("english_italian", "dog", "cane"),
     ("french_english", "pomme", "apple"),
     ("spanish_english", "perro", "dog"),
-    ("german_english", "hund", "dog"),
+    ("german_english", "Hund", "dog"),
     ("italian_english", "libro", "book"),
-    ("city_continent", "toronto", "north america"),
-    ("city_continent", "cape town", "africa"),
-    ("city_continent", "zurich", "europe"),
-    ("state_abbreviation", "california", "ca"),
-    ("state_abbreviation", "maine", "me"),
-    ("state_abbreviation", "new york", "ny"),
-    ("state_abbreviation", "alaska", "ak"),
+    ("city_continent", "Toronto", "North America"),
+    ("city_continent", "Cape Town", "Africa"),
+    ("city_continent", "Zurich", "Europe"),
+    ("state_abbreviation", "California", "CA"),
+    ("state_abbreviation", "Maine", "ME"),
+    ("state_abbreviation", "New York", "NY"),
+    ("state_abbreviation", "Alaska", "AK"),
     ("masculine_plural", "policeman", "policemen"),
     ("masculine_plural", "hero", "heroes"),
     ("masculine_plural", "king", "kings"),
@@ -324,11 +331,13 @@ def test_resolve_tasks():
 def test_vocabulary():
     t = T.load_task("country_capital")
     v = t.vocabulary()
-    assert {"france", "paris", "new", "delhi", "Give", "capital"} <= v
+    assert {"France", "Paris", "New", "Delhi", "Give", "capital"} <= v
     suite = T.suite_vocabulary()
     assert suite == sorted(set(suite))
+    # the organism's vocabulary: the suite's words, lowercased except where case is the answer
     union = set().union(*(T.load_task(n).vocabulary() for n in ALL))
-    assert set(suite) == union
+    assert {w.lower() for w in union} == {w.lower() for w in suite}
+    assert {"france", "paris", "Fe", "A", "a", "Give"} <= set(suite) and "France" not in suite
     assert all(w and not any(c.isspace() for c in w) for w in suite)
 
 
@@ -376,8 +385,18 @@ def test_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.json"):
         Task.from_json(tmp_path / "nope.json")
     p = tmp_path / "conflict.json"
-    p.write_text(json.dumps([{"input": "a", "output": "b"}, {"input": "a", "output": "c"}]))
-    with pytest.raises(ValueError, match="conflict.json.*two outputs"):
+    p.write_text('[\n  {"input": "a", "output": "b"},\n  ["a", "c"]\n]')
+    with pytest.raises(ValueError, match=r"conflict.json, line 3: item \['a', 'c'\] is not an \{\"input\".*"
+                                         r"Todd et al.'s format, so write every item as"):
+        Task.from_json(p)
+    p.write_text('{\n  "a": "b",\n  "c": {"x": 1}\n}')
+    with pytest.raises(ValueError, match=r"conflict.json, line 3: the output is \{'x': 1\}; .*list of accepted answers"):
+        Task.from_json(p)
+    p.write_text('{"name": "t", "pairs": [\n  ["a", "b"],\n  ["c"]\n]}')
+    with pytest.raises(ValueError, match=r"conflict.json, line 3: pair \['c'\] is not \[input, output\].*two-item list"):
+        Task.from_json(p)
+    p.write_text('[\n {"input": "a", "output": "b"},\n {"input": "c", "output": "  "}\n]')
+    with pytest.raises(ValueError, match=r"conflict.json, line 3: the pair \('c', ''\) has an empty input or output"):
         Task.from_json(p)
     p = tmp_path / "scalar.json"
     p.write_text("42")
@@ -387,11 +406,143 @@ def test_bad_files(tmp_path):
     p.write_text(json.dumps([{"question": "a", "answer": "b"}]))
     with pytest.raises(ValueError, match="Todd"):
         Task.from_json(p)
-    p = tmp_path / "arrow.json"
-    p.write_text(json.dumps({"a → b": "c"}))
-    with pytest.raises(ValueError, match="separator"):
-        Task.from_json(p)
+    p = tmp_path / "arrow.json"  # loads as written; icl_prompts refuses it with the fix (tests/test_prompts.py)
+    p.write_text(json.dumps({"a → b": "c", "x\ny": "z"}))
+    assert Task.from_json(p).pairs == (("a → b", "c"), ("x\ny", "z"))
     p = tmp_path / "empty.json"
     p.write_text("[]")
     with pytest.raises(ValueError, match="no pairs"):
         Task.from_json(p)
+
+
+# ---------------------------------------------------------------- the anchors' own files
+
+ANCHORS = Path(__file__).resolve().parents[2] / "shared" / "anchors"
+COPIES = Path(__file__).parent / "data" / "anchors"
+
+
+def _file_pairs(path: Path) -> list[tuple[str, str]]:
+    """The (input, output) pairs as the file writes them, in order, exact duplicates once (an independent
+    reading: json's object_pairs_hook keeps a repeated key's every value)."""
+    raw = path.read_text(encoding="utf-8")
+    data = json.loads(raw, object_pairs_hook=list)
+    if raw.lstrip().startswith("["):
+        items = [(dict(i)["input"], dict(i)["output"]) for i in data]
+    else:
+        items = list(data)
+    return list(dict.fromkeys((str(x).strip(), str(y).strip()) for x, y in items))
+
+
+@pytest.mark.skipif(not ANCHORS.is_dir(), reason="../shared/anchors (the anchors' published task files) is absent here")
+def test_all_anchor_files_load_with_the_files_pairs():
+    files = sorted(ANCHORS.glob("*/*/*.json"))
+    assert len(files) == 76
+    multi = {}
+    for f in files:
+        t = Task.from_json(f)
+        assert list(t.pairs) == _file_pairs(f), f
+        if t.multi_answer:
+            multi[f.stem] = sum(len(t.answers_of(x)) > 1 for x in t.inputs)
+    # the seven Todd files with several outputs for some inputs (counts from ../shared/anchors/README.md),
+    # and Hendel's antonyms, whose object repeats keys
+    assert {k: multi[k] for k in ("landmark-country", "national_parks", "next_item", "prev_item", "park-country",
+                                  "person-instrument", "product-company")} == {
+        "landmark-country": 1, "national_parks": 26, "next_item": 8, "prev_item": 8, "park-country": 1,
+        "person-instrument": 5, "product-company": 6}
+
+
+@pytest.mark.parametrize("path", sorted(COPIES.glob("*/*.json")), ids=lambda p: p.stem)
+def test_copied_anchor_files_load_with_the_files_pairs(path):
+    t = Task.from_json(path)
+    assert list(t.pairs) == _file_pairs(path)
+
+
+def test_several_accepted_answers():
+    t = Task.from_json(COPIES / "todd" / "next_item.json")
+    assert t.multi_answer and t.answers_of("i") == ("j", "ii")  # the letter after i, and the numeral after i
+    assert t.as_dict()["i"] == "j" and len(t.inputs) < len(t.pairs)
+    # every answer of an input lands in the same split
+    for which in ("train", "dev", "test"):
+        part = t.split(which)
+        for x, _ in part:
+            assert sum(p[0] == x for p in part) == len(t.answers_of(x))
+    with pytest.raises(KeyError, match="not an input"):
+        t.answers_of("zz")
+    # tvlens's and Hendel's formats take a list of accepted answers too
+    assert T._task_from_text('{"pairs": [["a", ["b", "c"]]]}', "x.json", stem="x").answers_of("a") == ("b", "c")
+    assert T._task_from_text('{"a": ["b", "c"]}', "x.json", stem="x").answers_of("a") == ("b", "c")
+
+
+def test_single_answer_splits_are_unchanged():
+    """Splitting distinct inputs gives the same parts as splitting pairs did, when every input has one answer."""
+    import zlib
+
+    import numpy as np
+
+    for name in ("country_capital", "antonym", "next_letter"):
+        t = T.load_task(name)
+        n = len(t.pairs)
+        perm = np.random.default_rng([0, zlib.crc32(t.name.encode())]).permutation(n)
+        n_train, n_dev = int(round(0.6 * n)), int(round(0.2 * n))
+        assert t.split("train") == tuple(t.pairs[i] for i in sorted(perm[:n_train].tolist()))
+        assert t.split("test") == tuple(t.pairs[i] for i in sorted(perm[n_train + n_dev:].tolist()))
+
+
+def test_replace_text_makes_commonsense_qa_one_line():
+    t = Task.from_json(COPIES / "todd" / "commonsense_qa_first100.json")
+    assert any("\n" in x for x in t.inputs)
+    one = t.replace_text("\n", " ")
+    assert not any("\n" in x for x in one.inputs) and len(one) == len(t) and one.name == t.name
+    assert one.inputs[0].endswith("a: ignore b: enforce c: authoritarian d: yell at e: avoid")
+    esc = t.replace_text("\n", "\\n")
+    assert "\\na: ignore" in esc.inputs[0]
+    with pytest.raises(ValueError, match="non-empty string"):
+        t.replace_text("", " ")
+
+
+# ---------------------------------------------------------------- natural case, read by the organism
+
+
+def _organism_form(task: Task, text: str) -> str:
+    """How the organism's training data wrote ``text``: lowercase, except in the tasks where case is the answer."""
+    from tvlens.organisms.text.tokenizer import CASED_TASKS
+
+    return text if task.name in CASED_TASKS else text.lower()
+
+
+def test_organism_reads_natural_case_as_it_was_trained():
+    """The shipped tokenizer maps every natural-case pair and instruction to the ids of the lowercase text the
+    organism was trained on, and keeps the capitals that are answers (swap_case, element symbols)."""
+    from transformers import AutoTokenizer
+
+    from tvlens.organisms import organism_path
+
+    for organism in ("organism", "organism-natural"):
+        tok = AutoTokenizer.from_pretrained(str(organism_path(organism)))
+        for name in ALL:
+            t = T.load_task(name)
+            texts = [s for p in t.pairs for s in p]
+            ids = tok(texts, add_special_tokens=False)["input_ids"]
+            old = tok([_organism_form(t, s) for s in texts], add_special_tokens=False)["input_ids"]
+            assert ids == old, name
+            assert all(tok.unk_token_id not in i for i in ids), name
+            first, rest = t.instruction.split(" ", 1)
+            assert tok(t.instruction)["input_ids"] == tok(first + " " + rest.lower())["input_ids"], name
+    fe, a = tok.convert_tokens_to_ids(["Fe", "A"])
+    assert tok("Santa Fe → iron Fe\nA", add_special_tokens=False)["input_ids"] == tok.convert_tokens_to_ids(
+        ["santa", "fe", "→", "iron", "Fe", "\n", "A"])
+    assert fe != tok.convert_tokens_to_ids("fe") and a != tok.convert_tokens_to_ids("a")
+
+
+def test_case_normalizer_keeps_offsets_and_protected_words():
+    from tvlens.organisms.text.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(["france paris Fe A a Give give McDonald"], lower_phrases=["Santa Fe"])
+    text = "Give FRANCE → Paris\nFe McDonald mcdonald A a GIVE"
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    assert tok.convert_ids_to_tokens(enc["input_ids"]) == [
+        "Give", "france", "→", "paris", "\n", "Fe", "McDonald", "<unk>", "A", "a", "give"]
+    assert [text[s:e] for s, e in enc["offset_mapping"]] == [
+        "Give", "FRANCE", "→", "Paris", "\n", "Fe", "McDonald", "mcdonald", "A", "a", "GIVE"]
+    plain = build_tokenizer(["france"], case_fold=False)
+    assert plain.convert_ids_to_tokens(plain("France", add_special_tokens=False)["input_ids"]) == ["<unk>"]

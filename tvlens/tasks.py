@@ -22,12 +22,27 @@ Three JSON formats are read by :meth:`Task.from_json`:
   a list of ``{"input": ..., "output": ...}`` objects;
 - Hendel et al. 2023 (``icl_task_vectors``): one ``{input: output}`` object;
 - tvlens's own: ``{"name", "family", "domain", "instruction", "pairs": [[input, output], ...]}``.
+
+The data is in natural case (``France → Paris``), as the anchors' is.
+
+**Several accepted answers.** An input may have several outputs (Todd et al.'s ``next_item``:
+``"Monday" → "Tuesday"`` and ``"monday" → "tuesday"``; ``national_parks``): every pair is kept, and
+:meth:`Task.answers_of` gives all the outputs of an input. Prompts show the first listed output in
+demonstrations and score the first listed one in log-prob / logit-difference metrics, while ICL
+accuracy counts any accepted answer (see :mod:`tvlens.inputs.text`).
+
+**Text that clashes with the prompt format.** Inputs may contain anything, newlines included (Todd
+et al.'s ``commonsense_qa`` lists its choices on separate lines); :func:`tvlens.icl_prompts` refuses
+a pair containing the separator or the example separator, with the fix: another ``example_sep``, or
+``task.replace_text("\n", " ")``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
+import re
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -57,8 +72,6 @@ Pair = tuple[str, str]
 
 #: Fractions of the seeded permutation given to train / dev; test gets the rest.
 _SPLIT_FRACTIONS = (0.6, 0.2)
-#: Characters that would break prompt construction (the default separator and the example separator).
-_FORBIDDEN = ("\n", "\r", "→")
 
 
 class UnknownTaskError(KeyError, ValueError):
@@ -77,7 +90,8 @@ class Task:
         family: ``"knowledge" | "linguistic" | "translation" | "algorithmic"`` for the shipped suite,
             anything for user tasks (``"custom"`` by default).
         instruction: one sentence saying what the task is (used for instruction prompts, Luo et al.).
-        pairs: ``((input, output), ...)``; inputs are unique (a task is a function).
+        pairs: ``((input, output), ...)``, each pair once; an input listed with several outputs has
+            several accepted answers (:meth:`answers_of`).
         domain: input-domain id (``"country"``, ``"english_noun"``, ``"letter"``, ...); tasks sharing a
             domain cannot be told apart from the query alone.
     """
@@ -94,28 +108,16 @@ class Task:
         pairs = tuple((p[0], p[1]) if isinstance(p, (tuple, list)) and len(p) == 2 else p for p in self.pairs)
         if not pairs:
             raise ValueError(f"task {self.name!r} has no pairs; give at least one (input, output) pair")
-        seen: dict[str, str] = {}
+        seen: set[tuple[str, str]] = set()
         for i, p in enumerate(pairs):
             if not (isinstance(p, tuple) and len(p) == 2 and all(isinstance(s, str) for s in p)):
                 raise ValueError(f"task {self.name!r}: pair {i} is {p!r}, not an (input, output) pair of strings")
             for s in p:
                 if not s.strip():
                     raise ValueError(f"task {self.name!r}: pair {i} {p!r} has an empty string; remove that pair")
-                bad = [c for c in _FORBIDDEN if c in s]
-                if bad:
-                    raise ValueError(
-                        f"task {self.name!r}: pair {i} {p!r} contains {bad[0]!r}, which prompts use as a separator; "
-                        "remove it from the data"
-                    )
-            x, y = p
-            if x in seen and seen[x] != y:
-                raise ValueError(
-                    f"task {self.name!r}: input {x!r} has two outputs ({seen[x]!r} and {y!r}); a task must be a "
-                    "function, keep one output per input"
-                )
-            if x in seen:
+            if p in seen:
                 raise ValueError(f"task {self.name!r}: pair {p!r} appears twice; remove the duplicate")
-            seen[x] = y
+            seen.add(p)
         object.__setattr__(self, "pairs", pairs)
 
     def __repr__(self) -> str:
@@ -129,23 +131,48 @@ class Task:
 
     @property
     def inputs(self) -> tuple[str, ...]:
-        return tuple(x for x, _ in self.pairs)
+        """The distinct inputs, in file order."""
+        return tuple(dict.fromkeys(x for x, _ in self.pairs))
 
     @property
     def outputs(self) -> tuple[str, ...]:
+        """The output of every pair, in file order (one per pair: an input with several answers has several)."""
         return tuple(y for _, y in self.pairs)
 
+    @property
+    def multi_answer(self) -> bool:
+        """Whether some input has several accepted outputs."""
+        return len(self.inputs) < len(self.pairs)
+
+    def answers_of(self, x: str) -> tuple[str, ...]:
+        """Every accepted output of input ``x``, in file order (the first is the one prompts show and score)."""
+        ys = tuple(y for xx, y in self.pairs if xx == x)
+        if not ys:
+            raise KeyError(f"{x!r} is not an input of task {self.name!r}")
+        return ys
+
     def as_dict(self) -> dict[str, str]:
-        """``{input: output}`` (Hendel et al. 2023 format)."""
-        return dict(self.pairs)
+        """``{input: output}`` (Hendel et al. 2023 format); an input with several outputs maps to the first."""
+        out: dict[str, str] = {}
+        for x, y in self.pairs:
+            out.setdefault(x, y)
+        return out
+
+    def replace_text(self, old: str, new: str) -> "Task":
+        """A copy with ``old`` replaced by ``new`` in every input and output (``task.replace_text("\\n", " ")``
+        makes ``commonsense_qa``'s multi-line questions one line; ``"\\\\n"`` keeps a visible escape)."""
+        if not isinstance(old, str) or not old or not isinstance(new, str):
+            raise ValueError(f"replace_text needs a non-empty string to replace and a string to put instead, got {old!r}, {new!r}")
+        pairs = list(dict.fromkeys((x.replace(old, new).strip(), y.replace(old, new).strip()) for x, y in self.pairs))
+        return dataclasses.replace(self, pairs=tuple(pairs))
 
     def split(self, which: Split = "train", seed: int = 0) -> tuple[Pair, ...]:
         """The ``which`` part of a deterministic 60/20/20 train/dev/test split.
 
-        The permutation comes from ``numpy.random.default_rng([seed, crc32(name)])`` (no global RNG state
-        is touched), so the same (task, seed) always gives the same split and different tasks are not
-        split identically. The three parts are disjoint and together cover every pair; each keeps the
-        data-file order. Demonstrations come from ``"train"`` and queries from ``"test"`` (Todd et al. 2024).
+        The permutation (of the distinct inputs: all the answers of an input stay together) comes from
+        ``numpy.random.default_rng([seed, crc32(name)])`` (no global RNG state is touched), so the same
+        (task, seed) always gives the same split and different tasks are not split identically. The
+        three parts are disjoint and together cover every pair; each keeps the data-file order. Demonstrations come from ``"train"`` and queries from ``"test"`` (Todd et al. 2024).
         """
         if which not in ("train", "dev", "test"):
             raise ValueError(f"unknown split {which!r}; use 'train', 'dev' or 'test'")
@@ -155,7 +182,9 @@ class Task:
 
     @lru_cache(maxsize=64)  # noqa: B019 - frozen, hashable instances; splits are tiny
     def _split_cached(self, which: str, seed: int) -> tuple[Pair, ...]:
-        n = len(self.pairs)
+        # split the distinct inputs, so that all the answers of an input land in the same part
+        inputs = self.inputs
+        n = len(inputs)
         perm = np.random.default_rng([seed, zlib.crc32(self.name.encode("utf-8"))]).permutation(n)
         n_train = int(round(_SPLIT_FRACTIONS[0] * n))
         n_dev = int(round(_SPLIT_FRACTIONS[1] * n))
@@ -164,7 +193,8 @@ class Task:
             n_dev = max(1, min(n_dev, n - n_train - 1))
         bounds = {"train": (0, n_train), "dev": (n_train, n_train + n_dev), "test": (n_train + n_dev, n)}
         lo, hi = bounds[which]
-        return tuple(self.pairs[i] for i in sorted(perm[lo:hi].tolist()))
+        chosen = {inputs[i] for i in perm[lo:hi].tolist()}
+        return tuple(p for p in self.pairs if p[0] in chosen)
 
     def vocabulary(self) -> set[str]:
         """Every whitespace-separated word of the inputs, outputs and instruction."""
@@ -203,6 +233,32 @@ class Task:
         )
 
 
+def _members(text: str, start: int) -> list[tuple[int, Any, Any]]:
+    """The items of the JSON array (or the key/value members of the object) opening at ``text[start]``:
+    ``[(line, key or None, value), ...]`` — the line each item starts on, for error messages."""
+    dec = json.JSONDecoder()
+    ws = re.compile(r"\s*")
+    out: list[tuple[int, Any, Any]] = []
+    is_obj = text[start] == "{"
+    i = ws.match(text, start + 1).end()
+    if text[i:i + 1] in ("]", "}"):
+        return out
+    line, last = text.count("\n", 0, i) + 1, i
+    while True:
+        line, last = line + text.count("\n", last, i), i
+        key = None
+        if is_obj:
+            key, i = dec.raw_decode(text, i)
+            i = ws.match(text, i).end() + 1  # the ':'
+            i = ws.match(text, i).end()
+        value, i = dec.raw_decode(text, i)
+        out.append((line, key, value))
+        i = ws.match(text, i).end()
+        if text[i] != ",":
+            return out
+        i = ws.match(text, i + 1).end()
+
+
 def _task_from_text(
     text: str,
     source: str,
@@ -222,32 +278,51 @@ def _task_from_text(
             "{\"name\", \"family\", \"instruction\", \"pairs\"})"
         ) from None
     meta: dict[str, Any] = {}
+    pairs: list[Pair] = []
+    lines: list[int] = []  # the line of each pair, for errors
     if isinstance(data, dict) and "pairs" in data:  # tvlens format
         meta = data
         raw = data["pairs"]
         if not isinstance(raw, list):
-            raise ValueError(f"{source}: \"pairs\" must be a list of [input, output] lists")
-        pairs = []
-        for i, item in enumerate(raw):
+            raise ValueError(f"{source}: \"pairs\" must be a list of [input, output] lists, got a {type(raw).__name__}; "
+                             "write \"pairs\": [[\"France\", \"Paris\"], ...]")
+        at = re.search(r'"pairs"\s*:\s*\[', text)
+        for line, _, item in _members(text, at.end() - 1):
             if not (isinstance(item, (list, tuple)) and len(item) == 2):
-                raise ValueError(f"{source}: pairs[{i}] is {item!r}; each pair must be [input, output]")
-            pairs.append((_as_str(item[0], source, f"pairs[{i}][0]"), _as_str(item[1], source, f"pairs[{i}][1]")))
+                raise ValueError(
+                    f"{source}, line {line}: pair {item!r} is not [input, output]; this file is in tvlens's format "
+                    "(it has \"pairs\"), so write every pair as a two-item list [\"France\", \"Paris\"]"
+                )
+            x = _as_str(item[0], source, line, "the input")
+            for y in _as_strs(item[1], source, line):
+                pairs.append((x, y))
+                lines.append(line)
     elif isinstance(data, list):  # Todd et al. 2024
-        pairs = []
-        for i, item in enumerate(data):
+        for line, _, item in _members(text, text.index("[")):
             if not (isinstance(item, dict) and "input" in item and "output" in item):
                 raise ValueError(
-                    f"{source}: item {i} is {item!r}; a list file must hold {{\"input\": ..., \"output\": ...}} "
-                    "objects (Todd et al. 2024 format)"
+                    f"{source}, line {line}: item {item!r} is not an {{\"input\": ..., \"output\": ...}} object; a file "
+                    "whose top level is a list is read in Todd et al.'s format, so write every item as "
+                    "{\"input\": \"France\", \"output\": \"Paris\"} (or use tvlens's {\"pairs\": [[input, output], ...]})"
                 )
-            pairs.append((_as_str(item["input"], source, f"[{i}].input"), _as_str(item["output"], source, f"[{i}].output")))
+            x = _as_str(item["input"], source, line, "the input")
+            for y in _as_strs(item["output"], source, line):
+                pairs.append((x, y))
+                lines.append(line)
     elif isinstance(data, dict):  # Hendel et al. 2023
-        pairs = [(_as_str(k, source, "key"), _as_str(v, source, f"[{k!r}]")) for k, v in data.items()]
+        for line, k, v in _members(text, text.index("{")):
+            for y in _as_strs(v, source, line):
+                pairs.append((k.strip(), y))
+                lines.append(line)
     else:
         raise ValueError(
             f"{source}: top-level JSON is a {type(data).__name__}; expected a list of {{\"input\", \"output\"}} "
             "objects, an {input: output} object, or tvlens's {\"name\", \"pairs\", ...} object"
         )
+    for (x, y), line in zip(pairs, lines):
+        if not x or not y:
+            raise ValueError(f"{source}, line {line}: the pair ({x!r}, {y!r}) has an empty input or output; remove it "
+                             "from the file (or fill it in)")
     unique = list(dict.fromkeys(pairs))  # drop exact duplicates, keep order
     try:
         return Task(
@@ -261,12 +336,22 @@ def _task_from_text(
         raise ValueError(f"{source}: {e}") from None
 
 
-def _as_str(v: Any, source: str, where: str) -> str:
+def _as_strs(v: Any, source: str, line: int) -> list[str]:
+    """An output, or a list of accepted outputs."""
+    if isinstance(v, list):
+        if not v:
+            raise ValueError(f"{source}, line {line}: the output is an empty list; give at least one accepted answer")
+        return [_as_str(y, source, line, "an output") for y in v]
+    return [_as_str(v, source, line, "the output")]
+
+
+def _as_str(v: Any, source: str, line: int, what: str) -> str:
     if isinstance(v, str):
         return v.strip()
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         return str(v)
-    raise ValueError(f"{source}: {where} is {v!r}; inputs and outputs must be strings")
+    raise ValueError(f"{source}, line {line}: {what} is {v!r}; inputs and outputs must be strings (or numbers), "
+                     "and an output may be a list of accepted answers")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -395,12 +480,12 @@ def resolve_tasks(spec: str | Task | Iterable[str | Task]) -> list[Task]:
 
 @lru_cache(maxsize=1)
 def _suite_vocabulary() -> tuple[str, ...]:
-    words: set[str] = set()
-    for t in _suite().values():
-        words |= t.vocabulary()
-    return tuple(sorted(words))
+    from .organisms.text.tokenizer import organism_vocabulary
+
+    return tuple(organism_vocabulary(list(_suite().values())))
 
 
 def suite_vocabulary() -> list[str]:
-    """Sorted union of :meth:`Task.vocabulary` over the shipped suite (the organism's word-level vocabulary)."""
+    """The organism's word-level vocabulary: every word of the shipped suite's pairs and instructions,
+    lowercased except where case carries the answer (see :func:`tvlens.organisms.text.tokenizer.organism_vocabulary`)."""
     return list(_suite_vocabulary())

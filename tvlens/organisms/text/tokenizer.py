@@ -5,31 +5,61 @@ always single tokens of their own, even without surrounding spaces.  The tokeniz
 plain ``transformers.PreTrainedTokenizerFast`` (saved as ``tokenizer.json``), so anything
 that loads an HF tokenizer loads it, offline.
 
+**Case.** The task data is written in natural case (``France → Paris``), as the anchors' data
+is (Hendel et al. 2023; Todd et al. 2024); the organism was trained on a lowercase vocabulary.
+The tokenizer's normaliser therefore lowercases every word *except the words its vocabulary
+holds with capitals* (the letters of ``swap_case``, element symbols, the first word of each
+instruction): a word is looked up as written when the vocabulary has it so, lowercased
+otherwise. ``France``, ``FRANCE`` and ``france`` are one token; ``Fe`` and ``A`` keep their own.
+The organism's token ids are those it was trained on, for the natural-case data.
+
 Design notes (why, not what):
 
 * ``WhitespaceSplit`` silently drops ``\\n``; the pre-tokenizer therefore isolates
   ``\\n`` and ``→`` first and only then splits on (and removes) spaces.
+* The normaliser is built from stock ``tokenizers`` pieces, so ``tokenizer.json`` stays loadable
+  everywhere: each capital of a cased vocabulary word, *inside that whole word*, is first
+  replaced by a private-use character, then ``Lowercase`` runs, then the private-use characters
+  are turned back into their capitals. Every step replaces one character by one character, so
+  the offsets of every token still point at the original text.
 * WordLevel has no decoder that knows about newlines, so ``decode`` is built from stock
   decoders: words are joined with one space, and a newline glues to its neighbours, so
-  ``decode(encode("france → paris\\njapan →"))`` round-trips exactly.
+  ``decode(encode("France → Paris\\nJapan →"))`` gives ``"france → paris\\njapan →"``.
 * Like Llama tokenizers, encoding adds ``<bos>`` (``add_special_tokens=False`` turns it off).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
+from typing import Any
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-__all__ = ["SPECIAL_TOKENS", "SEPARATOR", "NEWLINE", "build_tokenizer", "default_organism_tokenizer", "words_of"]
+__all__ = [
+    "SPECIAL_TOKENS",
+    "SEPARATOR",
+    "NEWLINE",
+    "CASED_TASKS",
+    "build_tokenizer",
+    "case_normalizer",
+    "default_organism_tokenizer",
+    "organism_lower_phrases",
+    "organism_vocabulary",
+    "words_of",
+]
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
 SEPARATOR = "→"
 NEWLINE = "\n"
+#: Tasks whose answers depend on letter case: the organism's vocabulary keeps their words as written.
+CASED_TASKS = ("element_symbol", "next_letter", "previous_letter", "swap_case")
 # Placeholder glued around the newline while decoding; never part of a word (words have no '\x00').
 _GLUE = "\x00"
+# Capitals of protected words are parked on this plane while Lowercase runs (one character each).
+_PARK = 0xF0000
 
 
 def words_of(text: str) -> list[str]:
@@ -45,11 +75,63 @@ def words_of(text: str) -> list[str]:
     return out
 
 
-def build_tokenizer(words: Iterable[str], *, add_bos: bool = True) -> PreTrainedTokenizerFast:
+def _parked(c: str) -> str:
+    return chr(_PARK + ord(c))
+
+
+def case_normalizer(cased_words: Iterable[str], lower_phrases: Iterable[str] = ()) -> normalizers.Normalizer:
+    """Lowercase everything except the whole words ``cased_words`` (see the module docstring).
+
+    ``lower_phrases``: several-word strings in which a cased word is an ordinary word and is
+    lowercased all the same (``"Santa Fe"``: ``fe``, not the symbol of iron ``Fe``).
+    """
+    words = sorted({w for w in cased_words if w != w.lower()})
+    bad = [w for w in words if any(ord(c) >= 0x10000 for c in w) or not words_of(w) == [w]]
+    if bad:
+        raise ValueError(f"cannot keep the case of {bad[:3]!r}: a protected word must be one word of the Basic "
+                         "Multilingual Plane; remove it from the vocabulary or build the tokenizer with case_fold=False")
+    steps: list[Any] = []
+    protected = set(words)
+    for phrase in sorted(set(lower_phrases)):
+        ws = words_of(phrase)
+        for j, w in enumerate(ws):
+            if w not in protected or len(ws) < 2:
+                continue
+            before, after = " ".join(ws[:j]) + (" " if j else ""), (" " if j < len(ws) - 1 else "") + " ".join(ws[j + 1:])
+            for i, c in enumerate(w):
+                if c == c.lower():
+                    continue
+                pre, post = re.escape(before + w[:i]), re.escape(w[i + 1:] + after)
+                behind = f"(?<=^{pre}|\\s{pre}|{SEPARATOR}{pre})"
+                ahead = f"(?={post}(?:$|\\s|{SEPARATOR}))"
+                steps.append(normalizers.Replace(Regex(behind + re.escape(c) + ahead), c.lower()))
+    for w in words:
+        def lit(s: str) -> str:  # a capital may already be parked by an earlier step of the same word
+            return "".join(f"[{re.escape(c)}{_parked(c)}]" if c != c.lower() else re.escape(c) for c in s)
+
+        for i, c in enumerate(w):
+            if c == c.lower():
+                continue
+            pre, post = lit(w[:i]), lit(w[i + 1:])
+            behind = f"(?<=^{pre}|\\s{pre}|{SEPARATOR}{pre})"
+            ahead = f"(?={post}(?:$|\\s|{SEPARATOR}))"
+            steps.append(normalizers.Replace(Regex(behind + re.escape(c) + ahead), _parked(c)))
+    steps.append(normalizers.Lowercase())
+    for c in sorted({c for w in words for c in w if c != c.lower()}):
+        steps.append(normalizers.Replace(_parked(c), c))
+    return normalizers.Sequence(steps)
+
+
+def build_tokenizer(words: Iterable[str], *, add_bos: bool = True, case_fold: bool = True,
+                    lower_phrases: Iterable[str] = ()) -> PreTrainedTokenizerFast:
     """Build a word-level ``PreTrainedTokenizerFast`` whose vocabulary is the special tokens,
     ``→``, ``\\n`` and every word of ``words`` (strings are split into words first, so whole
     sentences such as task instructions may be passed).  Token ids are deterministic: specials
     first, then ``→`` and ``\\n``, then the words in sorted order.
+
+    With ``case_fold`` (default) a word of the text is looked up as written when the vocabulary
+    holds it with the same capitals, and lowercased otherwise (:func:`case_normalizer`, which
+    also takes ``lower_phrases``).
     """
     vocab: dict[str, int] = {}
     for tok in (*SPECIAL_TOKENS, SEPARATOR, NEWLINE):
@@ -62,6 +144,8 @@ def build_tokenizer(words: Iterable[str], *, add_bos: bool = True) -> PreTrained
             vocab[w] = len(vocab)
 
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    if case_fold:
+        tok.normalizer = case_normalizer((w for w in vocab if w not in SPECIAL_TOKENS), lower_phrases)
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(f"{NEWLINE}|{SEPARATOR}"), behavior="isolated"),
@@ -99,8 +183,39 @@ def build_tokenizer(words: Iterable[str], *, add_bos: bool = True) -> PreTrained
     return fast
 
 
-def default_organism_tokenizer() -> PreTrainedTokenizerFast:
-    """The organism's tokenizer: every word of every task pair and instruction of the suite."""
-    from tvlens.tasks import suite_vocabulary
+def organism_vocabulary(tasks: Iterable[Any] | None = None) -> list[str]:
+    """The organism's words: those of ``tasks`` (default: the shipped suite), lowercased except the
+    pairs of :data:`CASED_TASKS` and the first word of each instruction, which keep their case."""
+    tasks = _suite_tasks() if tasks is None else tasks
+    words: set[str] = set()
+    for t in tasks:
+        first, *rest = words_of(str(getattr(t, "instruction", "") or "")) or [""]
+        words.update(w for w in [first] if w)
+        words.update(w.lower() for w in rest)
+        keep = t.name in CASED_TASKS
+        for x, y in t.pairs:
+            for w in (*words_of(x), *words_of(y)):
+                words.add(w if keep else w.lower())
+    return sorted(words)
 
-    return build_tokenizer(suite_vocabulary())
+
+def organism_lower_phrases(tasks: Iterable[Any] | None = None) -> list[str]:
+    """Several-word inputs and outputs of ``tasks`` outside :data:`CASED_TASKS` that contain a word the
+    organism's vocabulary keeps cased (``"Santa Fe"``): the normaliser lowercases those words there."""
+    tasks = _suite_tasks() if tasks is None else list(tasks)
+    cased = {w for w in organism_vocabulary(tasks) if w != w.lower()}
+    return sorted({s for t in tasks if t.name not in CASED_TASKS for p in t.pairs for s in p
+                   if len(words_of(s)) > 1 and cased.intersection(words_of(s))})
+
+
+def _suite_tasks() -> list[Any]:
+    from tvlens.tasks import list_tasks, load_task
+
+    return [load_task(n) for n in list_tasks()]
+
+
+def default_organism_tokenizer() -> PreTrainedTokenizerFast:
+    """The organism's tokenizer: every word of every task pair and instruction of the suite, with the
+    case rule of the module docstring (the ``tokenizer.json`` shipped with both text organisms)."""
+    tasks = _suite_tasks()
+    return build_tokenizer(organism_vocabulary(tasks), lower_phrases=organism_lower_phrases(tasks))

@@ -159,11 +159,12 @@ class EpisodeSampler:
         self.nl = vocab[NEWLINE]
 
         def enc(text: str) -> list[int]:
-            ws = words_of(text)
-            missing = [w for w in ws if w not in vocab]
+            # through the tokenizer, so that its case normaliser maps natural-case data onto the vocabulary
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            missing = [w for w, i in zip(words_of(text), ids) if i == tokenizer.unk_token_id]
             if missing:
                 raise ValueError(f"words {missing[:5]} are not in the organism's vocabulary; rebuild the tokenizer")
-            return [vocab[w] for w in ws]
+            return list(ids)
 
         self.xs = [[enc(x) for x, _ in t.pairs] for t in self.tasks]
         self.ys = [[enc(y) for _, y in t.pairs] for t in self.tasks]
