@@ -1,14 +1,17 @@
-"""ICL prompt builder and ICL accuracy (issue 5, prompts half).
+"""ICL prompt builder and ICL accuracy.
 
 Two tokenizer kinds: the word-level organism tokenizer (spaces vanish, "\\n" and "→" are tokens)
 on a tiny GQA Llama, and a byte-level BPE trained offline here (GPT-2 style: spaces belong to the
-following word, most words are several tokens) on a tiny GPT-2.
+following word, most words are several tokens) on a tiny GPT-2. The real vocabularies (GPT-2,
+SentencePiece, Llama-3, Qwen3) are in ``test_vocabularies.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -19,6 +22,7 @@ from tvlens.inputs.text import (
     IclAccuracy,
     PromptBatch,
     TokenClass,
+    TokenCollisionWarning,
     answer_logprob,
     evaluate_icl,
     evaluate_prompts,
@@ -118,6 +122,13 @@ def bpe_model(tmp_path_factory):
 @pytest.fixture(scope="module", params=["word", "bpe"])
 def model(request, word_model, bpe_model):
     return {"word": word_model, "bpe": bpe_model}[request.param]
+
+
+@contextlib.contextmanager
+def _no_collision_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TokenCollisionWarning)
+        yield
 
 
 def _is_bpe(model) -> bool:
@@ -358,19 +369,21 @@ def test_determinism_and_prefix_properties(word_model):
 
 
 def test_explicit_queries(model):
-    batch = icl_prompts(model, "country_capital", n_shots=2, queries=["france", ("japan", "tokyo")])
-    assert batch.queries == ("france", "japan") and batch.answers == ("paris", "tokyo")
+    batch = icl_prompts(model, "country_capital", n_shots=2, queries=["France", ("Japan", "Tokyo")])
+    assert batch.queries == ("France", "Japan") and batch.answers == ("Paris", "Tokyo")
     assert all(q not in {x for x, _ in d} for q, d in zip(batch.queries, batch.demos))
+    with pytest.raises(ValueError, match=r"query 'france' is not an input of task 'country_capital': did you mean 'France'"):
+        icl_prompts(model, "country_capital", n_shots=2, queries=["france"])
 
 
 def test_word_separator(word_model):
     """A word separator is only refused when it is a whole word of the data ('paris' contains 'is')."""
-    batch = icl_prompts(word_model, "country_capital", n_shots=1, seed=0, queries=["france"])
-    other = icl_prompts(word_model, "country_capital", n_shots=1, seed=0, queries=["france"], separator="is")
+    batch = icl_prompts(word_model, "country_capital", n_shots=1, seed=0, queries=["France"])
+    other = icl_prompts(word_model, "country_capital", n_shots=1, seed=0, queries=["France"], separator="is")
     assert other.texts[0] == batch.texts[0].replace("→", "is")
     assert other.token_class[0].tolist() == batch.token_class[0].tolist()
-    with pytest.raises(ValueError, match="contains the separator"):
-        icl_prompts(word_model, "country_capital", n_shots=1, queries=[("france", "paris")], separator="paris")
+    with pytest.raises(ValueError, match=r"contain the separator 'Paris' \(first: 'Paris'\).*another separator"):
+        icl_prompts(word_model, "country_capital", n_shots=1, queries=[("France", "Paris")], separator="Paris")
 
 
 def test_tokenizer_only(word_model):
@@ -423,19 +436,21 @@ def test_prompt_batch_container(word_model):
         (dict(task=HAND, n_shots=3, dummy_query=True), ValueError, r"\+1 for the dummy query.*use n_shots <= 2"),
         (dict(task=Task("one", "custom", "x.", (("a", "b"),)), n_shots=0), ValueError, r"'test' split .* is empty"),
         (dict(n_shots=40), ValueError, r"n_ctx=64; at most \d+ shots fit.*n_shots <="),
-        (dict(separator="to be"), ValueError, r"separator 'to be' is 2 tokens.*single-token separator such as"),
+        (dict(separator="to be"), ValueError, r"the separator 'to be' is 2 tokens \[.*\] in context \(tokens "
+                                             r"seen: .*\); it must be one token.*one token of its own in this context, such as '→'"),
         (dict(separator=" →"), ValueError, r"surrounding spaces"),
-        (dict(separator="⇒"), ValueError, r"separator '⇒' is not in this tokenizer's vocabulary.*such as '→'"),
+        (dict(separator="⇒"), ValueError, r"the separator '⇒' is not in this tokenizer's vocabulary.*such as '→'"),
         (dict(separator=None), TypeError, r"separator and example_sep must be strings"),
-        (dict(example_sep="\n\n"), ValueError, r"example_sep '\\n\\n' is 2 tokens"),
+        (dict(example_sep="|"), ValueError, r"spans a demonstration output, the example separator and a demonstration "
+                                            r"input.*tokens seen: .*such as '\\n'"),
         (dict(example_sep="\n "), ValueError, r"must not end with a space"),
         (dict(instruction="only"), ValueError, r"pass n_shots=0"),
         (dict(instruction="yes"), ValueError, r"False, True or 'only'"),
         (dict(split="val"), ValueError, r"'train', 'dev', 'test'"),
         (dict(queries=["atlantis"]), ValueError, r"not an input of task.*\(input, output\) pairs"),
         (dict(queries=[("zyzzyva", "qux")]), ValueError, r"not in this tokenizer's vocabulary.*zyzzyva"),
-        (dict(queries="france"), TypeError, r"list of input strings"),
-        (dict(queries=["france", "spain"], n_prompts=3), ValueError, r"leave n_prompts out"),
+        (dict(queries="France"), TypeError, r"list of input strings"),
+        (dict(queries=["France", "Spain"], n_prompts=3), ValueError, r"leave n_prompts out"),
         (dict(dummy_query=1), TypeError, r"dummy_query must be True or False"),
     ],
 )
@@ -461,7 +476,7 @@ def test_n_ctx_message_is_exact(word_model):
 
 
 def test_bad_separator_bpe_suggests_single_tokens(bpe_model):
-    with pytest.raises(ValueError, match=r"separator '⇒' is \d+ tokens for this tokenizer \(\[") as e:
+    with pytest.raises(ValueError, match=r"the separator '⇒' is \d+ tokens \[.*\] in context \(tokens seen: \[") as e:
         icl_prompts(bpe_model, "antonym", n_prompts=2, n_shots=1, separator="⇒")
     assert "'→'" in str(e.value)  # the default, which this BPE learned as one token, is suggested
 
@@ -553,10 +568,115 @@ def test_every_suite_task_builds(tiny_llama, bpe_model):
     for model in (tiny_llama, bpe_model):
         tok = model.tokenizer
         sep = tok.encode(" →", add_special_tokens=False)[0]
+        fold = (lambda s: s.lower()) if model is tiny_llama else (lambda s: s)  # the organism's vocabulary is lowercase
         for name in tvlens.list_tasks():
-            batch = icl_prompts(model, name, n_prompts=3, n_shots=3, seed=0, instruction=True)
+            with _no_collision_warnings():
+                batch = icl_prompts(model, name, n_prompts=3, n_shots=3, seed=0, instruction=True)
             assert (batch.tokens[:, -1] == sep).all(), name
             for r in range(3):
-                assert tok.decode(_row_ids(batch, r)) == batch.texts[r], (name, r)
-                assert _runs(batch, r, tok)[1:] == _expected_runs(batch, r, instruction=load_task(name).instruction,
-                                                                  spaces=_is_bpe(model)), (name, r)
+                assert tok(batch.texts[r], add_special_tokens=False)["input_ids"] == _row_ids(batch, r), (name, r)
+                assert fold(tok.decode(_row_ids(batch, r))) == fold(batch.texts[r]), (name, r)
+                got = [(c, fold(t)) for c, t in _runs(batch, r, tok)[1:]]
+                assert got == [(c, fold(t)) for c, t in _expected_runs(batch, r, instruction=load_task(name).instruction,
+                                                                       spaces=_is_bpe(model))], (name, r)
+
+
+# ------------------------------------------------------------------------------------------------
+# several accepted answers, clashing text, collisions
+
+
+MULTI = Task(name="multi", family="custom", instruction="Say what comes next.",
+             pairs=(("a", "b"), ("a", "bee"), ("c", "d"), ("e", "f"), ("g", "h"), ("i", "j"), ("i", "ii"), ("k", "l")))
+
+
+def test_several_accepted_answers(bpe_model):
+    batch = icl_prompts(bpe_model, MULTI, n_shots=2, seed=0, queries=["a", "c", ("i", "ii")])
+    assert batch.answers == ("b", "d", "ii")
+    assert batch.accepted_answers == (("b", "bee"), ("d",), ("ii", "j"))  # a given pair of the task first, then the rest
+    tok = bpe_model.tokenizer
+    for r in range(3):
+        for a, toks in zip(batch.accepted_answers[r], batch.accepted_answer_tokens[r]):
+            assert toks == tuple(tok(batch.texts[r] + " " + a, add_special_tokens=False)["input_ids"][len(_row_ids(batch, r)):])
+    # demonstrations show the first listed output
+    assert all(dict(d).get("i", "j") == "j" and dict(d).get("a", "b") == "b" for d in batch.demos)
+    # accuracy counts any accepted answer: make the model's greedy tokens the *second* answer of row 0
+    greedy = _greedy_tokens(bpe_model, batch, 3)[0]
+    other = dataclasses.replace(batch, other_answers=(("mine",), (), ()), other_answer_tokens=((tuple(greedy),), (), ()))
+    acc = evaluate_prompts(bpe_model, other)
+    assert bool(acc.full_answer_correct[0]) and bool(acc.first_token_correct[0])
+    logits = final_logits(bpe_model, other)
+    assert first_token_accuracy(logits, other) >= 1 / 3
+    alone = dataclasses.replace(other, other_answers=((), (), ()), other_answer_tokens=((), (), ()))
+    assert not bool(evaluate_prompts(bpe_model, alone).full_answer_correct[0]) or tuple(greedy) == batch.answer_tokens[0]
+    # the metrics of patching score the first listed answer
+    assert torch.equal(batch.answer_ids, torch.tensor([a[0][0] for a in batch.accepted_answer_tokens]))
+
+
+def test_input_with_the_example_separator_has_a_fix(bpe_model):
+    from pathlib import Path
+
+    qa = Task.from_json(Path(__file__).parent / "data" / "anchors" / "todd" / "commonsense_qa_first100.json")
+    with pytest.raises(ValueError, match=r"\d+ inputs/outputs of task 'commonsense_qa_first100' contain the example "
+                                         r"separator '\\n' \(first: .*pass an example_sep none of them contains "
+                                         r"\(example_sep='\\n\\n'\), or replace it in the data \(task = task.replace_text"):
+        icl_prompts(bpe_model, qa, n_prompts=2, n_shots=2)
+    for fixed, sep in ((qa, "\n\n"), (qa.replace_text("\n", " "), "\n")):
+        batch = icl_prompts(bpe_model, fixed, n_prompts=2, n_shots=1, seed=0, example_sep=sep)
+        for r in range(2):
+            assert bpe_model.tokenizer(batch.texts[r], add_special_tokens=False)["input_ids"] == _row_ids(batch, r)
+    with pytest.raises(ValueError, match=r"contain the separator '→'.*replace_text\('→'"):
+        icl_prompts(bpe_model, Task("arrow", "custom", "", (("a → b", "c"), ("d", "e"), ("f", "g"))), n_shots=0,
+                    queries=["a → b"])
+
+
+def test_multi_token_example_sep(bpe_model):
+    batch = icl_prompts(bpe_model, "antonym", n_prompts=3, n_shots=2, seed=0, example_sep="\n\n")
+    tok = bpe_model.tokenizer
+    for r in range(3):
+        assert tok(batch.texts[r], add_special_tokens=False)["input_ids"] == _row_ids(batch, r)
+        assert "\n\n".join(f"{x} → {y}" for x, y in batch.demos[r]) + f"\n\n{batch.queries[r]} →" == batch.texts[r]
+        nl = batch.tokens[r][batch.positions_of(TokenClass.DEMO_NEWLINE)[r]].tolist()
+        assert tok.decode(nl) == "\n\n" * 2
+
+
+def test_collision_warning_names_the_pairs(word_model):
+    t = Task("cities", "custom", "", (("France", "Kuwait City"), ("Japan", "Kuwait"), ("Spain", "Paris"), ("Italy", "Lima"),
+                                      ("Peru", "Rome")))
+    with pytest.warns(TokenCollisionWarning, match=r"task 'cities': 2 of its 5 answers share their first token .*"
+                                                   r"\('Kuwait': Kuwait, Kuwait City\)"):
+        icl_prompts(word_model, t, n_prompts=1, n_shots=1, split="train")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TokenCollisionWarning)
+        icl_prompts(word_model, "antonym", n_prompts=1, n_shots=1)  # no two antonyms start alike
+
+
+# ------------------------------------------------------------------------------------------------
+# bring your own prompts
+
+
+def test_prompts_from_text_equals_icl_prompts(model):
+    from tvlens.inputs.text import prompts_from_text
+
+    ref = icl_prompts(model, "country_capital", n_shots=2, seed=0, queries=["Japan", "Spain"])
+    own = prompts_from_text(model, list(ref.texts), list(ref.answers))
+    assert torch.equal(own.tokens, ref.tokens) and torch.equal(own.token_class, ref.token_class)
+    assert torch.equal(own.attention_mask, ref.attention_mask) and own.answer_tokens == ref.answer_tokens
+    assert own.queries == ref.queries and own.demos == ref.demos and own.n_shots == 2
+    one = tvlens.prompts_from_text(model, "France → Paris\nJapan →", "Tokyo")
+    assert one.texts == ("France → Paris\nJapan →",) and one.answers == ("Tokyo",) and one.demos == ((("France", "Paris"),),)
+    several = prompts_from_text(model, ["Japan →"], [["Tokyo", "Paris"]])
+    assert several.accepted_answers == (("Tokyo", "Paris"),) and several.n_shots == 0
+
+
+@pytest.mark.parametrize("texts,answers,pattern", [
+    (["France → Paris\nJapan"], ["Tokyo"], r"does not end with the separator '→'"),
+    (["France Paris\nJapan →"], ["Tokyo"], r"line 1 \('France Paris'\) is not 'input → output'"),
+    (["Japan →"], ["Tokyo", "Rome"], r"1 texts but 2 answers"),
+    ([], [], r"texts is empty"),
+    (["Japan →"], [""], r"answer 0 is ''"),
+])
+def test_prompts_from_text_bad_input(word_model, texts, answers, pattern):
+    from tvlens.inputs.text import prompts_from_text
+
+    with pytest.raises(ValueError, match=pattern):
+        prompts_from_text(word_model, texts, answers)

@@ -8,17 +8,25 @@ i.e. demonstrations ``"x → y"`` joined by ``example_sep`` (default ``"\\n"``),
 the final separator, after which the model should produce the answer (Hendel et al. 2023, §2:
 ``x → y`` prompts; Todd et al. 2024, §2: the same structure with ``Q:/A:``).
 
-**Tokenization.** The text is tokenized *segment by segment* (instruction, each demo input,
-separator, output and example separator, the query, the final separator) with the model's own
-tokenizer, without special tokens; the tokenizer's BOS is prepended when the model prepends one
-(``model.cfg.default_prepend_bos``). Each segment is tokenized exactly as it appears in the text,
-**including the space in front of it**: the demo separator and final separator are ``" →"``, an
-output is ``" paris"``, an input at the start of a line is ``"france"``. For a byte-level BPE
-tokenizer (GPT-2 style) this is what tokenizing the whole text would give (its pre-tokenizer
-attaches a space to the following word); for the word-level organism tokenizer the spaces vanish
-and ``"\\n"`` is a token of its own. Token classes (:class:`TokenClass`, after Todd et al. 2024,
-§2 and App. F) are therefore exact per token, and ``answer_tokens`` are the tokens of
-``" " + answer`` — what the model must emit after ``" →"``.
+**Tokenization.** The whole text of each prompt is tokenized at once by the model's own
+tokenizer, without special tokens (the tokenizer's BOS is prepended when the model prepends one,
+``model.cfg.default_prepend_bos``), so the model sees exactly the tokens of the text a user would
+type — on GPT-2's byte-level BPE, SentencePiece (Llama-2 / Mistral), Llama-3, Qwen and the
+organism's word-level tokenizer alike. Token classes (:class:`TokenClass`, after Todd et al. 2024,
+§2 and App. F) come from each token's character offsets: a token belongs to the part of the text
+its characters are in (a token of spaces only, to the part after it). A token that straddles two
+parts of different classes — a separator merged with a word, an output merged with the example
+separator — is refused with the tokens seen in context, and so is a separator or example
+separator that is not one token of its own *in context* (``"\n"`` alone is two SentencePiece
+tokens, inside text one). ``answer_tokens`` are the tokens that follow the prompt when
+``" " + answer`` is appended to its text — what the model must emit after ``" →"``.
+
+**Several accepted answers.** A task may list several outputs for one input (Todd et al.'s
+``next_item``, ``national_parks``, ...). ``answers`` / ``answer_ids`` / ``answer_tokens`` hold the
+first one listed, which the metrics of :mod:`tvlens.analyses.patching` (log-prob, logit difference)
+score; ``other_answers`` / ``other_answer_tokens`` hold the rest (``accepted_answers`` gives all), and ICL accuracy
+(:func:`evaluate_prompts`, :func:`first_token_accuracy`) counts a prediction right when it matches
+any. Demonstrations show the first listed output.
 
 **Alignment.** Batches are LEFT-padded (``pad_token_id``, else ``eos``, else 0) with
 ``attention_mask`` 0 on pads, so the final separator is position ``-1`` of *every* row
@@ -47,6 +55,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import warnings
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -59,6 +68,10 @@ from torch import Tensor
 __all__ = [
     "TokenClass",
     "PromptBatch",
+    "TokenCollisionWarning",
+    "prompts_from_text",
+    "answer_first_tokens",
+    "answer_token_stats",
     "IclAccuracy",
     "icl_prompts",
     "evaluate_icl",
@@ -121,7 +134,7 @@ class PromptBatch:
     answer_tokens: tuple[tuple[int, ...], ...]
     queries: tuple[str, ...]
     answers: tuple[str, ...]
-    #: the prompt text of each row, without BOS and padding (decode(tokens) gives it back)
+    #: the prompt text of each row, without BOS and padding: its whole-text tokenization is the row's tokens
     texts: tuple[str, ...]
     task: str
     n_shots: int
@@ -132,6 +145,9 @@ class PromptBatch:
     real_queries: tuple[str, ...] = ()
     real_answers: tuple[str, ...] = ()
     real_answer_tokens: tuple[tuple[int, ...], ...] = ()
+    #: the other accepted answers of each row, besides ``answers[i]`` (empty for most tasks), and their tokens
+    other_answers: tuple[tuple[str, ...], ...] = ()
+    other_answer_tokens: tuple[tuple[tuple[int, ...], ...], ...] = ()
 
     def __post_init__(self) -> None:
         b = self.tokens.shape[0]
@@ -157,13 +173,28 @@ class PromptBatch:
             object.__setattr__(self, "real_answers", self.answers)
         if not self.real_answer_tokens:
             object.__setattr__(self, "real_answer_tokens", self.answer_tokens)
-        for name in ("demos", "real_queries", "real_answers", "real_answer_tokens"):
+        if not self.other_answers:
+            object.__setattr__(self, "other_answers", ((),) * b)
+        if not self.other_answer_tokens:
+            object.__setattr__(self, "other_answer_tokens", ((),) * b)
+        for name in ("demos", "real_queries", "real_answers", "real_answer_tokens", "other_answers",
+                     "other_answer_tokens"):
             n = len(getattr(self, name))
             allowed = (0, b) if name == "demos" else (b,)  # demos may be left out by hand-made batches
             if n not in allowed:
                 raise ValueError(f"{name} must have {b} rows, got {n}")
 
     # -- shape and positions --------------------------------------------------------------------
+
+    @property
+    def accepted_answers(self) -> tuple[tuple[str, ...], ...]:
+        """Every accepted answer of each row: ``answers[i]`` first, then ``other_answers[i]``."""
+        return tuple((a, *o) for a, o in zip(self.answers, self.other_answers))
+
+    @property
+    def accepted_answer_tokens(self) -> tuple[tuple[tuple[int, ...], ...], ...]:
+        """Their tokens, as they follow each prompt: ``answer_tokens[i]`` first."""
+        return tuple((tuple(a), *o) for a, o in zip(self.answer_tokens, self.other_answer_tokens))
 
     @property
     def separator_index(self) -> int:
@@ -232,6 +263,8 @@ class PromptBatch:
             real_queries=pick(self.real_queries),
             real_answers=pick(self.real_answers),
             real_answer_tokens=pick(self.real_answer_tokens),
+            other_answers=pick(self.other_answers),
+            other_answer_tokens=pick(self.other_answer_tokens),
         )
 
     def slice(self, start: int, stop: int | None = None) -> "PromptBatch":
@@ -325,7 +358,7 @@ def _pad_id(tokenizer: Any) -> int:
 
 
 def _encode_all(tokenizer: Any, pieces: Sequence[str]) -> dict[str, tuple[int, ...]]:
-    """Tokenize every distinct segment once (one batched tokenizer call)."""
+    """Tokenize every distinct string once (one batched tokenizer call), without special tokens."""
     uniq = sorted(set(pieces))
     if not uniq:
         return {}
@@ -334,37 +367,11 @@ def _encode_all(tokenizer: Any, pieces: Sequence[str]) -> dict[str, tuple[int, .
 
 
 def _token_strs(tokenizer: Any, ids: Sequence[int]) -> list[str]:
-    return [str(t) for t in tokenizer.convert_ids_to_tokens(list(ids))]
-
-
-def _check_single_token(tokenizer: Any, enc: Mapping[str, tuple[int, ...]], what: str, value: str, piece: str) -> None:
-    ids = enc[piece]
-    unk = getattr(tokenizer, "unk_token_id", None)
-    is_unk = len(ids) == 1 and unk is not None and ids[0] == unk and unk != getattr(tokenizer, "bos_token_id", None)
-    if len(ids) == 1 and not is_unk:
-        return
-    good = []
-    if what == "separator":
-        cand = {c: f" {c}" for c in _SEPARATOR_CANDIDATES}
-        cand_ids = _encode_all(tokenizer, list(cand.values()))
-        good = [c for c, p in cand.items() if len(cand_ids[p]) == 1 and c != value]
-    elif what == "example_sep":
-        cand_ids = _encode_all(tokenizer, ["\n", ";", "|"])
-        good = [c for c in ("\n", ";", "|") if len(cand_ids[c]) == 1 and c != value]
-    hint = (
-        f"choose a single-token {what} such as {' or '.join(repr(g) for g in good[:3])}"
-        if good
-        else f"choose a {what} that this tokenizer encodes as one token"
-    )
-    if is_unk:
-        raise ValueError(f"{what} {value!r} is not in this tokenizer's vocabulary (it becomes {tokenizer.unk_token!r}): {hint}")
-    raise ValueError(
-        f"{what} {value!r} is {len(ids)} tokens for this tokenizer ({_token_strs(tokenizer, ids)} as {piece!r} appears in "
-        f"the prompt); the {what} must be exactly one token so that token classes and the final position are exact: {hint}"
-    )
+    return [str(t) for t in tokenizer.convert_ids_to_tokens([int(i) for i in ids])]
 
 
 def _dedupe(pairs: Sequence[Pair]) -> list[Pair]:
+    """One pair per input, the first listed (a task with several accepted answers lists them all)."""
     seen: set[str] = set()
     out = []
     for x, y in pairs:
@@ -372,6 +379,16 @@ def _dedupe(pairs: Sequence[Pair]) -> list[Pair]:
             seen.add(x)
             out.append((x, y))
     return out
+
+
+def _accepted_of(task: Any) -> dict[str, tuple[str, ...]]:
+    """input -> every accepted output, in file order."""
+    acc: dict[str, list[str]] = {}
+    for x, y in task.pairs:
+        ys = acc.setdefault(x, [])
+        if y not in ys:
+            ys.append(y)
+    return {x: tuple(ys) for x, ys in acc.items()}
 
 
 def _derange(outputs: list[str], rng: np.random.Generator) -> list[str]:
@@ -394,31 +411,34 @@ def _derange(outputs: list[str], rng: np.random.Generator) -> list[str]:
     return outputs[1:] + outputs[:1]  # a cyclic shift is always a derangement
 
 
-def _normalise_queries(task: Any, queries: Any) -> list[Pair]:
+def _normalise_queries(task: Any, queries: Any) -> list[tuple[str, tuple[str, ...]]]:
+    """-> (input, accepted answers) per query; the first accepted answer is the one scored by metrics."""
     if isinstance(queries, (str, bytes)) or not isinstance(queries, Iterable):
         raise TypeError(
             f"queries must be a list of input strings or (input, output) pairs, got {type(queries).__name__}; "
-            "e.g. queries=['france', 'japan']"
+            "e.g. queries=['France', 'Japan']"
         )
     queries = list(queries)
     if not queries:
         raise ValueError("queries is empty: pass at least one query, or leave queries=None to draw them from the split")
-    lookup: dict[str, str] = {}
-    for x, y in task.pairs:
-        lookup.setdefault(x, y)
-    out: list[Pair] = []
+    accepted = _accepted_of(task)
+    folded = {x.casefold(): x for x in accepted}
+    out: list[tuple[str, tuple[str, ...]]] = []
     for q in queries:
         if isinstance(q, str):
-            if q not in lookup:
-                close = difflib.get_close_matches(q, list(lookup), n=3)
+            if q not in accepted:
+                same_case = folded.get(q.casefold())
+                close = [same_case] if same_case else difflib.get_close_matches(q, list(accepted), n=3)
                 hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
                 raise ValueError(
                     f"query {q!r} is not an input of task {task.name!r}: {hint}"
                     "pass (input, output) pairs to use queries outside the task"
                 )
-            out.append((q, lookup[q]))
+            out.append((q, accepted[q]))
         elif isinstance(q, (tuple, list)) and len(q) == 2 and all(isinstance(s, str) for s in q):
-            out.append((q[0], q[1]))
+            x, y = q
+            others = accepted.get(x, ())
+            out.append((x, (y, *[o for o in others if o != y]) if y in others else (y,)))
         else:
             raise TypeError(f"each query must be an input string or an (input, output) pair of strings, got {q!r}")
     return out
@@ -426,25 +446,416 @@ def _normalise_queries(task: Any, queries: Any) -> list[Pair]:
 
 def _contains(text: str, mark: str) -> bool:
     """Whether ``mark`` occurs in ``text``; a word mark ("is") only as a whole word, not inside "paris"."""
+    if not mark.strip():
+        return bool(mark) and mark in text and mark not in (" ", "\t")
+    if mark != mark.strip() and mark in text:
+        return True
     mark = mark.strip()
-    if not mark:
-        return False
     if re.fullmatch(r"\w+", mark):
         return re.search(rf"(?<!\w){re.escape(mark)}(?!\w)", text) is not None
     return mark in text
 
 
 def _check_pair_text(task_name: str, pairs: Sequence[Pair], separator: str, example_sep: str) -> None:
+    """Refuse pairs that would make the prompt ambiguous, with the fix (checked on every pair used)."""
+    hits_sep: list[str] = []
+    hits_ex: list[str] = []
     for x, y in pairs:
         for s in (x, y):
             if not s.strip():
                 raise ValueError(f"task {task_name!r} has an empty input or output in pair {(x, y)!r}; remove it from the data")
-            if "\n" in s or _contains(s, separator) or _contains(s, example_sep):
+            if _contains(s, separator):
+                hits_sep.append(s)
+            elif _contains(s, example_sep):
+                hits_ex.append(s)
+    if hits_sep:
+        raise ValueError(
+            f"{len(hits_sep)} inputs/outputs of task {task_name!r} contain the separator {separator!r} (first: "
+            f"{hits_sep[0]!r}), so the prompt would be ambiguous; pass another separator (e.g. separator=':') or "
+            f"replace it in the data: task = task.replace_text({separator!r}, ...)"
+        )
+    if hits_ex:
+        texts = [s for p in pairs for s in p]
+        free = [c for c in ("\n\n", " | ", " ; ") if c != example_sep and not any(_contains(s, c) for s in texts)]
+        alt = f"pass an example_sep none of them contains (example_sep={free[0]!r}), or " if free else ""
+        raise ValueError(
+            f"{len(hits_ex)} inputs/outputs of task {task_name!r} contain the example separator {example_sep!r} "
+            f"(first: {hits_ex[0]!r}), so demonstrations could not be told apart; {alt}replace it in the data "
+            f"(task = task.replace_text({example_sep!r}, ' '), or {example_sep.encode('unicode_escape').decode()!r} "
+            "to keep it visible as an escape)"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# whole-text tokenization
+
+
+@dataclass
+class _Layout:
+    """One prompt's text and the character spans of its parts (class, demo index; gaps have none)."""
+
+    text: str = ""
+    spans: list[tuple[int, int, int, int]] = field(default_factory=list)
+
+    def add(self, s: str, cls: TokenClass | None = None, demo: int = -1) -> None:
+        if cls is not None and s:
+            self.spans.append((len(self.text), len(self.text) + len(s), int(cls), demo))
+        self.text += s
+
+
+_CLASS_WORDS = {
+    TokenClass.INSTRUCTION: "the instruction",
+    TokenClass.DEMO_INPUT: "a demonstration input",
+    TokenClass.DEMO_SEP: "the separator",
+    TokenClass.DEMO_OUTPUT: "a demonstration output",
+    TokenClass.DEMO_NEWLINE: "the example separator",
+    TokenClass.QUERY_INPUT: "the query",
+    TokenClass.FINAL_SEP: "the final separator",
+}
+
+
+def _encode_texts(tokenizer: Any, texts: Sequence[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+    """Token ids and character offsets of each whole text (no special tokens)."""
+    if not getattr(tokenizer, "is_fast", True):
+        raise ValueError(
+            f"{type(tokenizer).__name__} is a slow (Python) tokenizer, which gives no character offsets; tvlens finds "
+            "token classes and answer tokens from offsets: load the model's fast tokenizer (use_fast=True, the default)"
+        )
+    enc = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+    ids = [[int(i) for i in row] for row in enc["input_ids"]]
+    offs = [[(int(a), int(b)) for a, b in row] for row in enc["offset_mapping"]]
+    return ids, offs
+
+
+def _context(tokenizer: Any, ids: Sequence[int], at: int, width: int = 4) -> str:
+    lo, hi = max(0, at - width), min(len(ids), at + width + 1)
+    toks = _token_strs(tokenizer, ids[lo:hi])
+    return ("[..., " if lo else "[") + ", ".join(repr(t) for t in toks) + (", ...]" if hi < len(ids) else "]")
+
+
+def _assign(tokenizer: Any, lay: _Layout, ids: Sequence[int], offsets: Sequence[tuple[int, int]], where: str,
+            fix: Mapping[str, Any]) -> tuple[list[int], list[int]]:
+    """Class and span index of every token, from its character offsets.
+
+    A token made only of gap characters (a space) or of no characters belongs to the part after it.
+    A token that covers characters of two parts of different classes means the parts are not
+    separate tokens in this text: refused, with the tokens seen in context.
+    """
+    n = len(lay.text)
+    owner = [-1] * n
+    for k, (s, e, _, _) in enumerate(lay.spans):
+        for c in range(s, e):
+            owner[c] = k
+    span_of: list[int] = []
+    for t, (s, e) in enumerate(offsets):
+        ks = sorted({owner[c] for c in range(max(0, s), min(e, n)) if owner[c] >= 0})
+        classes = list(dict.fromkeys(TokenClass(lay.spans[k][2]) for k in ks))
+        if len(classes) > 1:
+            key = ("example_sep" if TokenClass.DEMO_NEWLINE in classes else
+                   "separator" if {TokenClass.DEMO_SEP, TokenClass.FINAL_SEP} & set(classes) else "")
+            hint = fix.get(key) or fix.get("")
+            hint = hint(lay) if callable(hint) else str(hint or "put spaces around that part, or change the data")
+            named = [_CLASS_WORDS.get(c, c.name) for c in classes]
+            raise ValueError(
+                f"{where}: the token {_token_strs(tokenizer, [ids[t]])[0]!r} (text {lay.text[s:e]!r}) spans "
+                f"{', '.join(named[:-1])} and {named[-1]}, so they are not separate tokens in context (tokens seen: "
+                f"{_context(tokenizer, ids, t)}) and token classes would not be exact; {hint}"
+            )
+        span_of.append(ks[0] if ks else -1)
+    # tokens of gaps only (or empty) join the next part; a trailing one the part before it
+    nxt = -1
+    for t in range(len(span_of) - 1, -1, -1):
+        if span_of[t] >= 0:
+            nxt = span_of[t]
+        elif nxt >= 0:
+            span_of[t] = nxt
+    prev = -1
+    for t in range(len(span_of)):
+        if span_of[t] >= 0:
+            prev = span_of[t]
+        else:
+            span_of[t] = prev
+    return [lay.spans[k][2] if k >= 0 else int(TokenClass.PAD) for k in span_of], span_of
+
+
+def _build(
+    tokenizer: Any,
+    layouts: Sequence[_Layout],
+    answers: Sequence[Sequence[str]],
+    *,
+    names: str,
+    separator: str,
+    example_sep: str,
+    use_bos: bool,
+    n_ctx: int | None,
+    single_sep: bool = True,
+    real: Sequence[tuple[str, Sequence[str]]] | None = None,
+) -> dict[str, Any]:
+    """Tokenize whole prompt texts; classes from offsets; answers as they follow each prompt.
+
+    ``answers[i]``: accepted answers of row ``i`` (the first one is scored by the metrics).
+    Returns the tensors and the per-row answer tokens, or raises before any forward.
+    """
+    texts = [lay.text for lay in layouts]
+    ids_all, offs_all = _encode_texts(tokenizer, texts)
+    def sep_fix(lay: _Layout) -> str:  # computed only for an error, in that prompt's context
+        return _separator_hint(tokenizer, separator, lay)
+
+    def ex_fix(lay: _Layout) -> str:
+        return _example_sep_hint(tokenizer, example_sep, lay)
+
+    fix = {"separator": sep_fix, "example_sep": ex_fix, "": "put spaces around that part, or change the data"}
+    classes_all, spans_all = [], []
+    for r, (lay, ids, offs) in enumerate(zip(layouts, ids_all, offs_all)):
+        where = f"prompt {r} of {names}"
+        if not ids:
+            raise ValueError(f"{where} tokenizes to nothing ({lay.text!r}); clean the data")
+        cls, span_of = _assign(tokenizer, lay, ids, offs, where, fix)
+        counts = [0] * len(lay.spans)
+        for k in span_of:
+            if k >= 0:
+                counts[k] += 1
+        for k, (s, e, c, _) in enumerate(lay.spans):
+            c = TokenClass(c)
+            if counts[k] == 0:
+                raise ValueError(f"{where}: {_CLASS_WORDS.get(c, c.name)} {lay.text[s:e]!r} has no token of its own in "
+                                 f"context ({lay.text!r}); clean the data")
+            if counts[k] > 1 and c in (TokenClass.FINAL_SEP, TokenClass.DEMO_SEP) and single_sep:
+                first = span_of.index(k)
+                toks = _token_strs(tokenizer, [i for i, kk in zip(ids, span_of) if kk == k])
+                what = "example_sep" if c == TokenClass.DEMO_NEWLINE else "separator"
+                hint = (ex_fix if c == TokenClass.DEMO_NEWLINE else sep_fix)(lay)
                 raise ValueError(
-                    f"pair {(x, y)!r} of task {task_name!r} contains the separator {separator!r}, the example "
-                    f"separator {example_sep!r} or a newline, so the prompt would be ambiguous; "
-                    "pick another separator / example_sep or clean the data"
+                    f"{where}: the {what} {lay.text[s:e]!r} is {counts[k]} tokens {toks} in context (tokens seen: "
+                    f"{_context(tokenizer, ids, first)}); it must be one token so that token classes and the final "
+                    f"position are exact; {hint}"
                 )
+        if cls[-1] != int(TokenClass.FINAL_SEP):
+            raise ValueError(f"{where}: the last token is not the final separator (tokens seen: "
+                             f"{_context(tokenizer, ids, len(ids) - 1)}); end each prompt with the separator {separator!r}")
+        classes_all.append(cls)
+        spans_all.append(span_of)
+
+    # ---- unknown words (word-level vocabularies) -------------------------------------------------
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and unk not in (getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        missing: list[str] = []
+        for lay, ids, span_of in zip(layouts, ids_all, spans_all):
+            for i, k in zip(ids, span_of):
+                if i == unk and k >= 0:
+                    s, e, c, _ = lay.spans[k]
+                    if c in (TokenClass.FINAL_SEP, TokenClass.DEMO_SEP, TokenClass.DEMO_NEWLINE):
+                        what, hint = ("example_sep", ex_fix(lay)) if c == TokenClass.DEMO_NEWLINE else ("separator", sep_fix(lay))
+                        raise ValueError(f"the {what} {lay.text[s:e]!r} is not in this tokenizer's vocabulary (it becomes "
+                                         f"{tokenizer.unk_token!r}); {hint}")
+                    if lay.text[s:e] not in missing:
+                        missing.append(lay.text[s:e])
+        ans_words = sorted({a for acc in answers for a in acc})
+        ans_ids = _encode_all(tokenizer, [" " + a for a in ans_words])
+        missing += [a for a in ans_words if unk in ans_ids[" " + a] and a not in missing]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} words of {names} are not in this tokenizer's vocabulary (they would become "
+                f"{tokenizer.unk_token!r}): {missing[:8]!r}; use a model whose tokenizer covers the task or drop those pairs"
+            )
+
+    # ---- answers, as the model must emit them after each prompt ----------------------------------
+    def continuations(prefixes: Sequence[str], prefix_ids: Sequence[Sequence[int]], accs: Sequence[Sequence[str]],
+                      rows: Sequence[int]) -> list[tuple[tuple[int, ...], ...]]:
+        flat = [(r, j, prefixes[r] + " " + a) for r in rows for j, a in enumerate(accs[r])]
+        full, _ = _encode_texts(tokenizer, [t for _, _, t in flat]) if flat else ([], [])
+        out: list[list[tuple[int, ...]]] = [[] for _ in prefixes]
+        for (r, j, t), ids in zip(flat, full):
+            p = list(prefix_ids[r])
+            if ids[: len(p)] != p or len(ids) == len(p):
+                at = next((k for k, (x, y) in enumerate(zip(ids, p)) if x != y), min(len(p), len(ids)) - 1)
+                raise ValueError(
+                    f"prompt {r} of {names}: the answer {accs[r][j]!r} does not follow the prompt as separate tokens: "
+                    f"'<prompt> {accs[r][j]}' tokenizes as {_context(tokenizer, ids, max(0, at))}, the prompt alone ends "
+                    f"{_context(tokenizer, p, len(p) - 1)}; {sep_fix(layouts[r]) if r < len(layouts) else ''}"
+                )
+            out[r].append(tuple(ids[len(p):]))
+        return [tuple(o) for o in out]
+
+    answer_tokens = continuations(texts, ids_all, answers, range(len(layouts)))
+    real_tokens = None
+    if real is not None:
+        rtexts = [f"{q} {separator}" for q, _ in real]
+        rids, _ = _encode_texts(tokenizer, rtexts)
+        real_tokens = continuations(rtexts, rids, [acc for _, acc in real], range(len(real)))
+
+    # ---- context length --------------------------------------------------------------------------
+    lengths = [int(use_bos) + len(ids) for ids in ids_all]
+    if n_ctx is not None and max(lengths) > n_ctx:
+        fits = []
+        for lay, span_of in zip(layouts, spans_all):
+            demo_of = [lay.spans[k][3] if k >= 0 else -1 for k in span_of]
+            n_demos = 1 + max([d for d in demo_of] + [-1])
+            fixed = int(use_bos) + sum(1 for d in demo_of if d < 0)
+            k, total = 0, fixed
+            while k < n_demos and total + demo_of.count(k) <= n_ctx:
+                total += demo_of.count(k)
+                k += 1
+            fits.append(k if fixed <= n_ctx else -1)
+        k_fit = min(fits)
+        how = (
+            f"at most {k_fit} shots fit for these prompts: use n_shots <= {k_fit}"
+            if k_fit >= 0
+            else "even the prompt without demonstrations is too long: shorten the instruction or the query"
+        )
+        raise ValueError(f"the longest prompt is {max(lengths)} tokens but the model's context is n_ctx={n_ctx}; {how}")
+
+    # ---- tensors (left-padded: the final separator is position -1 of every row) -------------------
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    width = max(lengths)
+    pad = _pad_id(tokenizer)
+    b = len(layouts)
+    tokens = torch.full((b, width), pad, dtype=torch.long)
+    mask = torch.zeros((b, width), dtype=torch.long)
+    classes = torch.full((b, width), int(TokenClass.PAD), dtype=torch.long)
+    for r, (ids, cls) in enumerate(zip(ids_all, classes_all)):
+        row = ([int(bos_id)] if use_bos else []) + list(ids)
+        rc = ([int(TokenClass.BOS)] if use_bos else []) + list(cls)
+        n = len(row)
+        tokens[r, width - n:] = torch.tensor(row, dtype=torch.long)
+        classes[r, width - n:] = torch.tensor(rc, dtype=torch.long)
+        mask[r, width - n:] = 1
+    return dict(tokens=tokens, mask=mask, classes=classes, answer_tokens=answer_tokens, real_tokens=real_tokens, pad=pad)
+
+
+def _swap(lay: _Layout, classes: Sequence[TokenClass], new: str) -> _Layout:
+    """The same prompt with the text of every part of ``classes`` replaced by ``new``."""
+    out = _Layout()
+    pos = 0
+    for s, e, c, d in lay.spans:
+        out.add(lay.text[pos:s])
+        out.add(new if c in classes else lay.text[s:e], TokenClass(c), d)
+        pos = e
+    out.add(lay.text[pos:])
+    return out
+
+
+def _layout_ok(tokenizer: Any, lay: _Layout) -> bool:
+    """Whether this prompt's parts are exact tokens: no token spans two classes, separators one known token."""
+    ids, offs = _encode_texts(tokenizer, [lay.text])
+    try:
+        cls, span_of = _assign(tokenizer, lay, ids[0], offs[0], "", {})
+    except ValueError:
+        return False
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for k, (_, _, c, _) in enumerate(lay.spans):
+        mine = [i for i, kk in zip(ids[0], span_of) if kk == k]
+        if not mine or c in (TokenClass.FINAL_SEP, TokenClass.DEMO_SEP) and len(mine) != 1 or (
+                c in (TokenClass.FINAL_SEP, TokenClass.DEMO_SEP, TokenClass.DEMO_NEWLINE) and unk in mine):
+            return False
+    return bool(cls) and cls[-1] == int(TokenClass.FINAL_SEP)
+
+
+def _separator_hint(tokenizer: Any, separator: str, lay: _Layout) -> str:
+    """Separators that would be one token of their own in this very prompt, to suggest."""
+    good = []
+    for c in _SEPARATOR_CANDIDATES:
+        if c != separator and c not in lay.text and len(good) < 3:
+            try:
+                if _layout_ok(tokenizer, _swap(lay, (TokenClass.DEMO_SEP, TokenClass.FINAL_SEP), c)):
+                    good.append(c)
+            except Exception:  # a hint only
+                pass
+    return (f"choose a separator that is one token of its own in this context, such as {' or '.join(map(repr, good))}"
+            if good else "choose a separator that this tokenizer keeps as one token of its own after a word")
+
+
+def _example_sep_hint(tokenizer: Any, example_sep: str, lay: _Layout) -> str:
+    good = []
+    for c in ("\n", "\n\n", " \n", ";", " |", " ;"):
+        if c != example_sep and len(good) < 3:
+            try:
+                if _layout_ok(tokenizer, _swap(lay, (TokenClass.DEMO_NEWLINE,), c)):
+                    good.append(c)
+            except Exception:
+                pass
+    return (f"pass an example_sep that stays apart from the words around it in this context, such as {' or '.join(map(repr, good))}"
+            if good else "pass an example_sep that this tokenizer keeps apart from the words around it")
+
+
+def _first_token_collisions(tokenizer: Any, task: Any, separator: str) -> list[tuple[str, tuple[str, ...]]]:
+    """Distinct answers of ``task`` that share their first token after ``" " + separator``:
+    ``[(first token, (answer, ...)), ...]``, largest groups first."""
+    key = (id(tokenizer), getattr(tokenizer, "name_or_path", ""), len(tokenizer), task.name, hash(task.pairs), separator)
+    hit = _COLLISIONS.get(key)
+    if hit is not None:
+        return hit
+    firsts = answer_first_tokens(tokenizer, task, separator=separator)
+    groups: dict[int, list[str]] = {}
+    for a, toks in firsts.items():
+        groups.setdefault(toks[0], []).append(a)
+    out = [(_token_strs(tokenizer, [t])[0], tuple(sorted(v))) for t, v in groups.items() if len(v) > 1]
+    out.sort(key=lambda g: (-len(g[1]), g[1]))
+    if len(_COLLISIONS) > 256:
+        _COLLISIONS.clear()
+    _COLLISIONS[key] = out
+    return out
+
+
+_COLLISIONS: dict[tuple, list[tuple[str, tuple[str, ...]]]] = {}
+
+
+def answer_first_tokens(model: Any, task: Any, *, separator: str = "→") -> dict[str, tuple[int, ...]]:
+    """Every distinct answer of ``task`` -> its tokens as they follow ``"<input> <separator>"`` in a prompt."""
+    tokenizer = _tokenizer_of(model)
+    task = _resolve_task(task)
+    first_input: dict[str, str] = {}
+    for x, y in task.pairs:
+        first_input.setdefault(y, x)
+    ys = list(first_input)
+    heads = [f"{first_input[y]} {separator}" for y in ys]
+    hid, _ = _encode_texts(tokenizer, heads)
+    fid, _ = _encode_texts(tokenizer, [h + " " + y for h, y in zip(heads, ys)])
+    out = {}
+    for y, h, f in zip(ys, hid, fid):
+        out[y] = tuple(f[len(h):]) if f[: len(h)] == h and len(f) > len(h) else tuple(f[-1:])
+    return out
+
+
+def answer_token_stats(model: Any, tasks: Any, *, separator: str = "→") -> list[dict[str, Any]]:
+    """Per task: how many distinct answers are one token, and how many share a first token with another.
+
+    First-token accuracy (Hendel et al. 2023; Todd et al. 2024 score the first answer token) credits
+    a wrong answer that starts with the same token as the right one; the share of colliding answers
+    says how much that matters for this tokenizer. Rows: ``task``, ``family``, ``n_answers``,
+    ``single_token`` (share), ``colliding`` (number of answers in a collision group) and
+    ``collisions`` (``[(first token, answers), ...]``).
+    """
+    from ..tasks import resolve_tasks
+
+    tokenizer = _tokenizer_of(model)
+    rows = []
+    for t in resolve_tasks(tasks):
+        firsts = answer_first_tokens(tokenizer, t, separator=separator)
+        coll = _first_token_collisions(tokenizer, t, separator)
+        rows.append(dict(task=t.name, family=t.family, n_answers=len(firsts),
+                         single_token=sum(len(v) == 1 for v in firsts.values()) / max(1, len(firsts)),
+                         colliding=sum(len(g) for _, g in coll), collisions=coll))
+    return rows
+
+
+def _warn_collisions(tokenizer: Any, task: Any, separator: str) -> None:
+    coll = _first_token_collisions(tokenizer, task, separator)
+    if not coll:
+        return
+    n = sum(len(g) for _, g in coll)
+    shown = "; ".join(f"{tok!r}: {', '.join(g[:4])}{', ...' if len(g) > 4 else ''}" for tok, g in coll[:4])
+    warnings.warn(
+        f"task {task.name!r}: {n} of its {len({y for _, y in task.pairs})} answers share their first token with "
+        f"another answer on this tokenizer ({shown}{'; ...' if len(coll) > 4 else ''}), so first-token accuracy "
+        "credits a wrong answer that starts like the right one; IclAccuracy.full_answer (every answer token) does not",
+        TokenCollisionWarning,
+        stacklevel=3,
+    )
+
+
+class TokenCollisionWarning(UserWarning):
+    """Answers of a task share their first token on the model's tokenizer (first-token accuracy is lenient)."""
 
 
 def icl_prompts(
@@ -467,14 +878,17 @@ def icl_prompts(
 
     Args:
         model: a TransformerLens model (its ``tokenizer``, ``cfg.n_ctx`` and
-            ``cfg.default_prepend_bos`` are used) or a bare Hugging Face tokenizer.
+            ``cfg.default_prepend_bos`` are used) or a bare Hugging Face (fast) tokenizer.
         task: a :class:`tvlens.Task` or a task name (see ``tvlens.list_tasks()``).
         n_prompts: number of prompts; may be omitted when ``queries`` is given.
         n_shots: demonstrations per prompt, drawn from the train split; 0 gives zero-shot prompts.
         seed: seeds every random draw (queries, demos, dummy, label shuffle).
         separator: between input and output, written with one space on each side (``"x → y"``);
-            must be a single token as ``" " + separator``.
-        example_sep: between demonstrations and before the query (default newline); one token.
+            must be one token of its own in the prompt.
+        example_sep: between demonstrations and before the query (default newline). Its tokens
+            (one or more: GPT-2 writes ``"\\n\\n"`` before a word as two) must be its own, not merged
+            with the output before or the input after it — checked in context, where SentencePiece
+            encodes ``"\\n"`` as one token although alone it gives two.
         queries: explicit queries (inputs of the task, or ``(input, output)`` pairs) instead of
             drawing them from ``split``.
         dummy_query: Hendel et al. 2023 (§3.1): the query in the prompt is replaced by another
@@ -490,9 +904,10 @@ def icl_prompts(
 
     Returns:
         A left-padded :class:`PromptBatch` (CPU tensors); the final separator is position -1.
+        Warns (:class:`TokenCollisionWarning`) when answers of the task share a first token.
 
     Raises:
-        KeyError / ValueError / TypeError before any tokenization, with the fix in the message.
+        KeyError / ValueError / TypeError before any forward, with the fix in the message.
     """
     # ---- argument checks (cheap, before touching the tokenizer) --------------------------------
     n_shots = _check_int("n_shots", n_shots, minimum=0)
@@ -506,18 +921,7 @@ def icl_prompts(
         raise ValueError(f"instruction must be False, True or 'only', got {instruction!r}")
     if prepend_bos is not None and not isinstance(prepend_bos, bool):
         raise TypeError(f"prepend_bos must be None, True or False, got {prepend_bos!r}")
-    if not isinstance(separator, str) or not isinstance(example_sep, str):
-        raise TypeError("separator and example_sep must be strings, e.g. separator='→', example_sep='\\n'")
-    if not separator or separator != separator.strip() or "\n" in separator:
-        raise ValueError(
-            f"separator {separator!r} must be non-empty, without newlines or surrounding spaces: the prompt writes "
-            "one space on each side of it ('x → y'); pass e.g. separator='→' or separator=':'"
-        )
-    if not example_sep or example_sep != example_sep.rstrip(" \t"):
-        raise ValueError(
-            f"example_sep {example_sep!r} must be non-empty and must not end with a space (a space before the next "
-            "input is tokenized with that input); pass e.g. example_sep='\\n'"
-        )
+    _check_separators(separator, example_sep)
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
     if instruction == "only" and n_shots != 0:
@@ -533,29 +937,30 @@ def icl_prompts(
         raise ValueError(f"the instruction of task {task.name!r} contains a newline; keep it to one line")
 
     # ---- queries -----------------------------------------------------------------------------
+    accepted = _accepted_of(task)
     if queries is not None:
-        qpairs = _normalise_queries(task, queries)
-        if n_prompts is not None and n_prompts != len(qpairs):
-            raise ValueError(f"n_prompts={n_prompts} but {len(qpairs)} queries were given: leave n_prompts out or make them agree")
-        n_prompts = len(qpairs)
+        qrows = _normalise_queries(task, queries)
+        if n_prompts is not None and n_prompts != len(qrows):
+            raise ValueError(f"n_prompts={n_prompts} but {len(qrows)} queries were given: leave n_prompts out or make them agree")
+        n_prompts = len(qrows)
     else:
         if n_prompts is None:
             raise TypeError("icl_prompts needs n_prompts (or explicit queries=[...])")
-        qsplit = list(task.split(split))
+        qsplit = _dedupe(task.split(split))
         if not qsplit:
             raise ValueError(f"the {split!r} split of task {task.name!r} is empty: use another split= or a task with more pairs")
         rng_q = np.random.default_rng([seed, 0])
         order: list[int] = []
         while len(order) < n_prompts:  # cycle through permutations: every query used equally often (+-1)
             order.extend(rng_q.permutation(len(qsplit)).tolist())
-        qpairs = [qsplit[k] for k in order[:n_prompts]]
+        qrows = [(qsplit[k][0], accepted[qsplit[k][0]]) for k in order[:n_prompts]]
 
     # ---- demonstration pools -----------------------------------------------------------------
     train = _dedupe(task.split("train"))
     need = n_shots + (1 if dummy_query else 0)
     if need:
         train_inputs = {x for x, _ in train}
-        smallest = len(train) - (1 if any(q in train_inputs for q, _ in qpairs) else 0)
+        smallest = len(train) - (1 if any(q in train_inputs for q, _ in qrows) else 0)
         if smallest < need:
             extra = " (+1 for the dummy query)" if dummy_query else ""
             fit = max(0, smallest - (1 if dummy_query else 0))
@@ -563,53 +968,43 @@ def icl_prompts(
                 f"task {task.name!r} has {len(train)} distinct inputs in its train split ({smallest} once the query is "
                 f"excluded) but n_shots={n_shots}{extra} needs {need}: use n_shots <= {fit} or a task with more pairs"
             )
-    _check_pair_text(task.name, [*qpairs, *train], separator, example_sep)
+    used_pairs = [(q, a) for q, acc in qrows for a in acc] + (list(train) if need else [])
+    _check_pair_text(task.name, used_pairs, separator, example_sep)
 
     rows: list[dict[str, Any]] = []
-    for i, (q, a) in enumerate(qpairs):
+    for i, (q, acc) in enumerate(qrows):
         demos: list[Pair] = []
-        real = (q, a)
-        shown = (q, a)
+        real = (q, acc)
+        shown = (q, acc)
         if need:
             pool = [p for p in train if p[0] != q]
             perm = np.random.default_rng([seed, 1, i]).permutation(len(pool))
             demos = [pool[k] for k in perm[:n_shots]]
             if dummy_query:
-                shown = pool[perm[-1]]
+                d = pool[perm[-1]][0]
+                shown = (d, accepted.get(d, (pool[perm[-1]][1],)))
         if shuffle_labels and len(demos) >= 2:
             outs = _derange([y for _, y in demos], np.random.default_rng([seed, 2, i]))
             demos = [(x, y) for (x, _), y in zip(demos, outs)]
         rows.append(dict(demos=demos, query=shown, real=real))
 
-    # ---- segments ----------------------------------------------------------------------------
-    sep_piece = " " + separator
-    segs_per_row: list[list[tuple[str, TokenClass]]] = []
+    # ---- the text of each prompt, and where its parts are ------------------------------------
+    layouts = []
     for r in rows:
-        segs: list[tuple[str, TokenClass]] = []
+        lay = _Layout()
         if instr_text is not None:
-            segs += [(instr_text, TokenClass.INSTRUCTION), ("\n", TokenClass.INSTRUCTION)]
-        for x, y in r["demos"]:
-            segs += [(x, TokenClass.DEMO_INPUT), (sep_piece, TokenClass.DEMO_SEP), (" " + y, TokenClass.DEMO_OUTPUT),
-                     (example_sep, TokenClass.DEMO_NEWLINE)]
-        segs += [(r["query"][0], TokenClass.QUERY_INPUT), (sep_piece, TokenClass.FINAL_SEP)]
-        segs_per_row.append(segs)
-
-    used = {s for segs in segs_per_row for s, _ in segs} | {" " + r[k][1] for r in rows for k in ("query", "real")}
-    enc = _encode_all(tokenizer, [*used, sep_piece, example_sep])
-    _check_single_token(tokenizer, enc, "separator", separator, sep_piece)
-    if n_shots:
-        _check_single_token(tokenizer, enc, "example_sep", example_sep, example_sep)
-    empty = sorted(s for s in used if not enc[s])
-    if empty:
-        raise ValueError(f"these prompt segments tokenize to nothing: {empty[:5]!r}; clean the task data")
-    unk = getattr(tokenizer, "unk_token_id", None)
-    if unk is not None and unk not in (getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        missing = sorted({s.strip() for s in used if unk in enc[s]})
-        if missing:
-            raise ValueError(
-                f"{len(missing)} words of task {task.name!r} are not in this tokenizer's vocabulary (they would become "
-                f"{tokenizer.unk_token!r}): {missing[:8]!r}; use a model whose tokenizer covers the task or drop those pairs"
-            )
+            lay.add(instr_text + "\n", TokenClass.INSTRUCTION)  # its newline may merge with its last word
+        for k, (x, y) in enumerate(r["demos"]):
+            lay.add(x, TokenClass.DEMO_INPUT, k)
+            lay.add(" ")
+            lay.add(separator, TokenClass.DEMO_SEP, k)
+            lay.add(" ")
+            lay.add(y, TokenClass.DEMO_OUTPUT, k)
+            lay.add(example_sep, TokenClass.DEMO_NEWLINE, k)
+        lay.add(r["query"][0], TokenClass.QUERY_INPUT)
+        lay.add(" ")
+        lay.add(separator, TokenClass.FINAL_SEP)
+        layouts.append(lay)
 
     bos_id = getattr(tokenizer, "bos_token_id", None)
     if prepend_bos is None:
@@ -617,67 +1012,157 @@ def icl_prompts(
         prepend_bos = bool(getattr(cfg, "default_prepend_bos", True)) if cfg is not None else True
     use_bos = bool(prepend_bos) and bos_id is not None
 
-    # ---- context length ----------------------------------------------------------------------
-    n_ctx = _n_ctx_of(model, tokenizer)
-    lengths = [int(use_bos) + sum(len(enc[s]) for s, _ in segs) for segs in segs_per_row]
-    if n_ctx is not None and max(lengths) > n_ctx:
-        fits = []
-        for segs in segs_per_row:
-            fixed = int(use_bos) + sum(len(enc[s]) for s, c in segs if c not in _DEMO_CLASSES)
-            start = 2 if instr_text is not None else 0  # demos are 4 segments each, before query + separator
-            demo_lens = [sum(len(enc[p]) for p, _ in segs[k:k + 4]) for k in range(start, len(segs) - 2, 4)]
-            k, total = 0, fixed
-            while k < len(demo_lens) and total + demo_lens[k] <= n_ctx:
-                total += demo_lens[k]
-                k += 1
-            fits.append(k if fixed <= n_ctx else -1)
-        k_fit = min(fits)
-        how = (
-            f"at most {k_fit} shots fit for these prompts: use n_shots <= {k_fit}"
-            if k_fit >= 0
-            else "even the prompt without demonstrations is too long: shorten the instruction or the query"
-        )
-        raise ValueError(
-            f"the longest prompt is {max(lengths)} tokens but the model's context is n_ctx={n_ctx}; {how}"
-        )
-
-    # ---- tensors -----------------------------------------------------------------------------
-    width = max(lengths)
-    pad = _pad_id(tokenizer)
-    tokens = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    classes = torch.full((len(rows), width), int(TokenClass.PAD), dtype=torch.long)
-    for b, segs in enumerate(segs_per_row):
-        ids: list[int] = [int(bos_id)] if use_bos else []
-        cls: list[int] = [int(TokenClass.BOS)] if use_bos else []
-        for s, c in segs:
-            ids.extend(enc[s])
-            cls.extend([int(c)] * len(enc[s]))
-        n = len(ids)
-        tokens[b, width - n:] = torch.tensor(ids, dtype=torch.long)
-        classes[b, width - n:] = torch.tensor(cls, dtype=torch.long)
-        mask[b, width - n:] = 1
-
-    answer_tokens = tuple(enc[" " + r["query"][1]] for r in rows)
+    built = _build(
+        tokenizer, layouts, [r["query"][1] for r in rows], names=f"task {task.name!r}", separator=separator,
+        example_sep=example_sep, use_bos=use_bos, n_ctx=_n_ctx_of(model, tokenizer),
+        real=[r["real"] for r in rows] if dummy_query else None,
+    )
+    _warn_collisions(tokenizer, task, separator)
+    acc_tokens = built["answer_tokens"]
+    real_acc = built["real_tokens"] if dummy_query else acc_tokens
     options = dict(separator=separator, example_sep=example_sep, split=split, dummy_query=bool(dummy_query),
-                   shuffle_labels=bool(shuffle_labels), instruction=instruction, prepend_bos=use_bos, pad_token_id=pad)
+                   shuffle_labels=bool(shuffle_labels), instruction=instruction, prepend_bos=use_bos,
+                   pad_token_id=built["pad"])
     return PromptBatch(
-        tokens=tokens,
-        attention_mask=mask,
-        token_class=classes,
-        answer_ids=torch.tensor([t[0] for t in answer_tokens], dtype=torch.long),
-        answer_tokens=answer_tokens,
+        tokens=built["tokens"],
+        attention_mask=built["mask"],
+        token_class=built["classes"],
+        answer_ids=torch.tensor([t[0][0] for t in acc_tokens], dtype=torch.long),
+        answer_tokens=tuple(t[0] for t in acc_tokens),
         queries=tuple(r["query"][0] for r in rows),
-        answers=tuple(r["query"][1] for r in rows),
-        texts=tuple("".join(s for s, _ in segs) for segs in segs_per_row),
+        answers=tuple(r["query"][1][0] for r in rows),
+        texts=tuple(lay.text for lay in layouts),
         task=str(task.name),
         n_shots=n_shots,
         seed=seed,
         options=options,
         demos=tuple(tuple(r["demos"]) for r in rows),
         real_queries=tuple(r["real"][0] for r in rows),
-        real_answers=tuple(r["real"][1] for r in rows),
-        real_answer_tokens=tuple(enc[" " + r["real"][1]] for r in rows),
+        real_answers=tuple(r["real"][1][0] for r in rows),
+        real_answer_tokens=tuple(t[0] for t in real_acc),
+        other_answers=tuple(tuple(r["query"][1][1:]) for r in rows),
+        other_answer_tokens=tuple(tuple(t[1:]) for t in acc_tokens),
+    )
+
+
+def _check_separators(separator: Any, example_sep: Any) -> None:
+    if not isinstance(separator, str) or not isinstance(example_sep, str):
+        raise TypeError("separator and example_sep must be strings, e.g. separator='→', example_sep='\\n'")
+    if not separator or separator != separator.strip() or "\n" in separator:
+        raise ValueError(
+            f"separator {separator!r} must be non-empty, without newlines or surrounding spaces: the prompt writes "
+            "one space on each side of it ('x → y'); pass e.g. separator='→' or separator=':'"
+        )
+    if not example_sep or example_sep != example_sep.rstrip(" \t"):
+        raise ValueError(
+            f"example_sep {example_sep!r} must be non-empty and must not end with a space (a space before the next "
+            "input is tokenized with that input); pass e.g. example_sep='\\n'"
+        )
+
+
+def prompts_from_text(
+    model: Any,
+    texts: Sequence[str] | str,
+    answers: Sequence[str | Sequence[str]] | str,
+    *,
+    separator: str = "→",
+    example_sep: str = "\n",
+    task: str = "custom",
+    prepend_bos: bool | None = None,
+) -> PromptBatch:
+    """A :class:`PromptBatch` from a researcher's own prompt strings, without writing a :class:`~tvlens.Task`.
+
+    >>> batch = prompts_from_text(model, ["France → Paris\\nJapan →", "Italy → Rome\\nSpain →"], ["Tokyo", "Madrid"])
+
+    Each text is demonstrations ``"x → y"`` joined by ``example_sep``, then the query and the
+    ``separator`` it ends with; it is tokenized exactly as written (whole text), and its token
+    classes come from the same parse as :func:`icl_prompts`'s, so every tvlens analysis takes the
+    batch. ``answers[i]`` is the answer of text ``i``, or a list of accepted answers (the first
+    is the one metrics score; accuracy counts any).
+    """
+    if isinstance(texts, str):
+        texts = [texts]
+    if isinstance(answers, str):
+        answers = [answers]
+    texts, answers = list(texts), list(answers)
+    if not texts:
+        raise ValueError("texts is empty: pass at least one prompt string, e.g. ['France → Paris\\nJapan →']")
+    if len(answers) != len(texts):
+        raise ValueError(f"{len(texts)} texts but {len(answers)} answers: give one answer (or a list of accepted answers) per text")
+    _check_separators(separator, example_sep)
+    tokenizer = _tokenizer_of(model)
+    accs: list[tuple[str, ...]] = []
+    for i, a in enumerate(answers):
+        acc = (a,) if isinstance(a, str) else tuple(a)
+        if not acc or not all(isinstance(s, str) and s.strip() for s in acc):
+            raise ValueError(f"answer {i} is {a!r}; give a non-empty string or a list of them")
+        accs.append(tuple(s.strip() for s in acc))
+    layouts, demos, queries = [], [], []
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"text {i} is a {type(text).__name__}; pass strings")
+        body = text.rstrip(" ")
+        if not body.endswith(separator):
+            raise ValueError(f"text {i} {text!r} does not end with the separator {separator!r}; end it with the query and "
+                             f"the separator ('Japan {separator}'), or pass separator=...")
+        lines = body.split(example_sep)
+        lay = _Layout()
+        shown = []
+        for k, line in enumerate(lines):
+            last = k == len(lines) - 1
+            cut = line.rfind(separator) if last else line.find(separator)
+            x_raw = line[:max(cut, 0)]
+            x = x_raw.strip()
+            if cut < 0 or not x or (not last and not line[cut + len(separator):].strip()):
+                raise ValueError(f"text {i}, line {k + 1} ({line!r}) is not 'input {separator} output'; write each "
+                                 f"demonstration as 'x {separator} y', joined by example_sep={example_sep!r}, and end "
+                                 f"with the query and the separator ('Japan {separator}')")
+            lead = x_raw[: len(x_raw) - len(x_raw.lstrip())]
+            lay.add(lead)
+            lay.add(x, TokenClass.QUERY_INPUT if last else TokenClass.DEMO_INPUT, -1 if last else k)
+            lay.add(x_raw[len(lead) + len(x):])
+            lay.add(separator, TokenClass.FINAL_SEP if last else TokenClass.DEMO_SEP, -1 if last else k)
+            if last:
+                queries.append(x)
+                break
+            rest = line[cut + len(separator):]
+            y = rest.strip()
+            ylead = rest[: len(rest) - len(rest.lstrip())]
+            lay.add(ylead)
+            lay.add(y, TokenClass.DEMO_OUTPUT, k)
+            lay.add(rest[len(ylead) + len(y):])
+            lay.add(example_sep, TokenClass.DEMO_NEWLINE, k)
+            shown.append((x, y))
+        if lay.text != body:
+            raise ValueError(f"text {i} could not be parsed back exactly ({lay.text!r} != {body!r}); write demonstrations "
+                             f"as 'x {separator} y' joined by {example_sep!r}")
+        layouts.append(lay)
+        demos.append(tuple(shown))
+    if prepend_bos is None:
+        cfg = getattr(model, "cfg", None)
+        prepend_bos = bool(getattr(cfg, "default_prepend_bos", True)) if cfg is not None else True
+    use_bos = bool(prepend_bos) and getattr(tokenizer, "bos_token_id", None) is not None
+    n_shots = {len(d) for d in demos}
+    built = _build(tokenizer, layouts, accs, names="these texts", separator=separator, example_sep=example_sep,
+                   use_bos=use_bos, n_ctx=_n_ctx_of(model, tokenizer))
+    acc_tokens = built["answer_tokens"]
+    return PromptBatch(
+        tokens=built["tokens"],
+        attention_mask=built["mask"],
+        token_class=built["classes"],
+        answer_ids=torch.tensor([t[0][0] for t in acc_tokens], dtype=torch.long),
+        answer_tokens=tuple(t[0] for t in acc_tokens),
+        queries=tuple(queries),
+        answers=tuple(a[0] for a in accs),
+        texts=tuple(lay.text for lay in layouts),
+        task=str(task),
+        n_shots=n_shots.pop() if len(n_shots) == 1 else -1,
+        seed=0,
+        options=dict(separator=separator, example_sep=example_sep, split=None, dummy_query=False, shuffle_labels=False,
+                     instruction=False, prepend_bos=use_bos, pad_token_id=built["pad"], source="text"),
+        demos=tuple(demos),
+        other_answers=tuple(a[1:] for a in accs),
+        other_answer_tokens=tuple(tuple(t[1:]) for t in acc_tokens),
     )
 
 
@@ -693,8 +1178,9 @@ class IclAccuracy:
     """ICL accuracy of a model on a batch of prompts.
 
     ``first_token``: fraction of prompts whose argmax next token at the final separator is the
-    answer's first token. ``full_answer``: fraction whose greedy continuation reproduces every
-    token of the answer (equal to ``first_token`` when all answers are one token).
+    first token of an accepted answer. ``full_answer``: fraction whose greedy continuation
+    reproduces every token of an accepted answer (equal to ``first_token`` when all answers are one
+    token and no two share a first token).
     """
 
     first_token: float
@@ -724,13 +1210,22 @@ def _check_logits_last(logits_last: Tensor, batch: PromptBatch) -> None:
 
 
 def first_token_accuracy(logits_last: Float[Tensor, "batch d_vocab"], batch: PromptBatch) -> float:
-    """Fraction of rows whose argmax at the final separator is the answer's first token."""
+    """Fraction of rows whose argmax at the final separator is the first token of an accepted answer."""
     _check_logits_last(logits_last, batch)
-    return (logits_last.argmax(-1).cpu() == batch.answer_ids.cpu()).float().mean().item()
+    pred = logits_last.argmax(-1).cpu()
+    ok = pred == batch.answer_ids.cpu()
+    for r, alts in enumerate(batch.accepted_answer_tokens):
+        if len(alts) > 1 and not bool(ok[r]):
+            ok[r] = int(pred[r]) in {a[0] for a in alts}
+    return ok.float().mean().item()
 
 
 def answer_logprob(logits_last: Float[Tensor, "batch d_vocab"], batch: PromptBatch) -> Float[Tensor, " batch"]:
-    """Log-probability of the answer's first token at the final separator, per row (float32)."""
+    """Log-probability of the answer's first token at the final separator, per row (float32).
+
+    With several accepted answers this is the first listed one (``batch.answers``), as in the
+    patching metrics.
+    """
     _check_logits_last(logits_last, batch)
     logp = logits_last.float().log_softmax(-1)
     return logp.gather(-1, batch.answer_ids.to(logp.device)[:, None])[:, 0]
@@ -747,40 +1242,46 @@ def final_logits(model: Any, batch: PromptBatch, *, batch_size: int = 32) -> Flo
     return torch.cat(out)
 
 
-def _teacher_forced(chunk: PromptBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Prompt + answer[:-1] per row, left-padded; and for each answer token the position predicting it.
+def _teacher_forced(chunk: PromptBatch) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Prompt + answer[:-1] per (row, accepted answer), left-padded; and for each answer token the
+    position predicting it.
 
-    Returns tokens, mask, ``pred_pos`` [batch, max_len] and ``targets`` [batch, max_len] (-1 past an
-    answer's end).
+    Returns tokens, mask, ``pred_pos`` [n, max_len], ``targets`` [n, max_len] (-1 past an answer's
+    end) and ``row`` [n] (the prompt each line belongs to).
     """
-    lens = chunk.lengths.tolist()
-    ans = chunk.answer_tokens
+    lens_r = chunk.lengths.tolist()
+    pairs = [(r, a) for r, alts in enumerate(chunk.accepted_answer_tokens) for a in alts]
+    lens = [lens_r[r] for r, _ in pairs]
+    ans = [a for _, a in pairs]
+    src = [r for r, _ in pairs]
     m = max(len(a) for a in ans)
     width = max(n + len(a) - 1 for n, a in zip(lens, ans))
-    b = len(chunk)
+    b = len(pairs)
     tokens = torch.full((b, width), int(chunk.options.get("pad_token_id", 0)), dtype=torch.long)
     mask = torch.zeros((b, width), dtype=torch.long)
     pred_pos = torch.zeros((b, m), dtype=torch.long)
     targets = torch.full((b, m), -1, dtype=torch.long)
     pw = chunk.tokens.shape[1]
     for r, (n, a) in enumerate(zip(lens, ans)):
-        seq = chunk.tokens[r, pw - n:].tolist() + list(a[:-1])
+        seq = chunk.tokens[src[r], pw - n:].tolist() + list(a[:-1])
         tokens[r, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
         mask[r, width - len(seq):] = 1
         end = width - len(a)  # position of the final separator
         pred_pos[r, : len(a)] = torch.arange(end, end + len(a))
         targets[r, : len(a)] = torch.tensor(a, dtype=torch.long)
-    return tokens, mask, pred_pos, targets
+    return tokens, mask, pred_pos, targets, torch.tensor(src, dtype=torch.long)
 
 
 def _evaluate_chunk(model: Any, chunk: PromptBatch) -> tuple[Tensor, Tensor]:
     chunk = chunk.trimmed()
-    tokens, mask, pred_pos, targets = _teacher_forced(chunk)
+    tokens, mask, pred_pos, targets, src = _teacher_forced(chunk)
     logits = _forward(model, tokens, mask)
-    rows = torch.arange(len(chunk))[:, None]
-    pred = logits[rows.to(logits.device), pred_pos.to(logits.device)].argmax(-1).cpu()  # [batch, max_len]
+    rows = torch.arange(len(src))[:, None]
+    pred = logits[rows.to(logits.device), pred_pos.to(logits.device)].argmax(-1).cpu()  # [lines, max_len]
     ok = (pred == targets) | (targets < 0)
-    return ok[:, 0], ok.all(-1)
+    first = torch.zeros(len(chunk), dtype=torch.long).index_add_(0, src, ok[:, 0].long()) > 0  # any accepted answer
+    full = torch.zeros(len(chunk), dtype=torch.long).index_add_(0, src, ok.all(-1).long()) > 0
+    return first, full
 
 
 def full_answer_match(model: Any, batch: PromptBatch, *, batch_size: int = 32) -> Bool[Tensor, " batch"]:
@@ -797,8 +1298,8 @@ def full_answer_match(model: Any, batch: PromptBatch, *, batch_size: int = 32) -
 def evaluate_prompts(model: Any, batch: PromptBatch, *, batch_size: int = 32) -> IclAccuracy:
     """First-token and full-answer accuracy of ``model`` on ``batch`` (batched, left-padded, no grad).
 
-    The answers compared against are ``batch.answer_tokens`` (the query in the prompt; for a
-    dummy-query batch that is the dummy's answer).
+    The answers compared against are ``batch.accepted_answer_tokens`` (those of the query in the
+    prompt; for a dummy-query batch the dummy's): a prompt counts when any accepted answer matches.
     """
     if not isinstance(batch, PromptBatch):
         raise TypeError(f"batch must be a PromptBatch (from tvlens.icl_prompts), got {type(batch).__name__}")
