@@ -256,3 +256,19 @@ def test_bidirectional_edits_must_recompute_everything(tiny_bert):
         runner.logits([Edit(0, "z", value=torch.zeros(4, 8))], 1)  # start_pos=-1: the final position only
     with pytest.raises(ValueError, match=r"query_positions must lie in 0..9"):
         PatchRunner(tiny_bert, _canvas_like([3, 10]))
+
+
+def test_one_word_for_the_last_position(tiny_llama, batch):
+    """'final', 'separator' and 'last' name the same position in patching, statistics and the lens."""
+    means = _means(tiny_llama, 7)
+    a = tvlens.patch_heads(tiny_llama, batch, means, positions="final", metric="logprob", progress=False)
+    b = tvlens.patch_heads(tiny_llama, batch, means, positions="separator", metric="logprob", progress=False)
+    assert torch.equal(a.values, b.values)
+    s1 = tvlens.head_means(tiny_llama, [TASK, "country_capital"], n_prompts=3, n_shots=1, positions="final")
+    s2 = tvlens.head_means(tiny_llama, [TASK, "country_capital"], n_prompts=3, n_shots=1, positions="separator")
+    assert torch.equal(s1.z_mean, s2.z_mean)
+    l1 = tvlens.logit_lens(tiny_llama, batch, position="final")
+    l2 = tvlens.logit_lens(tiny_llama, batch, position="separator")
+    assert torch.equal(l1.answer_rank, l2.answer_rank)
+    with pytest.raises(ValueError, match="final position"):
+        tvlens.reinforce_select(tiny_llama, [TASK, "country_capital"], positions="all", steps=1, progress=False)

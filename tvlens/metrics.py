@@ -15,9 +15,12 @@ from torch import Tensor
 
 from .engine.batch import EngineBatch
 
-__all__ = ["METRICS", "MetricFn", "resolve_metric", "metric_name", "check_metric_output", "answer_metric"]
+__all__ = ["FINAL_POSITION", "METRICS", "MetricFn", "resolve_metric", "metric_name", "check_metric_output", "answer_metric"]
 
 #: Built-in metrics of the final-position logits (per prompt, higher = more of the answer).
+#: the words for "the last position" (the final separator of a text ICL prompt), accepted everywhere
+FINAL_POSITION = ("final", "separator", "last")
+
 METRICS = ("logit_diff", "prob", "logprob", "accuracy")
 
 

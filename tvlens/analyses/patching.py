@@ -37,7 +37,7 @@ from ..engine.plan import rows_per_run
 from ..engine.readout import capture_acts
 from ..engine.runner import PatchRunner
 from ..engine.sites import Edit, unit_shape
-from ..metrics import METRICS, MetricFn, metric_name, resolve_metric
+from ..metrics import FINAL_POSITION, METRICS, MetricFn, metric_name, resolve_metric
 from ..hooks import act_name
 from ..results import tensor_digest as _digest
 
@@ -218,6 +218,11 @@ class PatchResult:
 
 # ----------------------------------------------------------------------------------------------
 # sweeps
+
+
+def _final_alias(positions: Any) -> Any:
+    """One word for the last position across tvlens: "separator" and "last" mean "final" here too."""
+    return "final" if positions in FINAL_POSITION else positions
 
 
 def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
@@ -404,6 +409,7 @@ def patch_heads(
     _check_choice("component", component, ("z", "q", "k", "v"))
     if not (isinstance(metric, str) or callable(metric)):
         raise TypeError(f"metric must be a name or a function, got {type(metric).__name__}")
+    positions = _final_alias(positions)
     if isinstance(metric, str):
         _check_choice("metric", metric, METRICS)
     n_units = info.n_kv_heads if component in ("k", "v") else info.n_heads
@@ -657,6 +663,7 @@ def attribution_patch_heads(
             def fn(act: Tensor, hook: Any = None) -> Tensor:
                 leaf = torch.zeros_like(act, requires_grad=True)
                 leaves[layer], acts[layer] = leaf, act.detach()
+    positions = _final_alias(positions)
                 return act + leaf
             return fn
 

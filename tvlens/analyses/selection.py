@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from ..tasks import task_name as _task_name
 from ..engine.plan import merge_batches
-from ..metrics import answer_metric
+from ..metrics import FINAL_POSITION, answer_metric
 from ..results import LayerHeadGrid
 from ..results import tensor_digest as _tensor_digest
 import hashlib
@@ -709,9 +709,9 @@ def reinforce_select(
         raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
     if metric not in REWARDS:
         raise ValueError(f"metric must be one of {REWARDS}, got {metric!r}")
-    if positions != "separator":
-        raise ValueError(f"positions={positions!r} is not supported: selection patches the final separator only; "
-                         "use positions='separator'")
+    if positions not in FINAL_POSITION:
+        raise ValueError(f"positions={positions!r} is not supported: selection patches the final position (the "
+                         "separator) only; use positions='final'")
     if patience is not None:
         patience = _check_int("patience", patience, 1)
     if reward_fn is not None and not callable(reward_fn):
