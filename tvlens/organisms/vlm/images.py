@@ -306,7 +306,8 @@ def domain_of_task(task: str) -> str:
 def render(domain: str, item: str, variant: int = 0) -> UInt8[np.ndarray, "16 16 3"]:
     """The picture of ``item`` in ``domain``: a ``16×16×3`` ``uint8`` RGB array (height, width, channel).
 
-    ``variant=0`` is the canonical picture; ``variant=v>0`` adds seeded per-channel gain (±10%) and
+    Country names match in any capitalisation; letters are case-sensitive (``a`` and ``A`` are two
+    glyphs). ``variant=0`` is the canonical picture; ``variant=v>0`` adds seeded per-channel gain (±10%) and
     pixel noise (σ = 6 grey levels) drawn from ``(domain, item, v)`` only, so held-out prompts can use
     renderings no training step saw (Luo et al. 2024, §4: queries are held-out images).
 
@@ -314,7 +315,7 @@ def render(domain: str, item: str, variant: int = 0) -> UInt8[np.ndarray, "16 16
         ValueError: unknown domain or item, or a negative / non-integer variant.
     """
     _check_domain(domain)
-    if item not in domain_items(domain):
+    if not _is_item(domain, item):
         near = [x for x in domain_items(domain) if x.lower().startswith(item[:1].lower())][:8]
         raise ValueError(f"{item!r} is not an item of domain {domain!r}; items starting alike: {near}")
     if isinstance(variant, bool) or not isinstance(variant, (int, np.integer)) or variant < 0:
@@ -358,6 +359,17 @@ def check_image(image: np.ndarray, what: str = "image") -> UInt8[np.ndarray, "16
     if image.dtype != np.uint8:
         raise ValueError(f"{what} must be uint8 in 0–255, got dtype {image.dtype}")
     return image
+
+
+def _is_item(domain: str, item: str) -> bool:
+    if domain == "flag":  # country names in any capitalisation ("France", "france")
+        return isinstance(item, str) and item.casefold() in _casefolded("flag")
+    return item in domain_items(domain)
+
+
+@lru_cache(maxsize=None)
+def _casefolded(domain: str) -> frozenset[str]:
+    return frozenset(x.casefold() for x in domain_items(domain))
 
 
 @lru_cache(maxsize=None)

@@ -82,6 +82,8 @@ class TrainConfig:
     eval_every: int = 250
     eval_queries: int = 8
     minutes: float | None = None
+    #: stop after this many steps (to check reproducibility against a logged run); None = run all
+    stop_after: int | None = None
     tasks: tuple[str, ...] = field(default_factory=lambda: tuple(t for ts in DOMAIN_TASKS.values() for t in ts))
 
 
@@ -283,7 +285,7 @@ def train(cfg: TrainConfig, out: str | Path, verbose: bool = True) -> dict[str, 
     stopped_early = False
     window: dict[str, float] = {"lm": 0.0, "tvp": 0.0, "n": 0}
     for step in range(total):
-        if cfg.minutes is not None and time.time() - t0 > 60 * cfg.minutes:
+        if (cfg.minutes is not None and time.time() - t0 > 60 * cfg.minutes) or (cfg.stop_after is not None and step >= cfg.stop_after):
             stopped_early = True
             break
         model.train()
@@ -362,6 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("lr", "tvp_weight", "p_naming", "p_instruction"):
         ap.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     ap.add_argument("--minutes", type=float, default=None, help="safety cap on wall time (a capped run is not reproducible)")
+    ap.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (reproducibility checks)")
     args = ap.parse_args(argv)
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k != "out"})
     print("uptime at start:", _uptime(), flush=True)
