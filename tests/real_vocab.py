@@ -85,3 +85,18 @@ def build_tiny(name: str, out: Path, root: Path, *, seed: int = 0) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+_SESSION: dict[str, object] = {}
+
+
+def session_models(tmp_path_factory) -> tuple[dict, dict, dict]:
+    """(tokenizers, checkpoint dirs, loaded models) of every vocabulary, built once per test process."""
+    if not _SESSION:
+        import tvlens
+
+        root = tmp_path_factory.mktemp("vocabularies")
+        toks = {n: load_tokenizer(n, root / "tok") for n in VOCABULARIES}
+        dirs = {n: build_tiny(n, root / "models" / n, root / "tok") for n in VOCABULARIES}
+        _SESSION.update(tokenizers=toks, dirs=dirs, models={n: tvlens.load_model(d, device="cpu") for n, d in dirs.items()})
+    return _SESSION["tokenizers"], _SESSION["dirs"], _SESSION["models"]  # type: ignore[return-value]

@@ -150,3 +150,106 @@ def test_check_layer_and_head(tiny_gpt2):
         check_layer(tiny_gpt2, 2)
     with pytest.raises(ValueError, match="0..3"):
         check_head(tiny_gpt2, 4)
+
+
+# ----------------------------------------------------------------------------------------------
+# names users type, bridges without compatibility mode, and nothing ever installed
+
+
+def test_transformer_lens_aliases_resolve_to_hub_names(monkeypatch):
+    from transformer_lens.supported_models import MODEL_ALIASES
+
+    from tvlens.models import resolve_alias
+
+    assert resolve_alias("gpt2-small") == "gpt2" and resolve_alias("pythia-70m") == "EleutherAI/pythia-70m"
+    assert resolve_alias("GPT2-Small") == "gpt2"  # TransformerLens's table is case-insensitive
+    assert resolve_alias("my-own/repo") == "my-own/repo"
+    # every alias of TransformerLens's own table, not a hand-written copy
+    official, aliases = next((o, a) for o, a in MODEL_ALIASES.items() if a)
+    assert all(resolve_alias(a) == official for a in aliases)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match=r"cannot load 'gpt2-small' \(TransformerLens's alias of the hub model 'gpt2'\): "
+                                         r"it is not a local directory.*hub is not reachable"):
+        tvlens.load_model("gpt2-small")
+
+
+def test_bridge_without_compatibility_mode_is_refused(tiny_dirs):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    raw = TransformerBridge.boot_transformers(str(tiny_dirs["gpt2"]), device="cpu")
+    with pytest.raises(ValueError, match=r"loaded without compatibility mode.*model\.enable_compatibility_mode\("
+                                         r"no_processing=True\)"):
+        ModelInfo.of(raw)
+    for call in (lambda: tvlens.icl_prompts(raw, "antonym", n_prompts=1, n_shots=1),
+                 lambda: tvlens.evaluate_icl(raw, "antonym", 1, n_prompts=1),
+                 lambda: tvlens.generate(raw, ["a →"], max_new_tokens=1)):
+        with pytest.raises(ValueError, match="without compatibility mode"):
+            call()
+    raw.enable_compatibility_mode(no_processing=True)
+    assert ModelInfo.of(raw).n_layers == 2
+
+
+def _distributions() -> set[tuple[str, str, str]]:
+    import importlib.metadata as md
+
+    return {(d.metadata["Name"], d.version, str(getattr(d, "_path", ""))) for d in md.distributions()}
+
+
+def test_load_model_never_installs_packages(tmp_path, monkeypatch):
+    """A multimodal checkpoint whose processor cannot load makes TransformerLens run `pip install torchvision`;
+    load_model blocks it, names what is missing, and leaves the environment's packages as they were."""
+    import subprocess
+
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from tvlens.organisms.text.tokenizer import build_tokenizer
+
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # belt and braces: even an unblocked pip could fetch nothing
+    torch.manual_seed(0)
+    text = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                       num_key_value_heads=1, max_position_embeddings=64)
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=16, patch_size=8, projection_dim=16)
+    LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_index=63)).save_pretrained(tmp_path)
+    build_tokenizer(["a b c"]).save_pretrained(tmp_path)  # no processor files: AutoProcessor fails
+
+    started: list = []
+
+    class Spy(subprocess.Popen):  # records any command that gets past tvlens's guard, and runs nothing
+        def __init__(self, args, *a, **kw):
+            started.append(args)
+            raise OSError("no subprocess may start in this test")
+
+    monkeypatch.setattr(subprocess, "Popen", Spy)
+    before = _distributions()
+    try:
+        import torchvision  # noqa: F401
+
+        pytest.skip("torchvision is installed here, so TransformerLens has nothing to install")
+    except ImportError:
+        pass
+    with pytest.raises(ImportError, match=r"its processor did not load \(AutoProcessor.from_pretrained failed: .*\), and "
+                                          r"TransformerLens then tried to install packages \(pip install torchvision\); "
+                                          r"tvlens blocks every install.*Missing here: torchvision.*require_processor=False"):
+        tvlens.load_model(tmp_path, device="cpu")
+    assert started == [] and _distributions() == before
+    assert subprocess.Popen is Spy  # the guard put back what it found
+    model = tvlens.load_model(tmp_path, device="cpu", require_processor=False)
+    assert getattr(model, "processor", None) is None and _distributions() == before and started == []
+
+
+def test_install_guard_blocks_installer_subprocesses():
+    import os
+    import subprocess
+
+    from tvlens.models import InstallBlocked, _no_installs
+
+    attempts: list[str] = []
+    with _no_installs(attempts):
+        for cmd in (["uv", "pip", "install", "torchvision", "-q"], ["/usr/bin/python3", "-m", "pip", "install", "x"]):
+            with pytest.raises(InstallBlocked, match="blocked a package install"):
+                subprocess.check_call(cmd)
+        with pytest.raises(InstallBlocked):
+            os.system("pip install torchvision")
+        assert subprocess.run(["true"]).returncode == 0  # other commands run
+    assert len(attempts) == 3 and subprocess.Popen.__name__ == "Popen" and os.system.__name__ == "system"

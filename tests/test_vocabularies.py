@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ import tvlens
 from tvlens.cli import main
 from tvlens.inputs.text import TokenClass, TokenCollisionWarning, answer_token_stats, icl_prompts
 
-from real_vocab import DATA, SPACE_MARK, VOCABULARIES, build_tiny, load_tokenizer
+from real_vocab import DATA, SPACE_MARK, VOCABULARIES, session_models
 
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="tests/data/tokenizers (the real vocabularies) is absent")
 
@@ -33,23 +32,18 @@ VARIANTS = (dict(n_shots=3), dict(n_shots=2, instruction=True), dict(n_shots=0, 
 
 
 @pytest.fixture(scope="session")
-def vocab_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("vocabularies")
+def tokenizers(tmp_path_factory):
+    return session_models(tmp_path_factory)[0]
 
 
 @pytest.fixture(scope="session")
-def tokenizers(vocab_root):
-    return {n: load_tokenizer(n, vocab_root / "tok") for n in NAMES}
+def vocab_dirs(tmp_path_factory):
+    return session_models(tmp_path_factory)[1]
 
 
 @pytest.fixture(scope="session")
-def vocab_dirs(vocab_root, tokenizers):
-    return {n: build_tiny(n, vocab_root / "models" / n, vocab_root / "tok") for n in NAMES}
-
-
-@pytest.fixture(scope="session")
-def vocab_models(vocab_dirs):
-    return {n: tvlens.load_model(d, device="cpu") for n, d in vocab_dirs.items()}
+def vocab_models(tmp_path_factory):
+    return session_models(tmp_path_factory)[2]
 
 
 def _row(batch, r: int) -> list[int]:

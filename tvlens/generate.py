@@ -176,6 +176,9 @@ def generate(
     from . import hooks as _hooks
     from .inputs.text import _pad_id, _tokenizer_of
 
+    from .models import require_compatible
+
+    require_compatible(model)
     max_new_tokens = _check_number("max_new_tokens", max_new_tokens, minimum=1, integer=True)
     batch_size = _check_number("batch_size", batch_size, minimum=1, integer=True)
     seed = _check_number("seed", seed, minimum=0, integer=True)

@@ -17,7 +17,18 @@ The default processing would shift every logit by a per-position constant (≈0.
 tiny GPT-2), which breaks exact comparisons with the original model for no analytic gain here.
 
 Any model offering the same hook contract works with every tvlens function, including one the
-user loaded themselves (a TL 4 bridge in compatibility mode, or a TL 3 ``HookedTransformer``).
+user loaded themselves (a TL 4 bridge in compatibility mode, or a TL 3 ``HookedTransformer``); a
+bridge *without* compatibility mode is refused by :meth:`ModelInfo.of` with the call that fixes it.
+
+**Names.** Besides hub names and local folders, ``load_model`` takes TransformerLens's official
+aliases (``gpt2-small``, ``pythia-70m``, ...), resolved through TransformerLens's own table
+(``transformer_lens.supported_models``) to the hub name they stand for.
+
+**Nothing is installed.** When the bridge cannot load a model's processor it runs
+``pip install torchvision`` (``_ensure_torchvision`` in TransformerLens's transformers source),
+which can replace the installed torch. ``load_model`` blocks every install attempt for the duration
+of the load — that helper and any ``pip`` / ``uv`` / ``conda`` subprocess — and raises an error that
+names what is missing instead.
 """
 
 from __future__ import annotations
@@ -27,14 +38,17 @@ import json
 import os
 import re
 import socket
+import subprocess
 import weakref
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
-__all__ = ["ModelInfo", "load_model", "model_id", "organism_path", "check_hook_contract", "ORGANISMS"]
+__all__ = ["ModelInfo", "load_model", "model_id", "organism_path", "check_hook_contract", "resolve_alias",
+           "require_compatible", "InstallBlocked", "ORGANISMS"]
 
 from .organisms import REGISTRY as _ORGANISM_REGISTRY
 from .organisms import organism_path
@@ -91,6 +105,7 @@ class ModelInfo:
                 f"expected a TransformerLens model (TransformerBridge or HookedTransformer), got {type(model).__name__}; "
                 "load one with tvlens.load_model(name_or_path)"
             )
+        require_compatible(model)
         n_heads = int(cfg.n_heads)
         n_kv = getattr(cfg, "n_key_value_heads", None) or n_heads
         fields = dict(
@@ -117,6 +132,21 @@ class ModelInfo:
 
 
 _INFO_CACHE: "weakref.WeakKeyDictionary[Any, ModelInfo]" = weakref.WeakKeyDictionary()
+
+
+def require_compatible(model: Any) -> None:
+    """Refuse a TransformerLens 4 bridge booted without ``enable_compatibility_mode``.
+
+    Such a bridge runs, and even answers to some HookedTransformer hook names, but tvlens's hook
+    contract and its exactness checks assume compatibility mode without weight processing.
+    """
+    if getattr(model, "compatibility_mode", None) is False:
+        name = getattr(getattr(model, "cfg", None), "model_name", "?")
+        raise ValueError(
+            f"this TransformerBridge ({name!r}) was loaded without compatibility mode, so its hook points are not the "
+            "HookedTransformer ones tvlens reads (blocks.{l}.attn.hook_z, ...); call "
+            "model.enable_compatibility_mode(no_processing=True) first, or load it with tvlens.load_model(name)"
+        )
 
 
 def _fingerprint(model: Any, fields: dict[str, Any]) -> str:
@@ -223,13 +253,94 @@ def _resolve_source(name_or_path: str | os.PathLike) -> tuple[str, bool]:
         raise FileNotFoundError(
             f"no checkpoint directory at {name_or_path!r}; pass an existing directory, a hub name such as 'gpt2', or 'organism'"
         )
-    if not _in_hf_cache(name_or_path) and not _hub_reachable():
+    hub = resolve_alias(name_or_path)
+    alias = f" (TransformerLens's alias of the hub model {hub!r})" if hub != name_or_path else ""
+    if not _in_hf_cache(hub) and not _hub_reachable():
         raise ValueError(
-            f"cannot load {name_or_path!r}: it is not a local directory, not in the Hugging Face cache, and the hub is not "
-            "reachable (no network, or HF_HUB_OFFLINE is set); pass a local checkpoint directory, or use the shipped "
-            "model organism with load_model('organism')"
+            f"cannot load {name_or_path!r}{alias}: it is not a local directory, not in the Hugging Face cache, and the hub "
+            "is not reachable (no network, or HF_HUB_OFFLINE is set); pass a local checkpoint directory, or use the "
+            "shipped model organism with load_model('organism')"
         )
-    return name_or_path, False
+    return hub, False
+
+
+def resolve_alias(name: str) -> str:
+    """The hub name a TransformerLens alias stands for (``"gpt2-small"`` -> ``"gpt2"``,
+    ``"pythia-70m"`` -> ``"EleutherAI/pythia-70m"``), from TransformerLens's own table; other names unchanged."""
+    try:
+        from transformer_lens.supported_models import get_official_model_name
+    except ImportError:  # an older TransformerLens without the table: nothing to resolve
+        return name
+    try:
+        return get_official_model_name(name)
+    except Exception:  # not an alias: a hub name or a user's own repository
+        return name
+
+
+class InstallBlocked(RuntimeError):
+    """Loading a model tried to install a package; tvlens blocked it (nothing was installed)."""
+
+
+_INSTALLERS = ("pip", "pip3", "uv", "conda", "mamba", "micromamba", "ensurepip", "easy_install")
+
+
+def _is_install(args: Any) -> bool:
+    words = args.split() if isinstance(args, (str, bytes)) else [str(a) for a in (args if isinstance(args, (list, tuple)) else [args])]
+    words = [os.path.basename(w.decode() if isinstance(w, bytes) else w) for w in words]
+    return any(w in _INSTALLERS or w.startswith(("pip3.", "python -m pip")) for w in words) and (
+        "install" in words or "ensurepip" in words)
+
+
+@contextmanager
+def _no_installs(attempts: list[str]) -> Iterator[None]:
+    """For the duration of the block, every attempt to install a package fails and is recorded.
+
+    TransformerLens's ``_ensure_torchvision`` (which runs ``pip install torchvision`` when a
+    processor does not load) is replaced by one that records ``torchvision`` and reports it
+    unavailable; any subprocess or ``os.system`` call running an installer raises
+    :class:`InstallBlocked` before it starts.
+    """
+    real_popen, real_system = subprocess.Popen, os.system
+
+    class _GuardedPopen(real_popen):  # type: ignore[misc, valid-type]
+        def __init__(self, args: Any, *a: Any, **kw: Any) -> None:
+            if _is_install(args):
+                attempts.append(" ".join(map(str, args)) if isinstance(args, (list, tuple)) else str(args))
+                raise InstallBlocked(f"tvlens blocked a package install while loading a model: {attempts[-1]}")
+            super().__init__(args, *a, **kw)
+
+    def guarded_system(command: Any) -> int:
+        if _is_install(command):
+            attempts.append(str(command))
+            raise InstallBlocked(f"tvlens blocked a package install while loading a model: {command}")
+        return real_system(command)
+
+    def no_torchvision() -> bool:
+        try:
+            import torchvision  # noqa: F401
+
+            return True
+        except Exception:
+            attempts.append("pip install torchvision")
+            return False
+
+    helpers = None
+    try:
+        from transformer_lens.model_bridge.sources.transformers import helpers
+    except ImportError:  # another TransformerLens layout: the subprocess guard still holds
+        pass
+    saved = getattr(helpers, "_ensure_torchvision", None) if helpers is not None else None
+    subprocess.Popen = _GuardedPopen  # type: ignore[misc]
+    os.system = guarded_system
+    if saved is not None:
+        helpers._ensure_torchvision = no_torchvision
+    try:
+        yield
+    finally:
+        subprocess.Popen = real_popen  # type: ignore[misc]
+        os.system = real_system
+        if saved is not None:
+            helpers._ensure_torchvision = saved
 
 
 def load_model(
@@ -240,6 +351,7 @@ def load_model(
     device_map: str | dict | None = None,
     n_devices: int | None = None,
     check: bool = True,
+    require_processor: bool = True,
     **boot_kwargs: Any,
 ):
     """Load a model through the TransformerLens 4 bridge, ready for tvlens.
@@ -252,6 +364,9 @@ def load_model(
         dtype: ``torch.float32`` (default), ``"bfloat16"``, ``"float16"``, ...
         device_map, n_devices: passed to the bridge for models larger than one device.
         check: verify the hook contract tvlens relies on (:func:`check_hook_contract`).
+        require_processor: for a multimodal model, refuse to return it when its processor did not
+            load (the error names what is missing); ``False`` returns it without one (text only).
+            Nothing is ever installed (see the module docstring).
 
     Returns:
         A ``TransformerBridge`` in compatibility mode (``no_processing=True``), in eval mode,
@@ -265,6 +380,7 @@ def load_model(
 
     from transformer_lens.model_bridge import TransformerBridge
 
+    attempts: list[str] = []
     kwargs: dict[str, Any] = dict(dtype=torch_dtype, **boot_kwargs)
     if dev is not None:
         kwargs["device"] = dev
@@ -282,7 +398,10 @@ def load_model(
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        model = TransformerBridge.boot_transformers(source, **kwargs)
+        with _no_installs(attempts):
+            model = TransformerBridge.boot_transformers(source, **kwargs)
+    except InstallBlocked as err:
+        raise _missing_package_error(name_or_path, source, attempts) from err
     except OSError as err:
         raise ValueError(f"could not load {name_or_path!r}: {err}. Pass a local checkpoint directory or 'organism'") from err
     finally:
@@ -295,6 +414,8 @@ def load_model(
             hf_logging.enable_progress_bar()
         except Exception:
             pass
+    if attempts and (require_processor or any("torchvision" not in a for a in attempts)):
+        raise _missing_package_error(name_or_path, source, attempts)
     model.enable_compatibility_mode(no_processing=True)
     if str(name_or_path) in ORGANISMS:
         model.cfg.model_name = str(name_or_path)
@@ -304,6 +425,29 @@ def load_model(
     if check:
         check_hook_contract(model)
     return model
+
+
+def _missing_package_error(name: Any, source: str, attempts: list[str]) -> ImportError:
+    """What the load needed, why nothing was installed, and how to go on."""
+    import importlib.util
+
+    why = ""
+    try:  # the processor's own error, which the bridge swallows
+        import transformers
+
+        transformers.AutoProcessor.from_pretrained(source)
+    except Exception as err:  # the reason is the message
+        why = f" (AutoProcessor.from_pretrained failed: {type(err).__name__}: {' '.join(str(err).split())[:300]})"
+    missing = [m for m in ("torchvision", "PIL") if importlib.util.find_spec(m) is None]
+    tried = "; ".join(dict.fromkeys(attempts))
+    return ImportError(
+        f"loading {str(name)!r}: its processor did not load{why}, and TransformerLens then tried to install packages "
+        f"({tried}); tvlens blocks every install, so nothing in this environment was changed. Missing here: "
+        f"{', '.join(missing) or 'nothing tvlens can name'}. Fix: install them yourself with builds that match the "
+        f"installed torch {torch.__version__} (e.g. the torchvision release made for it, from the same index as "
+        "torch), or save the processor files with the checkpoint; or pass require_processor=False to use the "
+        "model without a processor (text inputs only)"
+    )
 
 
 def check_hook_contract(model: Any) -> None:

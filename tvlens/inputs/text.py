@@ -332,6 +332,9 @@ def _resolve_task(task: Any) -> Any:
 def _tokenizer_of(model: Any) -> Any:
     tok = getattr(model, "tokenizer", None)
     if tok is not None:
+        from ..models import require_compatible
+
+        require_compatible(model)  # every prompt builder and evaluation starts here
         return tok
     if callable(getattr(model, "encode", None)) and hasattr(model, "convert_ids_to_tokens"):
         return model  # a bare Hugging Face tokenizer
@@ -1234,6 +1237,7 @@ def answer_logprob(logits_last: Float[Tensor, "batch d_vocab"], batch: PromptBat
 def final_logits(model: Any, batch: PromptBatch, *, batch_size: int = 32) -> Float[Tensor, "batch d_vocab"]:
     """Logits at the final separator (position -1) of every prompt, on the CPU in float32."""
     _check_int("batch_size", batch_size, minimum=1)
+    _tokenizer_of(model)
     out = []
     with torch.no_grad():
         for chunk in batch.chunks(batch_size):
@@ -1304,6 +1308,7 @@ def evaluate_prompts(model: Any, batch: PromptBatch, *, batch_size: int = 32) ->
     if not isinstance(batch, PromptBatch):
         raise TypeError(f"batch must be a PromptBatch (from tvlens.icl_prompts), got {type(batch).__name__}")
     _check_int("batch_size", batch_size, minimum=1)
+    _tokenizer_of(model)
     firsts, fulls = [], []
     with torch.no_grad():
         for chunk in batch.chunks(batch_size):
