@@ -1,1 +1,1 @@
-"""Units of work that outlast one call: resumable checkpoints (and, later, executors)."""
+"""Units of work that outlast one call: resumable checkpoints, executors (local, Ray), device maps."""

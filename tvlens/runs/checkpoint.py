@@ -22,6 +22,15 @@ nothing written), so a caller can use one code path with and without ``checkpoin
 
 Rewriting the whole file per unit costs O(units x size); sweeps have tens to hundreds of small
 units (a layer's ``[prompt, head]`` values), where this is negligible next to one forward pass.
+
+**Several writers.** Any number of :class:`SweepCheckpoint` objects — in one process or in
+several processes sharing a folder — may record into the same file. Each write takes an
+exclusive lock on the file's folder (``flock``; no lock file is left behind), folds in the units
+that other writers committed since this object last read the file, and then replaces the file
+atomically; so the file always holds the union of every writer's finished units, and a unit
+recorded by two writers is stored once. A distributed run (:mod:`tvlens.runs.executors`)
+usually has one writer, the driver, fed by its workers; ``record(..., by=...)`` stores which
+worker computed a unit (:meth:`by`).
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import json
 import math
 import os
 import struct
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Hashable, Iterable, Iterator, Mapping
 
@@ -113,6 +123,34 @@ def _read_header(path: Path) -> dict[str, Any]:
     return json.loads(raw)
 
 
+@contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``folder`` (writers of checkpoints in it take turns)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no flock (Windows): single writer per file
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    """What changes when another writer replaces the file (inode, size, mtime); None if absent."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def _diff(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
     keys = sorted(set(saved) | set(now))
     out = []
@@ -159,6 +197,8 @@ class SweepCheckpoint:
         self.config: dict[str, Any] = _canonical(dict(config))
         self._units: list[Any] = []
         self._results: dict[Any, dict[str, Tensor]] = {}
+        self._by: dict[Any, str] = {}
+        self._seen: tuple[int, int, int] | None = None  # the file as this object last read or wrote it
         self.resumed = False
         if self.path is not None:
             self._check_path()
@@ -183,10 +223,20 @@ class SweepCheckpoint:
         return f"delete {str(self.path)!r} to start afresh, or pass a new checkpoint path"
 
     def _load(self) -> None:
+        for unit, res, by in self._read():
+            self._units.append(unit)
+            self._results[unit] = res
+            if by is not None:
+                self._by[unit] = by
+        self.resumed = bool(self._units)
+
+    def _read(self) -> list[tuple[Any, dict[str, Tensor], str | None]]:
+        """Every unit in the file (checked to belong to this model and configuration), in order."""
         from safetensors.torch import load
 
         path = self.path
         assert path is not None
+        seen = _signature(path)
         try:
             header = _read_header(path)
             meta = header.get("__metadata__") or {}
@@ -214,11 +264,12 @@ class SweepCheckpoint:
             tensors = load(path.read_bytes())
         except Exception as err:  # a truncated file cannot come from us (atomic), but say what to do
             raise ValueError(f"checkpoint {str(path)!r} cannot be read ({type(err).__name__}: {err}); {self._fix()}") from err
+        out = []
         for i, entry in enumerate(ident.get("units", [])):
             unit = _from_json_unit(entry["unit"])
-            self._units.append(unit)
-            self._results[unit] = {name: tensors[f"{i}/{name}"] for name in entry["names"]}
-        self.resumed = bool(self._units)
+            out.append((unit, {name: tensors[f"{i}/{name}"] for name in entry["names"]}, entry.get("by")))
+        self._seen = seen
+        return out
 
     # ---- reading -------------------------------------------------------------------------------
 
@@ -250,13 +301,38 @@ class SweepCheckpoint:
         """The units of ``units`` not finished yet, in the given order."""
         return [u for u in units if _unit_key(u) not in self._results]
 
+    def by(self, unit: Any) -> str | None:
+        """Who computed ``unit`` (the ``by`` given to :meth:`record`, e.g. a worker), or None."""
+        return self._by.get(_unit_key(unit))
+
+    def refresh(self) -> int:
+        """Fold in the units other writers have committed to the file since it was last read; returns
+        how many were new. (Recording does this too, under the lock, before every write.)"""
+        if self.path is None or _signature(self.path) in (None, self._seen):
+            return 0
+        return self._absorb(self._read())
+
+    def _absorb(self, entries: list[tuple[Any, dict[str, Tensor], str | None]]) -> int:
+        new = 0
+        for unit, res, by in entries:
+            if unit in self._results:  # this writer's own result of a unit stands: a unit is stored once
+                continue
+            self._units.append(unit)
+            self._results[unit] = res
+            if by is not None:
+                self._by[unit] = by
+            new += 1
+        return new
+
     # ---- writing -------------------------------------------------------------------------------
 
-    def record(self, unit: Any, result: Tensor | Mapping[str, Tensor]) -> None:
+    def record(self, unit: Any, result: Tensor | Mapping[str, Tensor], *, by: str | None = None) -> None:
         """Mark ``unit`` finished with its result tensors and write the checkpoint (atomically).
 
         ``result``: a tensor (stored as ``"value"``) or a dict of tensors. Re-recording a finished
-        unit replaces its result. The file on disk after this call holds every unit recorded so far.
+        unit replaces its result. ``by``: who computed it (a worker's name), kept with the unit.
+        The file on disk after this call holds every unit recorded so far, by this object and by
+        any other writer of the same file.
         """
         key = _unit_key(unit)
         if isinstance(result, Tensor):
@@ -270,33 +346,60 @@ class SweepCheckpoint:
             if not isinstance(t, Tensor):
                 raise TypeError(f"result {name!r} of unit {unit!r} must be a tensor, got {type(t).__name__}")
             clean[name] = t.detach().to("cpu").clone().contiguous()
+        if by is not None and not isinstance(by, str):
+            raise TypeError(f"by must be a str naming who computed the unit, got {type(by).__name__}")
         previous = self._results.get(key)
+        previous_by = self._by.get(key)
         was_new = previous is None
         if was_new:
             self._units.append(key)
         self._results[key] = clean
+        if by is not None:
+            self._by[key] = by
         try:
             self._write()
         except BaseException:  # keep memory and disk in agreement
             if was_new:
-                self._units.pop()
+                self._units.remove(key)
                 del self._results[key]
+                self._by.pop(key, None)
             else:
                 self._results[key] = previous  # type: ignore[assignment]
+                if previous_by is None:
+                    self._by.pop(key, None)
+                else:
+                    self._by[key] = previous_by
             raise
 
     def _write(self) -> None:
         if self.path is None:
             return
+        from ..results import atomic_write_bytes
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"cannot write the checkpoint {str(self.path)!r} ({err}); pass a checkpoint path in a "
+                             "writable folder") from err
+        with _folder_lock(self.path.parent):
+            if _signature(self.path) not in (None, self._seen):  # another writer committed units: keep them
+                self._absorb(self._read())
+            atomic_write_bytes(self.path, self._encode())
+            self._seen = _signature(self.path)
+
+    def _encode(self) -> bytes:
         from safetensors.torch import save
 
-        from ..results import atomic_write_bytes, version
+        from ..results import version
 
         tensors: dict[str, Tensor] = {}
         units = []
         for i, unit in enumerate(self._units):
             res = self._results[unit]
-            units.append({"unit": _to_json_unit(unit), "names": list(res)})
+            entry = {"unit": _to_json_unit(unit), "names": list(res)}
+            if unit in self._by:
+                entry["by"] = self._by[unit]
+            units.append(entry)
             for name, t in res.items():
                 tensors[f"{i}/{name}"] = t
         ident = {
@@ -308,8 +411,7 @@ class SweepCheckpoint:
             "units": units,
             "tvlens_version": version(),
         }
-        data = save(tensors, metadata={"tvlens": json.dumps(ident)})
-        atomic_write_bytes(self.path, data)
+        return save(tensors, metadata={"tvlens": json.dumps(ident)})
 
     def remove(self) -> None:
         """Delete the checkpoint file (e.g. once the final result is saved) and forget the units."""
