@@ -191,3 +191,33 @@ def test_image_count_must_match_placeholders(loaded):
     tokens, mask, pv, _, _ = collate(_prompts(codec)[:1], codec.pad, proc, left=True)
     with pytest.raises(ValueError, match="(?i)image"):
         hf(input_ids=tokens, pixel_values=pv[:1], attention_mask=mask)
+
+
+_NO_PIL = r'''
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("PIL", "torchvision"):
+            raise ModuleNotFoundError(name)
+        return None
+sys.meta_path.insert(0, Block())
+import transformers.utils.import_utils as iu
+assert not iu.is_vision_available() and not iu.is_torchvision_available()
+import tvlens.organisms.vlm
+from transformers import AutoProcessor
+from tvlens.organisms.vlm.images import render
+p = AutoProcessor.from_pretrained(sys.argv[1])
+out = p(text=["<image> →"], images=[[render("flag", "France")]], return_tensors="pt")
+assert out["input_ids"].tolist() == [[1] + [2191] * 4 + [4]], out["input_ids"]
+assert tuple(out["pixel_values"].shape) == (1, 3, 16, 16) and "PIL" not in sys.modules
+print("ok")
+'''
+
+
+def test_processor_loads_without_pil_or_torchvision():
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PIP_NO_INDEX": "1", "UV_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-c", _NO_PIL, CHECKPOINT], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
