@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import tvlens
 from tvlens.vectors import activation as V
 from tvlens.hooks import act_name, hook_count
 from tvlens.inputs.text import icl_prompts
@@ -323,7 +324,7 @@ def no_forward(monkeypatch, tiny_llama):
 def test_bad_input_is_refused_before_any_work(no_forward):
     m = no_forward
     with pytest.raises(ValueError, match="out of range"):
-        V.task_vector(m, TASK, layer=2)
+        V.task_vector(m, TASK, layer=3)  # 2 layers: 0..2 (2 = after the last block)
     with pytest.raises(ValueError, match="out of range"):
         V.layer_sweep(m, TASKS, layers=[0, 5], n_prompts=2)
     with pytest.raises(ValueError, match="n_shots"):
@@ -416,3 +417,27 @@ def test_organism_sweep_finds_tvp_layer(organism):
     assert res.best_layer == _tvp_layer("organism")
     d = res.summary()["all"]
     assert d["task_vector"] >= 0.8 * d["icl"]
+
+
+def test_the_last_blocks_output_is_a_layer_too(tiny_llama):
+    """Hendel et al.'s last layer is the output of the last block (tvlens layer n_layers): it can be
+    extracted, swept and applied, and equals an independent read-out of hook_resid_post."""
+    from tvlens.models import ModelInfo
+
+    L = ModelInfo.of(tiny_llama).n_layers
+    tv = V.task_vector(tiny_llama, TASKS[0], layer=L, n_prompts=4, n_shots=2, seed=1)
+    ext = tvlens.icl_prompts(tiny_llama, TASKS[0], n_prompts=4, n_shots=2, seed=1, dummy_query=True, split="test")
+    with torch.no_grad():
+        _, cache = tiny_llama.run_with_cache(ext.tokens, attention_mask=ext.attention_mask)
+    want = cache[f"blocks.{L - 1}.hook_resid_post"][:, -1].mean(0)
+    torch.testing.assert_close(tv.vector, want, atol=1e-5, rtol=1e-5)
+    assert tv.hook_name == f"blocks.{L - 1}.hook_resid_post"
+    # replacing the stream after the last block fixes the final logits: ln_final + unembed of the vector
+    zs = tvlens.icl_prompts(tiny_llama, TASKS[0], n_prompts=3, n_shots=0, seed=2)
+    with torch.no_grad(), V.vector_applied(tiny_llama, tv):
+        got = tiny_llama(zs.tokens, attention_mask=zs.attention_mask)[:, -1]
+        fixed = tiny_llama.unembed(tiny_llama.ln_final(tv.vector[None, None]))[0, 0]
+    torch.testing.assert_close(got, fixed.expand_as(got), atol=1e-4, rtol=1e-4)
+    sweep = V.layer_sweep(tiny_llama, TASKS, n_prompts=3, n_shots=1, layers=[L - 1, L], seed=0)
+    assert list(sweep.layers) == [L - 1, L]
+    assert torch.isfinite(sweep.accuracy).all()

@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-__all__ = ["act_name", "hooked", "run", "check_layer", "check_head", "hook_count", "device_of", "HookFn"]
+__all__ = ["act_name", "resid_name", "resid_site", "hooked", "run", "check_layer", "check_head", "hook_count", "device_of", "HookFn"]
 
 HookFn = Callable[[Tensor, Any], Tensor | None]
 
@@ -54,6 +54,21 @@ def act_name(kind: str, layer: int | None = None) -> str:
     if layer is None:
         raise ValueError(f"activation kind {kind!r} needs a layer")
     return _NAMES[kind].format(int(layer))
+
+
+def resid_name(layer: int, n_layers: int) -> str:
+    """The residual stream *entering* block ``layer``; ``layer == n_layers`` is the stream after the last block.
+
+    >>> resid_name(2, 4), resid_name(4, 4)
+    ('blocks.2.hook_resid_pre', 'blocks.3.hook_resid_post')
+    """
+    kind, block = resid_site(layer, n_layers)
+    return act_name(kind, block)
+
+
+def resid_site(layer: int, n_layers: int) -> tuple[str, int]:
+    """``(hook kind, block)`` of :func:`resid_name`: ``("resid_pre", layer)`` or ``("resid_post", n_layers - 1)``."""
+    return ("resid_pre", int(layer)) if int(layer) < n_layers else ("resid_post", n_layers - 1)
 
 
 def check_layer(model: Any, layer: int, *, allow_end: bool = False, what: str = "layer") -> int:

@@ -667,6 +667,7 @@ def _positions(batch: Any, position: Any) -> tuple[Tensor, str]:
     mask = torch.as_tensor(batch.attention_mask).cpu()
     names = {c.name.lower(): c for c in TokenClass}
     aliases = {"separator": TokenClass.FINAL_SEP, "sep": TokenClass.FINAL_SEP, "final_separator": TokenClass.FINAL_SEP,
+               "final": TokenClass.FINAL_SEP, "last": TokenClass.FINAL_SEP,
                "query": TokenClass.QUERY_INPUT, "input": TokenClass.QUERY_INPUT}
     if isinstance(position, (TokenClass, str)):
         if isinstance(position, str):
@@ -692,7 +693,6 @@ def _positions(batch: Any, position: Any) -> tuple[Tensor, str]:
         ar = torch.arange(n_pos).expand(n_rows, n_pos)
         idx = torch.where(hit, ar, torch.full_like(ar, -1)).max(1).values
         return idx, "separator" if cls == TokenClass.FINAL_SEP else cls.name.lower()
-               "final": TokenClass.FINAL_SEP, "last": TokenClass.FINAL_SEP,
     if isinstance(position, (int,)) and not isinstance(position, bool):
         if not -n_pos <= position < n_pos:
             raise ValueError(f"position {position} is out of range for prompts of {n_pos} tokens; use -{n_pos}..{n_pos - 1} (-1 = final separator)")

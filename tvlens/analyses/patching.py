@@ -405,11 +405,11 @@ def patch_heads(
     from ..models import ModelInfo
 
     info = ModelInfo.of(model)
+    positions = _final_alias(positions)
     _check_choice("positions", positions, ("final", "all", "each"))
     _check_choice("component", component, ("z", "q", "k", "v"))
     if not (isinstance(metric, str) or callable(metric)):
         raise TypeError(f"metric must be a name or a function, got {type(metric).__name__}")
-    positions = _final_alias(positions)
     if isinstance(metric, str):
         _check_choice("metric", metric, METRICS)
     n_units = info.n_kv_heads if component in ("k", "v") else info.n_heads
@@ -632,6 +632,7 @@ def attribution_patch_heads(
     from ..models import ModelInfo
 
     info = ModelInfo.of(model)
+    positions = _final_alias(positions)
     _check_choice("positions", positions, ("final", "all", "each"))
     _check_choice("component", component, ("z", "q", "k", "v"))
     if metric == "accuracy":
@@ -663,7 +664,6 @@ def attribution_patch_heads(
             def fn(act: Tensor, hook: Any = None) -> Tensor:
                 leaf = torch.zeros_like(act, requires_grad=True)
                 leaves[layer], acts[layer] = leaf, act.detach()
-    positions = _final_alias(positions)
                 return act + leaf
             return fn
 

@@ -18,7 +18,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .. import hooks as _hooks
-from ..hooks import act_name
+from ..hooks import act_name, resid_name
 from . import capabilities
 from .batch import EngineBatch
 from .plan import DEFAULT_BATCH, length_buckets, pad_id_of, pad_left
@@ -89,9 +89,10 @@ def run_rows(
     """Run prompts (unpadded rows) in length-sorted chunks; read the final position.
 
     Returns the final-position logits ``[rows, d_vocab]`` (float32 CPU, if ``logits``) and the
-    residual entering each block in ``capture`` at the final position (``{layer: [rows, d_model]}``).
-    ``patch_value`` (``[d_model]`` or ``[rows, d_model]``) replaces / is added to the final position
-    of ``blocks.{patch_layer}.hook_resid_pre``.  Without logits the pass stops at the last captured layer.
+    residual entering each block in ``capture`` at the final position (``{layer: [rows, d_model]}``;
+    ``n_layers`` is the stream after the last block).  ``patch_value`` (``[d_model]`` or
+    ``[rows, d_model]``) replaces / is added to the final position of the residual entering block
+    ``patch_layer``.  Without logits the pass stops at the last captured layer.
     """
     from ..models import ModelInfo
 
@@ -101,7 +102,7 @@ def run_rows(
     pad = pad_id_of(model)
     caps = {int(l): torch.empty((n, info.d_model), dtype=torch.float32) for l in capture}
     out = torch.empty((n, info.d_vocab), dtype=torch.float32) if logits else None
-    stop = None if logits or not caps else max(caps)
+    stop = None if logits or not caps or max(caps) >= info.n_layers else max(caps)
     # the last block the pass runs is needed at the final position only: its MLP runs there only
     last = info.n_layers - 1 if stop is None else stop - 1
     cut = [(act_name("ln2_in", last), last_token_only)] if last >= 0 and final_only_ok(model) else []
@@ -112,7 +113,7 @@ def run_rows(
         for layer in caps:
             def grab(act: Tensor, hook: Any = None, layer: int = layer, it: Tensor = it) -> None:
                 caps[layer][it] = act[:, -1].detach().to("cpu", torch.float32)
-            fwd.append((act_name("resid_pre", layer), grab))
+            fwd.append((resid_name(layer, info.n_layers), grab))
         if patch_layer is not None and patch_value is not None:
             pv = patch_value if patch_value.ndim == 1 else patch_value[it]
 
@@ -122,7 +123,7 @@ def run_rows(
                 act[:, -1] = v if patch_mode == "replace" else act[:, -1] + v
                 return act
             # the patch must run before any capture at the same hook point
-            fwd.insert(0, (act_name("resid_pre", patch_layer), patch))
+            fwd.insert(0, (resid_name(patch_layer, info.n_layers), patch))
         fwd.extend(cut)
         if logits:
             out[it] = forward_last(model, tokens.to(device), mask.to(device), fwd).detach().to("cpu", torch.float32)
@@ -235,7 +236,7 @@ def run_shared(model: Any, pairs: Sequence[tuple[Tensor, Tensor]], layers: Seque
         for layer in caps:
             def grab(act: Tensor, hook: Any = None, layer: int = layer, it: Tensor = it) -> None:
                 caps[layer][it] = act[rows.to(act.device), a_end.to(act.device)].detach().to("cpu", torch.float32)
-            fwd.append((act_name("resid_pre", layer), grab))
+            fwd.append((resid_name(layer, info.n_layers), grab))
         fwd.extend(cut)
         logits[it] = forward_last(model, tokens, mask, fwd, position_ids=pos).detach().to("cpu", torch.float32)
     return caps, logits

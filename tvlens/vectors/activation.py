@@ -10,10 +10,12 @@ zero-shot prompts per layer, best layer chosen on a dev split and reported on a 
 next to the zero-shot and ICL baselines measured in the same run (Hendel's protocol).
 
 **Where a vector lives.** tvlens' *layer* ``L`` is the residual stream **entering block L**,
-``blocks.L.hook_resid_pre`` (``L`` in ``0..n_layers-1``; layer 0 is the token embedding), at the
-**final separator**, which is position ``-1`` of every tvlens prompt (batches are left-padded).
-Hendel et al.'s "layer L" is the same thing (the hidden state given to layer L). Todd et al.
-2024 add their function vector to the *output* of layer ``ℓ``, which is tvlens layer ``ℓ + 1``.
+``blocks.L.hook_resid_pre`` (``L`` in ``0..n_layers``; layer 0 is the token embedding, layer
+``n_layers`` the stream after the last block), at the **final separator**, which is position ``-1``
+of every tvlens prompt (batches are left-padded).  Hendel et al.'s "layer ℓ" is the hidden state
+their code reads *out of* ``layers[ℓ]`` — tvlens layer ``ℓ + 1`` (measured: tvlens L2 equals Hendel
+ℓ1 to 4.8e-6); Todd et al. 2024 likewise add their function vector to the output of layer ``ℓ``,
+tvlens layer ``ℓ + 1``.
 
 **Function vector** (Todd et al. 2024, "Function Vectors in Large Language Models"): the
 task-mean output ``z̄`` of every attention head at the final separator over clean ICL prompts
@@ -55,7 +57,6 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .. import hooks as _hooks
-from ..hooks import act_name
 from ..engine.plan import DEFAULT_BATCH, length_buckets, pad_id_of, pad_left, rows_of
 from ..engine.readout import run_rows, run_shared, tree_mask_ok
 from ..results import ResultMeta, check_same_model, load_result, load_tensors, save_tensors
@@ -154,8 +155,9 @@ class TaskVector:
 
     @property
     def hook_name(self) -> str:
-        """The TransformerLens hook the vector is applied at (``blocks.{layer}.hook_resid_pre``)."""
-        return act_name("resid_pre", self.layer)
+        """The TransformerLens hook the vector is applied at (``blocks.{layer}.hook_resid_pre``; the last
+        block's ``hook_resid_post`` for ``layer == n_layers``)."""
+        return _hooks.resid_name(self.layer, int(self.meta.extra.get("n_layers") or self.layer + 1))
 
     @property
     def norm(self) -> float:
@@ -176,7 +178,7 @@ class TaskVector:
         from ..models import ModelInfo
 
         info = ModelInfo.of(model)
-        layer = _hooks.check_layer(model, layer)
+        layer = _hooks.check_layer(model, layer, allow_end=True)
         if not isinstance(vector, Tensor) or vector.ndim != 1 or vector.shape[0] != info.d_model:
             shape = tuple(vector.shape) if isinstance(vector, Tensor) else type(vector).__name__
             raise ValueError(f"vector has shape {shape} but this model's residual stream is d_model={info.d_model}; "
@@ -198,14 +200,14 @@ class TaskVector:
         if self.d_model != info.d_model:
             raise ValueError(f"{self.describe()} has width {self.d_model} but model {info.name!r} has d_model={info.d_model}; "
                              "use a vector extracted from this model")
-        target = self.layer if layer is None else _hooks.check_layer(model, layer)
+        target = self.layer if layer is None else _hooks.check_layer(model, layer, allow_end=True)
         if target != self.layer and self.kind != "function":
             raise ValueError(
                 f"{self.describe()} was extracted at layer {self.layer}, not {target}: a residual-stream state only "
                 f"means something at its own layer; extract one at layer {target} (task_vector(..., layer={target})) "
                 "or leave layer=None"
             )
-        _hooks.check_layer(model, target)
+        _hooks.check_layer(model, target, allow_end=True)
         return target
 
     def decode(self, model: Any, top_k: int = 10) -> list[tuple[str, float]]:
@@ -443,7 +445,7 @@ def _check_layers(model: Any, layers: Sequence[int] | None) -> list[int]:
         return list(range(n))
     if isinstance(layers, int):
         layers = [layers]
-    out = sorted({_hooks.check_layer(model, int(l)) for l in layers})
+    out = sorted({_hooks.check_layer(model, int(l), allow_end=True) for l in layers})
     if not out:
         raise ValueError("layers is empty; pass layer indices or None for all layers")
     return out
@@ -587,7 +589,7 @@ def task_vector(
     train split (not among its demos), so the vector cannot carry a test query; ``False`` leaves the
     test query in (an ablation). Demos come from the train split; prompts are seeded by ``seed``.
     """
-    _hooks.check_layer(model, layer)
+    _hooks.check_layer(model, layer, allow_end=True)
     return task_vectors_all_layers(model, task, layers=[layer], n_prompts=n_prompts, n_shots=n_shots,
                                    dummy_query=dummy_query, seed=seed, batch_size=batch_size)[0]
 
@@ -608,7 +610,7 @@ def instruction_vector(
     from ..inputs.text import icl_prompts
 
     n_prompts = _check_int("n_prompts", n_prompts, 1)
-    layer = _hooks.check_layer(model, layer)
+    layer = _hooks.check_layer(model, layer, allow_end=True)
     task = _task_obj(task)
     batch = icl_prompts(model, task, n_prompts=n_prompts, n_shots=0, seed=seed, instruction="only", split="train")
     vec = _vectors_from_batches(model, [batch], [layer], batch_size)[0, 0]
@@ -719,6 +721,8 @@ def vector_applied(model: Any, vector: TaskVector, *, mode: str | None = None, a
     """
     if not isinstance(vector, TaskVector):
         raise TypeError(f"vector must be a TaskVector, got {type(vector).__name__}")
+    from ..models import ModelInfo
+
     mode = _check_mode(mode, vector, alpha)
     target = vector.check_model(model, layer=layer)
     value = vector.vector * float(alpha) if mode == "add" else vector.vector
@@ -729,7 +733,7 @@ def vector_applied(model: Any, vector: TaskVector, *, mode: str | None = None, a
         act[:, -1] = v if mode == "replace" else act[:, -1] + v
         return act
 
-    with _hooks.hooked(model, [(act_name("resid_pre", target), patch)]):
+    with _hooks.hooked(model, [(_hooks.resid_name(target, ModelInfo.of(model).n_layers), patch)]):
         yield model
 
 
@@ -798,7 +802,9 @@ def _grid_eval(
     final token is recomputed from each column's layer up, every column side by side."""
     from ..engine.runner import PatchRunner
     from ..engine.sites import add_resid, replace_resid
+    from ..models import ModelInfo
 
+    n_layers = ModelInfo.of(model).n_layers
     pad = pad_id_of(model)
     rows: list[Tensor] = []
     owner: list[int] = []
@@ -823,10 +829,11 @@ def _grid_eval(
         edits = []
         for l, cols in by_layer.items():
             val = vectors[own[it]][:, cols]  # [rows, cols, d_model]: each row's own task's vector
+            hook, block = _hooks.resid_site(l, n_layers)  # layer n_layers: after the last block
             if mode == "replace":
-                edits.append(replace_resid(l, val, columns=cols))
+                edits.append(replace_resid(block, val, columns=cols, hook=hook))
             else:
-                edits.append(add_resid(l, val, alpha=float(alpha), columns=cols))
+                edits.append(add_resid(block, val, alpha=float(alpha), columns=cols, hook=hook))
         ans = target.answer_ids
         got[it] = runner.map(edits, lambda logits: _scores(logits, ans), n_columns=len(col_layers))
         got0[it] = _scores(runner.clean_logits, ans)
