@@ -275,6 +275,9 @@ def test_experiments_run_and_round_trip(model, taus, tmp_path):
     assert add.normalized.shape == (2, 2) and add.lams[0] in (0.5, 1.0)
     assert torch.allclose(add.normalized, add.merged / add.finetuned)
     assert len(add.to_frame()) == 6
+    # which task's answer the merged model gives: its own answer's share is its accuracy on the same queries
+    assert add.answer_tasks[:2] == ("country_capital", "antonym") and "country_currency" in add.answer_tasks
+    assert torch.allclose(add.answered_as[:, [0, 1], [0, 1]], add.merged)
     with pytest.raises(ValueError, match="finite"):
         tvlens.weight_addition(model, list(vecs), vectors=vecs, lams=(float("inf"),))
 

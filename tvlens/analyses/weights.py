@@ -207,9 +207,10 @@ class AdditionResult(_Result):
     - ``merged``: ``[method, task]`` zero-shot test accuracy of the merged model at ``lams[m]``;
     - ``normalized``: ``merged / finetuned`` (Ilharco et al.'s normalised accuracy);
     - ``dev_curve``: ``[method, lam, task]`` dev normalised accuracy, from which ``λ`` was chosen;
-    - ``answered_as``: ``[method, task, task2]`` fraction of ``task``'s test queries the merged model
-      answers with ``task2``'s answer (NaN where ``task2`` does not take the query): off the
-      diagonal, the tasks that win when inputs are shared.
+    - ``answered_as``: ``[method, task, answer_task]`` fraction of ``task``'s test queries the merged
+      model answers with ``answer_task``'s answer (NaN where that task does not take the query);
+      ``answer_tasks`` are ``tasks`` then the suite's other tasks sharing one of their input domains:
+      off the diagonal, the tasks that win when inputs are shared.
     """
 
     tasks: tuple[str, ...]
@@ -222,7 +223,8 @@ class AdditionResult(_Result):
     merged: Float[Tensor, "method task"]
     normalized: Float[Tensor, "method task"]
     dev_curve: Float[Tensor, "method lam task"]
-    answered_as: Float[Tensor, "method task task2"]
+    answered_as: Float[Tensor, "method task answer_task"]
+    answer_tasks: tuple[str, ...] = ()
     meta: ResultMeta = field(default_factory=ResultMeta)
 
     def _title(self) -> str:
@@ -232,15 +234,22 @@ class AdditionResult(_Result):
         """Mean normalised accuracy per method."""
         return {m: float(self.normalized[i].mean()) for i, m in enumerate(self.methods)}
 
+    def _top_other(self, i: int, j: int) -> tuple[str, float]:
+        """The other task whose answers the merged model gives most often on ``tasks[j]``'s queries."""
+        row = [(float(v), name) for k, (v, name) in enumerate(zip(self.answered_as[i, j].tolist(), self.answer_tasks))
+               if k != j and not math.isnan(v)]
+        return (max(row)[1], max(row)[0]) if row and max(row)[0] > 0 else ("", 0.0)
+
     def to_frame(self) -> Any:
         import pandas as pd
 
         rows = []
         for i, m in enumerate(self.methods):
             for j, t in enumerate(self.tasks):
+                other, frac = self._top_other(i, j)
                 rows.append(dict(method=m, lam=self.lams[i], task=t, domain=self.domains[j], base=float(self.base[j]),
                                  finetuned=float(self.finetuned[j]), merged=float(self.merged[i, j]),
-                                 normalized=float(self.normalized[i, j])))
+                                 normalized=float(self.normalized[i, j]), answered_as=other, answered_as_frac=frac))
             rows.append(dict(method=m, lam=self.lams[i], task="mean", domain="", base=float(self.base.mean()),
                              finetuned=float(self.finetuned.mean()), merged=float(self.merged[i].mean()),
                              normalized=float(self.normalized[i].mean())))
@@ -267,16 +276,24 @@ def _answer_ids(model: Any, task: Any, queries: Sequence[str]) -> list[int | Non
     return [ids.get(q) for q in queries]
 
 
-def _answered_as(model: Any, task_list: Sequence[Any], seed: int, n_prompts: int) -> Tensor:
-    """``[task, task2]``: fraction of ``task``'s test queries answered with ``task2``'s answer."""
+def _answer_tasks(task_list: Sequence[Any]) -> list[Any]:
+    """``task_list`` then every other shipped task sharing one of their input domains."""
+    from ..tasks import list_tasks, load_task
+
+    names, domains = {t.name for t in task_list}, {t.domain for t in task_list if t.domain}
+    others = [load_task(n) for n in list_tasks() if n not in names]
+    return [*task_list, *(t for t in others if t.domain in domains)]
+
+
+def _answered_as(model: Any, task_list: Sequence[Any], answer_tasks: Sequence[Any], seed: int, n_prompts: int) -> Tensor:
+    """``[task, answer_task]``: fraction of ``task``'s test queries answered with ``answer_task``'s answer."""
     from ..inputs.text import final_logits, icl_prompts
 
-    T = len(task_list)
-    out = torch.full((T, T), float("nan"))
+    out = torch.full((len(task_list), len(answer_tasks)), float("nan"))
     for i, t in enumerate(task_list):
         b = icl_prompts(model, t, n_prompts=min(n_prompts, _n_queries(t, "test")), n_shots=0, split="test", seed=seed)
         pred = final_logits(model, b).argmax(-1).tolist()
-        for j, u in enumerate(task_list):
+        for j, u in enumerate(answer_tasks):
             ids = _answer_ids(model, u, b.queries)
             pairs = [(p, a) for p, a in zip(pred, ids) if a is not None]
             if pairs:
@@ -322,6 +339,7 @@ def weight_addition(
     vecs = weight_vectors(model, task_list, vectors=vectors, cache=cache, progress=progress, **dict(finetune_kw or {}))
     vs = [vecs[t.name] for t in task_list]
     merged_vs = [_merged_vector(model, vs, m, density, seed) for m in methods]  # bad merges fail before evaluation
+    answer_tasks = _answer_tasks(task_list)
     kw = dict(n_shots=0, n_prompts=n_prompts, seed=seed)
     base = _accuracies(model, task_list, split="test", **kw)
     own_dev, own_test = [], []
@@ -339,7 +357,7 @@ def weight_addition(
         lam = _choose([float(c.mean()) for c in curve], grid)
         with applied(model, mv, lam):
             merged.append(_accuracies(model, task_list, split="test", **kw))
-            answered.append(_answered_as(model, task_list, seed, n_prompts))
+            answered.append(_answered_as(model, task_list, answer_tasks, seed, n_prompts))
         curves.append(torch.stack(curve))
         chosen.append(lam)
     merged_t = torch.tensor(merged)
@@ -349,7 +367,7 @@ def weight_addition(
     return AdditionResult(tasks=tuple(t.name for t in task_list), domains=tuple(t.domain for t in task_list),
                           methods=methods, lams=tuple(chosen), grid=grid, base=torch.tensor(base), finetuned=ft,
                           merged=merged_t, normalized=merged_t / ft.clamp_min(1e-6), dev_curve=torch.stack(curves),
-                          answered_as=torch.stack(answered), meta=meta)
+                          answered_as=torch.stack(answered), answer_tasks=tuple(t.name for t in answer_tasks), meta=meta)
 
 
 # ==============================================================================================
@@ -807,7 +825,8 @@ def peft_comparison(
     *,
     ranks: Sequence[int] = (1, 2, 4, 8),
     steps: int = 150,
-    n_prompts: int = 64,
+    n_train_prompts: int = 64,
+    n_prompts: int = 50,
     n_shots: int = 5,
     seed: int = 0,
     full: bool = True,
@@ -816,13 +835,14 @@ def peft_comparison(
     soft_kw: Mapping[str, Any] | None = None,
 ) -> PeftComparison:
     """Task vectors as parameter-efficient fine-tuning: per task, zero-shot test accuracy of the
-    activation task vector (Hendel et al. 2023, free: extracted from ``n_shots``-shot prompts, best
-    layer on dev), soft per-head weights (:func:`tvlens.soft_select`: one α per head trained on
-    ``n_prompts`` zero-shot train prompts), LoRA at ``ranks`` and full fine-tuning (``steps`` steps on
-    ``n_prompts`` zero-shot train prompts, :func:`tvlens.vectors.finetune.finetune`)."""
+    activation task vector (Hendel et al. 2023, free: extracted from ``n_train_prompts`` ``n_shots``-shot
+    prompts, best layer on dev), soft per-head weights (:func:`tvlens.soft_select`: one α per head
+    trained on ``n_train_prompts`` zero-shot train prompts), LoRA at ``ranks`` and full fine-tuning
+    (``steps`` steps on ``n_train_prompts`` zero-shot train prompts, :func:`tvlens.vectors.finetune.finetune`).
+    Every method is scored on up to ``n_prompts`` distinct test queries."""
     from ..analyses.selection import evaluate_heads, soft_select
     from ..models import ModelInfo
-    from ..vectors.activation import layer_sweep
+    from ..vectors.activation import evaluate_vector, layer_sweep
     from ..vectors.finetune import finetune
 
     task_list = _resolve(tasks)
@@ -830,7 +850,7 @@ def peft_comparison(
     if any(r < 1 for r in ranks):
         raise ValueError(f"LoRA ranks must be >= 1, got {ranks}; pass e.g. ranks=(1, 2, 4, 8)")
     info = ModelInfo.of(model)
-    fkw = dict(steps=steps, n_prompts=n_prompts, seed=seed, progress=progress, **dict(finetune_kw or {}))
+    fkw = dict(steps=steps, n_prompts=n_train_prompts, seed=seed, progress=progress, **dict(finetune_kw or {}))
     kw = dict(n_shots=0, n_prompts=n_prompts, seed=seed)
     rows: dict[str, list[float]] = {}
     n_trained: dict[str, float] = {}
@@ -838,14 +858,17 @@ def peft_comparison(
 
     rows["zero_shot"], n_trained["zero_shot"], secs["zero_shot"] = _accuracies(model, task_list, split="test", **kw), 0, 0.0
     t0 = time.perf_counter()
-    sweep = layer_sweep(model, task_list, n_prompts=n_prompts, n_shots=n_shots, seed=seed)
-    rows["task_vector"], n_trained["task_vector"] = sweep.at_best(True).tolist(), 0
+    sweep = layer_sweep(model, task_list, n_prompts=n_train_prompts, n_shots=n_shots, seed=seed)
+    rows["task_vector"] = [evaluate_vector(model, t, sweep.vector(t.name), n_prompts=n_prompts, seed=seed) for t in task_list]
+    n_trained["task_vector"] = 0
     secs["task_vector"] = (time.perf_counter() - t0) / len(task_list)
     t0 = time.perf_counter()
     soft = []
     for t in task_list:
-        sel = soft_select(model, [t], seed=seed, n_prompts=n_prompts, n_shots=n_shots, progress=progress, **dict(soft_kw or {}))
-        soft.append(float(evaluate_heads(model, [t], sel, split="test", seed=seed, n_shots=n_shots)[0, 0]))
+        sel = soft_select(model, [t], seed=seed, n_prompts=n_train_prompts, n_shots=n_shots, progress=progress,
+                          **dict(soft_kw or {}))
+        soft.append(float(evaluate_heads(model, [t], sel, split="test", n_prompts=min(n_prompts, _n_queries(t, "test")),
+                                          seed=seed, n_shots=n_shots)[0, 0]))
     rows["soft_heads"], n_trained["soft_heads"] = soft, info.n_layers * info.n_heads
     secs["soft_heads"] = (time.perf_counter() - t0) / len(task_list)
     variants = [(f"lora_r{r}", dict(method="lora", rank=r)) for r in ranks] + ([("full", dict(method="full"))] if full else [])
@@ -858,7 +881,7 @@ def peft_comparison(
         rows[name], secs[name] = accs, (time.perf_counter() - t0) / len(task_list)
     methods = tuple(rows)
     meta = ResultMeta.for_model(model, tasks=[t.name for t in task_list], seed=seed, steps=steps, n_prompts=n_prompts,
-                                ranks=list(ranks), finetune=dict(finetune_kw or {}), soft=dict(soft_kw or {}))
+                                n_train_prompts=n_train_prompts, ranks=list(ranks), finetune=dict(finetune_kw or {}), soft=dict(soft_kw or {}))
     return PeftComparison(tasks=tuple(t.name for t in task_list), methods=methods,
                           accuracy=torch.tensor([rows[m] for m in methods], dtype=torch.float32),
                           n_trained=torch.tensor([float(n_trained[m]) for m in methods]),

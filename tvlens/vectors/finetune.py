@@ -13,6 +13,12 @@ few-shot ones (``n_shots=(0, 5)`` mixes both) — and returns the fine-tuned mod
 - ``loss="first_token"``: cross-entropy of the answer's first token at the final separator (what
   tvlens's accuracy scores); ``loss="answer"``: teacher forcing over every answer token.
 
+The models are TransformerLens bridges whose parameters are those of the wrapped Hugging Face
+module (``model.original_model``): the deep copy of the bridge is trained as it is (its forward is
+the HF forward), LoRA adapters are injected into the copy's ``original_model``, and the returned
+model is again a bridge loaded by :func:`tvlens.load_model` (for LoRA, a copy of the base with the
+delta added), so nothing is re-loaded from disk and every tvlens function runs on it.
+
 Training is deterministic for a ``seed`` (own ``torch.Generator`` for batches; peft's adapter
 initialisation under a seeded, forked global RNG; dropout off), runs on the model's device (or
 ``device=``), shows a tqdm bar, and logs zero-shot and ICL accuracy on the dev split at the start,
@@ -365,7 +371,12 @@ def _fmt(task_list: Sequence[Any], values: Sequence[float]) -> str:
 
 
 def _lora_vector(base: Any, pm: Any, task_list: Sequence[Any], seed: int, extra: Mapping[str, Any]) -> WeightVector:
-    """The LoRA delta of every adapted weight, as peft computes it (``get_delta_weight``)."""
+    """The LoRA delta of every adapted weight, as peft computes it (``get_delta_weight``).
+
+    peft's ``merge_and_unload`` is not used: it swaps modules of the bridge's wrapped model for
+    plain ones and so detaches them from the bridge's hook points; the delta is added by
+    :func:`~tvlens.vectors.weights.apply` instead.
+    """
     base_params = dict(base.named_parameters())
     deltas, factors = {}, {}
     with torch.no_grad():
