@@ -292,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "vectors also cat, linear, ties_svd, dare_ties_svd, ...)")
     p.add_argument("--density", type=_positive_float, default=0.5, help="fraction of entries kept by TIES / DARE")
     p.add_argument("--cache", default=None, metavar="DIR", help="folder keeping fine-tuned vectors between runs")
+    p.add_argument("--train-prompts", type=_int_at_least(1), default=64, help="training prompts per task (fine-tunes, soft heads)")
 
     p = add("report")
     _common(p, "report", n_prompts=None, n_shots=5)
@@ -575,7 +576,8 @@ def cmd_weights(args: argparse.Namespace) -> None:
     out = _check_out(args)
     ranks = [_int_at_least(1)(r) for r in _words(args.ranks)]
     merges = _words(args.merges)
-    fkw = dict(method=args.method, steps=args.steps, rank=args.rank, seed=args.seed, **({"lr": args.lr} if args.lr else {}))
+    fkw = dict(method=args.method, steps=args.steps, rank=args.rank, seed=args.seed, **({"lr": args.lr} if args.lr else {}),
+               **({"n_prompts": args.train_prompts} if args.train_prompts != 64 else {}))
     common = dict(cache=args.cache, finetune_kw=fkw, seed=args.seed)
     if args.experiment == "analogy":
         names = [t.strip() for t in args.tasks.split(",")] if args.tasks != DEFAULT_TASKS["weights"] else list(W.COMPOSED_TASKS)
@@ -601,7 +603,8 @@ def cmd_weights(args: argparse.Namespace) -> None:
     elif args.experiment == "compare":
         res = W.weights_vs_activations(model, tasks, n_prompts=args.n_prompts, n_shots=args.n_shots, **common)
     else:
-        res = W.peft_comparison(model, tasks, ranks=ranks, steps=args.steps, n_shots=args.n_shots, seed=args.seed)
+        res = W.peft_comparison(model, tasks, ranks=ranks, steps=args.steps, n_train_prompts=args.train_prompts,
+                                n_prompts=args.n_prompts, n_shots=args.n_shots, seed=args.seed)
     name = f"weights_{args.experiment}"
     written: list[Path] = [res.to_html(out / f"{name}.html")]
     _save(res.plot(), out, name, args, written, html=False)
