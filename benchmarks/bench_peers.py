@@ -50,7 +50,7 @@ an untimed warm-up on one site. Peak memory is the largest growth of the process
     python benchmarks/bench_peers.py                 # both cases (~20 min on one loaded core)
     python benchmarks/bench_peers.py --cases organism
     python benchmarks/bench_peers.py --quick         # smoke run: organism + a small GPT-2 shape
-    python benchmarks/bench_peers.py --profile --cases organism   # where tvlens's time goes
+    python benchmarks/bench_peers.py --cases organism --profile final,tv   # where tvlens's time goes
 
 Needs the benchmark extra: ``pip install -e ".[bench]"`` (nnsight, pyvene, pinned).
 """
@@ -208,10 +208,7 @@ def tvlens_heads(case: Case, sites: list[tuple[int, int]], positions: str, *, wa
 
 
 def tvlens_layers(case: Case, layers: list[int]) -> torch.Tensor:
-    try:  # the engine is moving from tvlens.analyses.patching to tvlens.engine; accept either home
-        from tvlens.engine import PatchRunner, replace_resid
-    except ImportError:
-        from tvlens.analyses.patching import PatchRunner, replace_resid
+    from tvlens.engine import PatchRunner, replace_resid
 
     answers = case.batch.answer_ids
     runner = PatchRunner(case.model, case.batch)
@@ -430,7 +427,8 @@ def ways_for(case: Case, args: argparse.Namespace, lm: Any) -> list[Way]:
     return [w for w in ways if w.sweep in [SWEEPS[k] for k in args.sweeps]]
 
 
-def measure(way: Way) -> None:
+def measure(way: Way) -> float:
+    """Run ``way`` once; keep its best times and largest peak; return this run's wall seconds."""
     _release()
     with PeakMemory(torch.device("cpu")) as mem:
         t0, c0 = time.perf_counter(), time.process_time()
@@ -439,6 +437,7 @@ def measure(way: Way) -> None:
     way.wall, way.cpu, way.peak = min(way.wall, wall), min(way.cpu, cpu), max(way.peak, mem.peak)
     if way.values is None:
         way.values = values.detach().float()
+    return wall
 
 
 def run_case(case: Case, args: argparse.Namespace, repeats: int) -> list[Way]:
@@ -452,8 +451,8 @@ def run_case(case: Case, args: argparse.Namespace, repeats: int) -> list[Way]:
         w.warm()
     for rep in range(repeats):  # interleaved: every way sees the same machine load
         for w in ways:
-            measure(w)
-            print(f"  [{rep + 1}/{repeats}] {w.sweep:13s} {w.name:52s} {w.wall * w.scale:8.2f} s", flush=True)
+            wall = measure(w)
+            print(f"  [{rep + 1}/{repeats}] {w.sweep:13s} {w.name:52s} {wall * w.scale:8.2f} s", flush=True)
     for sweep in SWEEPS.values():  # agreement with tvlens on every site each way computed
         group = [w for w in ways if w.sweep == sweep]
         if not group:
@@ -515,23 +514,29 @@ def report(results: list[tuple[Case, list[Way]]], args: argparse.Namespace, load
 
 
 def profile_tvlens(case: Case, args: argparse.Namespace) -> None:
-    """cProfile of tvlens's final-position head sweep (after a warm-up): its hot spots by own time."""
+    """cProfile of tvlens's way in each ``--profile`` sweep (after a warm-up): hot spots by own and cumulative time."""
     import cProfile
     import pstats
 
     L, H = case.mean_z.shape[:2]
     sites = [(l, h) for l in range(L) for h in range(H)]
-    tvlens_heads(case, sites, "final")
-    n = args.profile_runs
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(n):
-        tvlens_heads(case, sites, "final")
-    prof.disable()
-    print(f"\ncProfile of {n} x tvlens.patch_heads(positions='final') on {case.name} (times are totals over the {n} runs)")
-    stats = pstats.Stats(prof).strip_dirs()
-    stats.sort_stats("tottime").print_stats(args.profile_top)
-    stats.sort_stats("cumulative").print_stats(args.profile_top)
+    for key in args.profile:
+        what = {"final": ("tvlens.patch_heads(positions='final')", lambda: tvlens_heads(case, sites, "final")),
+                "all": ("tvlens.patch_heads(positions='all')", lambda: tvlens_heads(case, sites, "all")),
+                "tv": ("the engine's task-vector layer sweep", lambda: tvlens_layers(case, list(range(L))))}[key]
+        what[1]()
+        n = args.profile_runs
+        prof = cProfile.Profile()
+        t0 = time.perf_counter()
+        prof.enable()
+        for _ in range(n):
+            what[1]()
+        prof.disable()
+        print(f"\ncProfile of {n} x {what[0]} on {case.name}: {(time.perf_counter() - t0) / n:.3f} s per run "
+              f"under the profiler (times below are totals over the {n} runs)")
+        stats = pstats.Stats(prof).strip_dirs()
+        stats.sort_stats("tottime").print_stats(args.profile_top)
+        stats.sort_stats("cumulative").print_stats(args.profile_top)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -553,13 +558,16 @@ def main(argv: list[str] | None = None) -> list[tuple[Case, list[Way]]]:
     ap.add_argument("--batch", type=int, default=8, help="prompts at GPT-2 shape")
     ap.add_argument("--pos", type=int, default=60, help="tokens per prompt at GPT-2 shape")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--profile", action="store_true", help="also cProfile tvlens's final-position head sweep per case")
-    ap.add_argument("--profile-runs", type=int, default=20)
+    ap.add_argument("--profile", default=None,
+                    help="comma list of sweeps (final, all, tv): cProfile tvlens's way in each, per case, instead of "
+                         "comparing with the peers")
+    ap.add_argument("--profile-runs", type=int, default=20, help="runs under the profiler (after one warm-up)")
     ap.add_argument("--profile-top", type=int, default=25)
     ap.add_argument("--cache-dir", default=os.environ.get("TVLENS_BENCH_CACHE", str(Path(tempfile.gettempdir()) / "tvlens-bench")))
     args = ap.parse_args(argv)
     args.sweeps = [s.strip() for s in args.sweeps.split(",")]
-    unknown = [s for s in args.sweeps if s not in SWEEPS]
+    args.profile = None if args.profile is None else [s.strip() for s in args.profile.split(",")]
+    unknown = [s for s in args.sweeps + (args.profile or []) if s not in SWEEPS]
     if unknown:
         ap.error(f"unknown sweeps {unknown}; use {', '.join(SWEEPS)}")
     torch.set_num_threads(args.threads)
@@ -568,7 +576,11 @@ def main(argv: list[str] | None = None) -> list[tuple[Case, list[Way]]]:
     import pyvene
     from importlib.metadata import version
 
-    print(f"tvlens {version('tvlens')}, nnsight {nnsight.__version__}, pyvene {version('pyvene')}, "
+    import tvlens
+
+    # the tree measured: an editable install elsewhere would otherwise go unnoticed
+    print(f"tvlens {version('tvlens')} from {Path(tvlens.__file__).parent}, nnsight {nnsight.__version__}, "
+          f"pyvene {version('pyvene')}, "
           f"torch {torch.__version__}, transformers {version('transformers')}; {args.threads} thread(s); "
           f"load average {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} on {os.cpu_count()} cores", flush=True)
     del pyvene
@@ -581,9 +593,12 @@ def main(argv: list[str] | None = None) -> list[tuple[Case, list[Way]]]:
                 case, repeats = gpt2_case(args), args.gpt2_repeats or (1 if args.quick else 2)
             else:
                 ap.error(f"unknown case {name!r}; use organism, gpt2")
-            results.append((case, run_case(case, args, repeats)))
             if args.profile:
                 profile_tvlens(case, args)
+                continue
+            results.append((case, run_case(case, args, repeats)))
+    if args.profile:
+        return results
     if not report(results, args, load0):
         sys.exit("MISMATCH: a way disagrees with tvlens by more than 1e-5")
     return results
