@@ -272,3 +272,75 @@ def test_one_word_for_the_last_position(tiny_llama, batch):
     assert torch.equal(l1.answer_rank, l2.answer_rank)
     with pytest.raises(ValueError, match="final position"):
         tvlens.reinforce_select(tiny_llama, [TASK, "country_capital"], positions="all", steps=1, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# images ride with their rows through the row read-out (a VLM: Luo et al. 2024's image prompts)
+
+
+class _ImageRows:
+    """A minimal multimodal batch: left-padded image-ICL prompts of the VLM organism, images per row."""
+
+    def __init__(self, prompts, processor, pad_id):
+        from tvlens.organisms.vlm.prompts import collate
+
+        self.prompts, self.processor, self.pad_id = list(prompts), processor, pad_id
+        self.tokens, self.attention_mask, self.pixel_values, _, _ = collate(self.prompts, pad_id, processor)
+
+    def model_inputs(self):
+        return {"pixel_values": self.pixel_values}
+
+    def select(self, index):
+        return _ImageRows([self.prompts[int(i)] for i in index], self.processor, self.pad_id)
+
+
+@pytest.fixture(scope="module")
+def vlm_rows():
+    import tvlens.organisms.vlm  # noqa: F401  (registers the organism's processor)
+    from transformers import AutoProcessor
+    from tvlens.organisms.vlm.images import domain_items
+    from tvlens.organisms.vlm.prompts import Image, PromptCodec
+
+    path = tvlens.organisms.organism_path("organism-vlm")
+    model = tvlens.load_model(path, device="cpu")
+    processor = AutoProcessor.from_pretrained(path)
+    codec = PromptCodec(model.tokenizer)
+    items = domain_items("digits")
+    prompts = [codec.prompt([(Image("digits", items[j]), items[j]) for j in range(k)], Image("digits", items[k + 1]))
+               for k in (1, 3, 2)]  # rows of different lengths and image counts
+    return model, _ImageRows(prompts, processor, int(model.tokenizer.pad_token_id or 0))
+
+
+def test_images_ride_with_their_rows_through_the_row_readout(vlm_rows):
+    from tvlens.engine.plan import row_inputs, rows_of
+    from tvlens.engine.readout import run_rows
+
+    model, batch = vlm_rows
+    rows = rows_of(batch)
+    logits, caps = run_rows(model, rows, capture=[2], inputs=row_inputs(batch), batch_size=2)
+    for i, p in enumerate(batch.prompts):  # independent: each prompt alone, with only its own images
+        one = batch.select([i])
+        with torch.no_grad():
+            out, cache = model.run_with_cache(one.tokens, pixel_values=one.pixel_values)
+        torch.testing.assert_close(logits[i], out[0, -1], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(caps[2][i], cache["blocks.2.hook_resid_pre"][0, -1], atol=1e-4, rtol=1e-4)
+    without, _ = run_rows(model, rows, batch_size=2)  # the placeholders alone read differently
+    assert (without - logits).abs().max() > 1e-3
+
+
+def test_a_vector_applied_to_image_prompts_equals_a_hooked_forward(vlm_rows):
+    model, batch = vlm_rows
+    d = tvlens.ModelInfo.of(model).d_model
+    tv = tvlens.TaskVector.from_tensor(model, torch.randn(d, generator=torch.Generator().manual_seed(0)), layer=2)
+    got = tvlens.apply_vector(model, batch, tv)
+
+    def put(act, hook):
+        act = act.clone()
+        act[:, -1] = tv.vector
+        return act
+    for i in range(len(batch.prompts)):
+        one = batch.select([i])
+        with torch.no_grad():
+            ref = model.run_with_hooks(one.tokens, pixel_values=one.pixel_values,
+                                       fwd_hooks=[("blocks.2.hook_resid_pre", put)])[0, -1]
+        torch.testing.assert_close(got[i], ref, atol=1e-4, rtol=1e-4)

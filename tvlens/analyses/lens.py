@@ -870,6 +870,7 @@ def logit_lens(
 @torch.no_grad()
 def _run_lens(model, batch, pos_idx, pos_label, sel_layers, top_k, decoder, words, cand, owner, task, *,
               batch_size, keep_distribution, info, meta_cls, seed) -> LensResult:
+    from ..engine.batch import rows_inputs
     from ..engine.readout import read
     from ..hooks import act_name, device_of
     from ..inputs.text import TokenClass
@@ -901,7 +902,8 @@ def _run_lens(model, batch, pos_idx, pos_label, sel_layers, top_k, decoder, word
         b = end - start
         rows = torch.arange(b, device=device)
         cols = pos_idx[start:end].to(device)
-        acts, _ = read(model, tokens[start:end], attention_mask[start:end], hook_names, at=(rows, cols), **stop)
+        acts, _ = read(model, tokens[start:end], attention_mask[start:end], hook_names, at=(rows, cols), **stop,
+                       **rows_inputs(batch, start, end))
         store = {i: acts[name] for i, name in enumerate(hook_names)}
         ans = answer_ids[start:end].to(device)
         inp = input_ids[start:end].to(device)

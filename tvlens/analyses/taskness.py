@@ -32,6 +32,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ..engine.batch import rows_inputs
 from ..results import LayerHeadGrid
 from ..tasks import task_name as _task_name
 
@@ -557,7 +558,7 @@ def head_means(
                 _accumulate_batch(
                     model, batch.tokens[i:i + batch_size], batch.attention_mask[i:i + batch_size],
                     batch.token_class[i:i + batch_size], mode=mode, cls=cls, layer_ids=layer_ids,
-                    acc_z=acc_z, acc_o=acc_o, w_o=w_o, stop_at=stop_at,
+                    acc_z=acc_z, acc_o=acc_o, w_o=w_o, stop_at=stop_at, extra=rows_inputs(batch, i, i + batch_size),
                 )
                 if bar is not None:
                     bar.update(min(batch_size, len(batch) - i))
@@ -614,6 +615,7 @@ def head_means(
 def _accumulate_batch(
     model: Any, tokens: Tensor, mask: Tensor, token_class: Tensor, *, mode: str, cls: int | None,
     layer_ids: list[int], acc_z: _Moments, acc_o: _Moments | None, w_o: Tensor | None, stop_at: int | None,
+    extra: dict[str, Tensor] | None = None,
 ) -> None:
     from ..engine.plan import memory_budget
     from ..engine.readout import read
@@ -633,7 +635,8 @@ def _accumulate_batch(
     rows_d, cols_d = rows.to(device), cols.to(device)
     names = [act_name("z", layer) for layer in layer_ids]
     # [n, head, d_head] per layer, copied inside the hook (the full hook_z is freed as the pass goes on)
-    grabbed, _ = read(model, tokens, mask, names, at=(rows_d, cols_d), stop_at_layer=stop_at, cast=torch.float64)
+    grabbed, _ = read(model, tokens, mask, names, at=(rows_d, cols_d), stop_at_layer=stop_at, cast=torch.float64,
+                      **(extra or {}))
     vals = torch.stack([grabbed[name] for name in names], dim=1)  # [n, layer, head, d_head]
     ranks = ranks.to(device)
     acc_z.add(ranks, vals.reshape(vals.shape[0], -1))

@@ -15,7 +15,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-__all__ = ["Inputs", "EngineBatch", "as_batch"]
+__all__ = ["Inputs", "EngineBatch", "as_batch", "rows_inputs"]
 
 class Inputs(Protocol):
     """What the engine needs from a batch (a :class:`tvlens.PromptBatch`, a canvas or multimodal batch).
@@ -86,6 +86,13 @@ class EngineBatch:
 
     def slice(self, i: int, j: int) -> "EngineBatch":
         return self.take(torch.arange(i, min(j, len(self))))
+
+
+def rows_inputs(batch: Any, i: int, j: int) -> dict[str, Tensor]:
+    """The extra model inputs (images ...) of rows ``i..j-1`` of a batch; none for a text batch."""
+    if not callable(getattr(batch, "model_inputs", None)):
+        return {}
+    return as_batch(batch, "prompts").slice(i, j).extra
 
 
 def _extra_of(batch: Any) -> dict[str, Tensor]:

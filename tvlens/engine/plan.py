@@ -8,6 +8,7 @@ padding.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -16,7 +17,8 @@ from torch import Tensor
 from .. import hooks as _hooks
 
 __all__ = ["CPU_BUDGET", "DEFAULT_BATCH", "MAX_TOKENS", "memory_budget", "bytes_per_row", "rows_per_run",
-           "length_buckets", "pad_left", "rows_of", "pad_id_of", "merge_batches"]
+           "length_buckets", "pad_left", "rows_of", "row_inputs", "gather_inputs", "RowsBatch", "pad_id_of",
+           "merge_batches"]
 
 CPU_BUDGET = 512 << 20  # bytes of transient activations per chunk on CPU
 
@@ -75,6 +77,36 @@ def rows_of(batch: Any) -> list[Tensor]:
     """The prompts of a left-padded batch without their padding (one 1-D token tensor each)."""
     mask = batch.attention_mask.bool()
     return [batch.tokens[i][mask[i]] for i in range(batch.tokens.shape[0])]
+
+
+def row_inputs(batch: Any) -> list[dict[str, Tensor]]:
+    """Each row's extra model inputs (``pixel_values`` ...), in row order; empty dicts for a text batch."""
+    from .batch import as_batch
+
+    eb = as_batch(batch, "prompts")
+    if not eb.extra:
+        return [{} for _ in range(len(eb))]
+    return [eb.take(torch.tensor([i])).extra for i in range(len(eb))]
+
+
+def gather_inputs(inputs: Sequence[dict[str, Tensor]] | None, idx: Sequence[int]) -> dict[str, Tensor]:
+    """The extra inputs of rows ``idx`` as one batch's (concatenated in row order, as their images are)."""
+    if not inputs or not inputs[idx[0]]:
+        return {}
+    return {k: torch.cat([inputs[i][k] for i in idx]) for k in inputs[idx[0]]}
+
+
+@dataclass
+class RowsBatch:
+    """Rows re-padded into one left-padded batch with their extra model inputs (the engine's inputs protocol)."""
+
+    tokens: Tensor
+    attention_mask: Tensor
+    answer_ids: Tensor | None = None
+    inputs: dict[str, Tensor] = field(default_factory=dict)
+
+    def model_inputs(self) -> dict[str, Tensor]:
+        return self.inputs
 
 
 def length_buckets(lengths: Sequence[int], batch_size: int, *, exact: bool = False) -> list[list[int]]:

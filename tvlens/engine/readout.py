@@ -21,7 +21,7 @@ from .. import hooks as _hooks
 from ..hooks import act_name, resid_name
 from . import capabilities
 from .batch import EngineBatch
-from .plan import DEFAULT_BATCH, length_buckets, pad_id_of, pad_left
+from .plan import DEFAULT_BATCH, gather_inputs, length_buckets, pad_id_of, pad_left
 
 __all__ = ["read", "final_logits", "forward_last", "run_rows", "run_shared", "capture_acts", "last_token_only", "pack", "packed_chunk",
            "common_prefix"]
@@ -85,6 +85,7 @@ def run_rows(
     patch_value: Tensor | None = None,
     patch_mode: str = "replace",
     batch_size: int = DEFAULT_BATCH,
+    inputs: Sequence[dict[str, Tensor]] | None = None,
 ) -> tuple[Tensor | None, dict[int, Tensor]]:
     """Run prompts (unpadded rows) in length-sorted chunks; read the final position.
 
@@ -92,7 +93,8 @@ def run_rows(
     residual entering each block in ``capture`` at the final position (``{layer: [rows, d_model]}``;
     ``n_layers`` is the stream after the last block).  ``patch_value`` (``[d_model]`` or
     ``[rows, d_model]``) replaces / is added to the final position of the residual entering block
-    ``patch_layer``.  Without logits the pass stops at the last captured layer.
+    ``patch_layer``.  Without logits the pass stops at the last captured layer.  ``inputs`` are the
+    rows' extra model inputs (:func:`tvlens.engine.plan.row_inputs`), batched with their rows.
     """
     from ..models import ModelInfo
 
@@ -125,10 +127,11 @@ def run_rows(
             # the patch must run before any capture at the same hook point
             fwd.insert(0, (resid_name(patch_layer, info.n_layers), patch))
         fwd.extend(cut)
+        extra = {k: v.to(device) for k, v in gather_inputs(inputs, idx).items()}
         if logits:
-            out[it] = forward_last(model, tokens.to(device), mask.to(device), fwd).detach().to("cpu", torch.float32)
+            out[it] = forward_last(model, tokens.to(device), mask.to(device), fwd, **extra).detach().to("cpu", torch.float32)
         else:
-            _hooks.run(model, tokens.to(device), attention_mask=mask.to(device), fwd_hooks=fwd, stop_at_layer=stop)
+            _hooks.run(model, tokens.to(device), attention_mask=mask.to(device), fwd_hooks=fwd, stop_at_layer=stop, **extra)
     return out, caps
 
 

@@ -57,7 +57,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .. import hooks as _hooks
-from ..engine.plan import DEFAULT_BATCH, length_buckets, pad_id_of, pad_left, rows_of
+from ..engine.plan import DEFAULT_BATCH, RowsBatch, gather_inputs, length_buckets, pad_id_of, pad_left, row_inputs, rows_of
 from ..engine.readout import run_rows, run_shared, tree_mask_ok
 from ..results import ResultMeta, check_same_model, load_result, load_tensors, save_tensors
 
@@ -482,12 +482,13 @@ def _means_by_owner(caps: dict[int, Tensor], layers: Sequence[int], owner: Tenso
 
 def _vectors_from_batches(model: Any, batches: Sequence[Any], layers: Sequence[int], batch_size: int) -> Tensor:
     """Mean final-position residual per batch and layer: ``[batch_index, layer_index, d_model]``, one pass."""
-    rows, owner = [], []
+    rows, owner, inputs = [], [], []
     for b, batch in enumerate(batches):
         r = rows_of(batch)
         rows.extend(r)
         owner.extend([b] * len(r))
-    _, caps = run_rows(model, rows, capture=layers, logits=False, batch_size=batch_size)
+        inputs.extend(row_inputs(batch))
+    _, caps = run_rows(model, rows, capture=layers, logits=False, batch_size=batch_size, inputs=inputs)
     return _means_by_owner(caps, list(layers), torch.as_tensor(owner), len(batches))
 
 
@@ -502,9 +503,12 @@ def _extract_with_icl(model: Any, ext: Sequence[Any], icl: Sequence[Any], layers
     icl_rows = [rows_of(b) for b in icl]
     extra_rows = [rows_of(b) for b in extra]
     n_b = len(ext) + len(extra)
-    if not ext or not tree_mask_ok(model):
+    icl_inputs = [i for b in icl for i in row_inputs(b)]
+    # images (or other extra inputs) ride with their own rows: no packing of two prompts into one sequence
+    with_inputs = any(icl_inputs) or any(i for b in [*ext, *extra] for i in row_inputs(b))
+    if not ext or with_inputs or not tree_mask_ok(model):
         vecs = _vectors_from_batches(model, [*ext, *extra], layers, batch_size) if n_b else None
-        logits, _ = run_rows(model, [r for rs in icl_rows for r in rs], batch_size=batch_size)
+        logits, _ = run_rows(model, [r for rs in icl_rows for r in rs], batch_size=batch_size, inputs=icl_inputs)
         return vecs, logits
     if len(ext) != len(icl):
         raise ValueError("internal: one ICL batch per extraction batch")
@@ -658,11 +662,9 @@ def mean(vectors: Sequence[TaskVector]) -> TaskVector:
 # applying
 
 
-def _as_rows(prompts: Any, attention_mask: Tensor | None) -> tuple[list[Tensor], Any]:
-    from ..inputs.text import PromptBatch
-
-    if isinstance(prompts, PromptBatch):
-        return rows_of(prompts), prompts
+def _as_rows(prompts: Any, attention_mask: Tensor | None) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+    if isinstance(getattr(prompts, "tokens", None), Tensor) and hasattr(prompts, "attention_mask"):
+        return rows_of(prompts), row_inputs(prompts)  # a PromptBatch, or a multimodal batch with its images
     if isinstance(prompts, Tensor) and not prompts.is_floating_point():
         tokens = prompts[None] if prompts.ndim == 1 else prompts
         if tokens.ndim != 2:
@@ -673,7 +675,7 @@ def _as_rows(prompts: Any, attention_mask: Tensor | None) -> tuple[list[Tensor],
         if not bool(mask[:, -1].all()):
             raise ValueError("the last position of some row is padding; tvlens applies vectors at position -1, "
                              "so pad on the LEFT (tvlens.icl_prompts does)")
-        return rows_of(SimpleNamespace(tokens=tokens.cpu(), attention_mask=mask.cpu())), None
+        return rows_of(SimpleNamespace(tokens=tokens.cpu(), attention_mask=mask.cpu())), [{} for _ in range(len(tokens))]
     raise TypeError(f"prompts must be a tvlens PromptBatch (tvlens.icl_prompts) or a [batch, pos] token tensor, "
                     f"got {type(prompts).__name__}")
 
@@ -702,9 +704,10 @@ def apply_vector(
     mode = _check_mode(mode, vector, alpha)
     target = vector.check_model(model, layer=layer)
     batch_size = _check_int("batch_size", batch_size, 1)
-    rows, _ = _as_rows(prompts, attention_mask)
+    rows, inputs = _as_rows(prompts, attention_mask)
     value = vector.vector * float(alpha) if mode == "add" else vector.vector
-    logits, _ = run_rows(model, rows, patch_layer=target, patch_value=value, patch_mode=mode, batch_size=batch_size)
+    logits, _ = run_rows(model, rows, patch_layer=target, patch_value=value, patch_mode=mode, batch_size=batch_size,
+                         inputs=inputs)
     return logits
 
 
@@ -809,11 +812,13 @@ def _grid_eval(
     rows: list[Tensor] = []
     owner: list[int] = []
     answers: list[Tensor] = []
+    inputs: list[dict[str, Tensor]] = []
     for b, batch in enumerate(batches):
         r = rows_of(batch)
         rows.extend(r)
         owner.extend([b] * len(r))
         answers.append(batch.answer_ids.cpu())
+        inputs.extend(row_inputs(batch))
     own = torch.as_tensor(owner)
     ans_all = torch.cat(answers)
     got = torch.empty((len(rows), len(col_layers), 2))
@@ -824,7 +829,7 @@ def _grid_eval(
     for idx in length_buckets([int(r.shape[0]) for r in rows], rows_per_group, exact=True):
         it = torch.as_tensor(idx)
         tokens, mask = pad_left([rows[i] for i in idx], pad)
-        target = SimpleNamespace(tokens=tokens, attention_mask=mask, answer_ids=ans_all[it])
+        target = RowsBatch(tokens, mask, ans_all[it], gather_inputs(inputs, idx))
         runner = PatchRunner(model, target)
         edits = []
         for l, cols in by_layer.items():
@@ -1147,7 +1152,8 @@ def layer_sweep(
             fkw.setdefault("seed", seed)
             fvs = [function_vector(model, task_list[t], **fkw) for t in idx]
             v = torch.stack([fv.vector for fv in fvs])[:, None].expand(n, L, -1).contiguous()
-            icl_logits, _ = run_rows(model, [r for b in sub_icl for r in rows_of(b)], batch_size=batch_size)
+            icl_logits, _ = run_rows(model, [r for b in sub_icl for r in rows_of(b)], batch_size=batch_size,
+                                     inputs=[i for b in sub_icl for i in row_inputs(b)])
         else:
             # one pass: every layer's vector, and the ICL prompts packed with the extraction prompts
             # they share their demos with
