@@ -648,6 +648,7 @@ def test_collision_warning_names_the_pairs(word_model):
     with warnings.catch_warnings():
         warnings.simplefilter("error", TokenCollisionWarning)
         icl_prompts(word_model, "antonym", n_prompts=1, n_shots=1)  # no two antonyms start alike
+        icl_prompts(word_model, t, n_prompts=1, n_shots=1, split="train")  # warned once per tokenizer and task
 
 
 # ------------------------------------------------------------------------------------------------

@@ -143,7 +143,7 @@ def test_separator_that_splits_in_context_is_refused_with_the_tokens_seen(tokeni
         icl_prompts(tokenizers["gpt2"], "antonym", n_prompts=1, n_shots=1, separator="⇏")
 
 
-def test_single_token_answers_and_collisions_per_vocabulary(tokenizers):
+def test_single_token_answers_and_collisions_per_vocabulary(tokenizers, monkeypatch):
     """Natural case: most proper-noun answers are one token (issue measured 9-27% lowercase), and the
     collision warning names the colliding answers."""
     stats = {n: {r["task"]: r for r in answer_token_stats(tokenizers[n], ["country_capital", "country_continent"])}
@@ -151,6 +151,7 @@ def test_single_token_answers_and_collisions_per_vocabulary(tokenizers):
     for n in ("gpt2", "llama3", "qwen3"):
         assert stats[n]["country_capital"]["single_token"] >= 0.5, (n, stats[n]["country_capital"])
     assert stats["gpt2"]["country_capital"]["colliding"] < 13  # lowercase data: 13 of 69 collided on GPT-2
+    monkeypatch.setattr("tvlens.inputs.text._WARNED", set())  # warned once per process: forget earlier tests
     with pytest.warns(TokenCollisionWarning, match=r"task 'country_capital': \d+ of its 69 answers share their first "
                                                    r"token with another answer on this tokenizer \('▁C': Cairo, Copenhagen"):
         icl_prompts(tokenizers["sentencepiece-32k"], "country_capital", n_prompts=2, n_shots=1)
@@ -226,3 +227,9 @@ def test_readme_calls_run(name, vocab_models):
         assert torch.isfinite(torch.as_tensor(res.values)).all()
         gen = tvlens.generate(model, zero_shot, max_new_tokens=3, vector=tv)
         assert gen.tokens.shape == (2, 3) and fv.layer >= 0
+
+
+def test_example_sep_refused_where_it_cannot_be_passed_on(capsys, tmp_path):
+    code = main(["sweep", "--example-sep", " | ", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "--example-sep is not supported by `tvlens sweep`" in err and "loading model" not in err

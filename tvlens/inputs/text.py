@@ -801,6 +801,7 @@ def _first_token_collisions(tokenizer: Any, task: Any, separator: str) -> list[t
 
 
 _COLLISIONS: dict[tuple, list[tuple[str, tuple[str, ...]]]] = {}
+_WARNED: set[tuple] = set()
 
 
 def answer_first_tokens(model: Any, task: Any, *, separator: str = "→") -> dict[str, tuple[int, ...]]:
@@ -843,9 +844,12 @@ def answer_token_stats(model: Any, tasks: Any, *, separator: str = "→") -> lis
 
 
 def _warn_collisions(tokenizer: Any, task: Any, separator: str) -> None:
+    """Warn once per tokenizer, task and separator (a sweep builds the same task's prompts many times)."""
     coll = _first_token_collisions(tokenizer, task, separator)
-    if not coll:
+    key = (id(tokenizer), task.name, hash(task.pairs), separator)
+    if not coll or key in _WARNED:
         return
+    _WARNED.add(key)
     n = sum(len(g) for _, g in coll)
     shown = "; ".join(f"{tok!r}: {', '.join(g[:4])}{', ...' if len(g) > 4 else ''}" for tok, g in coll[:4])
     warnings.warn(
