@@ -121,6 +121,12 @@ def __dir__() -> list[str]:
     return sorted(__all__)
 
 
+# ``tvlens.generate`` names both a submodule and the function it defines. Binding the function now (the
+# submodule imports nothing heavy) keeps it so: the import system sets ``tvlens.generate`` to the module
+# only when it first loads it, which is here.
+from .generate import Generation, generate  # noqa: E402
+
+
 if TYPE_CHECKING:  # let type checkers and IDEs see the real names
     from .hooks import act_name, hooked
     from .models import ModelInfo, load_model

@@ -26,14 +26,13 @@ the same text on every device.
 
 from __future__ import annotations
 
-import sys
-import types
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from jaxtyping import Bool, Int
-from torch import Tensor
+if TYPE_CHECKING:  # imported inside the functions: ``import tvlens`` binds this module's function eagerly
+    import torch
+    from jaxtyping import Bool, Int
+    from torch import Tensor
 
 __all__ = ["Generation", "generate"]
 
@@ -71,6 +70,9 @@ class Generation:
 
 
 def _prompts(model: Any, prompts: Any, attention_mask: Tensor | None, prepend_bos: bool | None) -> tuple[Tensor, Tensor]:
+    import torch
+    from torch import Tensor
+
     from .inputs.text import PromptBatch, _pad_id, _tokenizer_of
 
     if isinstance(prompts, PromptBatch):
@@ -173,9 +175,10 @@ def generate(
     Returns:
         A :class:`Generation` (CPU tensors).
     """
+    import torch
+
     from . import hooks as _hooks
     from .inputs.text import _pad_id, _tokenizer_of
-
     from .models import require_compatible
 
     require_compatible(model)
@@ -282,6 +285,7 @@ def generate(
 
 def _sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, gen: torch.Generator) -> Tensor:
     """One token per row from softmax(logits / temperature), top-k then top-p filtered (as Hugging Face orders them)."""
+    import torch
     scores = logits / float(temperature)
     if top_k is not None and top_k < scores.shape[-1]:
         kth = scores.topk(top_k, dim=-1).values[:, -1:]
@@ -294,12 +298,3 @@ def _sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float 
         scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     return torch.multinomial(scores.softmax(-1), 1, generator=gen)[:, 0]
 
-
-class _CallableModule(types.ModuleType):
-    """``tvlens.generate(...)`` works whether ``tvlens.generate`` is this module or the function."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Generation:
-        return generate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
