@@ -104,7 +104,12 @@ def test_save_figure_writes_html_and_png(tmp_path):
     html = tmp_path / "deep" / "dir" / "fig.html"
     assert html in paths
     text = html.read_text()
-    assert "<script" in text and 'src="https://cdn.plot.ly' not in text and len(text) > 1_000_000  # plotly.js embedded
+    # offline and small: plotly.js is one file beside the page, loaded by a relative src
+    assert 'src="plotly.min.js"' in text and "cdn.plot.ly" not in text and len(text) < 100_000
+    from plotly.offline import get_plotlyjs
+
+    js = html.parent / plot.PLOTLY_JS
+    assert js.read_text(encoding="utf-8") == get_plotlyjs()
     png = tmp_path / "deep" / "dir" / "fig.png"
     try:
         import kaleido  # noqa: F401
@@ -126,3 +131,97 @@ def test_save_figure_png_failure_warns_once_and_keeps_html(tmp_path, monkeypatch
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert save_figure(fig, tmp_path / "b") == [tmp_path / "b.html"]  # second failure: silent
+
+
+def test_one_plotly_js_per_folder(tmp_path):
+    fig = line_plot([0, 1], {"a": [0, 1]}, title="t")
+    save_figure(fig, tmp_path / "a", png=False)
+    js = tmp_path / plot.PLOTLY_JS
+    stamp = js.stat().st_mtime_ns
+    save_figure(fig, tmp_path / "b", png=False)
+    page = plot.html_page(tmp_path / "page", [plot.figure_div(fig), "<p>x</p>"], title="page")
+    assert js.stat().st_mtime_ns == stamp  # written once, not again for every page
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.html", "b.html", "page.html", plot.PLOTLY_JS]
+    text = page.read_text()
+    assert text.count("<script charset='utf-8' src='plotly.min.js'>") == 1 and "Plotly.newPlot" in text
+    assert len(text) < 100_000
+    js.write_text("stale")  # another plotly version wrote it: replaced
+    save_figure(fig, tmp_path / "c", png=False)
+    assert js.stat().st_size > 1_000_000
+
+
+def test_titles_start_below_the_toolbar():
+    for fig in (layer_head_heatmap(np.eye(2), title="a long title<br><sup>sub</sup>"),
+                line_plot([0, 1], {"a": [0, 1]}, title="t"), bar_plot(["a"], {"x": [1]}, title="t")):
+        t = fig.layout.title
+        assert t.yref == "container" and t.yanchor == "top" and t.pad.t >= 25, fig.layout.title
+        assert fig.layout.margin.t >= t.pad.t + 20
+    import plotly.graph_objects as go
+
+    other = go.Figure(layout=dict(title_text="set elsewhere", margin=dict(t=20)))
+    plot.clear_of_toolbar(other)
+    assert other.layout.title.pad.t >= 25 and other.layout.margin.t > 20
+
+
+def test_png_support_says_what_to_install(monkeypatch):
+    import importlib.metadata as md
+
+    def versions(**v):
+        def version(name):
+            if v.get(name) is None:
+                raise md.PackageNotFoundError(name)
+            return v[name]
+        return version
+
+    monkeypatch.setattr(md, "version", versions(plotly="5.24.1", kaleido="0.2.1"))
+    assert plot.png_support() == (True, "")
+    monkeypatch.setattr(md, "version", versions(plotly="5.24.1", kaleido=None))
+    ok, why = plot.png_support()
+    assert not ok and "kaleido==0.2.1" in why
+    monkeypatch.setattr(md, "version", versions(plotly="6.3.0", kaleido="0.2.1"))
+    ok, why = plot.png_support()
+    assert not ok and "kaleido>=1" in why and "chrom" in why.lower()
+    monkeypatch.setattr(md, "version", versions(plotly="7.1.0", kaleido="1.5.0"))
+    assert plot.png_support() == (True, "")
+    monkeypatch.setattr(md, "version", versions(plotly="5.24.1", kaleido="1.5.0"))
+    ok, why = plot.png_support()
+    assert not ok and "plotly>=6" in why
+
+
+def test_png_export_failure_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setattr(plot, "png_support", lambda: (False, 'pip install "kaleido==0.2.1"'))
+    monkeypatch.setattr(plot, "_png_warned", False)
+    with pytest.warns(RuntimeWarning, match="kaleido==0.2.1"):
+        assert save_figure(layer_head_heatmap(np.eye(2)), tmp_path / "x") == [tmp_path / "x.html"]
+
+
+def test_notebook_renderer_embeds_plotly_js_once_without_require():
+    from plotly.offline import get_plotlyjs
+
+    r = plot._OfflineNotebookRenderer()
+    fig = line_plot([0, 1], {"a": [0, 1]}, title="t")
+    first, second = (r.to_mimebundle(fig.to_dict())["text/html"] for _ in range(2))
+    js = get_plotlyjs()
+    assert first.count(js) == 1 and js not in second
+    assert "Plotly.newPlot" in first and "Plotly.newPlot" in second
+    assert "require" not in second and "cdn.plot.ly" not in second
+    assert "window.define = undefined" in first  # an AMD loader (classic Notebook) must not swallow plotly.js
+    import plotly.io as pio
+
+    saved = pio.renderers.default
+    try:
+        plot.use_notebook_renderer()
+        assert pio.renderers.default == plot.NOTEBOOK_RENDERER
+        bundle = pio.renderers._build_mime_bundle(fig.to_dict(), renderers_string=plot.NOTEBOOK_RENDERER)
+        assert "application/vnd.plotly.v1+json" in bundle and "text/html" in bundle
+    finally:
+        pio.renderers.default = saved
+
+
+def test_attention_heatmaps():
+    pats = torch.softmax(torch.randn(3, 4, 4), -1)
+    fig = plot.attention_heatmaps(pats, ["<bos>", "a", "→", "b"], ["L0H1", "L1H0", "L1H2"], title="t")
+    assert [a.text for a in fig.layout.annotations][:3] == ["L0H1", "L1H0", "L1H2"]
+    assert len(fig.data) == 3 and fig.layout.width <= 1400
+    with pytest.raises(ValueError, match="one name per head"):
+        plot.attention_heatmaps(pats, ["a", "b", "c", "d"], ["x"])

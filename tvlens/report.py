@@ -3,9 +3,9 @@
 :func:`build_report` runs four analyses of the public API on one model and a set of tasks, and
 writes to ``out``:
 
-- ``report.html`` — one standalone page (plotly.js embedded once in its ``<head>``, no network
-  needed), one section per analysis with a short summary carrying the numbers and every figure
-  interactive;
+- ``report.html`` — one page (it loads ``plotly.min.js``, written once into ``out`` beside it: no
+  network needed, and every page of the folder shares that one copy), one section per analysis
+  with a short summary carrying the numbers and every figure interactive;
 - each figure on its own: ``taskness.html/.png``, ``logit_lens.html`` (the logit-lens summary page
   of :func:`tvlens.lens_summary`), ``logit_lens_answer.html/.png``, ``task_vector_sweep.html/.png``,
   ``patch_heads.html/.png``.
@@ -146,7 +146,8 @@ def _section_taskness(ctx: "_Ctx") -> Section:
     from .analyses.taskness import head_means, taskness
 
     n = ctx.n("taskness")
-    stats = head_means(ctx.model, ctx.tasks, n_prompts=n, n_shots=ctx.n_shots, seed=ctx.seed, progress=ctx.progress)
+    stats = head_means(ctx.model, ctx.tasks, n_prompts=n, n_shots=ctx.n_shots, seed=ctx.seed, progress=ctx.progress,
+                       executor=ctx.executor)
     ctx.stats = stats
     rho = taskness(stats)
     ctx.rho = rho
@@ -213,7 +214,7 @@ def _section_sweep(ctx: "_Ctx") -> Section:
     from .vectors.activation import layer_sweep
 
     n = ctx.n("sweep")
-    sweep = layer_sweep(ctx.model, ctx.tasks, n_prompts=n, n_shots=ctx.n_shots, seed=ctx.seed)
+    sweep = layer_sweep(ctx.model, ctx.tasks, n_prompts=n, n_shots=ctx.n_shots, seed=ctx.seed, executor=ctx.executor)
     ctx.sweep = sweep
     summ = sweep.summary()
     d = summ["all"]
@@ -250,10 +251,10 @@ def _section_patch(ctx: "_Ctx") -> Section:
     stats = ctx.stats
     if stats is None:  # the taskness section did not run: the same means, computed here
         stats = head_means(ctx.model, ctx.tasks, n_prompts=ctx.n("taskness"), n_shots=ctx.n_shots, seed=ctx.seed,
-                           progress=ctx.progress)
+                           progress=ctx.progress, executor=ctx.executor)
     targets = [icl_prompts(ctx.model, t, n_prompts=n, n_shots=0, seed=ctx.seed + 1) for t in ctx.tasks]
     results = [patch_heads(ctx.model, target, stats.mean(t.name), positions="final", metric="logprob",
-                            progress=ctx.progress)
+                            progress=ctx.progress, executor=ctx.executor)
                for t, target in zip(ctx.tasks, targets)]
     effect = torch.stack([r.effect.float() for r in results]).mean(0)  # [layer, head], mean over tasks
     base = sum(r.target_value for r in results) / len(results)
@@ -306,6 +307,7 @@ class _Ctx:
     stats: Any = None
     rho: Any = None
     sweep: Any = None
+    executor: Any = None
 
     def n(self, section: str) -> int:
         return int(self.n_prompts) if self.n_prompts is not None else DEFAULT_N_PROMPTS[section]
@@ -328,14 +330,15 @@ th{background:#f3f3f3}nav a{margin-right:14px}.figs{display:flex;flex-wrap:wrap;
 
 
 def _figure_div(fig: Any) -> str:
-    import plotly.io as pio
+    from .plot import figure_div
 
-    return pio.to_html(fig, full_html=False, include_plotlyjs=False, config={"displaylogo": False})
+    return figure_div(fig)
 
 
 def render_html(sections: Sequence[Section], *, title: str, meta: dict[str, Any]) -> str:
-    """The report page: plotly.js once in the head, then one ``<section>`` per analysis."""
-    from plotly.offline import get_plotlyjs
+    """The report page: ``<script src="plotly.min.js">`` in the head (the file sits beside the page:
+    :func:`tvlens.plot.write_plotlyjs`), then one ``<section>`` per analysis."""
+    from .plot import PLOTLY_JS
 
     esc = _html.escape
     parts = [
@@ -343,13 +346,15 @@ def render_html(sections: Sequence[Section], *, title: str, meta: dict[str, Any]
         "<html lang='en'><head><meta charset='utf-8'>",
         f"<title>{esc(title)}</title>",
         f"<style>{_CSS}</style>",
-        f"<script type='text/javascript'>{get_plotlyjs()}</script>",
+        f"<script charset='utf-8' src='{PLOTLY_JS}'></script>",
         "</head><body><main>",
         f"<h1>{esc(title)}</h1>",
         f"<p class='meta'>model <b>{esc(str(meta.get('model')))}</b> ({esc(str(meta.get('shape', '')))}), "
         f"config hash <code>{esc(str(meta.get('config_hash', '')))}</code> · {len(meta.get('tasks', ()))} tasks: "
         f"{esc(', '.join(meta.get('tasks', ())))} · {meta.get('n_shots')}-shot prompts · seed {meta.get('seed')} · "
-        f"tvlens {esc(str(meta.get('version')))} · {meta.get('seconds', 0):.0f}s</p>",
+        f"tvlens {esc(str(meta.get('version')))} · {meta.get('seconds', 0):.0f}s"
+        + (f" · run on {esc(str(meta['executor'].get('name')))} with {meta['executor'].get('workers')} worker(s)"
+           if isinstance(meta.get("executor"), dict) else "") + "</p>",
         f"<p class='meta'>Regenerate with <code>{esc(str(meta.get('command', 'tvlens report')))}</code>. "
         "Every figure is interactive (hover for values, drag to zoom, double-click to reset).</p>",
         "<nav>" + "".join(f"<a href='#{s.key}'>{esc(s.title)}</a>" for s in sections) + "</nav>",
@@ -396,6 +401,7 @@ def build_report(
     device: str | None = None,
     title: str | None = None,
     command: str | None = None,
+    executor: Any = None,
 ) -> Report:
     """Run taskness, the logit lens, the task-vector sweep and head patching; write one HTML page.
 
@@ -409,6 +415,8 @@ def build_report(
         sections: a subset of :data:`SECTIONS` (default all), run in that order.
         png: also write a PNG of each figure (kaleido).
         progress: print one line per section (and the library's progress bars) to stderr.
+        executor: where the analyses run (:mod:`tvlens.runs.executors`; default this process);
+            the page says which executor and how many workers ran them.
 
     Returns:
         :class:`Report` — ``.path`` (``out/report.html``), ``.files``, ``.sections`` (summaries and
@@ -416,7 +424,7 @@ def build_report(
     """
     from . import __version__
     from .models import ModelInfo, load_model
-    from .plot import save_figure
+    from .plot import save_figure, write_plotlyjs
     from .results import atomic_write_text, check_writable
     from .tasks import resolve_tasks
 
@@ -439,8 +447,11 @@ def build_report(
         model = load_model(model, device=device)
     info = ModelInfo.of(model)
 
+    from .runs.executors import executor_meta, resolve_executor
+
+    resolve_executor(executor)  # a wrong executor is refused before any section runs
     ctx = _Ctx(model=model, tasks=task_list, out=out, n_prompts=n_prompts, n_shots=n_shots, seed=seed, progress=progress,
-               model_name=Path(info.name).name or info.name)
+               model_name=Path(info.name).name or info.name, executor=executor)
     done: list[Section] = []
     files: list[Path] = []
     out.mkdir(parents=True, exist_ok=True)
@@ -471,8 +482,12 @@ def build_report(
         "version": __version__,
         "command": command or "tvlens report",
         "seconds": time.perf_counter() - t_start,
+        "executor": executor_meta(executor),
     }
     page = out / "report.html"
+    js = write_plotlyjs(out)
+    if js not in files:
+        files.append(js)
     atomic_write_text(page, render_html(done, title=title or f"tvlens report — {info.name}", meta=meta))
     files.insert(0, page)
     return Report(page, tuple(files), tuple(done), time.perf_counter() - t_start, meta)

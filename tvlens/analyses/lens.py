@@ -256,6 +256,26 @@ def _token_strings(model: Any, ids: Sequence[int]) -> list[str]:
     return [tok.decode([int(i)]) for i in ids]
 
 
+def _special_ids(model: Any) -> list[int]:
+    """Ids of the tokenizer's special tokens (bos, eos, pad, and added ones such as Llama-3's
+    ``<|reserved_special_token_N|>``): never words, so left out of the "top words"."""
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        return []
+    ids = {int(i) for i in (getattr(tok, "all_special_ids", None) or []) if i is not None}
+    for i, added in (getattr(tok, "added_tokens_decoder", None) or {}).items():
+        if getattr(added, "special", False):
+            ids.add(int(i))
+    return sorted(i for i in ids if i >= 0)
+
+
+def _fmt_prob(p: float) -> str:
+    """A probability for tables: two decimals, or two significant digits below 0.01 (large vocabularies)."""
+    if not math.isfinite(p):
+        return "—"
+    return f"{p:.2f}" if p >= 0.01 or p == 0 else f"{p:.1e}"
+
+
 # ----------------------------------------------------------------------------------------------
 # result objects
 # ----------------------------------------------------------------------------------------------
@@ -432,8 +452,12 @@ class LensResult:
             if not sel:
                 sel, how = [len(idx) // 2], "middle layer (no task phase)"
         used = tuple(self.layers[i] for i in sel)
+        special = [i for i in (self.meta.extra.get("special_ids", ()) if hasattr(self.meta, "extra") else ())]
         if self.mean_probs is not None:
             p = self.mean_probs[sel].mean(0)
+            if special:  # special / reserved tokens are not words
+                p = p.clone()
+                p[torch.tensor([i for i in special if i < p.shape[-1]], dtype=torch.long)] = -1.0
             top = p.topk(min(k, p.shape[-1]))
             ids, probs = top.indices.tolist(), top.values.tolist()
             return used, list(zip(self._strings(ids), probs)), how
@@ -441,7 +465,8 @@ class LensResult:
         acc: dict[int, float] = {}
         for i in sel:
             for t, p in zip(self.top_ids[i].tolist(), self.top_probs[i].tolist()):
-                acc[t] = acc.get(t, 0.0) + p / len(sel)
+                if t not in special:
+                    acc[t] = acc.get(t, 0.0) + p / len(sel)
         best = sorted(acc.items(), key=lambda kv: -kv[1])[:k]
         return used, [(self._string(t), p) for t, p in best], how
 
@@ -561,7 +586,7 @@ class LensResult:
             template=TEMPLATE,
             title=dict(text=title if title is not None else f"logit lens — {_html.escape(self.task)} (phases: {self.phases()})",
                        x=0.5, xanchor="center"),
-            width=int(min(1700, max(900, 95 * k + 560))), height=height,
+            width=int(min(1320, max(900, 80 * k + 520))), height=height,  # fits a 1400 px window
             legend=dict(orientation="h", x=1.0, xanchor="right", y=-62 / plot_h, yanchor="top"),
             margin=margin,
             font=dict(size=12),
@@ -572,7 +597,7 @@ class LensResult:
         return fig
 
     def to_html(self, path: str | Path, *, metric: str = "prob") -> Path:
-        """Write ``.plot()`` as a standalone HTML file (plotly.js embedded); returns its path."""
+        """Write ``.plot()`` as an HTML file (loading ``plotly.min.js`` from its folder); returns its path."""
         from ..plot import save_figure
 
         return save_figure(self.plot(metric), path, png=False)[0]
@@ -753,6 +778,14 @@ def _resolve_task(task_or_name: Any) -> Any:
 
     if isinstance(task_or_name, Task):
         return task_or_name
+    texts = [task_or_name] if isinstance(task_or_name, str) else task_or_name
+    if isinstance(texts, (list, tuple)) and texts and all(isinstance(t, str) for t in texts) \
+            and (not isinstance(task_or_name, str) or any(c in task_or_name for c in "→\n")):
+        raise TypeError(
+            f"prompts_or_task got prompt text ({texts[0][:40]!r}{' ...' if len(texts) > 1 else ''}), not a task name; to "
+            "read your own prompts build a batch first: logit_lens(model, tvlens.prompts_from_text(model, texts, answers)), "
+            "e.g. prompts_from_text(model, ['France → Paris\\nJapan →'], ['Tokyo'])"
+        )
     if not isinstance(task_or_name, str):
         raise TypeError(
             f"prompts_or_task must be a PromptBatch, a Task or a task name, got {type(task_or_name).__name__}; "
@@ -952,7 +985,7 @@ def _run_lens(model, batch, pos_idx, pos_label, sel_layers, top_k, decoder, word
     extra_tokens = dict(zip(extra_ids, _token_strings(model, extra_ids)))
     meta = meta_cls.for_model(
         model, tasks=(task_name,), seed=getattr(batch, "seed", seed), position=pos_label, lens=lens_name, top_k=top_k,
-        n_prompts=n_rows, n_shots=getattr(batch, "n_shots", None),
+        n_prompts=n_rows, n_shots=getattr(batch, "n_shots", None), special_ids=_special_ids(model),
     )
     return LensResult(
         layers=tuple(sel_layers), n_layers=info.n_layers, top_ids=top.indices, top_probs=top.values, top_tokens=top_tokens,
@@ -1071,17 +1104,15 @@ class LensSummary:
         return f"LensSummary(tasks={[r.task for r in self.results]}, path={str(self.path) if self.path else None!r})"
 
     def to_html(self, path: str | Path, *, title: str = "tvlens — logit-lens task summary") -> Path:
-        """One standalone HTML page (plotly.js embedded once): summary table, then per task the phases,
-        the top words at the task phase, the top-k table and the figure."""
-        from ..results import atomic_write_text
+        """One HTML page (it loads ``plotly.min.js`` from its folder, written there once: offline):
+        summary table, then per task the phases, the top words at the task phase and the figure."""
+        from ..plot import figure_div, html_page
 
         esc = _html.escape
+        css = ("body{font-family:system-ui,sans-serif;margin:24px;max-width:1340px}table{border-collapse:collapse;margin:8px 0}"
+               "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}th{background:#f3f3f3}"
+               ".rule{color:#555;font-size:13px;max-width:1100px}")
         parts = [
-            "<!DOCTYPE html><html><head><meta charset='utf-8'>",
-            f"<title>{esc(title)}</title>",
-            "<style>body{font-family:system-ui,sans-serif;margin:24px;max-width:1800px}table{border-collapse:collapse;margin:8px 0}"
-            "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}th{background:#f3f3f3}"
-            ".rule{color:#555;font-size:13px;max-width:1100px}</style></head><body>",
             f"<h1>{esc(title)}</h1>",
             f"<p class='rule'><b>Phase rule.</b> {esc(PHASE_RULE if self.metric == 'rank' else PHASE_RULE_PROB)} "
             "Layers are residual indices: L<i>l</i> = resid_pre of block <i>l</i> (L0 = embeddings), the last = final resid_post.</p>",
@@ -1094,7 +1125,7 @@ class LensSummary:
 
         rows = self.rows()
         for row in rows:
-            words = ", ".join(f"{esc(_show(t))} ({p:.2f})" for t, p in row["phase_words"])
+            words = ", ".join(f"{esc(_show(t))} ({_fmt_prob(p)})" for t, p in row["phase_words"])
             used = row["phase_words_layers"]
             parts.append(
                 f"<tr><td><a href='#{esc(row['task'])}'>{esc(row['task'])}</a></td><td>{esc(row['family'])}</td>"
@@ -1107,14 +1138,8 @@ class LensSummary:
             parts.append(f"<h2 id='{esc(r.task)}'>{esc(r.task)} <small>({esc(r.family)})</small></h2>")
             parts.append(f"<p>phases: {esc(str(r.phases(self.metric)))}; task words: {esc(', '.join(r.task_words) or '(none)')}; "
                          f"{r.n_prompts} prompts, position {esc(r.position)}</p>")
-            fig = r.plot("prob")
-            parts.append(fig.to_html(full_html=False, include_plotlyjs=(i == 0)))
-        parts.append("</body></html>")
-        out = Path(path)
-        if out.suffix.lower() not in (".html", ".htm"):
-            out = out.with_name(out.name + ".html")
-        atomic_write_text(out, "\n".join(parts))
-        return out
+            parts.append(figure_div(r.plot("prob")))
+        return html_page(path, parts, title=title, css=css)
 
 
 def lens_summary(
