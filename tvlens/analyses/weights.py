@@ -234,6 +234,12 @@ class AdditionResult(_Result):
         """Mean normalised accuracy per method."""
         return {m: float(self.normalized[i].mean()) for i, m in enumerate(self.methods)}
 
+    @property
+    def normalized_capped(self) -> Float[Tensor, "method task"]:
+        """Normalised accuracy capped at 1: a merged model beating a weak own fine-tune earns no credit
+        that could hide another task's loss in the mean."""
+        return self.normalized.clamp(max=1.0)
+
     def _top_other(self, i: int, j: int) -> tuple[str, float]:
         """The other task whose answers the merged model gives most often on ``tasks[j]``'s queries."""
         row = [(float(v), name) for k, (v, name) in enumerate(zip(self.answered_as[i, j].tolist(), self.answer_tasks))
@@ -252,7 +258,8 @@ class AdditionResult(_Result):
                                  normalized=float(self.normalized[i, j]), answered_as=other, answered_as_frac=frac))
             rows.append(dict(method=m, lam=self.lams[i], task="mean", domain="", base=float(self.base.mean()),
                              finetuned=float(self.finetuned.mean()), merged=float(self.merged[i].mean()),
-                             normalized=float(self.normalized[i].mean())))
+                             normalized=float(self.normalized[i].mean()),
+                             answered_as=f"capped mean {float(self.normalized_capped[i].mean()):.3f}"))
         return pd.DataFrame(rows)
 
     def plot(self, *, title: str | None = None) -> Any:
@@ -807,13 +814,14 @@ class PeftComparison(_Result):
         fig = go.Figure()
         x = [max(1.0, float(n)) for n in self.n_trained]
         y = self.accuracy.mean(1).tolist()
-        fig.add_trace(go.Scatter(x=x, y=y, mode="markers+text", text=list(self.methods), textposition="top center",
+        where = ["top center" if k % 2 == 0 else "bottom center" for k in range(len(x))]  # neighbours' labels apart
+        fig.add_trace(go.Scatter(x=x, y=y, mode="markers+text", text=list(self.methods), textposition=where,
                                  marker=dict(size=11), hovertemplate="%{text}: %{y:.3f} (%{x:.3g} params)<extra></extra>"))
         lora = [i for i, m in enumerate(self.methods) if m.startswith("lora")]
         if len(lora) > 1:
             fig.add_trace(go.Scatter(x=[x[i] for i in lora], y=[y[i] for i in lora], mode="lines", name="LoRA ranks"))
         fig.update_xaxes(type="log", title="trained parameters per task (0 drawn at 1)")
-        fig.update_yaxes(title="zero-shot accuracy (test, mean over tasks)", range=[0, 1.05])
+        fig.update_yaxes(title="zero-shot accuracy (test, mean over tasks)", range=[0, 1.15])
         fig.update_layout(template="plotly_white", width=820, height=480, showlegend=False,
                           title=dict(text=title or self._title(), x=0.5))
         return fig
