@@ -425,8 +425,10 @@ class RayExecutor:
 
     def _spec(self, model: Any) -> dict[str, Any]:
         spec = dict(self.load) if self.load is not None else _load_spec(model)
-        if "device" not in spec and "device_map" not in spec:
-            spec["device"] = "cuda" if self._gpus(model) > 0 else "cpu"
+        if spec.get("device_map") is None:  # one device per replica: the one Ray gives the worker
+            spec.pop("device_map", None)
+            if self.load is None or "device" not in spec:
+                spec["device"] = "cuda" if self._gpus(model) > 0 else "cpu"
         return spec
 
     def prepare(self, model: Any) -> None:
@@ -547,10 +549,12 @@ class RayExecutor:
             for _, i in inflight.values():
                 if i in load:
                     load[i] += 1
-            for i in sorted(load, key=load.get):
-                while queue and load[i] < _IN_FLIGHT:
-                    submit(i)
-                    load[i] += 1
+            while queue and load:  # one unit at a time to the least busy worker: a short queue spreads out
+                i = min(load, key=lambda j: (load[j], j))
+                if load[i] >= _IN_FLIGHT:
+                    break
+                submit(i)
+                load[i] += 1
 
         try:
             fill()
