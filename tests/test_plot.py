@@ -225,3 +225,30 @@ def test_attention_heatmaps():
     assert len(fig.data) == 3 and fig.layout.width <= 1400
     with pytest.raises(ValueError, match="one name per head"):
         plot.attention_heatmaps(pats, ["a", "b", "c", "d"], ["x"])
+
+
+def test_lens_page_top_words_skip_special_tokens_and_show_small_probabilities(tmp_path):
+    """A large vocabulary spreads probability thin and an untrained model may rank reserved tokens
+    first: the summary page names words, not special tokens, with readable small probabilities."""
+    from tvlens.analyses.lens import LensResult, LensSummary
+    from tvlens.results import ResultMeta
+
+    n, vocab = 3, 6
+    probs = torch.full((n, vocab), 1e-5)
+    probs[:, 0] = 0.9    # a reserved special token, ranked first
+    probs[:, 4] = 3e-5   # the best real word
+    probs[:, 2] = 2e-5
+    nan = torch.full((1, n), float("nan"))
+    one = torch.ones(1, n)
+    r = LensResult(
+        layers=tuple(range(n)), n_layers=n - 1, top_ids=torch.tensor([[0, 4]] * n), top_probs=torch.tensor([[0.9, 3e-5]] * n),
+        top_tokens=tuple(("<|reserved_special_token_0|>", " paris") for _ in range(n)), answer_rank=one * 3,
+        answer_prob=one * 1e-5, input_rank=one * 4, input_prob=one * 1e-5, task_rank=nan, task_prob=nan, task_words=(),
+        task_word_rank=torch.zeros(n, 0), task_word_prob=torch.zeros(n, 0), answer_ids=torch.zeros(1, dtype=torch.long),
+        input_ids=torch.zeros(1, dtype=torch.long), position="separator", lens="logit", task="synthetic", mean_probs=probs,
+        token_strings={0: "<|reserved_special_token_0|>", 2: " city", 4: " paris"},
+        meta=ResultMeta(extra={"special_ids": [0]}))
+    _, words, _ = r.task_phase_words(2)
+    assert [w for w, _ in words] == [" paris", " city"]
+    page = LensSummary(results=(r,)).to_html(tmp_path / "lens.html").read_text()
+    assert "paris (3.0e-05)" in page and "(0.00)" not in page and "reserved_special" not in page.split("<h2")[0]

@@ -551,7 +551,7 @@ class LensResult:
                             "answer / input / task word" + (" (geo-mean rank)" if metric == "rank" else "")),
         )
         # plotly renders cell text as HTML: escape "<bos>"-like tokens
-        text = [[_html.escape(_show(t)) for t in row] for row in self.top_tokens]
+        text = [[_html.escape(_show(t), quote=False) for t in row] for row in self.top_tokens]
         fig.add_trace(
             go.Heatmap(
                 z=self.top_probs.numpy(), x=[f"#{i + 1}" for i in range(k)], y=labels, text=text,
