@@ -23,7 +23,7 @@ from . import capabilities
 from .batch import EngineBatch
 from .plan import DEFAULT_BATCH, gather_inputs, length_buckets, pad_id_of, pad_left
 
-__all__ = ["read", "final_logits", "forward_last", "run_rows", "run_shared", "capture_acts", "last_token_only", "pack", "packed_chunk",
+__all__ = ["read", "all_logits", "final_logits", "forward_last", "run_rows", "run_shared", "capture_acts", "last_token_only", "pack", "packed_chunk",
            "common_prefix"]
 
 def forward_last(model: Any, tokens: Tensor, mask: Tensor, fwd_hooks: list, **kw: Any) -> Tensor:
@@ -243,6 +243,15 @@ def run_shared(model: Any, pairs: Sequence[tuple[Tensor, Tensor]], layers: Seque
         fwd.extend(cut)
         logits[it] = forward_last(model, tokens, mask, fwd, position_ids=pos).detach().to("cpu", torch.float32)
     return caps, logits
+
+
+@torch.no_grad()
+def all_logits(model: Any, tokens: Int[Tensor, "batch pos"], mask: Int[Tensor, "batch pos"] | None,
+               **model_inputs: Tensor) -> Float[Tensor, "batch pos d_vocab"]:
+    """The logits at every position of one plain forward (teacher-forced answers are read from them)."""
+    device = _hooks.device_of(model)
+    m = None if mask is None else mask.to(device)
+    return _hooks.run(model, tokens.to(device), attention_mask=m, **{k: v.to(device) for k, v in model_inputs.items()})
 
 
 @torch.no_grad()

@@ -1201,11 +1201,9 @@ class IclAccuracy:
 
 
 def _forward(model: Any, tokens: Tensor, attention_mask: Tensor) -> Tensor:
-    try:
-        from ..hooks import run
-    except ImportError:  # pragma: no cover - hooks is part of the package
-        return model(tokens, attention_mask=attention_mask)
-    return run(model, tokens, attention_mask=attention_mask)
+    from ..engine.readout import all_logits
+
+    return all_logits(model, tokens, attention_mask)
 
 
 def _check_logits_last(logits_last: Tensor, batch: PromptBatch) -> None:
