@@ -206,7 +206,6 @@ def generate(
     if int(tokens.max()) >= d_vocab or int(tokens.min()) < 0:
         raise ValueError(f"prompt token ids must be in 0..{d_vocab - 1} for this model; got {int(tokens.min())}..{int(tokens.max())}")
 
-    fwd: list[tuple[str, Any]] = []
     value = site = None
     if vector is not None:
         from .vectors.activation import TaskVector, _check_mode

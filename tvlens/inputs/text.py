@@ -591,7 +591,6 @@ def _build(
     example_sep: str,
     use_bos: bool,
     n_ctx: int | None,
-    single_sep: bool = True,
     real: Sequence[tuple[str, Sequence[str]]] | None = None,
 ) -> dict[str, Any]:
     """Tokenize whole prompt texts; classes from offsets; answers as they follow each prompt.
@@ -623,7 +622,7 @@ def _build(
             if counts[k] == 0:
                 raise ValueError(f"{where}: {_CLASS_WORDS.get(c, c.name)} {lay.text[s:e]!r} has no token of its own in "
                                  f"context ({lay.text!r}); clean the data")
-            if counts[k] > 1 and c in (TokenClass.FINAL_SEP, TokenClass.DEMO_SEP) and single_sep:
+            if counts[k] > 1 and c in (TokenClass.FINAL_SEP, TokenClass.DEMO_SEP):
                 first = span_of.index(k)
                 toks = _token_strs(tokenizer, [i for i, kk in zip(ids, span_of) if kk == k])
                 what = "example_sep" if c == TokenClass.DEMO_NEWLINE else "separator"
