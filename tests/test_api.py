@@ -18,3 +18,14 @@ def test_export_resolves(name):
 def test_unknown_name_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no attribute"):
         tvlens.not_a_function
+
+
+def test_type_checkers_see_every_export():
+    """The TYPE_CHECKING block imports exactly the exported names, from the modules the table names."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(tvlens.__file__).read_text())
+    block = next(n for n in tree.body if isinstance(n, ast.If) and getattr(n.test, "id", "") == "TYPE_CHECKING")
+    seen = {(a.asname or a.name, node.module) for node in block.body if isinstance(node, ast.ImportFrom) for a in node.names}
+    assert seen == {(name, module) for name, module in tvlens._EXPORTS.items()}

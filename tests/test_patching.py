@@ -386,7 +386,7 @@ def test_bad_inputs(tiny_gpt2):
     with pytest.raises(ValueError, match="out of range"):
         patch_heads(m, t3, t3, layers=[7], progress=False)
     with pytest.raises(ValueError, match="unknown positions"):
-        patch_heads(m, t3, t3, positions="last", progress=False)
+        patch_heads(m, t3, t3, positions="middle", progress=False)
     with pytest.raises(ValueError, match="unknown metric"):
         patch_heads(m, t3, t3, metric="kl", progress=False)
     with pytest.raises(ValueError, match="shape"):
