@@ -564,7 +564,8 @@ class _OfflineNotebookRenderer(_renderer_base()):
     JupyterLab and VS Code)."""
 
     def __init__(self) -> None:
-        self.sent = False
+        # shared by the copies plotly makes of a renderer for each figure: plotly.js goes out once per kernel
+        self._state = {"sent": False}
 
     def activate(self) -> None:  # called by plotly when the renderer becomes the default
         pass
@@ -583,8 +584,8 @@ class _OfflineNotebookRenderer(_renderer_base()):
         fig = _prepared(go.Figure(fig_dict))
         div = pio.to_html(fig, include_plotlyjs=False, full_html=False, config=FIGURE_CONFIG,
                           default_width="100%", default_height=525, validate=False)
-        head = "" if self.sent else self.script()
-        self.sent = True
+        head = "" if self._state["sent"] else self.script()
+        self._state["sent"] = True
         return {"text/html": head + div}
 
 
