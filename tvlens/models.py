@@ -374,6 +374,8 @@ def load_model(
     """
     torch_dtype = _resolve_dtype(dtype)
     source, _ = _resolve_source(name_or_path)
+    if _ORGANISM_REGISTRY.get(str(name_or_path), "").startswith("vlm/") or "TinyLlavaProcessor" in _processor_class(source):
+        from .organisms import vlm  # noqa: F401  registers organism-vlm's PIL-free processor before the bridge looks for it
     dev = _resolve_device(device) if device_map is None else None
 
     import logging
@@ -425,6 +427,14 @@ def load_model(
     if check:
         check_hook_contract(model)
     return model
+
+
+def _processor_class(source: str) -> str:
+    """The processor class a local checkpoint names in ``processor_config.json`` ("" when none)."""
+    try:
+        return str(json.loads((Path(source) / "processor_config.json").read_text()).get("processor_class", ""))
+    except (OSError, ValueError):
+        return ""
 
 
 def _missing_package_error(name: Any, source: str, attempts: list[str]) -> ImportError:

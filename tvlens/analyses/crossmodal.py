@@ -65,6 +65,7 @@ __all__ = [
     "crossmodal_lens",
     "untrained_vision_copy",
     "patch_vector",
+    "crossmodal_page",
 ]
 
 #: Luo et al. 2024, Table 2's rows, in order
@@ -1253,3 +1254,51 @@ def crossmodal_lens(
     return CrossModalLens(tasks=tuple(names), layers=layers, prob=P, geo_rank=R, phases=phases, top_words=top,
                           task_words=words_used, settings=dict(n_prompts=n_prompts, n_shots=n_shots, metric=metric),
                           meta=_meta(model, names, seed, analysis="crossmodal_lens"))
+
+
+# ----------------------------------------------------------------------------------------------
+# one page
+
+
+def _md_html(md: str) -> str:
+    """The markdown these results write (pipe tables, bullets, paragraphs) as HTML."""
+    import html
+
+    out, rows = [], []
+
+    def flush() -> None:
+        if rows:
+            head, *body = [r for r in rows if not set(r.replace("|", "").strip()) <= {"-"}]
+            cells = lambda r, tag: "".join(f"<{tag}>{html.escape(c.strip())}</{tag}>" for c in r.strip().strip("|").split("|"))  # noqa: E731
+            out.append("<table><tr>" + cells(head, "th") + "</tr>" + "".join(f"<tr>{cells(r, 'td')}</tr>" for r in body) + "</table>")
+            rows.clear()
+
+    for line in md.splitlines():
+        if line.startswith("|"):
+            rows.append(line)
+            continue
+        flush()
+        if line.startswith("* "):
+            out.append(f"<li>{html.escape(line[2:])}</li>")
+        elif line.strip():
+            out.append(f"<p>{html.escape(line)}</p>")
+    flush()
+    return "\n".join(out)
+
+
+def crossmodal_page(path: Any, *, table: CrossModalTable | None = None, similarity: TaskSimilarity | None = None,
+                    llm: LlmVlmTransfer | None = None, lens: CrossModalLens | None = None) -> Any:
+    """One HTML page of the results given (tables and figures; plotly.js beside it): Luo et al. 2024 on one model."""
+    from ..plot import figure_div, html_page
+
+    parts = ["<h1>Cross-modal task vectors (Luo, Darrell &amp; Bar 2024)</h1>"]
+    titles = {"table": "The cross-modal table (§4, Table 2)", "similarity": "Text vs image task vectors (§5)",
+              "llm": "LLM → VLM (§5)", "lens": "Logit lens: input → task → answer (§4.1)"}
+    for key, r in (("table", table), ("similarity", similarity), ("llm", llm), ("lens", lens)):
+        if r is None:
+            continue
+        parts += [f"<h2>{titles[key]}</h2>", _md_html(r.markdown()), figure_div(r.plot())]
+    if len(parts) == 1:
+        raise ValueError("crossmodal_page needs at least one result (table=, similarity=, llm= or lens=)")
+    model = next(r for r in (table, similarity, llm, lens) if r is not None).meta.model
+    return html_page(path, parts, title=f"tvlens — cross-modal task vectors — {model}")

@@ -151,11 +151,10 @@ class VisionSpec:
             out = proc(list(images), return_tensors="pt")
             keep = ("pixel_values", "image_grid_thw")
             return {k: torch.as_tensor(out[k]) for k in keep if k in out}
-        x = np.stack(images).astype(np.float32) / 255.0
-        x = (x - np.asarray(self.mean[: self.channels], np.float32)) / np.asarray(self.std[: self.channels], np.float32)
-        x = x.transpose(0, 3, 1, 2)  # [image, channel, height, width]
+        mean, std = np.asarray(self.mean[: self.channels], np.float32), np.asarray(self.std[: self.channels], np.float32)
+        x = [((im.astype(np.float32) / 255.0 - mean) / std).transpose(2, 0, 1) for im in images]  # [channel, h, w] each
         if not self.uses_grid:
-            return {"pixel_values": torch.from_numpy(np.ascontiguousarray(x))}
+            return {"pixel_values": torch.from_numpy(np.ascontiguousarray(np.stack(x)))}
         flat, grids = zip(*(_qwen_patches(im, self.patch_size, self.merge_size, self.temporal_patch_size) for im in x))
         return {"pixel_values": torch.from_numpy(np.concatenate(flat)), "image_grid_thw": torch.tensor(grids, dtype=torch.long)}
 
@@ -664,7 +663,7 @@ def _assemble(model: Any, spec: VisionSpec, layouts: Sequence[_Layout], answers:
         context=context, query_modality=query, texts=tuple(lay.text for lay in layouts),
         demos=tuple(tuple(d) for d in demos), other_answers=tuple(tuple(a[1:]) for a in answers),
         other_answer_tokens=tuple(tuple(a[1:]) for a in acc),
-        images=torch.from_numpy(np.stack(flat)) if flat else None,
+        images=torch.from_numpy(np.stack(flat)) if flat and len({p.shape for p in flat}) == 1 else None,
         image_items=tuple(it for row in pics for _, it in row), options=dict(options),
     )
 

@@ -1,0 +1,479 @@
+"""Cross-modal task vectors (Luo, Darrell & Bar 2024): multimodal batches, the cross-modal table, bad input.
+
+References are independent of tvlens's engine: the raw Hugging Face model with plain PyTorch forward
+(pre-)hooks on its decoder layers, the bridge's own ``run_with_hooks`` one row at a time, and the
+checkpoint's processor for token ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata as md
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("PIP_NO_INDEX", "1")  # a VLM's bridge may shell out to pip: never let it reach an index
+os.environ.setdefault("UV_OFFLINE", "1")
+
+import tvlens  # noqa: E402
+from tvlens.analyses import crossmodal as xm  # noqa: E402
+from tvlens.inputs import multimodal as mm  # noqa: E402
+from tvlens.inputs.text import TokenClass  # noqa: E402
+
+TASKS = ["country_capital", "country_currency"]
+
+
+def _installed() -> dict[str, str]:
+    return {d.metadata["Name"].lower(): d.version for d in md.distributions()}
+
+
+class _Forwards:
+    """Counts forward passes of a model (to show that bad input is refused before any)."""
+
+    def __init__(self, model):
+        self.n = 0
+        self.handle = model.register_forward_pre_hook(self._count)
+
+    def _count(self, *_):
+        self.n += 1
+
+    def close(self):
+        self.handle.remove()
+
+
+# ----------------------------------------------------------------------------------------------
+# models
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    from tvlens.models import organism_path
+
+    if not (organism_path("organism-vlm") / "config.json").exists():
+        pytest.skip("organism-vlm checkpoint not shipped")
+    return tvlens.load_model("organism-vlm", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def hf_vlm():
+    from transformers import LlavaForConditionalGeneration
+
+    from tvlens.models import organism_path
+
+    return LlavaForConditionalGeneration.from_pretrained(organism_path("organism-vlm"), attn_implementation="eager").eval()
+
+
+def _tokenizer(specials):
+    from conftest import vocabulary
+
+    from tvlens.organisms.text.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(vocabulary())
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    return tok, {s: tok.convert_tokens_to_ids(s) for s in specials}
+
+
+def _text_config(tok, **kw):
+    return dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kw)
+
+
+def _build_tiny(kind, out):
+    """A tiny random VLM of ``kind`` saved with save_pretrained (no processor files: tvlens expands placeholders)."""
+    torch.manual_seed(0)
+    if kind == "llava":
+        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+        tok, ids = _tokenizer(["<image>"])
+        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=16, patch_size=8, projection_dim=32)
+        model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=LlamaConfig(**_text_config(tok)),
+                                                          image_token_id=ids["<image>"], vision_feature_layer=-1,
+                                                          image_seq_length=4))
+    elif kind == "gemma3":
+        from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+        tok, ids = _tokenizer(["<start_of_image>", "<end_of_image>", "<image_soft_token>"])
+        model = Gemma3ForConditionalGeneration(Gemma3Config(
+            text_config=_text_config(tok, head_dim=16, sliding_window=64),
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                               image_size=16, patch_size=4),
+            mm_tokens_per_image=4, boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"],
+            image_token_index=ids["<image_soft_token>"]))
+    else:
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        names = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+        tok, ids = _tokenizer(names)
+        rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+            text_config=_text_config(tok, rope_parameters=rope),
+            vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
+                               spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64, window_size=8,
+                               fullatt_block_indexes=[1]),
+            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"]))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_vlm")
+    return {k: _build_tiny(k, root / k) for k in ("llava", "gemma3", "qwen2_5_vl")}
+
+
+def _torchvision() -> bool:
+    try:
+        import torchvision  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+
+
+_loaded: dict = {}
+
+
+@pytest.fixture(scope="module", params=["llava", "gemma3", "qwen2_5_vl"])
+def tiny_vlm(request, tiny_vlm_dirs):
+    kind = request.param
+    if kind == "qwen2_5_vl" and not _torchvision():
+        pytest.skip("TransformerLens's Qwen2.5-VL adapter needs torchvision, which is not installed here (and tvlens never "
+                    "installs it); with torchvision, this runs the table and the fast-path check on Qwen2.5-VL too")
+    if kind not in _loaded:
+        _loaded[kind] = tvlens.load_model(tiny_vlm_dirs[kind], device="cpu", require_processor=False)
+    return kind, _loaded[kind]
+
+
+# ----------------------------------------------------------------------------------------------
+# batches
+
+
+def test_organism_batches_equal_the_processor_and_slice_images_by_row(vlm):
+    b = mm.image_icl_prompts(vlm, "country_capital", n_prompts=4, n_shots=2, seed=3)
+    assert b.pixel_values.shape == (12, 3, 16, 16) and b.n_images.tolist() == [3, 3, 3, 3]
+    assert bool(b.attention_mask[:, -1].all()) and (b.token_class[:, -1] == int(TokenClass.FINAL_SEP)).all()
+    img = b.image_positions
+    assert set(b.token_class[img].tolist()) == {int(TokenClass.DEMO_INPUT), int(TokenClass.QUERY_INPUT)}
+    for r in range(len(b)):  # the checkpoint's own processor on the same text and images
+        out = vlm.processor(text=[b.texts[r]], images=[b.row_images(r)], return_tensors="pt")
+        real = b.attention_mask[r].bool()
+        assert torch.equal(out["input_ids"][0][1:], b.tokens[r][real][1:])  # the processor's text has no <bos>
+        assert torch.allclose(out["pixel_values"], b.pixel_values[3 * r: 3 * r + 3])
+    s = b.select([2, 0])
+    assert torch.equal(s.pixel_values, torch.cat([b.pixel_values[6:9], b.pixel_values[0:3]]))
+    assert s.queries == (b.queries[2], b.queries[0]) and torch.equal(s.tokens, b.tokens[[2, 0]])
+    nc = mm.image_query_prompts(vlm, "country_capital", n_prompts=4, seed=3)
+    assert nc.queries == b.queries and nc.tokens.shape[1] == 1 + 4 + 1  # <bos> <image>×4 →
+    assert nc.image_items[0][1] == b.image_items[2][1]  # the same held-out rendering of the same query
+
+
+def test_qwen_patches_slice_by_image_grid_offsets():
+    """Qwen2.5-VL flattens patches over the batch: a row's patches are found through image_grid_thw."""
+    spec = mm.VisionSpec("qwen2_5_vl", 9, "<|image_pad|>", None, 3, size_multiple=8, before=(7,), after=(8,),
+                         patch_size=4, merge_size=2, temporal_patch_size=2)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in ((16, 16), (8, 16), (16, 8), (8, 8))]
+    pix = spec.pixel_inputs(images)
+    assert pix["image_grid_thw"].tolist() == [[1, 4, 4], [1, 2, 4], [1, 4, 2], [1, 2, 2]]
+    assert pix["pixel_values"].shape == (16 + 8 + 8 + 4, 3 * 2 * 4 * 4)
+    try:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        proc = Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2, do_resize=False)
+        ref = proc(images, return_tensors="pt")
+        assert torch.allclose(ref["pixel_values"], pix["pixel_values"], atol=1e-5)
+        assert torch.equal(ref["image_grid_thw"], pix["image_grid_thw"])
+    except ImportError:
+        pass  # the numpy patchify is still checked against the layout by the slicing below
+    runs = [spec.run(h, w) for h, w in ((16, 16), (8, 16), (16, 8), (8, 8))]
+    rows = [[1, *runs[0], 5, *runs[1], 6], [1, *runs[2], 6], [1, *runs[3], 6]]
+    width = max(map(len, rows))
+    tokens = torch.zeros((3, width), dtype=torch.long)
+    mask = torch.zeros_like(tokens)
+    for r, t in enumerate(rows):
+        tokens[r, width - len(t):] = torch.tensor(t)
+        mask[r, width - len(t):] = 1
+    b = mm.MultimodalBatch(tokens=tokens, attention_mask=mask, token_class=mask.clone(), answer_ids=torch.zeros(3, dtype=torch.long),
+                           answer_tokens=((0,),) * 3, queries=("a", "b", "c"), answers=("x",) * 3, task="t", n_shots=0, seed=0,
+                           image_token_id=9, n_images=torch.tensor([2, 1, 1]), pixel_values=pix["pixel_values"],
+                           image_grid_thw=pix["image_grid_thw"])
+    s = b.select([2, 0])
+    assert torch.equal(s.image_grid_thw, pix["image_grid_thw"][[3, 0, 1]])
+    assert torch.equal(s.pixel_values, torch.cat([pix["pixel_values"][32:36], pix["pixel_values"][0:24]]))
+    assert torch.equal(b.select([1]).pixel_values, pix["pixel_values"][24:32])
+
+
+@torch.no_grad()
+def _hf_last(hf, tokens, pixel_values, layer=None, value=None):
+    """Final-position logits of the raw HF model; ``value`` replaces the last position entering decoder layer ``layer``."""
+    handles = []
+    if value is not None:
+        def pre(module, args, kwargs):
+            h = (args[0] if args else kwargs["hidden_states"]).clone()
+            h[:, -1] = value
+            if args:
+                return (h, *args[1:]), kwargs
+            kwargs["hidden_states"] = h
+            return args, kwargs
+        handles.append(hf.model.language_model.layers[layer].register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        return hf(input_ids=tokens, pixel_values=pixel_values).logits[:, -1]
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _padded_batch(model):
+    """Rows of different lengths and image counts, left-padded into one batch."""
+    from tvlens.organisms.vlm.images import render
+
+    mark = mm.vision_spec(model).marker
+    texts = [f"{mark} → 5\n{mark} → 8\n{mark} →", f"{mark} →", f"three → four\n{mark} →"]
+    images = [[render("digits", "4", 10**6), render("digits", "7", 10**6 + 1), render("digits", "12", 10**6 + 2)],
+              [render("glyph", "b", 10**6 + 3)], [render("digits", "9", 10**6 + 4)]]
+    return mm.prompts_from_images(model, texts, images, ["13", "c", "10"])
+
+
+def test_left_padded_batch_equals_single_rows_and_last_position_patch_is_local(vlm, hf_vlm):
+    from tvlens.engine import PatchRunner, replace_resid
+    from tvlens.hooks import act_name, run
+
+    both = _padded_batch(vlm)
+    assert bool((both.attention_mask == 0).any())
+    runner = PatchRunner(vlm, both)
+    # realistic patches: means of the prompts' final-position states (as a task vector is), no row's own state
+    vecs = torch.stack([runner.clean_resid(2)[:, -1].mean(0), runner.clean_resid(1)[:, -1].mean(0)])
+    got = runner.logits([replace_resid(2, vecs[0], columns=0), replace_resid(1, vecs[1], columns=1)], n_columns=2)
+    edits = [replace_resid(2, vecs[0], columns=0), replace_resid(1, vecs[1], columns=1)]
+    for r in range(len(both)):
+        row = both.select([r])
+        real = row.attention_mask[0].bool()
+        tokens = row.tokens[:, real]
+        single = dataclasses.replace(row, tokens=tokens, attention_mask=row.attention_mask[:, real],
+                                     token_class=row.token_class[:, real])
+        alone = PatchRunner(vlm, single)  # the same row run alone, unpadded
+        scale = max(1.0, float(got[r].abs().max()))  # 1e-5 of the logits' scale: float32 rounding of other shapes
+        assert (alone.clean_logits[0] - runner.clean_logits[r]).abs().max() < 1e-5 * scale
+        assert (alone.logits(edits, n_columns=2)[0] - got[r]).abs().max() < 1e-5 * scale
+        # the raw HF model (eager attention) with a plain pre-hook: agreement to float rounding at the logits' scale
+        ref = _hf_last(hf_vlm, tokens, row.pixel_values)
+        assert (runner.clean_logits[r] - ref[0]).abs().max() < 1e-5 * max(1.0, float(ref.abs().max()))
+        for c, layer in enumerate((2, 1)):
+            ref = _hf_last(hf_vlm, tokens, row.pixel_values, layer, vecs[c])
+            assert (got[r, c] - ref[0]).abs().max() < 1e-5 * max(1.0, float(ref.abs().max()))
+    # a patch at the last position changes the logits of the last position only
+    def patch(act, hook=None):
+        act = act.clone()
+        act[:, -1] = vecs[0]
+        return act
+    with torch.no_grad():
+        clean = run(vlm, both.tokens, attention_mask=both.attention_mask, pixel_values=both.pixel_values)
+        patched = run(vlm, both.tokens, attention_mask=both.attention_mask, pixel_values=both.pixel_values,
+                      fwd_hooks=[(act_name("resid_pre", 2), patch)])
+    real = both.attention_mask.bool()
+    real[:, -1] = False
+    assert (clean - patched).abs()[real].max() == 0
+    assert (clean[:, -1] - patched[:, -1]).abs().amax(-1).min() > 1e-2
+    assert (patched[:, -1] - got[:, 0]).abs().max() < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# the table on the organism, checked against plain hooks on the HF model
+
+
+@pytest.fixture(scope="module")
+def table(vlm):
+    return xm.crossmodal_table(vlm, TASKS, renderings=1, n_contexts=6, n_shots=3)
+
+
+def test_table_numbers_match_plain_hooks_on_the_hf_model(vlm, hf_vlm, table):
+    L = table.layers["Text ICL xPatch"]
+    assert table.conditions == xm.CONDITIONS and table.accuracy.shape == (8, 2)
+    for t, task in enumerate(TASKS):
+        ctx = xm._context_batches(vlm, task, 6, 3, 0, None)
+        # the text vector: mean state entering decoder layer L at the last position, by a plain pre-hook
+        store = []
+        h = hf_vlm.model.language_model.layers[L].register_forward_pre_hook(
+            lambda m, args, kw: store.append((args[0] if args else kw["hidden_states"])[:, -1].clone()), with_kwargs=True)
+        try:
+            for r in range(len(ctx["text"])):
+                row = ctx["text"].select([r])
+                with torch.no_grad():
+                    hf_vlm(input_ids=row.tokens[:, row.attention_mask[0].bool()])
+        finally:
+            h.remove()
+        vec = torch.cat(store).mean(0)
+        nc = mm.image_query_prompts(vlm, task, queries=xm._split_items(task, "test"), split="test")
+        xb = mm.text_icl_image_query_prompts(vlm, task, queries=xm._split_items(task, "test"), split="test", n_shots=3)
+        hits = {"No Context": [], "Text ICL xPatch": [], "Text ICL xBase": []}
+        for r in range(len(nc)):
+            row = nc.select([r])
+            ok = {int(row.answer_ids[0])}
+            hits["No Context"].append(int(_hf_last(hf_vlm, row.tokens, row.pixel_values).argmax()) in ok)
+            hits["Text ICL xPatch"].append(int(_hf_last(hf_vlm, row.tokens, row.pixel_values, L, vec).argmax()) in ok)
+            xr = xb.select([r])
+            hits["Text ICL xBase"].append(int(_hf_last(hf_vlm, xr.tokens[:, xr.attention_mask[0].bool()], xr.pixel_values).argmax()) in ok)
+        for cond, hs in hits.items():
+            assert table.cell(cond, task)[0] == pytest.approx(sum(hs) / len(hs)), (cond, task)
+    p = table.pair("Text ICL xPatch", "Text ICL xBase")
+    assert p["mean"] == pytest.approx(float(table.mean[4] - table.mean[3]), abs=1e-6)
+
+
+def test_table_result_saves_plots_and_refuses_another_model(vlm, table, organism, tmp_path):
+    path = table.save(tmp_path / "table")
+    back = xm.CrossModalTable.load(path, model=vlm)
+    assert torch.equal(back.accuracy, table.accuracy) and back.layers == table.layers and back.control == table.control
+    with pytest.raises(ValueError, match="made with model"):
+        xm.CrossModalTable.load(path, model=organism)
+    frame = table.to_frame()
+    assert set(frame["condition"]) == set(xm.CONDITIONS) and len(frame) == 8 * 3
+    assert len(table.plot().data) == 1 and "Text ICL xPatch" in table.markdown()
+    assert 0 <= table.control["vs_B"] <= 1 and table.conflict["pairs"] == 2 and len(table.text_query["mean"]) == 5
+
+
+def test_similarity_lens_and_llm_to_vlm_run_and_have_meaning(vlm, organism, tmp_path):
+    sim = xm.task_similarity(vlm, TASKS + ["successor"], n_contexts=4, n_shots=3)
+    assert sim.cosine.shape == (2, 2, 3, 3) and sim.points.shape == (24, 2)
+    s = sim.summary["trained"]["centred"]
+    assert s["same_task"] > s["other_tasks"] and "untrained vision" in sim.summary
+    # the raw cosine matrix is the normalised dot product of the mean vectors (recomputed by hand)
+    states = xm._modal_states(vlm, list(sim.tasks), sim.layer, 4, 3, 0, 64, None)
+    a = torch.stack([states[t]["text"].mean(0) for t in sim.tasks])
+    b = torch.stack([states[t]["image"].mean(0) for t in sim.tasks])
+    ref = torch.nn.functional.normalize(a, dim=-1) @ torch.nn.functional.normalize(b, dim=-1).T
+    assert torch.allclose(sim.cosine[0, 0], ref, atol=1e-5)
+    lens = xm.crossmodal_lens(vlm, TASKS, n_prompts=4, n_shots=3)
+    assert lens.prob.shape == (2, 2, 3, vlm.cfg.n_layers + 1)
+    final = lens.prob[:, :, 2, -1]  # the last row of the lens is the model's own output: the answer is likely there
+    assert bool((final > 0.3).all())
+    lv = xm.llm_to_vlm(vlm, organism, TASKS, n_contexts=4, n_shots=3, renderings=1)
+    assert float(lv.cosine.min()) > 0.999  # the language model is frozen: the same text gives the same vectors
+    for r in (sim, lens, lv):
+        back = type(r).load(r.save(tmp_path / type(r).__name__), model=vlm)
+        assert back.tasks == r.tasks
+        r.plot()
+        r.to_frame()
+
+
+# ----------------------------------------------------------------------------------------------
+# real architectures
+
+
+def test_table_runs_on_tiny_vlms_and_fast_path_matches_run_with_hooks_per_row(tiny_vlm):
+    import warnings
+
+    from tvlens.engine import PatchRunner, replace_resid
+
+    kind, model = tiny_vlm
+    spec = mm.vision_spec(model)
+    b = _padded_batch(model)
+    assert bool((b.attention_mask == 0).any())
+    if kind == "gemma3":
+        assert torch.equal(b.token_type_ids.bool(), b.image_positions)
+    assert int(b.image_positions.sum()) == int(b.n_images.sum()) * spec.n_tokens(16, 16)
+    g = torch.Generator().manual_seed(0)
+    vec = torch.randn((2, model.cfg.d_model), generator=g)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runner = PatchRunner(model, b)
+        got = runner.logits([replace_resid(1, vec[0], columns=0), replace_resid(0, vec[1], columns=1)], n_columns=2)
+    fell_back = any("fast recompute unavailable" in str(w.message) for w in caught)
+    for r in range(len(b)):
+        row = b.select([r])
+        real = row.attention_mask[0].bool()
+        kw = {k: (v[:, real] if k == "token_type_ids" else v) for k, v in row.model_inputs().items()}
+        for c, layer in enumerate((1, 0)):
+            def hook(act, hook=None, v=vec[c]):
+                act = act.clone()
+                act[:, -1] = v
+                return act
+            with torch.no_grad():
+                ref = model.run_with_hooks(row.tokens[:, real], fwd_hooks=[(f"blocks.{layer}.hook_resid_pre", hook)], **kw)[0, -1]
+            assert (got[r, c] - ref).abs().max() < 1e-5, (kind, r, c, fell_back)
+    if kind == "qwen2_5_vl":
+        assert fell_back, "Qwen2.5-VL's recompute was expected to fail its self-check on a left-padded batch"
+    tab = xm.crossmodal_table(model, ["swap_case", "next_letter"], renderings=1, n_contexts=2, n_shots=2)
+    assert tab.accuracy.shape == (8, 2) and bool(((tab.accuracy >= 0) & (tab.accuracy <= 1)).all())
+    assert set(tab.layers) == set(xm.PATCHED) and tab.curves.shape == (4, model.cfg.n_layers)
+
+
+def test_load_model_on_a_vlm_without_processor_is_clear_and_installs_nothing(tiny_vlm_dirs):
+    if _torchvision():
+        pytest.skip("torchvision is installed here, so TransformerLens has nothing to install")
+    before = _installed()
+    with pytest.raises(ImportError, match=r"its processor did not load.*tvlens blocks every install.*Missing here: torchvision"):
+        tvlens.load_model(tiny_vlm_dirs["gemma3"], device="cpu")
+    assert _installed() == before
+
+
+def test_load_model_organism_vlm_registers_its_processor_first():
+    code = ("import sys, tvlens; m = tvlens.load_model('organism-vlm', device='cpu', check=False); "
+            "print(type(m.processor).__name__, 'tvlens.organisms.vlm' in sys.modules)")
+    env = {**os.environ, "PIP_NO_INDEX": "1", "UV_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["TinyLlavaProcessor", "True"]
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input: a clear error before any forward
+
+
+def test_bad_input_is_refused_before_any_forward(vlm, organism, tmp_path):
+    b = mm.image_query_prompts(vlm, "country_capital", n_prompts=2)
+    counter = _Forwards(vlm)
+    try:
+        with pytest.raises(ValueError, match="no pixel_values|no images"):
+            dataclasses.replace(b, pixel_values=None)
+        text_with_images = tvlens.prompts_from_text(vlm, ["<image> →"], ["paris"])
+        with pytest.raises(ValueError, match="image placeholder tokens but no images"):
+            mm.check_inputs(vlm, text_with_images)
+        vec = tvlens.TaskVector.from_tensor(vlm, torch.zeros(vlm.cfg.d_model), layer=2)
+        with pytest.raises(ValueError, match="image placeholder tokens but no images"):
+            xm.patch_vector(vlm, text_with_images, vec)
+        for bad, match in ((np.zeros((8, 8, 3), np.uint8), "8×8 pixels"), (np.zeros((16, 16, 4), np.uint8), "4 channels"),
+                           (np.zeros((16, 16, 3), np.float32), "uint8")):
+            with pytest.raises(ValueError, match=match):
+                mm.image_query_prompts(vlm, "country_capital", n_prompts=1, picture=lambda item, v, bad=bad: bad)
+        img = np.zeros((16, 16, 3), np.uint8)
+        with pytest.raises(ValueError, match="more images than image tokens"):
+            mm.prompts_from_images(vlm, ["<image> →"], [[img, img]], ["paris"])
+        with pytest.raises(ValueError, match="more image markers than images"):
+            mm.prompts_from_images(vlm, ["<image> <image> →"], [[img]], ["paris"])
+        with pytest.raises(ValueError, match="does not end with the separator"):
+            mm.prompts_from_images(vlm, ["<image>"], [[img]], ["paris"])
+        with pytest.raises(ValueError, match="made with model"):  # a VLM vector applied to another model
+            xm.patch_vector(organism, tvlens.icl_prompts(organism, "country_capital", n_prompts=2, n_shots=0), vec)
+        other = xm.CrossModalVectors((2,), {"country_capital": {}}, 1, 1, 0, "0000")
+        with pytest.raises(ValueError, match="made with another model"):
+            xm.crossmodal_table(vlm, ["country_capital"], vectors=other)
+        assert counter.n == 0
+    finally:
+        counter.close()
+    tcount = _Forwards(organism)
+    try:
+        with pytest.raises(ValueError, match="text-only"):
+            mm.image_query_prompts(organism, "country_capital", n_prompts=1)
+        with pytest.raises(ValueError, match="text-only"):
+            mm.check_inputs(organism, b)
+        with pytest.raises(ValueError, match="text-only"):
+            xm.crossmodal_table(organism, ["country_capital"])
+        with pytest.raises(ValueError, match="text-only"):
+            xm.patch_vector(organism, b, tvlens.TaskVector.from_tensor(organism, torch.zeros(organism.cfg.d_model), layer=2))
+        assert tcount.n == 0
+    finally:
+        tcount.close()
+    out = tmp_path / "out"
+    from tvlens.cli import main
+
+    assert main(["xmodal", "--model", "organism", "--tasks", "country_capital", "--out", str(out), "--parts", "table"]) == 2
+    assert not out.exists() or not any(out.iterdir())
