@@ -763,8 +763,8 @@ def _separator_hint(tokenizer: Any, separator: str, lay: _Layout) -> str:
                     good.append(c)
             except Exception:  # a hint only
                 pass
-    return (f"choose a separator that is one token of its own in this context, such as {' or '.join(map(repr, good))}"
-            if good else "choose a separator that this tokenizer keeps as one token of its own after a word")
+    return (f"choose a single-token separator, one token of its own in this context, such as {' or '.join(map(repr, good))}"
+            if good else "choose a single-token separator, one this tokenizer keeps as a token of its own after a word")
 
 
 def _example_sep_hint(tokenizer: Any, example_sep: str, lay: _Layout) -> str:
