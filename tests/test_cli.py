@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -197,16 +198,17 @@ def test_report_has_every_section_and_embeds_plotly_once(capsys, tiny_dirs, tmp_
     page = (out_dir / "report.html").read_text()
     for section in ("taskness", "lens", "sweep", "patch"):
         assert f"<section id='{section}'>" in page
-    # plotly.js embedded exactly once, nothing fetched from the network
+    # plotly.js once, as a file beside the page, nothing fetched from the network; every link resolves
     from plotly.offline import get_plotlyjs
 
-    js = get_plotlyjs()
-    assert page.count(js[:200]) == 1
-    assert "<script src=" not in page
-    assert page.count("cdn.plot.ly") == js.count("cdn.plot.ly")  # only the library's unused topojson default
+    assert page.count("src='plotly.min.js'") == 1 and "cdn.plot.ly" not in page and len(page) < 2_000_000
+    assert (out_dir / "plotly.min.js").read_text(encoding="utf-8") == get_plotlyjs()
     assert page.count("Plotly.newPlot") >= 4  # one interactive figure per section at least
     for name in ("taskness.html", "logit_lens.html", "logit_lens_answer.html", "task_vector_sweep.html", "patch_heads.html"):
         assert (out_dir / name).is_file(), name
+        assert 'plotly.min.js' in (out_dir / name).read_text() and (out_dir / name).stat().st_size < 2_000_000, name
+    for link in re.findall(r"href='([^'#]+)'", page):
+        assert (out_dir / link).is_file(), f"report.html links to {link}, which was not written"
     # the summaries carry numbers
     assert re.search(r"Top heads: L\dH\d \d", page)
     assert re.search(r"Best layer L\d", page)
@@ -345,3 +347,83 @@ def test_subprocess_smoke(tiny_dirs, tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [bad.stderr.strip()] and bad.stderr.startswith("tvlens: error: ")
     assert "Traceback" not in bad.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# before the model loads: --help, and one bad argument per subcommand
+
+#: one argument per subcommand that is wrong only in a way the model's config, tokenizer or the task
+#: suite shows — each must exit 2 without loading the model
+BAD_BEFORE_LOADING = {
+    "tasks": (["--tasks", "capitol"], "capitol"),
+    "info": (["--tasks", "antonym", "--n-shots", "100"], "n_shots"),
+    "taskness": (["--tasks", "antonym"], "at least 2"),
+    "lens": (["--position", "99"], "--position 99"),
+    "sweep": (["--n-shots", "100"], "n_shots"),
+    "fv": (["--layer", "99"], "--layer 99"),
+    "patch": (["--target", "shuffled", "--n-shots", "100"], "n_shots"),
+    "select": (["--k", "100"], "--k 100"),
+    "report": (["--sections", "taskness,bogus"], "bogus"),
+}
+
+
+def _subcommands() -> list[str]:
+    import argparse
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return list(sub.choices)
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    import tvlens.models
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the bad argument was reported")
+
+    monkeypatch.setattr(tvlens.models, "load_model", refuse)
+
+
+@pytest.mark.parametrize("cmd", _subcommands())
+def test_every_subcommand_help_and_a_bad_argument_exit_before_loading(capsys, tmp_path, cmd, no_model_loading):
+    code, out, _ = run(capsys, cmd, "--help")
+    assert code == 0 and f"tvlens {cmd}" in out
+    argv, mentions = BAD_BEFORE_LOADING.get(cmd, (["--no-such-option"], "--no-such-option"))
+    if cmd == "weights":  # its positional experiment comes first
+        argv, mentions = ["no_such_experiment"], "no_such_experiment"
+    out_dir = tmp_path / "never"
+    extra = ["--out", str(out_dir)] if "--out" in run(capsys, cmd, "--help")[1] else []
+    code, out, err = run(capsys, cmd, *argv, *extra)
+    assert_usage_error(code, out, err, mentions=mentions)
+    assert "loading model" not in err
+    assert not out_dir.exists()
+
+
+def test_fv_k_larger_than_the_model_before_loading(capsys, no_model_loading):
+    code, out, err = run(capsys, "fv", "--k", "100")
+    assert_usage_error(code, out, err, mentions="--k 100")
+    assert "32" in err  # the organism's 4 layers x 8 heads
+
+
+def test_an_error_after_a_progress_bar_starts_its_own_line(capsys, monkeypatch):
+    import tvlens.cli as cli
+    from tqdm import tqdm
+
+    def failing(args):
+        bar = tqdm(total=10, desc="head_means", file=sys.stderr, mininterval=0)
+        bar.update(3)  # left open, as an exception inside a library loop leaves it
+        raise ValueError("n_shots=100 is too many")
+
+    monkeypatch.setitem(cli._HANDLERS, "tasks", failing)
+    code, out, err = run(capsys, "tasks")
+    assert code == 2
+    last = err.rstrip("\n").split("\n")[-1]
+    assert last == "tvlens: error: n_shots=100 is too many", repr(err[-200:])
+
+
+def test_closed_pipe_is_quiet(tmp_path):
+    # `true` exits without reading, so tvlens writes into a pipe already closed (as `| head` does with long output)
+    proc = subprocess.run(f"{shlex.quote(sys.executable)} -m tvlens tasks | true; echo ${{PIPESTATUS[0]}}", shell=True,
+                          executable="/bin/bash", capture_output=True, text=True, env=_env(), timeout=300)
+    assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr, proc.stderr
+    assert proc.stdout.strip() == "0"
