@@ -61,7 +61,8 @@ def _check_outputs(nb, name: str) -> None:
     assert "IProgress not found" not in streams and "TqdmWarning" not in streams, f"{name}: {streams[-300:]}"
     figures = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
                if "application/vnd.plotly.v1+json" in o.get("data", {})]
-    assert figures, f"{name} shows no plotly figure"
+    if not figures:  # a notebook of tables and text: nothing to draw
+        return
     js = get_plotlyjs()[:300]
     htmls = [f["data"].get("text/html", "") for f in figures]
     assert all("Plotly.newPlot" in h for h in htmls), f"{name}: a figure has no HTML view (exported HTML would be blank)"
