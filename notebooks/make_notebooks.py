@@ -373,7 +373,7 @@ applies τ inside a context manager that restores every weight bit for bit, and 
 activation task vectors of the other notebooks on the same tasks.
 
 {cite("ilharco", "hendel")}"""),
-    ("code", SETUP),
+    ("code", SETUP + "\ntorch.set_num_threads(1)  # the fine-tunes below are many tiny forward + backward steps"),
     ("md", "## Fine-tune a copy on one task\n\nZero-shot `x →` prompts from the train split, first-answer-token loss; dev accuracy is logged."),
     ("code", """\
 ft = tvlens.finetune(model, "country_capital", steps=60, n_prompts=32, progress=False)
