@@ -477,3 +477,22 @@ def test_bad_input_is_refused_before_any_forward(vlm, organism, tmp_path):
 
     assert main(["xmodal", "--model", "organism", "--tasks", "country_capital", "--out", str(out), "--parts", "table"]) == 2
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_examples_and_the_report_section_of_a_vlm(vlm, tmp_path, monkeypatch):
+    from tvlens import report
+
+    ex = xm.crossmodal_examples(vlm, TASKS, n_shots=2, n_contexts=4)
+    assert ex.demo_images.shape == (2, 2, 16, 16, 3) and ex.demo_images.dtype == torch.uint8
+    assert set(ex.answers[0]) == {"No Context", "Image ICL Base", "Text ICL xBase", "Text ICL xPatch"}
+    back = xm.CrossModalExamples.load(ex.save(tmp_path / "ex"), model=vlm)
+    assert back.answers == ex.answers and torch.equal(back.query_images, ex.query_images)
+    assert len(ex.plot().data) == 2
+    # the report adds the cross-modal section by default for a VLM (the other sections stubbed: their own tests run them)
+    ran = []
+    for key in report.SECTIONS:
+        monkeypatch.setitem(report._RUNNERS, key, lambda ctx, key=key: ran.append(key) or report.Section(key, key, ("stub",)))
+    rep = report.build_report(vlm, tasks=["country_capital", "next_letter", "antonym"], out=tmp_path / "rep", n_prompts=4,
+                              png=False, progress=False)
+    assert ran == list(report.SECTIONS) and rep["crossmodal"].table[0] == ("condition", "accuracy ± SE", "layer")
+    assert len(rep["crossmodal"].table) == 1 + len(xm.CONDITIONS) and "Cross-modal" in rep.path.read_text()

@@ -38,6 +38,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -66,7 +67,11 @@ __all__ = [
     "untrained_vision_copy",
     "patch_vector",
     "crossmodal_page",
+    "CrossModalExamples",
+    "crossmodal_examples",
 ]
+
+UInt8Tensor = Tensor  # uint8 images [..., h, w, c]
 
 #: Luo et al. 2024, Table 2's rows, in order
 CONDITIONS = ("No Context", "Image ICL Base", "Image ICL Patch", "Text ICL xBase", "Text ICL xPatch",
@@ -409,6 +414,25 @@ class CrossModalTable(_Saved):
                       f"{cf['base_context']:.3f}, answers A {cf['base_patch']:.3f}."]
         return "\n".join(lines)
 
+    def section(self) -> Any:
+        """The report section (:class:`tvlens.report.Section`) of this table."""
+        from ..report import Section
+
+        p = self.pair()
+        summary = (
+            f"Luo et al.'s Table 2 on {len(self.tasks)} tasks with image inputs, test split "
+            f"({self.settings.get('renderings')} held-out rendering(s) per item), layers chosen on dev; first-token "
+            "accuracy ± SE (items are the unit).",
+            f"Text ICL xPatch − xBase, paired over the same queries: {p['mean']:+.3f} ± {p['se']:.3f} (z = {p['z']:.2f}).",
+            (f"Cross-task control (A's text vector on B's image queries, scored vs B where answers differ): "
+             f"{self.control['vs_B']:.3f}." if self.control and self.control.get("pairs") else ""),
+        )
+        table = [("condition", "accuracy ± SE", "layer")] + [
+            (c, f"{float(self.mean[i]):.3f} ± {float(self.se[i]):.3f}",
+             f"L{self.layers[c]}" if c in self.layers else "—") for i, c in enumerate(self.conditions)]
+        return Section("crossmodal", "Cross-modal task vectors (VLM)", tuple(x for x in summary if x),
+                       (("crossmodal_table", self.plot()),), tuple(table), result=self)
+
     def __repr__(self) -> str:
         xp, xb = self.cell("Text ICL xPatch"), self.cell("Text ICL xBase")
         return (f"CrossModalTable(tasks={len(self.tasks)}, Text ICL xPatch={xp[0]:.3f}±{xp[1]:.3f}, "
@@ -743,7 +767,7 @@ class TaskSimilarity(_Saved):
 
         fig = make_subplots(rows=1, cols=2, column_widths=[0.45, 0.55], horizontal_spacing=0.12,
                             subplot_titles=[f"centred cosine at L{self.layer} (rows text ICL, columns image ICL)",
-                                            "per-prompt task vectors, 2-D PCA"])
+                                            "per-prompt task vectors, 2-D PCA (● text ICL, ✕ image ICL)"])
         fig.add_trace(go.Heatmap(z=self.cosine[0, 1].numpy(), x=list(self.tasks), y=list(self.tasks), zmin=-1, zmax=1,
                                  colorscale="RdBu_r", colorbar=dict(x=0.42, len=0.9)), row=1, col=1)
         palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -754,9 +778,9 @@ class TaskSimilarity(_Saved):
                 if not bool(sel.any()):
                     continue
                 p = self.points[sel]
-                fig.add_trace(go.Scatter(x=p[:, 0].numpy(), y=p[:, 1].numpy(), mode="markers", name=f"{task} ({name})",
+                fig.add_trace(go.Scatter(x=p[:, 0].numpy(), y=p[:, 1].numpy(), mode="markers", name=task,
                                          legendgroup=task, marker=dict(color=palette[ti % len(palette)], symbol=sym, size=7),
-                                         showlegend=True), row=1, col=2)
+                                         showlegend=mi == 0, hovertemplate=f"{task} ({name})<extra></extra>"), row=1, col=2)
         fig.update_yaxes(autorange="reversed", row=1, col=1)
         fig.update_layout(template=TEMPLATE, width=1300, height=620, font=dict(size=11),
                           title=dict(text=title or f"task vectors across modalities (Luo et al. 2024, §5) — {self.meta.model}",
@@ -1287,18 +1311,154 @@ def _md_html(md: str) -> str:
 
 
 def crossmodal_page(path: Any, *, table: CrossModalTable | None = None, similarity: TaskSimilarity | None = None,
-                    llm: LlmVlmTransfer | None = None, lens: CrossModalLens | None = None) -> Any:
+                    llm: LlmVlmTransfer | None = None, lens: CrossModalLens | None = None,
+                    examples: "CrossModalExamples | None" = None) -> Any:
     """One HTML page of the results given (tables and figures; plotly.js beside it): Luo et al. 2024 on one model."""
     from ..plot import figure_div, html_page
 
     parts = ["<h1>Cross-modal task vectors (Luo, Darrell &amp; Bar 2024)</h1>"]
     titles = {"table": "The cross-modal table (§4, Table 2)", "similarity": "Text vs image task vectors (§5)",
-              "llm": "LLM → VLM (§5)", "lens": "Logit lens: input → task → answer (§4.1)"}
-    for key, r in (("table", table), ("similarity", similarity), ("llm", llm), ("lens", lens)):
+              "llm": "LLM → VLM (§5)", "lens": "Logit lens: input → task → answer (§4.1)",
+              "examples": "Example prompts and the model's answers"}
+    for key, r in (("table", table), ("similarity", similarity), ("llm", llm), ("lens", lens), ("examples", examples)):
         if r is None:
             continue
         parts += [f"<h2>{titles[key]}</h2>", _md_html(r.markdown()), figure_div(r.plot())]
     if len(parts) == 1:
-        raise ValueError("crossmodal_page needs at least one result (table=, similarity=, llm= or lens=)")
-    model = next(r for r in (table, similarity, llm, lens) if r is not None).meta.model
+        raise ValueError("crossmodal_page needs at least one result (table=, similarity=, llm=, lens= or examples=)")
+    model = next(r for r in (table, similarity, llm, lens, examples) if r is not None).meta.model
     return html_page(path, parts, title=f"tvlens — cross-modal task vectors — {model}")
+
+
+# ----------------------------------------------------------------------------------------------
+# example prompts with the model's answers
+
+
+@dataclass(frozen=True, eq=False)
+class CrossModalExamples(_Saved):
+    """A few image queries shown the four ways of Luo et al. 2024 (Table 1 / slide "xPatch"), with the model's answers.
+
+    Row ``i``: ``demo_images[i]`` (``[shot, h, w, c]``) with ``demo_words[i]`` (the image-ICL prompt),
+    ``text_demos[i]`` (the Text ICL xBase prompt's examples), ``query_images[i]``, the truth and
+    ``answers[i]``: condition -> the model's first answer token (No Context, Image ICL Base, Text ICL
+    xBase, Text ICL xPatch at ``layer``).
+    """
+
+    KIND: ClassVar[str] = "CrossModalExamples"
+
+    tasks: tuple[str, ...]
+    demo_images: UInt8Tensor
+    demo_words: tuple[tuple[str, ...], ...]
+    text_demos: tuple[tuple[tuple[str, str], ...], ...]
+    query_images: UInt8Tensor
+    queries: tuple[str, ...]
+    truths: tuple[str, ...]
+    answers: tuple[Mapping[str, str], ...]
+    layer: int
+    meta: ResultMeta = field(default_factory=ResultMeta)
+
+    def to_frame(self) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame([dict(task=t, query=q, truth=y, **a) for t, q, y, a in zip(self.tasks, self.queries, self.truths, self.answers)])
+
+    def markdown(self) -> str:
+        conds = list(self.answers[0]) if self.answers else []
+        lines = ["| task | query (image of) | truth | " + " | ".join(conds) + " |", "|---" * (3 + len(conds)) + "|"]
+        for t, q, y, a in zip(self.tasks, self.queries, self.truths, self.answers):
+            lines.append(f"| {t} | {q} | {y} | " + " | ".join(a[c] for c in conds) + " |")
+        return "\n".join(lines)
+
+    def plot(self, *, title: str | None = None, scale: int = 5) -> Any:
+        """One row per example: the image-ICL prompt (pictures → words), the query picture, the model's answers."""
+        import numpy as np
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        from ..plot import TEMPLATE
+
+        n = len(self.tasks)
+        fig = make_subplots(rows=n, cols=1, vertical_spacing=0.5 / max(n, 1),
+                            subplot_titles=[f"{t}: image ICL, then the query (truth: {y})" for t, y in zip(self.tasks, self.truths)])
+        for i in range(n):
+            tiles = [*self.demo_images[i].numpy(), self.query_images[i].numpy()]
+            h, w = tiles[0].shape[:2]
+            gap = 40
+            strip = np.full((h * scale, len(tiles) * (w * scale + gap), 3), 255, dtype=np.uint8)
+            for j, im in enumerate(tiles):
+                x0 = j * (w * scale + gap)
+                strip[:, x0:x0 + w * scale] = np.kron(im, np.ones((scale, scale, 1), dtype=np.uint8))
+            fig.add_trace(go.Image(z=strip), row=i + 1, col=1)
+            for j, word in enumerate([*self.demo_words[i], "?"]):
+                fig.add_annotation(x=j * (w * scale + gap) + w * scale / 2, y=h * scale + 4, text=f"→ {word}", showarrow=False,
+                                   yanchor="top", font=dict(size=12), row=i + 1, col=1)
+            text = "  ·  ".join(f"{c}: <b>{a}</b>" for c, a in self.answers[i].items())
+            demos = ", ".join(f"{x} → {y}" for x, y in self.text_demos[i])
+            fig.add_annotation(x=0, y=h * scale + 26, xanchor="left", yanchor="top", showarrow=False, align="left",
+                               text=f"text examples (xBase / xPatch source): {demos}<br>{text}", font=dict(size=11),
+                               row=i + 1, col=1)
+            fig.update_xaxes(visible=False, row=i + 1, col=1)
+            fig.update_yaxes(visible=False, row=i + 1, col=1)
+        fig.update_layout(template=TEMPLATE, width=980, height=270 * n + 110, margin=dict(l=20, r=20, t=60, b=70),
+                          title=dict(text=title or f"image queries four ways (Luo et al. 2024) — {self.meta.model}, patch at L{self.layer}",
+                                     x=0.5, xanchor="center"))
+        return fig
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return dict(demo_images=self.demo_images.contiguous(), query_images=self.query_images.contiguous())
+
+    def _json(self) -> dict[str, Any]:
+        return dict(tasks=list(self.tasks), demo_words=self.demo_words, text_demos=self.text_demos, queries=list(self.queries),
+                    truths=list(self.truths), answers=[dict(a) for a in self.answers], layer=self.layer)
+
+    @classmethod
+    def _restore(cls, t: Mapping[str, Tensor], m: Mapping[str, Any]) -> "CrossModalExamples":
+        return cls(tasks=tuple(m["tasks"]), demo_images=t["demo_images"], demo_words=tuple(tuple(w) for w in m["demo_words"]),
+                   text_demos=tuple(tuple(tuple(p) for p in d) for d in m["text_demos"]), query_images=t["query_images"],
+                   queries=tuple(m["queries"]), truths=tuple(m["truths"]), answers=tuple(m["answers"]), layer=int(m["layer"]),
+                   meta=ResultMeta.from_dict(m["meta"]))
+
+
+
+def crossmodal_examples(model: Any, tasks: Sequence[Any] | None = None, *, per_task: int = 1, n_shots: int = 3,
+                        layer: int | None = None, n_contexts: int = 16, seed: int = 0, picture: Callable | None = None
+                        ) -> CrossModalExamples:
+    """Test queries of each task answered four ways: no context, image ICL, text ICL xBase, text ICL xPatch (Luo §4).
+
+    The text vector is the mean of ``n_contexts`` text-ICL prompts at ``layer`` (default ``n_layers // 2``).
+    """
+    from ..models import ModelInfo
+
+    mm.vision_spec(model)
+    names = [_task_name(t) for t in (tasks or IMAGE_TASKS[::3])]
+    layer = _layers(model, [ModelInfo.of(model).n_layers // 2 if layer is None else layer])[0]
+    tok = getattr(model, "tokenizer", None)
+    say = lambda i: tok.decode([int(i)]).strip() if tok is not None else str(int(i))  # noqa: E731
+    rows: dict[str, list] = {k: [] for k in ("task", "dimg", "dword", "tdemo", "qimg", "q", "y", "ans")}
+    for t in names:
+        q = _split_items(t, "test")[:per_task]
+        kw = dict(queries=q, seed=seed, split="test", picture=picture)
+        nc = mm.image_query_prompts(model, t, **kw)
+        ib = mm.image_icl_prompts(model, t, n_shots=n_shots, **kw)
+        xb = mm.text_icl_image_query_prompts(model, t, n_shots=n_shots, **kw)
+        for b in (nc, ib, xb):
+            _check(model, b, f"the example prompts of {t!r}")
+        text = icl_prompts(model, t, n_prompts=n_contexts, n_shots=n_shots, seed=seed, split="train")
+        vec = _final_states(model, text, [layer], 64).mean(1)[0]
+        clean, pred = _patched_predictions(model, nc, [(layer, vec)], 64)
+        base, xbase = _predict(model, ib, 64), _predict(model, xb, 64)
+        for r in range(len(nc)):
+            imgs = ib.row_images(r)
+            rows["task"].append(t)
+            rows["dimg"].append(torch.from_numpy(np.stack(imgs[:-1])))
+            rows["dword"].append(tuple(y for _, y in ib.demos[r]))
+            rows["tdemo"].append(tuple(xb.demos[r]))
+            rows["qimg"].append(torch.from_numpy(imgs[-1]))
+            rows["q"].append(nc.queries[r])
+            rows["y"].append(nc.answers[r])
+            rows["ans"].append({"No Context": say(clean[r]), "Image ICL Base": say(base[r]), "Text ICL xBase": say(xbase[r]),
+                                "Text ICL xPatch": say(pred[r, 0])})
+    return CrossModalExamples(tasks=tuple(rows["task"]), demo_images=torch.stack(rows["dimg"]), demo_words=tuple(rows["dword"]),
+                              text_demos=tuple(rows["tdemo"]), query_images=torch.stack(rows["qimg"]), queries=tuple(rows["q"]),
+                              truths=tuple(rows["y"]), answers=tuple(rows["ans"]), layer=layer,
+                              meta=_meta(model, names, seed, analysis="crossmodal_examples"))
