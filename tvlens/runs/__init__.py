@@ -1,1 +1,2 @@
-"""Units of work that outlast one call: resumable checkpoints, executors (local, Ray), device maps."""
+"""Work that outlasts one call or one machine: resumable checkpoints (several writers), executors
+(local, Ray actors holding model replicas), the units and exact merges of each analysis, device maps."""
