@@ -390,7 +390,11 @@ def test_table_runs_on_tiny_vlms_and_fast_path_matches_run_with_hooks_per_row(ti
     for r in range(len(b)):
         row = b.select([r])
         real = row.attention_mask[0].bool()
-        kw = {k: (v[:, real] if k == "token_type_ids" else v) for k, v in row.model_inputs().items()}
+        kw = {"pixel_values": row.pixel_values}  # the reference's inputs written out by hand, not model_inputs()
+        if kind == "gemma3":  # 1 on image tokens: Gemma 3's bidirectional attention among them
+            kw["token_type_ids"] = (row.tokens[:, real] == spec.image_token_id).long()
+        if kind == "qwen2_5_vl":
+            kw["image_grid_thw"] = row.image_grid_thw
         for c, layer in enumerate((1, 0)):
             def hook(act, hook=None, v=vec[c]):
                 act = act.clone()
