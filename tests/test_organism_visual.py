@@ -178,11 +178,13 @@ def test_checkpoint_loads_through_the_bridge_with_hook_z_at_every_position():
 
     bridge = TransformerBridge.boot_transformers(str(CHECKPOINT), device="cpu")
     bridge.enable_compatibility_mode(no_processing=True)
-    hf = BertForMaskedLM.from_pretrained(CHECKPOINT).eval()
+    hf = BertForMaskedLM.from_pretrained(CHECKPOINT, attn_implementation="eager").eval()  # the bridge's attention
+    hf_sdpa = BertForMaskedLM.from_pretrained(CHECKPOINT).eval()
     tokens, target = cv.random_canvases(["invert", "segment"], np.random.default_rng(0))
     with torch.no_grad():
         logits, cache = bridge.run_with_cache(tokens)
         torch.testing.assert_close(logits, hf(input_ids=tokens).logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(logits, hf_sdpa(input_ids=tokens).logits, rtol=0, atol=1e-4)
     for layer in range(hf.config.num_hidden_layers):
         assert cache[f"blocks.{layer}.attn.hook_z"].shape == (2, 144, 8, 16)
     # the trained model does the two colour tasks from the example pair

@@ -308,13 +308,16 @@ def _informative(g: Codes) -> bool:
     return g.tobytes() not in outs and len(set(outs)) == len(outs)
 
 
+_MAX_DRAWS = 10_000  # about 3 draws in 4 are informative; only broken transforms reach this
+
+
 def random_codes(rng: np.random.Generator, *, split: Split = "train") -> Codes:
     """Draw one input image as codes: 1–3 objects in distinct chromatic colours on black, redrawn until
     every task changes it and all eight outputs differ (so an example pair always names its task),
     and until it falls in ``split`` (``"train"``, ``"test"`` = held out, or ``"any"``)."""
     if split not in ("train", "test", "any"):
         raise ValueError(f"split must be 'train', 'test' or 'any', got {split!r}.")
-    while True:
+    for _ in range(_MAX_DRAWS):
         n_obj = int(rng.integers(1, 4))
         colors = rng.choice(np.array(CHROMATIC), size=n_obj, replace=False)
         g = np.zeros((GRID, GRID), dtype=np.int64)
@@ -324,6 +327,10 @@ def random_codes(rng: np.random.Generator, *, split: Split = "train") -> Codes:
             continue
         if split == "any" or is_held_out(g) == (split == "test"):
             return g
+    raise RuntimeError(
+        f"no informative {split} image in {_MAX_DRAWS} draws: a task leaves every image unchanged or two tasks "
+        "agree everywhere. Check the transforms in TRANSFORMS."
+    )
 
 
 def random_pair(task: str, rng: np.random.Generator, *, split: Split = "train") -> tuple[Codes, Codes]:
