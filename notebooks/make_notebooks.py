@@ -93,8 +93,8 @@ rho.plot()"""),
 
 Every function takes any model loaded by `tvlens.load_model` — `"gpt2"`, `"EleutherAI/pythia-70m"`, a Llama or
 Qwen checkpoint by hub name or local folder. This cell needs the internet (or the model in the Hugging Face
-cache); offline it prints why it was skipped. GPT-2's tokenizer splits `→` into several tokens, so the prompts
-use `->` as the separator."""),
+cache); offline it prints why it was skipped. The prompts need no change: `" →"` is one token of GPT-2's
+vocabulary (id 15168), so the separator is a token of its own there as in the organism."""),
     ("code", """\
 try:
     gpt2 = tvlens.load_model("gpt2", device="cpu")
@@ -104,9 +104,10 @@ except (ValueError, OSError) as err:  # offline: no network and not in the Huggi
 
 if gpt2 is not None:
     print(tvlens.ModelInfo.of(gpt2))
-    acc = tvlens.evaluate_icl(gpt2, "country_capital", 5, n_prompts=16, separator="->")
+    print("' →' is", gpt2.tokenizer(" →")["input_ids"], "in GPT-2's vocabulary")
+    acc = tvlens.evaluate_icl(gpt2, "country_capital", 5, n_prompts=16)
     print(f"gpt2 country_capital 5-shot accuracy: {acc.first_token:.2f}")
-    gpt2_rho = tvlens.taskness(gpt2, ["country_capital", "country_language", "antonym"], n_prompts=8, separator="->")
+    gpt2_rho = tvlens.taskness(gpt2, ["country_capital", "country_language", "antonym"], n_prompts=8)
     display(gpt2_rho.plot())"""),
     ("md", "Next: `02_taskness` (per-position scores and a causal check), `03_logit_lens`, `04_task_and_function_vectors`, `05_patching`, `06_selection`."),
 ]
@@ -148,11 +149,10 @@ from tvlens.analyses.taskness import validate_taskness
 check = validate_taskness(model, rho, stats, ks=(2, 4, 8), n_random=4, n_prompts=16)
 print(check.summary())
 check.plot()"""),
+    ("md", "Every result has `.to_frame()` (pandas): the scores per head, the statistics per task × head."),
     ("code", """\
-try:
-    display(rho.to_frame().sort_values("score", ascending=False).head(8))
-except ImportError:
-    print("pandas is not installed: use rho.top(k) or rho.scores")"""),
+display(rho.to_frame().sort_values("score", ascending=False).head(8))
+stats.to_frame().head()"""),
 ]
 
 # ----------------------------------------------------------------------------------------------
@@ -316,6 +316,19 @@ t_exact = time.perf_counter() - t0
 checked = tvlens.attribution_patch_heads(model, corrupted, clean, metric="logprob", confirm_top="all")
 print(f"attribution {t_attr:.2f}s, exact {t_exact:.2f}s, correlation over all heads {checked.correlation:.3f}")
 attr.plot()"""),
+    ("md", """\
+## What do the heads found attend to?
+
+`values` of a `PatchResult` are the patched metric itself and `effect` the change it causes (what the heatmaps
+show); `.to_frame()` has both. `attention_patterns` reads the attention of a sweep's top heads on one prompt:
+`.plot()` draws them offline, `.show()` opens circuitsvis's interactive view (the `viz` extra; its viewer script
+comes from a CDN, so that view needs the network)."""),
+    ("code", """\
+from tvlens.analyses.attention import attention_patterns
+
+print(heads.to_frame().sort_values("effect", ascending=False).head(4))
+patterns = attention_patterns(model, clean, heads, k=4)   # the 4 heads with the largest means-patching effect
+patterns.plot()"""),
 ]
 
 # ----------------------------------------------------------------------------------------------
@@ -408,6 +421,99 @@ wva = tvlens.weights_vs_activations(model, ["country_capital", "antonym"], vecto
                                     function_kw=dict(n_prompts=16, n_cie_prompts=8))
 wva.to_frame()"""),
     ("code", "wva.plot()"),
+]
+
+
+NOTEBOOKS["08_visual"] = [
+    ("md", f"""\
+# Visual task vectors on a canvas model
+
+`organism-visual` inpaints a 2×2 canvas (example input | output, query | masked cell) of palette
+images. Its task vectors are per-task mean outputs of heads at canvas positions: ρ_token scores every
+(layer, head, position), the means are patched into canvases without examples, and REINFORCE picks
+the pairs. Small counts here; `tvlens visual` runs the whole study.
+
+{cite("hojel")}"""),
+    ("code", """\
+import torch
+import tvlens
+from tvlens.analyses import visual as V
+from tvlens.inputs import canvas as C
+
+torch.set_num_threads(2)
+model = tvlens.load_model("organism-visual", device="cpu")
+tasks = ["invert", "gray", "recolor"]
+icl = C.concat([C.canvases(t, 4, seed=1) for t in tasks])             # 1-shot, held-out images
+blank = C.concat([C.canvases(t, 4, seed=1, examples="masked") for t in tasks])  # same queries, no example
+icl"""),
+    ("md", "## Task means and ρ_token per (layer, head, position)"),
+    ("code", """\
+stats = V.canvas_means(model, tasks, n=8)
+rho = V.visual_taskness(stats)
+rho.plot()"""),
+    ("code", "rho.plot_layers()  # ρ over the canvas, where each position sits (Hojel et al. Fig. 2)"),
+    ("md", "## Patching the top-k pairs into canvases without examples"),
+    ("code", """\
+patch = V.CanvasPatch(model, blank, stats)
+masks = torch.stack([torch.zeros(patch.shape)] + [V.topk_pairs(rho, k) for k in (256, 1024)])
+{t: [round(float(x), 3) for x in v] for t, v in patch.per_task(masks).items()}  # none, top-256, top-1024"""),
+    ("md", "## REINFORCE over (head, position) pairs, a few steps"),
+    ("code", """\
+sel = V.reinforce_pairs(patch, candidates=rho.top_pairs(1024), steps=4, samples=4, init_logit=0.0, sparsity=2e-4)
+sel"""),
+    ("code", """\
+pred = patch.predictions(torch.stack([V.topk_pairs(rho, 1024), sel.weights]))
+V.canvas_pictures({"no example": (blank, patch.predictions(torch.zeros(1, *patch.shape))[:, 0]),
+                   "top-1024 ρ": (blank, pred[:, 0]), f"REINFORCE k={sel.k}": (blank, pred[:, 1]), "truth": (icl, None)},
+                  rows=1)"""),
+]
+
+
+NOTEBOOKS["09_crossmodal"] = [
+    ("md", f"""\
+# Cross-modal task vectors in a vision-language model
+
+Luo, Darrell & Bar (2024) take a task vector from **text** examples (`france → paris`) in a VLM and patch it
+into the last position of an **image** query (a flag, no context): the model does the task on the image —
+better than with the same text examples in the image query's context (*xPatch* vs *xBase*). `organism-vlm` is a
+LLaVA-shaped model (a CLIP tower on the frozen text organism) trained only on image prompts, so every cross-modal
+number below is a measurement. Small counts here; `tvlens xmodal` runs the whole study.
+
+{cite("luo", "hendel")}"""),
+    ("code", """\
+import torch
+import tvlens
+from tvlens.analyses import crossmodal as xm
+from tvlens.inputs import multimodal as mm
+
+torch.set_num_threads(2)
+model = tvlens.load_model("organism-vlm", device="cpu")  # LLaVA-shaped, offline; its processor needs no PIL
+tasks = ["country_capital", "country_currency", "successor", "next_letter"]
+batch = mm.text_icl_image_query_prompts(model, "country_capital", n_prompts=2, n_shots=3)
+print(batch)
+print(model.tokenizer.convert_ids_to_tokens(batch.tokens[0][batch.attention_mask[0].bool()].tolist()))"""),
+    ("md", "The image the query shows (a synthetic flag; `batch.row_images(i)` gives a row's pictures):"),
+    ("code", """\
+import plotly.express as px
+
+px.imshow(batch.row_images(0)[0], title=f"query: {batch.queries[0]} -> {batch.answers[0]}").update_layout(width=260, height=300)"""),
+    ("md", "## The table (Luo et al. §4, Table 2)\n\nLayers chosen on dev, accuracy on held-out test renderings, SE per cell, paired tests."),
+    ("code", """\
+table = xm.crossmodal_table(model, tasks, renderings=1, n_contexts=8)
+print(table.markdown())
+table.plot()"""),
+    ("md", "## Text vs image task vectors (§5)\n\nCentred cosine same task vs other tasks, beside an untrained vision tower; the 2-D picture."),
+    ("code", """\
+sim = xm.task_similarity(model, tasks, layer=table.layers["Text ICL xPatch"], n_contexts=8)
+print(sim.markdown())
+sim.plot()"""),
+    ("md", "## LLM → VLM and the logit lens"),
+    ("code", """\
+llm = xm.llm_to_vlm(model, tvlens.load_model("organism", device="cpu"), tasks, n_contexts=8, renderings=1)
+print(llm.markdown())
+lens = xm.crossmodal_lens(model, tasks, n_prompts=8)
+print(lens.markdown())
+lens.plot()"""),
 ]
 
 

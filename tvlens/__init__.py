@@ -103,6 +103,9 @@ _EXPORTS: dict[str, str] = {
     "save_figure": "plot",
     "bar_plot": "plot",
     "build_report": "report",
+    # runs: work beyond one machine
+    "RayExecutor": "runs.executors",
+    "LocalExecutor": "runs.executors",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -127,6 +130,62 @@ def __dir__() -> list[str]:
 from .generate import Generation, generate  # noqa: E402
 
 
-if TYPE_CHECKING:  # let type checkers and IDEs see the real names
+if TYPE_CHECKING:  # let type checkers and IDEs see the real names (tests/test_api.py checks the list)
+    from .analyses.lens import decode, lens_summary, LensResult, LensSummary, logit_lens
+    from .analyses.patching import attribution_patch_heads, patch_heads, patch_positions, PatchResult
+    from .analyses.selection import compare_selections, Comparison, reinforce_select, Selection, soft_select
+    from .analyses.taskness import head_means, HeadStats, Taskness, taskness
+    from .analyses.weights import (
+        AdditionResult,
+        AnalogyResult,
+        NegationResult,
+        peft_comparison,
+        PeftComparison,
+        weight_addition,
+        weight_analogy,
+        weight_negation,
+        weight_vectors,
+        weights_vs_activations,
+        WeightsVsActivations,
+    )
+    from .generate import generate, Generation
     from .hooks import act_name, hooked
-    from .models import ModelInfo, load_model
+    from .inputs.text import (
+        answer_token_stats,
+        evaluate_icl,
+        evaluate_prompts,
+        icl_prompts,
+        IclAccuracy,
+        PromptBatch,
+        prompts_from_text,
+        TokenClass,
+    )
+    from .models import load_model, ModelInfo
+    from .plot import bar_plot, layer_head_heatmap, layer_position_heatmap, line_plot, save_figure
+    from .report import build_report
+    from .runs.checkpoint import SweepCheckpoint
+    from .runs.executors import LocalExecutor, RayExecutor
+    from .tasks import list_tasks, load_task, resolve_tasks, Task
+    from .vectors.activation import (
+        apply_vector,
+        ensemble,
+        evaluate_vector,
+        function_vector,
+        FunctionVector,
+        instruction_vector,
+        layer_sweep,
+        SweepResult,
+        task_vector,
+        task_vectors_all_layers,
+        TaskVector,
+        vector_applied,
+    )
+    from .vectors.finetune import finetune, FineTuned
+    from .vectors.weights import (
+        apply_weights,
+        merge_weights,
+        weight_geometry,
+        WeightGeometry,
+        weights_applied,
+        WeightVector,
+    )

@@ -36,6 +36,8 @@ DEFAULT_TASKS = {
     "weights": "country_capital,antonym,english_french,past_tense,next_letter",
     "info": None,
     "tasks": "all",
+    "visual": "all",
+    "xmodal": "image",
 }
 
 EXIT_USAGE = 2
@@ -175,6 +177,13 @@ _COMMANDS: dict[str, tuple[str, str]] = {
                 "  tvlens weights addition --tasks country_capital,antonym,english_french,past_tense --merges task_arithmetic,ties\n"
                 "  tvlens weights negation --tasks family:knowledge --cache runs/weights\n"
                 "  tvlens weights peft --tasks antonym --ranks 1,2,4,8"),
+    "visual": ("visual task vectors (Hojel et al. 2024) on a canvas model: rho over heads x positions, patching, "
+               "REINFORCE vs CMA-ES vs GRS",
+               "  tvlens visual                                  # organism-visual, all 8 tasks -> figures/visual.html\n"
+               "  tvlens visual --tasks invert,gray,hflip --budget 160 --no-per-task"),
+    "xmodal": ("cross-modal task vectors on a VLM (Luo et al. 2024): the table, text/image similarity, LLM -> VLM, lens",
+               "  tvlens xmodal                                  # organism-vlm, its 13 image tasks -> figures/xmodal.html\n"
+               "  tvlens xmodal --tasks country_capital,successor --parts table --renderings 1"),
     "report": ("taskness, logit lens, task-vector sweep and head patching: one standalone HTML page",
                "  tvlens report                                  # organism, default tasks -> figures/report.html\n"
                "  tvlens report --tasks family:knowledge --out report_knowledge/"),
@@ -294,6 +303,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default=None, metavar="DIR", help="folder keeping fine-tuned vectors between runs")
     p.add_argument("--train-prompts", type=_int_at_least(1), default=64, help="training prompts per task (fine-tunes, soft heads)")
 
+    p = add("visual")
+    _common(p, "visual")
+    p.set_defaults(model="organism-visual")
+    p.add_argument("--n-means", type=_int_at_least(2), default=32, help="1-shot canvases per task for the task means")
+    p.add_argument("--n-select", type=_int_at_least(1), default=6, help="no-example canvases per task the selectors train on")
+    p.add_argument("--n-eval", type=_int_at_least(1), default=16, help="held-out canvases per task for every score")
+    p.add_argument("--budget", type=_int_at_least(1), default=320, help="mask evaluations per selector (equal budgets)")
+    p.add_argument("--task-budget", type=_int_at_least(1), default=None, help="the same for the per-task selections (default --budget)")
+    p.add_argument("--lr", type=_positive_float, default=0.3, help="REINFORCE learning rate (Adam)")
+    p.add_argument("--samples", type=_int_at_least(2), default=8, help="masks per step (REINFORCE, GRS) / CMA-ES population")
+    p.add_argument("--candidates", type=_int_at_least(1), default=1024, help="selection searches the top pairs by rho")
+    p.add_argument("--sparsity", type=_float, default=1e-3, help="size penalty per selected pair (reward units)")
+    p.add_argument("--noise", type=_int_at_least(0), default=6, help="corrupted cells in the noisy-ICL example outputs")
+    p.add_argument("--no-per-task", action="store_true", help="multi-task selection only (one mask for all tasks)")
+
+    p = add("xmodal")
+    _common(p, "xmodal", n_shots=5)
+    p.set_defaults(model="organism-vlm")
+    p.add_argument("--parts", default="table,similarity,llm,lens,examples", metavar="P1,P2",
+                   help="subset of table,similarity,llm,lens,examples (--tasks image = the tasks organism-vlm's pictures draw)")
+    p.add_argument("--renderings", type=_int_at_least(1), default=3, help="held-out renderings of every test item")
+    p.add_argument("--contexts", type=_int_at_least(1), default=32, help="prompts each task vector is averaged over")
+    p.add_argument("--llm", default=None, metavar="NAME_OR_DIR",
+                   help="the language model the VLM was built on, for the llm part (default: organism for organism-vlm)")
+
     p = add("report")
     _common(p, "report", n_prompts=None, n_shots=5)
     p.add_argument("--n-prompts", type=_int_at_least(2), default=None,
@@ -368,6 +402,72 @@ def _check_layer(model: Any, layer: int | None, *, allow_end: bool = False) -> i
     return check_layer(model, layer, allow_end=allow_end, what="--layer")
 
 
+# checks before the model loads: its config.json and tokenizer are read (fast), not its weights
+
+
+def _source(args: argparse.Namespace) -> str | None:
+    """What ``load_model(args.model)`` would load (a local folder or a hub name); a model that cannot
+    be found is reported here, before any loading."""
+    from .models import _resolve_source
+
+    return _resolve_source(args.model)[0]
+
+
+def _model_shape(args: argparse.Namespace) -> tuple[int, int] | None:
+    """(n_layers, n_heads) from the checkpoint's config, without loading the weights; None if unreadable
+    (the same checks then run after loading)."""
+    try:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(_source(args))
+        cfg = getattr(cfg, "text_config", None) or cfg  # vision-language models: the language model's shape
+        return int(cfg.num_hidden_layers), int(cfg.num_attention_heads)
+    except (CliError, ValueError, FileNotFoundError):
+        raise
+    except Exception:
+        return None
+
+
+def _check_shape(args: argparse.Namespace, *, layer: int | None = None, k: int | None = None) -> None:
+    shape = _model_shape(args)
+    if shape is None:
+        return
+    n_layers, n_heads = shape
+    if layer is not None and not -n_layers <= layer < n_layers:
+        raise CliError(f"--layer {layer} is out of range: {args.model} has {n_layers} layers; use 0..{n_layers - 1} "
+                       "(or a negative index from the end)")
+    if k is not None and k > n_layers * n_heads:
+        raise CliError(f"--k {k} is more heads than {args.model} has ({n_layers} layers x {n_heads} heads = "
+                       f"{n_layers * n_heads}); use --k 1..{n_layers * n_heads}")
+
+
+def _check_prompts(args: argparse.Namespace, tasks: Sequence[Any], n_shots: Sequence[int], *, position: Any = None,
+                   n_prompts: int | None = None, **kw: Any) -> None:
+    """Build each task's prompts with the tokenizer alone, so that too many shots or prompts, or a
+    --position outside the prompts, fail here and not after the model has loaded."""
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(_source(args))
+    except (CliError, ValueError, FileNotFoundError):
+        raise
+    except Exception:  # no tokenizer to read here: the analysis checks the prompts itself
+        return
+    from .inputs.text import icl_prompts
+
+    for t in tasks:
+        for shots in n_shots:
+            batch = icl_prompts(tok, t, n_prompts=n_prompts or args.n_prompts, n_shots=shots, seed=args.seed,
+                                **{**_prompt_kw(args), **kw})
+            if position is not None:
+                from .analyses.lens import _positions
+
+                try:
+                    _positions(batch, position)
+                except (ValueError, IndexError) as err:
+                    raise CliError(f"--position {position}: {_one_line(err)}") from None
+
+
 # ----------------------------------------------------------------------------------------------
 # commands
 
@@ -388,6 +488,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 
     tasks = _resolve_tasks(args.tasks) if args.tasks else []
     kw = _prompt_kw(args)
+    _check_prompts(args, tasks, (0, args.n_shots))
     model = _load(args)
     info = ModelInfo.of(model)
     for key, value in info.to_dict().items():
@@ -409,6 +510,7 @@ def cmd_taskness(args: argparse.Namespace) -> None:
     _need_two(tasks, "taskness (rho_token)")
     _resolve_positions(args.positions)  # a bad --positions fails before the model loads
     kw = _prompt_kw(args)
+    _check_prompts(args, tasks, (args.n_shots,))
     model = _load(args)
     stats = head_means(model, tasks, n_prompts=args.n_prompts, n_shots=args.n_shots, positions=args.positions,
                        seed=args.seed, progress=True, **kw)
@@ -436,6 +538,7 @@ def cmd_lens(args: argparse.Namespace) -> None:
         raise CliError(f"unknown --position {position!r}; use 'separator', an integer index, or a token class: "
                        f"{', '.join(c.name.lower() for c in TokenClass if c.name != 'PAD')}")
     kw = _prompt_kw(args)
+    _check_prompts(args, tasks, (args.n_shots,), position=position)
     model = _load(args)
     summary = lens_summary(model, tasks, out=out / "logit_lens.html", position=position, top_k=args.top_k,
                            task_words=args.task_words, n_prompts=args.n_prompts, n_shots=args.n_shots, seed=args.seed,
@@ -451,6 +554,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     tasks = _resolve_tasks(args.tasks)
     if args.center and len(tasks) < 2:
         raise CliError("--center subtracts the mean vector over tasks, so --tasks must name at least 2")
+    _check_prompts(args, tasks, (0, args.n_shots))
     model = _load(args)
     sweep = layer_sweep(model, tasks, n_prompts=args.n_prompts, n_shots=args.n_shots, seed=args.seed, mode=args.mode,
                         alpha=args.alpha, center=args.center)
@@ -465,12 +569,18 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 def cmd_fv(args: argparse.Namespace) -> None:
     from .inputs.text import evaluate_icl
+    from .models import ModelInfo
     from .vectors.activation import evaluate_vector, function_vector
 
     out = _check_out(args)
     tasks = _resolve_tasks(args.tasks)
+    _check_shape(args, layer=args.layer, k=args.k)
+    _check_prompts(args, tasks, (0, args.n_shots))
     model = _load(args)
     layer = _check_layer(model, args.layer)
+    n_heads = ModelInfo.of(model).n_layers * ModelInfo.of(model).n_heads
+    if args.k > n_heads:
+        raise CliError(f"--k {args.k} is more heads than the model has ({n_heads}); use --k 1..{n_heads}")
     written: list[Path] = []
     for t in tasks:
         fv = function_vector(model, t, n_heads=args.k, n_prompts=args.n_prompts, n_cie_prompts=args.n_prompts,
@@ -494,6 +604,7 @@ def cmd_patch(args: argparse.Namespace) -> None:
     out = _check_out(args)
     tasks = _resolve_tasks(args.tasks)
     kw = _prompt_kw(args)
+    _check_prompts(args, tasks, (0 if args.target == "zero-shot" else args.n_shots, args.n_shots))
     model = _load(args)
     written: list[Path] = []
     for t in tasks:
@@ -526,6 +637,8 @@ def cmd_select(args: argparse.Namespace) -> None:
     unknown = [m for m in methods if m not in METHOD_LABELS]
     if unknown:
         raise CliError(f"unknown --methods {', '.join(unknown)}; choose from {', '.join(METHOD_LABELS)}")
+    _check_shape(args, k=args.k)
+    _check_prompts(args, tasks, (0, args.n_shots))
     model = _load(args)
     comparison = compare_selections(
         model, tasks, k=args.k, methods=methods, per=args.per, seed=args.seed, n_prompts=args.n_prompts,
@@ -562,6 +675,9 @@ def cmd_report(args: argparse.Namespace) -> None:
             raise CliError(f"unknown report section(s) {', '.join(unknown) or '(none)'}; use a subset of {','.join(SECTIONS)}")
     if sections is None or "taskness" in sections:
         _need_two(tasks, "the report's taskness section")
+    from .report import DEFAULT_N_PROMPTS
+
+    _check_prompts(args, tasks, (0, args.n_shots), n_prompts=args.n_prompts or max(DEFAULT_N_PROMPTS.values()))
     model = _load(args)
     command = "tvlens " + " ".join(shlex.quote(a) for a in getattr(args, "argv", ["report"]))
     report = build_report(model, tasks, out, n_prompts=args.n_prompts, n_shots=args.n_shots, seed=args.seed,
@@ -613,6 +729,65 @@ def cmd_weights(args: argparse.Namespace) -> None:
     _finish(written, out)
 
 
+def cmd_visual(args: argparse.Namespace) -> None:
+    from .analyses.visual import _resolve_visual_tasks, visual_study
+
+    out = _check_out(args)
+    tasks = _resolve_visual_tasks(args.tasks)
+    for flag, value in (("--budget", args.budget), ("--task-budget", args.task_budget or args.budget)):
+        if value < args.samples:
+            raise CliError(f"{flag} {value} is less than one step of --samples {args.samples}; give {flag} >= --samples")
+    _check_shape(args)
+    model = _load(args)
+    study = visual_study(model, tasks, n_means=args.n_means, n_select=args.n_select, n_eval=args.n_eval, budget=args.budget,
+                         task_budget=args.task_budget, samples=args.samples, lr=args.lr, candidates=args.candidates,
+                         sparsity=args.sparsity, noise=args.noise, per_task=not args.no_per_task, seed=args.seed, progress=True)
+    written = [study.to_html(out / "visual.html"), *study.save_figures(out, png=not args.no_png)]
+    print(study.text())
+    _finish(written, out)
+
+
+def cmd_xmodal(args: argparse.Namespace) -> None:
+    from .analyses import crossmodal as xm
+    from .inputs.multimodal import vision_spec
+
+    out = _check_out(args)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    bad = sorted(set(parts) - {"table", "similarity", "llm", "lens", "examples"})
+    if bad or not parts:
+        raise CliError(f"--parts {args.parts!r}: unknown {bad or 'empty'}; use a subset of table,similarity,llm,lens,examples")
+    tasks = list(xm.IMAGE_TASKS) if args.tasks == "image" else [t.name for t in _resolve_tasks(args.tasks)]
+    llm_name = args.llm or ("organism" if args.model == "organism-vlm" else None)
+    if "llm" in parts and llm_name is None:
+        raise CliError("--parts llm needs --llm, the language model the VLM was built on")
+    model = _load(args)
+    vision_spec(model)  # a text-only model is refused here, before any work
+    kw = dict(seed=args.seed, n_shots=args.n_shots)
+    res: dict[str, Any] = {}
+    if "table" in parts:
+        res["table"] = xm.crossmodal_table(model, tasks, renderings=args.renderings, n_contexts=args.contexts, **kw)
+    if "similarity" in parts:
+        layer = res["table"].layers["Text ICL xPatch"] if "table" in res else None
+        res["similarity"] = xm.task_similarity(model, tasks, layer=layer, n_contexts=args.contexts, **kw)
+    if "llm" in parts:
+        from .models import load_model
+
+        res["llm"] = xm.llm_to_vlm(model, load_model(llm_name, device=args.device), tasks, n_contexts=args.contexts,
+                                   renderings=args.renderings, **kw)
+    if "lens" in parts:
+        res["lens"] = xm.crossmodal_lens(model, tasks, n_prompts=args.contexts, **kw)
+    if "examples" in parts:
+        layer = res["table"].layers["Text ICL xPatch"] if "table" in res else None
+        res["examples"] = xm.crossmodal_examples(model, tasks[::3] if len(tasks) > 4 else tasks, layer=layer,
+                                                 n_contexts=args.contexts, seed=args.seed)
+    written = [xm.crossmodal_page(out / "xmodal.html", **res)]
+    for name, r in res.items():
+        written.append(r.save(out / f"xmodal_{name}"))
+        _save(r.plot(), out, f"xmodal_{name}", args, written, html=False)
+        print(r.markdown() + "\n")
+    _finish(written, out)
+
+
 _HANDLERS = {
     "tasks": cmd_tasks,
     "info": cmd_info,
@@ -624,6 +799,8 @@ _HANDLERS = {
     "select": cmd_select,
     "report": cmd_report,
     "weights": cmd_weights,
+    "visual": cmd_visual,
+    "xmodal": cmd_xmodal,
 }
 
 
@@ -633,6 +810,16 @@ def _one_line(err: BaseException) -> str:
     else:
         text = str(err) or type(err).__name__
     return " ".join(text.split())
+
+
+def _close_progress_bars() -> None:
+    """Close the progress bars an error left open, so the error starts a line of its own."""
+    tqdm = getattr(sys.modules.get("tqdm"), "tqdm", None)
+    for bar in list(getattr(tqdm, "_instances", ()) or ()):
+        try:
+            bar.close()
+        except Exception:  # pragma: no cover - a bar half torn down
+            pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -652,10 +839,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         _prompt_kw(args)  # --example-sep on a command that cannot pass it on: refused before any work
         _HANDLERS[args.command](args)
+        sys.stdout.flush()  # a closed pipe (`tvlens tasks | head`) shows up here, inside the try
+        return 0
+    except BrokenPipeError:
+        # the reader went away: stop quietly (no traceback, and no second error when Python flushes at exit)
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
         return 0
     except (CliError, ValueError, KeyError, FileNotFoundError, PermissionError, NotADirectoryError) as err:
         if debug:
             raise
+        _close_progress_bars()
         print(f"tvlens: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

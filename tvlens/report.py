@@ -62,6 +62,8 @@ _TITLES = {
     "lens": "Logit lens at the separator",
     "sweep": "Task vectors: layer sweep",
     "patch": "Head patching: task-mean outputs into zero-shot prompts",
+    "visual": "Visual task vectors (canvases)",
+    "crossmodal": "Cross-modal task vectors (VLM)",
 }
 
 _CITES = {
@@ -69,6 +71,8 @@ _CITES = {
     "lens": "Luo, Darrell &amp; Bar 2024, <i>Task Vectors are Cross-Modal</i>, §4; nostalgebraist 2020, <i>interpreting GPT: the logit lens</i>",
     "sweep": "Hendel, Geva &amp; Globerson 2023, <i>In-Context Learning Creates Task Vectors</i>, §3",
     "patch": "Todd, Li, Sen Sharma, Mueller, Wallace &amp; Bau 2024, <i>Function Vectors in Large Language Models</i>, §2.3",
+    "visual": "Hojel, Bai, Darrell, Globerson &amp; Bar 2024, <i>Finding Visual Task Vectors</i>, §3–5",
+    "crossmodal": "Luo, Darrell &amp; Bar 2024, <i>Task Vectors are Cross-Modal</i>, §4, Table 2",
 }
 
 
@@ -285,11 +289,30 @@ def _section_patch(ctx: "_Ctx") -> Section:
     return Section("patch", _TITLES["patch"], tuple(text), (("patch_heads", fig),), tuple(table), result=results)
 
 
+def _section_visual(ctx: "_Ctx") -> Section:
+    """A canvas model (``organism-visual``): :func:`tvlens.analyses.visual.visual_study` at a small budget."""
+    from .analyses.visual import visual_study
+
+    return visual_study(ctx.model, n_means=ctx.n_prompts or 16, n_eval=8, budget=96, per_task=False, seed=ctx.seed,
+                        progress=ctx.progress).section()
+
+
+def _section_crossmodal(ctx: "_Ctx") -> Section:
+    """A VLM: :func:`tvlens.analyses.crossmodal.crossmodal_table` on the report's tasks that have pictures."""
+    from .analyses.crossmodal import IMAGE_TASKS, crossmodal_table
+
+    tasks = [t.name for t in ctx.tasks if t.name in IMAGE_TASKS] or list(IMAGE_TASKS[:4])
+    return crossmodal_table(ctx.model, tasks, renderings=1, n_contexts=ctx.n_prompts or 16, n_shots=ctx.n_shots,
+                            seed=ctx.seed, text_query=False, conflict=False).section()
+
+
 _RUNNERS: dict[str, Callable[["_Ctx"], Section]] = {
     "taskness": _section_taskness,
     "lens": _section_lens,
     "sweep": _section_sweep,
     "patch": _section_patch,
+    "visual": _section_visual,  # canvas models only, so not among the default SECTIONS
+    "crossmodal": _section_crossmodal,  # vision-language models only: added to the defaults for them
 }
 
 
@@ -434,7 +457,7 @@ def build_report(
         raise ValueError(f"cannot write the report to {str(out)!r}: it is a file, not a folder; choose another output folder")
     check_writable(out)
     chosen = list(SECTIONS if sections is None else sections)
-    unknown = [s for s in chosen if s not in SECTIONS]
+    unknown = [s for s in chosen if s not in _RUNNERS]
     if unknown or not chosen:
         raise ValueError(f"unknown report section(s) {unknown or '(none)'}; use a subset of {', '.join(SECTIONS)}")
     task_list = resolve_tasks(list(DEFAULT_TASKS) if tasks is None else tasks)
@@ -446,6 +469,10 @@ def build_report(
     if isinstance(model, (str, Path)):
         model = load_model(model, device=device)
     info = ModelInfo.of(model)
+    from .inputs.multimodal import is_vlm
+
+    if sections is None and is_vlm(model):
+        chosen.append("crossmodal")
 
     from .runs.executors import executor_meta, resolve_executor
 

@@ -57,6 +57,12 @@ def _means_tensor(source: Any, kind: str, info: Any, positions: str = "final") -
     """
     unit = unit_shape(info, kind)
     want = (info.n_layers, *unit)
+    if hasattr(source, "cache_dict") or type(source).__name__ == "ActivationCache":
+        raise TypeError("source is an ActivationCache; patch_heads runs the source itself, so pass the source prompts "
+                        "(the PromptBatch or the [batch, pos] token tensor you ran) or task means "
+                        "(tvlens.head_means(model, [task]), or a [layer, head, d_head] float tensor)")
+    if isinstance(source, Tensor) and not source.is_floating_point():
+        return None  # an integer tensor is a [batch, pos] token batch, not means
     if isinstance(source, Tensor):
         t = source
         if t.ndim == len(want) + 1 and t.shape[0] == 1:
@@ -103,6 +109,11 @@ def _means_tensor(source: Any, kind: str, info: Any, positions: str = "final") -
 @dataclass(frozen=True)
 class PatchResult:
     """A patching sweep: ``values`` over sites, the metric averaged over prompts.
+
+    Two views of every site: ``values`` — what was measured (the **patched metric itself**, e.g.
+    the patched log-probability; normalised or attribution values when those were asked for) —
+    and ``effect`` — the **change** the patch causes (``values - target_value``), which ``.plot()``,
+    ``.top()`` and the CLI show. ``.to_frame()`` has both columns.
 
     ``values`` is ``[layer, head]`` (:func:`patch_heads`, ``positions="final"|"all"``),
     ``[layer, head, pos]`` (``positions="each"``) or ``[layer, pos]`` (:func:`patch_positions`);
@@ -206,13 +217,15 @@ class PatchResult:
                    pos_labels=None if meta["pos_labels"] is None else tuple(meta["pos_labels"]), meta=meta["meta"])
 
     def to_frame(self) -> Any:
-        """A pandas DataFrame with one row per site (requires pandas)."""
+        """A pandas DataFrame with one row per site: its indices, ``value`` (the raw patched metric, or
+        the normalised / attribution value, as :attr:`values`) and ``effect`` (the change the patch
+        causes, as :attr:`effect` and the CLI print)."""
         import pandas as pd
 
         rows = []
-        vals = self.values
+        vals, eff = self.values, self.effect
         for idx in torch.cartesian_prod(*[torch.arange(n) for n in vals.shape]).reshape(-1, vals.ndim).tolist():
-            rows.append({**dict(zip(self.dims, idx)), "value": float(vals[tuple(idx)])})
+            rows.append({**dict(zip(self.dims, idx)), "value": float(vals[tuple(idx)]), "effect": float(eff[tuple(idx)])})
         return pd.DataFrame(rows)
 
 
@@ -368,6 +381,7 @@ def patch_heads(
     progress: bool = True,
     fast: bool | Literal["auto"] = "auto",
     checkpoint: str | Path | None = None,
+    executor: Any = None,
 ) -> PatchResult:
     """Patch each attention head's output into the target run and measure ``metric``: ``[layer, head]``.
 
@@ -398,6 +412,9 @@ def patch_heads(
             the same arguments computes only the unfinished units. A file from another model or
             another configuration is refused before any work. (A metric *function* is identified
             by its name only.)
+        executor: where to run (:mod:`tvlens.runs.executors`): ``None`` — this process; a
+            ``RayExecutor`` — one unit per layer of sites on the workers' replicas, merged as
+            disjoint sites (with ``checkpoint``, every finished layer is kept).
 
     Returns a :class:`PatchResult`.  Equal to the naive loop (one ``run_with_hooks`` per site) to
     float rounding; ``benchmarks/bench_patching.py`` measures the two side by side.
@@ -428,6 +445,21 @@ def patch_heads(
         if missing:
             raise ValueError(f"the means do not cover layers {missing}; restrict the sweep with layers=[...] "
                              "or compute the means for every layer")
+    from ..runs.executors import executor_meta, splits
+
+    if splits(executor):  # one unit per layer of sites, on the executor's workers
+        from ..runs import distributed
+
+        return distributed.patch_heads(
+            model, target, means if means is not None else source, executor=executor, site_list=site_list,
+            n_prompts=len(tgt), n_units=n_units, positions=positions, metric=metric, component=component,
+            normalize=normalize, batch_size=batch_size, max_memory=max_memory, progress=progress, fast=fast,
+            checkpoint=checkpoint, has_source_batch=src is not None,
+            pos_labels=_pos_labels(model, tgt) if positions == "each" else None, ck_config=dict(
+                what="patch_heads", positions=positions, metric=metric_name(metric), component=component,
+                sites=[list(s) for s in site_list], normalize=bool(normalize),
+                target=_digest(tgt.tokens, tgt.mask, *[t for t in (tgt.answer_ids, tgt.foil_ids) if t is not None]),
+                source=_digest(means) if means is not None else _digest(src.tokens, src.mask)))
     t0 = time.perf_counter()
     src_layers = sorted({l for l, _ in site_list})
     dev = _hooks.device_of(model)
@@ -520,7 +552,7 @@ def patch_heads(
     dims = ("layer", "head", "pos") if positions == "each" else ("layer", "head")
     meta = _meta(model, what=f"patch_heads ({component}, positions={positions})", positions=positions,
                  component=component, n_prompts=len(tgt), source="means" if means is not None else "prompts",
-                 seconds=time.perf_counter() - t0, fast=fast)
+                 seconds=time.perf_counter() - t0, fast=fast, executor=executor_meta(executor))
     return _finish(values, per_prompt, dims, metric, target_value, source_value, normalize, meta,
                    pos_labels=_pos_labels(model, tgt) if positions == "each" else None)
 
@@ -538,6 +570,7 @@ def patch_positions(
     max_memory: int | None = None,
     progress: bool = True,
     fast: bool | Literal["auto"] = "auto",
+    executor: Any = None,
 ) -> PatchResult:
     """Patch one (layer, position) of a residual-stream activation at a time: ``[layer, pos]``.
 
@@ -545,6 +578,8 @@ def patch_positions(
     ``"resid_mid"`` or ``"resid_post"``; the value comes from ``source``, a prompt batch of the same
     shape (positions are paired index by index; tvlens batches are left-padded so the final
     separator lines up).  Each site recomputes only positions ``>= pos`` from its layer on.
+    ``executor`` (:mod:`tvlens.runs.executors`): ``None`` runs here; a ``RayExecutor`` runs one
+    unit per layer on the workers' replicas.
     """
     from ..models import ModelInfo
 
@@ -565,6 +600,15 @@ def patch_positions(
     _check_vocab(tgt, "target", info)
     src = _validate_source(tgt, source, True)
     _check_vocab(src, "source", info)
+    from ..runs.executors import executor_meta, splits
+
+    if splits(executor):  # one unit per layer, on the executor's workers
+        from ..runs import distributed
+
+        return distributed.patch_positions(model, target, source, executor=executor, layers=ls, n_prompts=len(tgt),
+                                           n_pos=tgt.n_pos, hook=hook, metric=metric, normalize=normalize,
+                                           batch_size=batch_size, max_memory=max_memory, progress=progress, fast=fast,
+                                           pos_labels=_pos_labels(model, tgt))
     t0 = time.perf_counter()
     P = tgt.n_pos
     dev = _hooks.device_of(model)
@@ -598,7 +642,7 @@ def patch_positions(
     per_prompt = torch.full((len(tgt), info.n_layers, P), float("nan"), device=per_site.device)
     per_prompt[:, torch.as_tensor(ls)] = per_site
     meta = _meta(model, what=f"patch_positions ({hook})", hook=hook, n_prompts=len(tgt),
-                 seconds=time.perf_counter() - t0, fast=fast)
+                 seconds=time.perf_counter() - t0, fast=fast, executor=executor_meta(executor))
     return _finish(per_prompt.mean(0), per_prompt, ("layer", "pos"), metric, float(torch.cat(tvals).mean()),
                    float(torch.cat(svals).mean()), normalize, meta, pos_labels=_pos_labels(model, tgt))
 

@@ -39,6 +39,7 @@ from ..results import tensor_digest as _tensor_digest
 import hashlib
 import io
 import math
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,7 @@ __all__ = [
     "Selection",
     "reinforce_select",
     "soft_select",
+    "select_restarts",
     "compare_selections",
     "Comparison",
     "evaluate_heads",
@@ -589,6 +591,12 @@ class _Run:
         self.bar.update(1)
         self.bar.set_postfix(**{self.label: f"{value:.4g}"}, heads=int((torch.sigmoid(self.theta) > self.threshold).sum()))
         self.done = self.stopper.update(float(value))
+        if self.done and self.step < self.steps and not self.bar.disable:  # say so: the bar stops short of its total
+            self.bar.set_description_str(f"{self.bar.desc} (stopped early)")
+            self.bar.write(f"{self.bar.desc.split(' (')[0]}: stopped early after {self.step} of {self.steps} steps: the "
+                           f"moving-average {self.label} gained less than tol={self.stopper.tol:g} in the last "
+                           f"{self.stopper.patience} steps (patience={self.stopper.patience}; patience=None runs every step)",
+                           file=sys.stderr)
         if self.checkpoint is not None and (self.step % self.every == 0 or self.done or self.step >= self.steps):
             _save_checkpoint(self.checkpoint, self._snapshot())
 
@@ -634,20 +642,20 @@ def reinforce_select(
     tasks: Any = None,
     *,
     head_means: Any = None,
-    steps: int = 200,
-    samples_per_step: int = 64,
+    steps: int = 60,
+    samples_per_step: int = 16,
     lr: float = 0.1,
     init_logit: float = -1.0,
     baseline: str = "mean",
     sparsity: float = 0.0,
     seed: int = 0,
     metric: str = "logprob",
-    n_prompts: int = 32,
+    n_prompts: int = 8,
     split: str = "train",
-    n_mean_prompts: int = 100,
+    n_mean_prompts: int = 32,
     n_shots: int = 5,
     positions: str = "separator",
-    patience: int | None = 50,
+    patience: int | None = 10,
     tol: float = 1e-3,
     threshold: float = 0.5,
     reward_fn: Callable[[Tensor], Tensor] | None = None,
@@ -680,7 +688,11 @@ def reinforce_select(
         metric: ``"logprob"`` (log-probability of the answer's first token) or ``"accuracy"``.
         n_prompts: zero-shot prompts per task (distinct queries of ``split``; capped at its size).
         patience / tol: stop early when the moving-average reward has not improved by ``tol`` for
-            ``patience`` steps (``patience=None``: always run ``steps``).
+            ``patience`` steps (``patience=None``: always run ``steps``); with ``progress`` a line
+            on stderr says when and why it stopped, and ``meta.extra["stopped_early"]`` records it.
+        steps, samples_per_step, n_prompts, n_mean_prompts: the defaults (60, 16, 8, 32) are sized
+            for an interactive session; a step costs one forward of ``samples_per_step × n_prompts ×
+            len(tasks)`` final-token rows, so raise them (e.g. 200, 64, 32, 100) for a closer optimum.
         threshold: the final mask is ``p > threshold``.
         reward_fn: replaces the model-based reward: ``reward_fn(masks [S, layer, head] bool) -> [S]``
             (tasks and means are then not needed; used to test the optimiser).
@@ -896,6 +908,61 @@ def soft_select(
                      method="soft", meta=meta, tasks=task_names, head_means=means)
 
 
+def select_restarts(
+    model: Any,
+    tasks: Any,
+    *,
+    method: str = "reinforce",
+    n_restarts: int = 4,
+    seed: int = 0,
+    executor: Any = None,
+    progress: bool = True,
+    **kw: Any,
+) -> Selection:
+    """The best of ``n_restarts`` independent selections, from seeds ``seed .. seed + n_restarts - 1``.
+
+    REINFORCE (Hojel et al. 2024, §3.2) and its soft relaxation are stochastic searches; running
+    them from several seeds and keeping the highest ``final_reward`` (the reward of the final
+    mask; ties: the lower seed) guards against a poor local optimum. Each restart is one unit of
+    ``executor`` (:mod:`tvlens.runs.executors`): by default one after the other here, on a
+    ``RayExecutor`` side by side on its workers. The task means are computed once (``head_means=``,
+    else :func:`tvlens.head_means` with ``n_mean_prompts``, ``n_shots`` and ``seed``) and shared by
+    every restart. ``kw``: the options of :func:`reinforce_select` / :func:`soft_select`.
+
+    Returns the best :class:`Selection`; ``meta.extra["restarts"]`` lists every restart's seed and
+    final reward, ``meta.extra["executor"]`` who ran them.
+    """
+    import dataclasses
+
+    from ..results import ResultMeta
+    from ..runs import distributed
+
+    if method not in ("reinforce", "soft"):
+        raise ValueError(f"unknown method {method!r}; use 'reinforce' (reinforce_select) or 'soft' (soft_select)")
+    n_restarts = _check_int("n_restarts", n_restarts, 1, "run at least one selection")
+    seed = _check_int("seed", seed, 0)
+    for bad in ("seed", "checkpoint", "progress"):
+        if bad in kw:
+            raise TypeError(f"select_restarts sets {bad!r} of each restart itself; remove it from the options "
+                            "(restarts use seeds seed .. seed + n_restarts - 1, without checkpoints)")
+    task_list = _resolve_tasks(tasks)
+    given = kw.pop("head_means", None)
+    if given is None:
+        from .taskness import head_means as compute
+
+        given = compute(model, task_list, n_prompts=kw.get("n_mean_prompts", 100), n_shots=kw.get("n_shots", 5),
+                        positions="separator", seed=seed, split="train", executor=executor)
+    means = _means_for(model, task_list, given, n_prompts=kw.get("n_mean_prompts", 100), n_shots=kw.get("n_shots", 5),
+                       seed=seed)
+    runs = distributed.restarts(model, task_list, method=method, seeds=range(seed, seed + n_restarts),
+                                executor=executor, head_means=means, kw=kw, progress=progress)
+    rewards = [float(r.meta.extra.get("final_reward", float("-inf"))) for r in runs]
+    best = max(range(n_restarts), key=lambda i: (rewards[i], -i))
+    d = runs[best].meta.to_dict()
+    d["extra"] = {**d["extra"], "restarts": [{"seed": seed + i, "final_reward": rewards[i]} for i in range(n_restarts)]}
+    return dataclasses.replace(runs[best], meta=ResultMeta.from_dict(d))
+
+
 # ==============================================================================================
 # evaluation and comparison
 # ==============================================================================================
@@ -995,6 +1062,16 @@ class Comparison:
     def table(self, by: str = "family", fmt: str = "markdown") -> str:
         """The comparison as a text table: one row per family (``by="family"``, plus the mean over
         families) or per task (``by="task"``); ``fmt`` ``"markdown"`` or ``"tsv"``."""
+        head, body = self._rows(by)
+        if fmt == "tsv":
+            return "\n".join("\t".join(r) for r in [head, *body])
+        if fmt != "markdown":
+            raise ValueError(f"fmt must be 'markdown' or 'tsv', got {fmt!r}")
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in body]
+        return "\n".join(lines)
+
+    def _rows(self, by: str) -> tuple[list[str], list[list[str]]]:
         if by == "family":
             names = [*self.family_names, "mean"]
             values = torch.cat([self.family_accuracy(), self.overall()[None]])
@@ -1004,13 +1081,7 @@ class Comparison:
             raise ValueError(f"by must be 'family' or 'task', got {by!r}")
         head = [by, *(self.label(m) for m in self.methods)]
         body = [[n, *("—" if math.isnan(float(v)) else f"{float(v):.3f}" for v in row)] for n, row in zip(names, values)]
-        if fmt == "tsv":
-            return "\n".join("\t".join(r) for r in [head, *body])
-        if fmt != "markdown":
-            raise ValueError(f"fmt must be 'markdown' or 'tsv', got {fmt!r}")
-        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-        lines += ["| " + " | ".join(r) + " |" for r in body]
-        return "\n".join(lines)
+        return head, body
 
     def __str__(self) -> str:
         return self.table()
@@ -1037,8 +1108,13 @@ class Comparison:
         fam = self.family_accuracy()
         labels = [*self.family_names, "mean"]
         series = {self.label(m): torch.cat([fam[:, j], self.overall()[j:j + 1]]) for j, m in enumerate(self.methods)}
+        # a method with no number anywhere would be a legend entry without a bar: name it in the title instead
+        missing = [name for name, ys in series.items() if bool(torch.isnan(ys.double()).all())]
+        series = {name: ys for name, ys in series.items() if name not in missing}
         ks = sorted(set(self.k.values()))
-        title = f"Head selection, held-out first-token accuracy — {getattr(self.meta, 'model', '?')} (k={', '.join(map(str, ks))})"
+        title = f"Head selection, held-out first-token accuracy — {Path(str(getattr(self.meta, 'model', '?'))).name} (k={', '.join(map(str, ks))})"
+        if missing:
+            title += f"<br><sup>not available here: {', '.join(missing)} (see the notes)</sup>"
         return bar_plot(labels, series, title=title, xlabel="family", ylabel="accuracy")
 
     def heatmaps(self) -> dict[str, Any]:
@@ -1052,24 +1128,31 @@ class Comparison:
         return out
 
     def to_html(self, path: str | Path) -> Path:
-        """One standalone HTML page: the bar plot, the tables and every selection heatmap."""
-        from ..results import atomic_write_text
+        """One HTML page (loading ``plotly.min.js`` from its folder, written there once): the bar plot,
+        the accuracy tables per family and per task, the notes and every selection heatmap."""
+        from ..plot import figure_div, html_page
 
-        figs = [self.plot(), *self.heatmaps().values()]
-        parts = [f"<h2>{_html_escape(repr(self))}</h2>",
-                 "<pre>" + _html_escape(self.table()) + "</pre>"]
-        for i, fig in enumerate(figs):
-            parts.append(fig.to_html(full_html=False, include_plotlyjs=(i == 0)))
-        parts.append("<pre>" + _html_escape(self.table(by="task")) + "</pre>")
+        esc = _html_escape
+
+        def table(by: str) -> str:
+            head, body = self._rows(by)
+            rows = ["<tr>" + "".join(f"<th>{esc(c)}</th>" for c in head) + "</tr>"]
+            rows += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in body]
+            return "<table>" + "".join(rows) + "</table>"
+
+        model = str(getattr(self.meta, "model", "?"))
+        ks = ", ".join(f"{g}: {k}" for g, k in self.k.items())
+        parts = [f"<h1>Head selection — {esc(Path(model).name)}</h1>",
+                 f"<p>Held-out first-token accuracy (test split) of zero-shot prompts with the selected heads' task means "
+                 f"patched in at the final separator. {len(self.tasks)} task{'s' if len(self.tasks) != 1 else ''}: "
+                 f"{esc(', '.join(self.tasks))}; one selection "
+                 f"per {esc(self.per)}; k per group: {esc(ks)}.</p>",
+                 figure_div(self.plot()), "<h2>Per family</h2>", table("family"), "<h2>Per task</h2>", table("task")]
         if self.notes:
-            parts.append("<ul>" + "".join(f"<li>{_html_escape(n)}</li>" for n in self.notes) + "</ul>")
-        html = "<!DOCTYPE html><html><head><meta charset='utf-8'><title>tvlens selection comparison</title></head><body>"
-        html += "\n".join(parts) + "</body></html>"
-        path = Path(path)
-        if path.suffix.lower() not in (".html", ".htm"):
-            path = path.with_name(path.name + ".html")
-        atomic_write_text(path, html)
-        return path
+            parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in self.notes) + "</ul>")
+        parts.append("<h2>The selections</h2>")
+        parts += [figure_div(fig) for fig in self.heatmaps().values()]
+        return html_page(path, parts, title=f"tvlens selection comparison — {Path(model).name}")
 
 
 def _html_escape(s: str) -> str:

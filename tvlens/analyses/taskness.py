@@ -205,6 +205,33 @@ class HeadStats(LayerHeadGrid):
             f"model={self.meta.get('model', '?')!r})"
         )
 
+    def to_frame(self):
+        """A pandas DataFrame, one row per (task, layer, head[, pos]): ``count`` (samples),
+        ``mean_norm`` (‖z̄‖ of the task-mean ``hook_z``), ``var`` (its variance, averaged over d_head)
+        and, with ``include_output``, ``out_norm`` (‖z̄ @ W_O‖). The vectors themselves stay in
+        ``z_mean`` / ``mean(task)``."""
+        import pandas as pd
+
+        norm = self.z_mean.norm(dim=-1)  # [task, layer, head(, pos)]
+        var = self.z_var.mean(-1)
+        out = None if self.out_mean is None else self.out_mean.norm(dim=-1)
+        rows = []
+        for ti, task in enumerate(self.tasks):
+            for li, layer in enumerate(self.layers or range(norm.shape[1])):
+                for h in range(norm.shape[2]):
+                    cells = [(None, norm[ti, li, h], var[ti, li, h])] if not self.per_position else \
+                        [(p - norm.shape[3], norm[ti, li, h, p], var[ti, li, h, p]) for p in range(norm.shape[3])]
+                    for k, (pos, n, v) in enumerate(cells):
+                        row = {"task": task, "layer": int(layer), "head": h}
+                        if pos is not None:
+                            row["pos"] = pos
+                        row["count"] = int(self.count[ti] if self.count.ndim == 1 else self.count[ti, k])
+                        row["mean_norm"], row["var"] = float(n), float(v)
+                        if out is not None:
+                            row["out_norm"] = float(out[ti, li, h] if pos is None else out[ti, li, h, k])
+                        rows.append(row)
+        return pd.DataFrame(rows)
+
     # ---- transformations ----
     def select(self, tasks: Sequence[Any]) -> "HeadStats":
         """The stats of a subset of the tasks (in the given order)."""
@@ -873,6 +900,12 @@ def taskness(model_or_stats: Any, tasks: Any = None, *, eps: float = DEFAULT_EPS
         stats = model_or_stats if tasks is None else model_or_stats.select(_resolve_task_list(tasks))
     else:
         task_list = _resolve_task_list(tasks)
+        if len(task_list) < 2 and any(hasattr(t, "tokens") for t in task_list):
+            one = getattr(task_list[0], "task", None)
+            raise ValueError(
+                f"ρ_token compares tasks, but tasks is one PromptBatch (the prompts of one task{f', {one!r}' if one else ''}); "
+                "pass one PromptBatch per task in a list, e.g. [tvlens.icl_prompts(model, 'antonym'), "
+                "tvlens.icl_prompts(model, 'country_capital')], or task names")
         if len(task_list) < 2:
             raise ValueError(f"ρ_token compares tasks: it needs at least 2 tasks, got {len(task_list)}; pass more tasks")
         if not eps > 0:

@@ -171,6 +171,17 @@ class TaskVector:
         return (f"{type(self).__name__}(task={self.task!r}, kind={self.kind!r}, layer={self.layer}, "
                 f"model={self.model!r}, d_model={self.d_model}, norm={self.norm:.4g})")
 
+    def to_frame(self) -> Any:
+        """A one-row pandas DataFrame: task, kind, layer, norm, d_model, model and how it was made
+        (the scalar settings of ``meta.extra``); ``pd.concat`` the frames of several vectors to
+        compare them. The vector itself is ``.vector``."""
+        import pandas as pd
+
+        row = {"task": self.task, "kind": self.kind, "layer": self.layer, "norm": self.norm, "d_model": self.d_model,
+               "model": self.model}
+        row.update({k: v for k, v in self.meta.extra.items() if isinstance(v, (int, float, str, bool)) and k not in row})
+        return pd.DataFrame([row])
+
     @classmethod
     def from_tensor(cls, model: Any, vector: Tensor, *, layer: int, task: str = "custom", kind: str = "custom",
                     **extra: Any) -> "TaskVector":
@@ -360,6 +371,24 @@ class FunctionVector(TaskVector):
         from .. import plot as _plot
 
         return _plot.save_figure(self.plot(), path, png=False)[0]
+
+    def to_frame(self) -> Any:
+        """A pandas DataFrame, one row per head: layer, head, ``cie`` (causal indirect effect, NaN
+        without a CIE map), ``rank`` in :attr:`top_heads` (1 = best; NaN if not summed) and
+        ``out_norm`` (‖z̄ @ W_O‖ of the summed heads). The vector's own summary: ``TaskVector.to_frame``."""
+        import pandas as pd
+
+        ranks = {tuple(h): i + 1 for i, h in enumerate(self.top_heads)}
+        norms = {} if self.mean_head_outputs is None else {
+            tuple(h): float(v.norm()) for h, v in zip(self.top_heads, self.mean_head_outputs)}
+        if self.cie is not None:
+            heads = [(l, h) for l in range(self.cie.shape[0]) for h in range(self.cie.shape[1])]
+        else:
+            heads = [tuple(h) for h in self.top_heads]
+        nan = float("nan")
+        return pd.DataFrame([{"task": self.task, "layer": l, "head": h,
+                              "cie": float(self.cie[l, h]) if self.cie is not None else nan,
+                              "rank": ranks.get((l, h), nan), "out_norm": norms.get((l, h), nan)} for l, h in heads])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1072,6 +1101,7 @@ def layer_sweep(
     function_kw: Mapping[str, Any] | None = None,
     batch_size: int = DEFAULT_BATCH,
     checkpoint: str | Path | None = None,
+    executor: Any = None,
 ) -> SweepResult:
     """Hendel et al. 2023's layer sweep: for every task and layer, the accuracy of the task vector
     patched into zero-shot prompts, with the zero-shot and ICL baselines of the same run.
@@ -1098,6 +1128,10 @@ def layer_sweep(
     the same arguments after an interruption, the sweep computes only the unfinished tasks. A file
     from another model or configuration is refused before any forward pass. (Tasks then run one at
     a time instead of batched together: equal to float rounding.)
+
+    ``executor`` (:mod:`tvlens.runs.executors`): ``None`` runs here; a ``RayExecutor`` runs one
+    unit per task on the workers' replicas (with ``center=True``, then one unit per task for the
+    grid of its centred vectors), the same task-by-task numbers as with ``checkpoint``.
     """
     from ..inputs.text import icl_prompts
     from ..tasks import resolve_tasks
@@ -1132,6 +1166,20 @@ def layer_sweep(
            for t, z in zip(task_list, zs)]
 
     T, S, L = len(task_list), len(splits), len(ls)
+    from ..runs.executors import executor_meta, splits as _splits
+
+    if _splits(executor):  # one unit per task, on the executor's workers
+        from ..runs import distributed
+
+        return distributed.layer_sweep(
+            model, task_list, executor=executor, n_prompts=n_prompts, n_shots=n_shots, mode=mode, alpha=float(alpha),
+            seed=seed, splits=splits, layers=list(ls), kind=kind, dummy_query=bool(dummy_query), center=bool(center),
+            function_kw=dict(function_kw) if function_kw else None, batch_size=batch_size, checkpoint=checkpoint,
+            t0=t0, ck_config=dict(
+                what="layer_sweep", tasks=[t.name for t in task_list], n_prompts=n_prompts, n_shots=n_shots, mode=mode,
+                alpha=float(alpha), seed=seed, splits=list(splits), layers=list(ls), kind=kind,
+                dummy_query=bool(dummy_query), center=bool(center), function_kw=dict(function_kw or {}),
+                batch_size=batch_size))
     ck = None
     if checkpoint is not None:  # opened before any forward: a mismatched file is refused before work
         from ..runs.checkpoint import SweepCheckpoint
@@ -1195,7 +1243,8 @@ def layer_sweep(
     n_eval = torch.as_tensor([len(b) for b in flat]).reshape(T, S)
     meta = _make_meta(model, [t.name for t in task_list], seed, n_prompts=n_prompts, n_shots=n_shots, kind=kind,
                       dummy_query=bool(dummy_query), center=bool(center), seconds=time.perf_counter() - t0,
-                      hook=POSITION_RULE, **({"function_kw": dict(function_kw)} if function_kw else {}))
+                      hook=POSITION_RULE, **({"function_kw": dict(function_kw)} if function_kw else {}),
+                      executor=executor_meta(executor))
     return SweepResult(tasks=tuple(t.name for t in task_list), families=tuple(t.family for t in task_list),
                        layers=tuple(ls), splits=splits, accuracy=grid[..., 0], zero_shot=base[..., 0], icl=icl_mean[:, 0],
                        n_eval=n_eval, vectors=vecs, logprob=grid[..., 1], zero_shot_logprob=base[..., 1],
@@ -1223,6 +1272,7 @@ def function_vector(
     layer: int | None = None,
     heads: Sequence[tuple[int, int]] | None = None,
     batch_size: int = 32,
+    executor: Any = None,
 ) -> FunctionVector:
     """Todd et al. 2024's function vector of ``task``.
 
@@ -1236,7 +1286,8 @@ def function_vector(
 
     ``layer`` (where the FV is added, ``mode="add"``) defaults to ``n_layers // 3`` — Todd et al.'s
     "about a third of the way in" — and is only the default: a function vector may be applied at
-    any layer (``apply_vector(..., layer=l)``).
+    any layer (``apply_vector(..., layer=l)``). ``executor`` (:mod:`tvlens.runs.executors`) runs
+    steps 1 and 2 on a cluster (prompt blocks, then one unit per layer of heads).
     """
     from ..models import ModelInfo
     from ..analyses.patching import patch_heads
@@ -1263,13 +1314,13 @@ def function_vector(
         corrupted = icl_prompts(model, task, n_prompts=n_cie_prompts, n_shots=n_shots, seed=seed + 1,
                                 shuffle_labels=True, split="train")
     stats = head_means(model, [task], n_prompts=n_prompts, n_shots=n_shots, seed=seed, batch_size=batch_size,
-                       split="train")
+                       split="train", executor=executor)
     mean_z = stats.mean(task.name).to(torch.float32)  # [layer, head, d_head]
     if mean_z.ndim != 3:
         raise RuntimeError(f"head_means returned shape {tuple(mean_z.shape)}; expected [layer, head, d_head]")
     cie = None
     if heads is None:
-        res = patch_heads(model, corrupted, mean_z, metric="prob", progress=False, batch_size=None)
+        res = patch_heads(model, corrupted, mean_z, metric="prob", progress=False, batch_size=None, executor=executor)
         cie = (res.values - res.target_value).to(torch.float32)
         order = torch.argsort(cie.reshape(-1), descending=True, stable=True)[:n_heads]
         heads = [(int(i) // info.n_heads, int(i) % info.n_heads) for i in order]
@@ -1277,6 +1328,6 @@ def function_vector(
     outs = torch.stack([mean_z[l, h] @ W_O[l, h] for l, h in heads])  # [k, d_model]
     vec = outs.to(torch.float64).sum(0).to(torch.float32)
     meta = _make_meta(model, [task.name], seed, kind="function", n_prompts=n_prompts, n_cie_prompts=n_cie_prompts,
-                      n_shots=n_shots, n_heads=len(heads), source="todd2024")
+                      n_shots=n_shots, n_heads=len(heads), source="todd2024", executor=stats.meta.get("executor"))
     return FunctionVector(vector=vec, layer=layer, task=task.name, kind="function", meta=meta, cie=cie,
                           top_heads=tuple(heads), mean_head_outputs=outs)
