@@ -180,9 +180,9 @@ class VisualTaskness:
                 fig.add_vline(x=self.grid - 0.5, line_color="white", line_width=1, row=l + 1, col=h + 1)
         fig.update_annotations(font_size=9)
         fig.update_layout(coloraxis={"colorscale": "Viridis", "colorbar": {"title": "log10 ρ" if log else "ρ"}},
-                          title=f"ρ_token over the canvas, per head (top row of each map: example in | out; bottom: "
-                                f"query | masked cell)<br><sup>{len(self.tasks)} tasks; title: ρ per head</sup>",
-                          width=110 * H + 160, height=130 * L * self.rows // 2 + 140, margin=dict(t=90, l=20, r=20, b=20))
+                          title=f"ρ_token over the canvas, per head<br><sup>each map: example in | out above, query | "
+                                f"masked cell below; {len(self.tasks)} tasks; over each map: ρ of the head</sup>",
+                          width=max(640, 110 * H + 160), height=130 * L * self.rows // 2 + 140, margin=dict(t=90, l=20, r=20, b=20))
         return fig
 
     def plot_layers(self, *, log: bool = True):
@@ -838,9 +838,9 @@ class VisualStudy:
 
     def comparison_table(self) -> str:
         cols = [*self.tasks, "mean"]
-        lines = [f"{'method':<22}{'group':<11}{'k':>6}{'evals':>7}" + "".join(f"{c[:9]:>10}" for c in cols)]
+        lines = [f"{'method':<28}{'group':<11}{'k':>6}{'evals':>7}" + "".join(f"{c[:9]:>10}" for c in cols)]
         for row in self.comparison:
-            lines.append(f"{row['method']:<22}{row['group']:<11}{row['k']:>6}{row['evaluations']:>7}"
+            lines.append(f"{row['method']:<28}{row['group']:<11}{row['k']:>6}{row['evaluations']:>7}"
                          + "".join(f"{row['acc'].get(c, float('nan')):>10.3f}" for c in cols))
         return "\n".join(lines)
 
@@ -850,7 +850,8 @@ class VisualStudy:
                  "code accuracy on held-out canvases:", self.baseline_table(), "",
                  "top-k ρ pairs vs random vs wrong-task means (multi-task, no-example canvases):", self.curve.table(), "",
                  "ρ per head beside its patching effect:", self.heads.table(), "",
-                 f"selection at a limited budget (candidates: top {s['candidates']} pairs by ρ; {s['budget']} evaluations each; "
+                 f"selection at a limited budget (candidates: top {s['candidates']} pairs by ρ; {s['budget']} evaluations each "
+                 f"multi-task, {s['task_budget']} per task; "
                  f"held-out code accuracy):", self.comparison_table(), "",
                  "vector arithmetic (agreement of the patched cell with each task applied to the query):",
                  *[a.table() for a in self.arithmetic]]
@@ -932,8 +933,10 @@ def visual_study(
     ks: Sequence[int] = (256, 512, 1024, 2048),
     candidates: int = 1024,
     budget: int = 320,
+    task_budget: int | None = None,
     samples: int = 8,
-    sparsity: float = 2e-4,
+    lr: float = 0.3,
+    sparsity: float = 1e-3,
     methods: Sequence[str] = ("reinforce", "soft", "cma", "grs"),
     per_task: bool = True,
     noise: int = 6,
@@ -951,8 +954,9 @@ def visual_study(
        no-example canvases (multi-task: each canvas its own task's means); ρ per head beside the
        effect of patching that head at every position.
     4. Selection inside the ``candidates`` pairs of highest ρ at equal budgets of ``budget`` mask
-       evaluations on ``n_select`` canvases per task (each evaluation one forward of those canvases):
-       REINFORCE with a size penalty ``sparsity`` (§3.2), soft α, CMA-ES, GRS — multi-task, and per
+       evaluations (``task_budget`` for the per-task selections; default ``budget``) on ``n_select``
+       canvases per task (each evaluation one forward of those canvases):
+       REINFORCE (Adam ``lr``) with a size penalty ``sparsity`` (§3.2), soft α, CMA-ES, GRS — multi-task, and per
        task when ``per_task``; each scored on the held-out canvases, beside the top-k ρ of the same k.
     5. Vector arithmetic ``a + (b − c)`` and pictures of every method's output (Figs. 3–4).
     """
@@ -992,17 +996,18 @@ def visual_study(
         obj = CanvasPatch(model, sel_batch, stats)
         eval_rows = [i for i, t in enumerate(target_ev.tasks) if t in g_tasks]
         found: dict[str, PairSelection] = {}
+        budget_g = budget if group == "multi" or task_budget is None else task_budget
         for m in methods:
             if m == "reinforce":
-                found[m] = reinforce_pairs(obj, candidates=space, steps=budget // samples, samples=samples, sparsity=sparsity,
-                                           seed=seed, init_logit=0.0)
+                found[m] = reinforce_pairs(obj, candidates=space, steps=budget_g // samples, samples=samples, sparsity=sparsity,
+                                           seed=seed, init_logit=0.0, lr=lr)
             elif m == "soft":
-                found[m] = soft_pairs(obj, candidates=space, steps=max(1, budget // (3 * samples)), l1=sparsity, seed=seed,
+                found[m] = soft_pairs(obj, candidates=space, steps=max(1, budget_g // 3), l1=sparsity, seed=seed,
                                       init_logit=0.0, lr=0.2)
             elif m == "cma":
-                found[m] = cma_pairs(obj, candidates=space, budget=budget, popsize=samples, sparsity=sparsity, seed=seed)
+                found[m] = cma_pairs(obj, candidates=space, budget=budget_g, popsize=samples, sparsity=sparsity, seed=seed)
             elif m == "grs":
-                found[m] = grs_pairs(obj, candidates=space, budget=budget, samples=samples, sparsity=sparsity, seed=seed,
+                found[m] = grs_pairs(obj, candidates=space, budget=budget_g, samples=samples, sparsity=sparsity, seed=seed,
                                      init_p=0.5)
             else:
                 raise ValueError(f"unknown method {m!r}; use some of reinforce, soft, cma, grs")
@@ -1024,7 +1029,7 @@ def visual_study(
     if noisy_stats is not None and "reinforce" in selections["multi"]:
         w = selections["multi"]["reinforce"].weights
         acc = CanvasPatch(model, target_ev, noisy_stats).per_task(w[None])
-        comparison.append({"method": f"reinforce, means of noise-{noise} canvases", "group": "multi",
+        comparison.append({"method": f"reinforce, noise-{noise} means", "group": "multi",
                            "k": int((w > 0.5).sum()), "evaluations": 0, "acc": {t: float(v[0]) for t, v in acc.items()}})
 
     best_k = next((k for k, t, gt, *_ in curve.rows() if gt >= 0.9), curve.ks[-1])
@@ -1046,7 +1051,7 @@ def visual_study(
                                                         (a.target, None)}, rows=4, title="Vector arithmetic: " + a.table(3))
     settings = {"model": info.name, "config_hash": info.config_hash,
                 "shape": f"{info.n_layers} layers × {info.n_heads} heads, d_model {info.d_model}", "n_means": n_means, "n_select": n_select, "n_eval": n_eval, "ks": list(ks),
-                "candidates": candidates, "budget": budget, "samples": samples, "sparsity": sparsity, "noise": noise,
+                "candidates": candidates, "budget": budget, "task_budget": task_budget or budget, "samples": samples, "lr": lr, "sparsity": sparsity, "noise": noise,
                 "seed": seed, "best_k": best_k}
     return VisualStudy(tuple(names), baselines, exact, rho, curve, heads, comparison, selections, arith, figures, settings,
                        time.perf_counter() - t0)
