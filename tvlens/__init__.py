@@ -130,6 +130,18 @@ def __dir__() -> list[str]:
 from .generate import Generation, generate  # noqa: E402
 
 
+def _in_notebook_kernel() -> bool:
+    import sys
+
+    return "ipykernel" in sys.modules
+
+
+if _in_notebook_kernel():
+    # in a Jupyter kernel the offline figure renderer must be in place before the first figure, even one
+    # drawn with plotly directly before any tvlens result is plotted (tvlens.plot sets it on import)
+    from . import plot as _plot  # noqa: E402,F401
+
+
 if TYPE_CHECKING:  # let type checkers and IDEs see the real names (tests/test_api.py checks the list)
     from .analyses.lens import decode, lens_summary, LensResult, LensSummary, logit_lens
     from .analyses.patching import attribution_patch_heads, patch_heads, patch_positions, PatchResult
