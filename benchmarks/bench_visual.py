@@ -7,7 +7,9 @@ no-example canvases. Cases (same masks, same canvases, same task means):
   function replacing ``hook_z`` at the mask's (head, position) pairs in every layer;
 * ``per-mask loop``   — one ``run_with_hooks`` per mask over all canvases;
 * ``tvlens``          — :meth:`tvlens.analyses.visual.CanvasPatch.reward`: every mask one column
-  of the engine's runner, the masks along the batch axis of whole forwards.
+  of the engine's runner, the masks along the batch axis of whole forwards of at most 32 rows
+  (the CPU default of ``rows_per_forward``);
+* ``tvlens, 1 forward`` — the same with every mask in one forward (the GPU setting).
 
 The three give the same rewards (checked to 1e-4 here). The model is ``organism-visual`` when its
 checkpoint is there, otherwise a randomly initialised model of the same shape (the cost depends only
@@ -103,17 +105,18 @@ def main(argv=None) -> None:
         stats = V.canvas_means(model, tasks, n=8, seed=0)
         batch = C.canvases(tasks[0], args.canvases, examples="masked", seed=1)
         obj = V.CanvasPatch(model, batch, stats)
+        one = V.CanvasPatch(model, batch, stats, rows_per_forward=args.samples * args.canvases)
         means = stats.mean(tasks[0]).float()  # [layer, head, pos, d_head]
         gen = torch.Generator().manual_seed(0)
         masks = (torch.rand(args.samples, *obj.shape, generator=gen) < args.p).float()
         obj.reward(masks[:1])  # warm-up: the engine's capability check runs once per model
-        times, results = {"per-sample loop": [], "per-mask loop": [], "tvlens": []}, {}
+        times, results = {"per-sample loop": [], "per-mask loop": [], "tvlens": [], "tvlens, 1 forward": []}, {}
         peaks = {}
         for _ in range(args.repeats):
             for case in times:
                 t = time.perf_counter()
-                if case == "tvlens":
-                    r = obj.reward(masks)
+                if case.startswith("tvlens"):
+                    r = (obj if case == "tvlens" else one).reward(masks)
                 else:
                     r = naive_rewards(model, batch, means, masks, per_sample=case == "per-sample loop")
                 times[case].append(time.perf_counter() - t)

@@ -257,11 +257,16 @@ class CanvasPatch:
     ``means``: the :class:`HeadStats` of :func:`canvas_means` (checked: same model, same canvas
     layout, holding every task of ``target``), or a ``[task, layer, head, pos, d_head]`` tensor with
     ``tasks`` naming its rows.  ``task_map`` patches canvases of task ``t`` with the means of
-    ``task_map[t]`` (another task's means: the control of §4.2).
+    ``task_map[t]`` (another task's means: the control of §4.2); ``value`` (``[layer, head, pos,
+    d_head]``) patches one given value into every canvas instead (vector arithmetic).
+    ``rows_per_forward`` caps the (canvas, mask) rows of one forward (default: the engine's memory
+    budget on a GPU, 32 on a CPU, where a forward of many canvases of 144 tokens runs slower per
+    row once its activations leave the cache).
     """
 
     def __init__(self, model: Any, target: CanvasBatch, means: HeadStats | Tensor, *, tasks: Sequence[str] | None = None,
-                 task_map: Mapping[str, str] | None = None, value: Tensor | None = None) -> None:
+                 task_map: Mapping[str, str] | None = None, value: Tensor | None = None,
+                 rows_per_forward: int | None = None) -> None:
         from ..engine.runner import PatchRunner
         from ..hooks import device_of
         from ..models import ModelInfo
@@ -282,6 +287,7 @@ class CanvasPatch:
                              "task of the canvases (canvas_means(model, tasks))")
         self.device = device_of(model)
         self.dtype = next(model.parameters()).dtype
+        self.rows_per_forward = rows_per_forward or (None if self.device.type == "cuda" else 32)
         # [layer, batch|1, 1, pos, head, d_head]: the value each canvas's heads are pulled towards
         if value is not None:
             v = torch.as_tensor(value)
@@ -339,7 +345,7 @@ class CanvasPatch:
             edits = self.edits(masks)
             if not edits:
                 return fn(self.clean_logits[:, None]).expand(-1, masks.shape[0]).T.cpu()
-            return self.runner.map(edits, fn, masks.shape[0], start_pos=0).T.float().cpu()
+            return self.runner.map(edits, fn, masks.shape[0], start_pos=0, batch_size=self.rows_per_forward).T.float().cpu()
 
     def reward(self, masks: Tensor, metric: str = "logprob") -> Float[Tensor, " column"]:
         return self.per_row(masks, metric).mean(1)
@@ -358,7 +364,7 @@ class CanvasPatch:
             edits = self.edits(masks)
             if not edits:
                 return predicted_codes(self.clean_logits)[:, None].expand(-1, masks.shape[0], -1).cpu()
-            return self.runner.map(edits, predicted_codes, masks.shape[0], start_pos=0).cpu()
+            return self.runner.map(edits, predicted_codes, masks.shape[0], start_pos=0, batch_size=self.rows_per_forward).cpu()
 
 
 def _metric(logits: Tensor, targets: Tensor, metric: str) -> Tensor:
@@ -740,6 +746,15 @@ class Arithmetic:
     agreement: dict[str, float]
     predictions: Int[Tensor, "batch query"]
     target: CanvasBatch
+    truths: dict[str, Tensor] = field(default_factory=dict)  # name -> [batch, query] codes of the query so transformed
+
+    def plot(self, rows: int = 4):
+        """The patched canvases beside the query as ``a`` would make it and as the best match would."""
+        best = self.best(1)[0][0]
+        cols = {self.formula: (self.target, self.predictions), f"{self.target.task} (truth)": (self.target, None)}
+        if best != self.target.task:
+            cols[f"best match: {best}"] = (replace(self.target, targets=self.truths[best]), None)
+        return canvas_pictures(cols, rows=rows, title=f"Vector arithmetic<br><sup>{self.table(3)}</sup>")
 
     def best(self, n: int = 5) -> list[tuple[str, float]]:
         return sorted(self.agreement.items(), key=lambda kv: -kv[1])[:n]
@@ -768,11 +783,11 @@ def task_arithmetic(model: Any, stats: HeadStats, a: str, b: str, c: str, mask: 
         for t2 in (a, b, c):
             if t1 != t2:
                 truths[f"{t2}∘{t1}"] = lambda q, t1=t1, t2=t2: apply_task(t2, apply_task(t1, q))
-    agreement = {}
+    agreement, codes = {}, {}
     for name, fn in truths.items():
-        truth = torch.stack([torch.from_numpy(fn(q.numpy())).reshape(-1) for q in queries])
-        agreement[name] = float((pred == truth).float().mean())
-    return Arithmetic(f"{a} + ({b} − {c})", agreement, pred, target)
+        codes[name] = torch.stack([torch.from_numpy(fn(q.numpy())).reshape(-1) for q in queries])
+        agreement[name] = float((pred == codes[name]).float().mean())
+    return Arithmetic(f"{a} + ({b} − {c})", agreement, pred, target, codes)
 
 
 # ==============================================================================================
@@ -830,10 +845,10 @@ class VisualStudy:
     seconds: float
 
     def baseline_table(self) -> str:
-        head = f"{'task':<10}" + "".join(f"{v:>14}" for v in self.baselines)
+        head = f"{'task':<10}" + "".join(f"{v:>16}" for v in self.baselines)
         lines = [head]
         for t in [*self.tasks, "mean"]:
-            lines.append(f"{t:<10}" + "".join(f"{self.baselines[v][t]:>14.3f}" for v in self.baselines))
+            lines.append(f"{t:<10}" + "".join(f"{self.baselines[v][t]:>16.3f}" for v in self.baselines))
         return "\n".join(lines)
 
     def comparison_table(self) -> str:
@@ -1013,24 +1028,35 @@ def visual_study(
                 raise ValueError(f"unknown method {m!r}; use some of reinforce, soft, cma, grs")
         selections[group] = found
         sub = obj_ev if group == "multi" else CanvasPatch(model, target_ev.select(eval_rows), stats)
-        weights = torch.stack([s.weights for s in found.values()] + [topk_pairs(rho, max(1, s.k)) for s in found.values()])
+        extra = [("soft, α > 0.5 as a 0/1 mask", found["soft"].mask.float())] if "soft" in found else []
+        weights = torch.stack([s.weights for s in found.values()] + [topk_pairs(rho, max(1, s.k)) for s in found.values()]
+                              + [w for _, w in extra])
         accs = sub.per_task(weights)
         for j, (m, s) in enumerate(found.items()):
             comparison.append({"method": m, "group": group, "k": s.k, "evaluations": s.evaluations,
                                "acc": {t: float(v[j]) for t, v in accs.items()}, "seconds": s.seconds})
             comparison.append({"method": f"top-k ρ (k of {m})", "group": group, "k": max(1, s.k), "evaluations": 0,
                                "acc": {t: float(v[len(found) + j]) for t, v in accs.items()}})
+        for j, (name, w) in enumerate(extra):
+            comparison.append({"method": name, "group": group, "k": int(w.sum()), "evaluations": 0,
+                               "acc": {t: float(v[2 * len(found) + j]) for t, v in accs.items()}})
         if group == "multi":
             pr = sub.predictions(weights[:len(found)])
             patched_preds = {m: pr[:, j] for j, m in enumerate(found)}
         say(f"selection [{group}] " + ", ".join(f"{m} k={s.k} {float(accs['mean'][j]):.3f}" for j, (m, s) in enumerate(found.items())))
 
-    noisy_stats = canvas_means(model, names, n=n_means, seed=seed, noise=noise) if noise else None
-    if noisy_stats is not None and "reinforce" in selections["multi"]:
-        w = selections["multi"]["reinforce"].weights
-        acc = CanvasPatch(model, target_ev, noisy_stats).per_task(w[None])
-        comparison.append({"method": f"reinforce, noise-{noise} means", "group": "multi",
-                           "k": int((w > 0.5).sum()), "evaluations": 0, "acc": {t: float(v[0]) for t, v in acc.items()}})
+    if noise:  # Hojel et al.'s claim, patched vs 1-shot: means of noisy canvases against one noisy example
+        noisy = CanvasPatch(model, target_ev, canvas_means(model, names, n=n_means, seed=seed, noise=noise))
+        n_all = rho.per_position.numel()
+        rows_ = [(f"top-k ρ, noise-{noise} means", k, topk_pairs(rho, k)) for k in (*ks, n_all)]
+        if "reinforce" in selections["multi"]:
+            rows_.append((f"reinforce, noise-{noise} means", selections["multi"]["reinforce"].k,
+                          selections["multi"]["reinforce"].weights))
+        acc = noisy.per_task(torch.stack([w for *_, w in rows_]))
+        for j, (name, k, _) in enumerate(rows_):
+            comparison.append({"method": name, "group": "multi", "k": int(k), "evaluations": 0,
+                               "acc": {t: float(v[j]) for t, v in acc.items()}})
+        say(f"noise-{noise} means")
 
     best_k = next((k for k, t, gt, *_ in curve.rows() if gt >= 0.9), curve.ks[-1])
     arith = [task_arithmetic(model, stats, a, b, c, topk_pairs(rho, best_k)) for a, b, c in arithmetic
@@ -1045,10 +1071,8 @@ def visual_study(
                "visual_topk": curve.plot(), "visual_heads": heads.plot(),
                "visual_canvases": canvas_pictures(cols, rows=1, title="Held-out canvases: ICL, patched (multi-task), no "
                                                   "example, truth")}
-    if arith:
-        a = arith[0]
-        figures["visual_arithmetic"] = canvas_pictures({a.formula: (a.target, a.predictions), f"{a.target.task} (truth)":
-                                                        (a.target, None)}, rows=4, title="Vector arithmetic: " + a.table(3))
+    for i, a in enumerate(arith):
+        figures[f"visual_arithmetic_{i}"] = a.plot()
     settings = {"model": info.name, "config_hash": info.config_hash,
                 "shape": f"{info.n_layers} layers × {info.n_heads} heads, d_model {info.d_model}", "n_means": n_means, "n_select": n_select, "n_eval": n_eval, "ks": list(ks),
                 "candidates": candidates, "budget": budget, "task_budget": task_budget or budget, "samples": samples, "lr": lr, "sparsity": sparsity, "noise": noise,
