@@ -103,6 +103,11 @@ _EXPORTS: dict[str, str] = {
     "save_figure": "plot",
     "bar_plot": "plot",
     "build_report": "report",
+    # visual task vectors (Hojel et al. 2024): canvases and the study
+    "CanvasBatch": "inputs.canvas",
+    "canvases": "inputs.canvas",
+    "visual_taskness": "analyses.visual",
+    "visual_study": "analyses.visual",
     # runs: work beyond one machine
     "RayExecutor": "runs.executors",
     "LocalExecutor": "runs.executors",
@@ -174,6 +179,8 @@ if TYPE_CHECKING:  # let type checkers and IDEs see the real names (tests/test_a
     )
     from .models import load_model, ModelInfo
     from .plot import bar_plot, layer_head_heatmap, layer_position_heatmap, line_plot, save_figure
+    from .analyses.visual import visual_study, visual_taskness
+    from .inputs.canvas import CanvasBatch, canvases
     from .report import build_report
     from .runs.checkpoint import SweepCheckpoint
     from .runs.executors import LocalExecutor, RayExecutor
