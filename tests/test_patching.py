@@ -442,6 +442,7 @@ def test_result_object(tiny_gpt2, pair_gpt2, tmp_path):
     back = PatchResult.load(tmp_path / "heads", model=tiny_gpt2)
     torch.testing.assert_close(back.values, res.values)
     assert back.dims == res.dims and back.target_value == res.target_value and back.metric == "logprob"
+    assert back.meta == res.meta  # the whole provenance survives the file
     pos = patch_positions(tiny_gpt2, target, source, progress=False)
     pos.plot()
     each = patch_heads(tiny_gpt2, target, source, positions="each", metric="logprob", progress=False)
@@ -472,3 +473,21 @@ def test_edit_shape_errors_before_work(tiny_llama):
         runner.logits([replace_resid(1, torch.zeros(64), columns=5)], n_columns=2)
     with pytest.raises(ValueError, match="before the recomputed suffix"):
         runner.logits([Edit(0, "resid_pre", value=torch.zeros(64), pos=1)], start_pos=3)
+
+
+def test_result_meta_is_one_type_read_by_key(tiny_gpt2, pair_gpt2):
+    """Patching results carry the same ResultMeta as vectors and selections, readable by key."""
+    from tvlens.models import ModelInfo
+    from tvlens.results import ResultMeta
+
+    target, source = pair_gpt2
+    res = patch_heads(tiny_gpt2, target, source, metric="logprob", progress=False)
+    info = ModelInfo.of(tiny_gpt2)
+    assert type(res.meta) is ResultMeta
+    assert (res.meta["model"], res.meta["config_hash"]) == (info.name, info.config_hash)
+    assert res.meta["executor"] == res.meta.extra["executor"] and "executor" in res.meta
+    assert res.meta.get("no such key", 7) == 7 and "no such key" not in res.meta
+    with pytest.raises(KeyError):
+        res.meta["no such key"]
+    flat = ResultMeta.from_dict({"model": "m", "config_hash": "h", "what": "older flat file"})
+    assert flat["what"] == "older flat file" and flat.model == "m"

@@ -66,14 +66,36 @@ class ResultMeta:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ResultMeta":
+        """Read :meth:`to_dict`'s form; keys that are not fields (older flat files) land in ``extra``."""
+        fields = ("model", "config_hash", "tasks", "seed", "tvlens_version", "extra")
+        rest = {k: v for k, v in d.items() if k not in fields}
         return cls(
             model=d.get("model", "unknown"),
             config_hash=d.get("config_hash", ""),
             tasks=tuple(d.get("tasks", ())),
             seed=d.get("seed"),
             tvlens_version=d.get("tvlens_version", "unknown"),
-            extra=dict(d.get("extra", {})),
+            extra={**rest, **dict(d.get("extra", {}))},
         )
+
+    # Read access by key, so ``result.meta["executor"]`` reads the same on every result: a field first,
+    # then ``extra`` (where each analysis records how it was run).
+    def __getitem__(self, key: str) -> Any:
+        if key in _META_FIELDS:
+            return getattr(self, key)
+        return self.extra[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def __contains__(self, key: object) -> bool:
+        return key in _META_FIELDS or key in self.extra
+
+
+_META_FIELDS = ("model", "config_hash", "tasks", "seed", "tvlens_version")
 
 
 class LayerHeadGrid:

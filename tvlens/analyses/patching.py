@@ -33,6 +33,7 @@ from torch import Tensor
 
 from .. import hooks as _hooks
 from ..engine.batch import EngineBatch, as_batch
+from ..results import ResultMeta
 from ..engine.plan import rows_per_run
 from ..engine.readout import capture_acts
 from ..engine.runner import PatchRunner
@@ -137,7 +138,7 @@ class PatchResult:
     exact: Tensor | None = None
     correlation: float | None = None
     pos_labels: tuple[str, ...] | None = None
-    meta: dict = field(default_factory=dict)
+    meta: ResultMeta = field(default_factory=ResultMeta)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -201,7 +202,7 @@ class PatchResult:
         meta = dict(kind="PatchResult", tvlens_version=version(), dims=list(self.dims), metric=self.metric,
                     target_value=self.target_value, source_value=self.source_value, normalized=self.normalized,
                     method=self.method, correlation=self.correlation,
-                    pos_labels=None if self.pos_labels is None else list(self.pos_labels), meta=self.meta)
+                    pos_labels=None if self.pos_labels is None else list(self.pos_labels), meta=self.meta.to_dict())
         return save_tensors(path, tensors, meta)
 
     @classmethod
@@ -214,7 +215,8 @@ class PatchResult:
                    target_value=meta["target_value"], source_value=meta["source_value"],
                    normalized=meta["normalized"], per_prompt=tensors.get("per_prompt"), method=meta["method"],
                    exact=tensors.get("exact"), correlation=meta["correlation"],
-                   pos_labels=None if meta["pos_labels"] is None else tuple(meta["pos_labels"]), meta=meta["meta"])
+                   pos_labels=None if meta["pos_labels"] is None else tuple(meta["pos_labels"]),
+                   meta=ResultMeta.from_dict(meta["meta"]))
 
     def to_frame(self) -> Any:
         """A pandas DataFrame with one row per site: its indices, ``value`` (the raw patched metric, or
@@ -333,7 +335,7 @@ def _pos_labels(model: Any, prompts: EngineBatch) -> tuple[str, ...]:
 
 
 def _finish(values: Tensor, per_prompt: Tensor, dims: tuple[str, ...], metric: Any, target_value: float,
-            source_value: float | None, normalize: bool, meta: dict, **kw: Any) -> PatchResult:
+            source_value: float | None, normalize: bool, meta: ResultMeta, **kw: Any) -> PatchResult:
     if normalize:
         if source_value is None:
             raise ValueError("normalize=True needs a source prompt batch (its metric is the 1 of the scale); "
@@ -344,14 +346,8 @@ def _finish(values: Tensor, per_prompt: Tensor, dims: tuple[str, ...], metric: A
                        source_value=source_value, normalized=normalize, per_prompt=per_prompt.cpu(), meta=meta, **kw)
 
 
-def _meta(model: Any, **extra: Any) -> dict:
-    try:
-        from ..models import model_id
-
-        mid = model_id(model)
-    except Exception:  # pragma: no cover - a model without the foundation's fingerprint
-        mid = {}
-    return {**mid, **extra}
+def _meta(model: Any, **extra: Any) -> ResultMeta:
+    return ResultMeta.for_model(model, **extra)
 
 
 def _from_units(ck: Any, g0: int, p: int, layer_cols: dict[int, list[int]], n_cols: int) -> Tensor:
