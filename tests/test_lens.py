@@ -363,3 +363,102 @@ def test_bad_inputs(tiny_llama, no_forward):
         decode(model, torch.zeros(2, 3, info.d_model))
     with pytest.raises(ValueError, match="top_k"):
         decode(model, torch.zeros(info.d_model), top_k=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# vision-language models: the lens at the separator of image-ICL and text-ICL prompts (Luo et al. §4.1)
+
+
+@pytest.fixture(scope="module", params=["organism-vlm", "tiny-llava"])
+def vlm_and_hf(request, tmp_path_factory):
+    """A VLM through tvlens (the bridge) and the same checkpoint as a plain Hugging Face model (eager attention)."""
+    import os
+
+    os.environ.setdefault("PIP_NO_INDEX", "1")  # a VLM's bridge may shell out to pip: never let it reach an index
+    from transformers import LlavaForConditionalGeneration
+
+    from tvlens.models import organism_path
+
+    if request.param == "organism-vlm":
+        path = organism_path("organism-vlm")
+        if not (path / "config.json").exists():
+            pytest.skip("organism-vlm checkpoint not shipped")
+        model = tvlens.load_model("organism-vlm", device="cpu")
+        task = "country_capital"
+    else:
+        from test_crossmodal import _build_tiny
+
+        path = _build_tiny("llava", tmp_path_factory.mktemp("lens_llava"))
+        model = tvlens.load_model(path, device="cpu", require_processor=False)
+        task = "next_letter"
+    hf = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
+    return request.param, model, hf, task
+
+
+@torch.no_grad()
+def _hf_lens(hf, tokens, pixel_values):
+    """[layer, d_vocab] log-probs at the last position of one unpadded row, from the HF model's hidden states:
+    layers 0..n-1 enter decoder layer l, normalised by hand (RMSNorm with the model's weight and eps) and
+    unembedded; the last row is the model's own output."""
+    out = hf(input_ids=tokens, pixel_values=pixel_values, output_hidden_states=True)
+    norm = hf.model.language_model.norm
+    n = hf.config.text_config.num_hidden_layers
+    h = torch.stack([out.hidden_states[l][0, -1].float() for l in range(n)])
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon) * norm.weight.float()
+    logits = torch.cat([h @ hf.lm_head.weight.float().T, out.logits[0, -1:].float()])
+    return logits.log_softmax(-1)
+
+
+def test_lens_on_image_icl_prompts_equals_the_hf_model_row_by_row(vlm_and_hf):
+    from tvlens.analyses.lens import _word_token_ids
+    from tvlens.inputs import multimodal as mm
+
+    name, model, hf, task = vlm_and_hf
+    batch = mm.image_icl_prompts(model, task, n_prompts=5, n_shots=3, seed=2, split="test")
+    batch = batch.select([0, 1, 2, 3, 4])
+    res = logit_lens(model, batch, top_k=5, batch_size=2)  # 3 chunks: the images must follow their rows
+    n = model.cfg.n_layers
+    refs, bare = [], []
+    for r in range(len(batch)):
+        row = batch.select([r])
+        real = row.attention_mask[0].bool()
+        refs.append(_hf_lens(hf, row.tokens[:, real], row.pixel_values))
+        bare.append(_hf_lens(hf, row.tokens[:, real], None))  # the placeholders' own embeddings, no image
+    ref = torch.stack(refs)  # [batch, layer, d_vocab]
+    assert (ref - torch.stack(bare)).abs().max() > 1e-2, "the reference must depend on the images"
+    assert res.layers == tuple(range(n + 1)) and res.meta.extra["context"] == "image"
+    assert torch.allclose(res.mean_probs, ref.exp().mean(0), atol=2e-5, rtol=0)
+    ans = batch.answer_ids
+    ref_ans = ref.gather(2, ans[:, None, None].expand(-1, n + 1, 1))[..., 0]
+    assert torch.allclose(res.answer_prob.clamp_min(1e-30).log(), ref_ans, atol=1e-3)
+    # an image query has no input token: the input category is the word naming what the image shows
+    words = torch.tensor([_word_token_ids(model.tokenizer, q)[0] for q in batch.queries])
+    assert torch.equal(res.input_ids, words) and not bool((words == batch.image_token_id).any())
+    ref_inp = ref.gather(2, words[:, None, None].expand(-1, n + 1, 1))[..., 0]
+    assert torch.allclose(res.input_prob.clamp_min(1e-30).log(), ref_inp, atol=1e-3)
+    ph = res.phases()
+    assert ph.layers == res.layers and len(ph.leader) == n + 1
+    # text ICL prompts through the same VLM: the input is the query's own token
+    text = icl_prompts(model, task, n_prompts=4, n_shots=3, seed=2, split="test")
+    tres = logit_lens(model, text, top_k=5)
+    q = text.positions_of(TokenClass.QUERY_INPUT).float().argmax(1)
+    assert torch.equal(tres.input_ids, text.tokens.gather(1, q[:, None])[:, 0])
+    if name == "organism-vlm":
+        # the trained organism does the task: its own output (the last row) puts the answer first on most prompts
+        assert float((res.answer_rank[:, -1] == 1).float().mean()) >= 0.6
+        assert float((tres.answer_rank[:, -1] == 1).float().mean()) >= 0.6
+
+
+def test_lens_refuses_bad_image_prompts_before_any_forward(vlm_and_hf, organism, no_forward):
+    from tvlens.inputs import multimodal as mm
+
+    name, model, _, task = vlm_and_hf
+    batch = mm.image_icl_prompts(model, task, n_prompts=2, n_shots=1, seed=0)
+    with pytest.raises(ValueError, match="text-only"):
+        logit_lens(organism, batch)
+    text_with_images = tvlens.prompts_from_text(model, [f"{mm.vision_spec(model).marker} →"], ["b"])
+    with pytest.raises(ValueError, match="image placeholder tokens but no images"):
+        logit_lens(model, text_with_images)
+    with pytest.raises(ValueError, match="prompt options .* only apply when a task is given"):
+        logit_lens(model, batch, instruction=True)
+    assert no_forward == []

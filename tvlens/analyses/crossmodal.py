@@ -1160,59 +1160,6 @@ def _phases_of(prob: Tensor, geo_rank: Tensor, layers: Sequence[int], metric: st
     return out
 
 
-@torch.no_grad()
-def _lens_curves(model: Any, batch: Any, decoder: Any, input_ids: Tensor, cand: Tensor, owner: Tensor, n_words: int,
-                 n_layers: int, batch_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per prompt ``[batch, category, layer]`` probability and rank; and the mean distribution ``[layer, d_vocab]``."""
-    from .lens import _ranks
-
-    layers = list(range(n_layers + 1))
-    n = len(batch)
-    prob = torch.full((n, 3, len(layers)), float("nan"))
-    rank = torch.full_like(prob, float("nan"))
-    dist = None
-    for i in range(0, n, batch_size):
-        sub = _rows(batch, i, i + batch_size)
-        states = _final_states(model, sub, layers, batch_size)  # [layer, b, d_model]
-        ans = sub.answer_ids.long()
-        inp = input_ids[i:i + len(sub)]
-        for li in layers:
-            logits = decoder(states[li], li).float().cpu()
-            logp = logits.log_softmax(-1)
-            p = logp.exp()
-            if dist is None:
-                dist = torch.zeros((len(layers), p.shape[-1]))
-            dist[li] += p.sum(0)
-            for c, ids in ((0, inp), (2, ans)):
-                ok = ids >= 0
-                r = _ranks(logits, ids.clamp(min=0)[:, None])[:, 0]
-                prob[i:i + len(sub), c, li] = torch.where(ok, p.gather(1, ids.clamp(min=0)[:, None])[:, 0], torch.nan)
-                rank[i:i + len(sub), c, li] = torch.where(ok, r, torch.nan)
-            if n_words:
-                ids = cand.expand(len(sub), -1)
-                cr = _ranks(logits, ids)
-                cp = p.gather(1, ids)
-                bad = (ids == ans[:, None]) | (ids == inp[:, None])
-                cr = torch.where(bad, torch.inf, cr)
-                best = cr.min(1)
-                has = torch.isfinite(best.values)
-                rank[i:i + len(sub), 1, li] = torch.where(has, best.values, torch.nan)
-                prob[i:i + len(sub), 1, li] = torch.where(has, cp.gather(1, best.indices[:, None])[:, 0], torch.nan)
-    return prob, rank, dist / n
-
-
-def _input_word_ids(model: Any, batch: Any) -> Tensor:
-    """The first token of each query item's word, as it would stand in a text prompt (the lens's *input*)."""
-    from .lens import _word_token_ids
-
-    tok = getattr(model, "tokenizer", None)
-    out = []
-    for q in batch.queries:
-        ids = _word_token_ids(tok, q) if tok is not None else []
-        out.append(int(ids[0]) if ids else -1)
-    return torch.tensor(out, dtype=torch.long)
-
-
 def crossmodal_lens(
     model: Any,
     tasks: Sequence[Any] | None = None,
@@ -1236,33 +1183,34 @@ def crossmodal_lens(
     rank; ``"prob"``: mean probability, as Luo's figure).
     """
     from ..models import ModelInfo
-    from .lens import _default_task_words, _nanmean, _resolve_task, _task_word_ids, _token_strings, get_decoder
+    from .lens import CATEGORIES, _default_task_words, _nanmean, _resolve_task, _token_strings, logit_lens
 
     mm.vision_spec(model)
     if metric not in ("rank", "prob"):
         raise ValueError(f"metric must be 'rank' or 'prob', got {metric!r}")
     info = ModelInfo.of(model)
     names = [_task_name(t) for t in (tasks or IMAGE_TASKS)]
-    decoder = get_decoder(model, "logit")
     layers = tuple(range(info.n_layers + 1))
     P = torch.full((2, len(names), 3, len(layers)), float("nan"))
     R = torch.full_like(P, float("nan"))
     words_used: dict[str, list[str]] = {}
     dists: dict[tuple[int, int], Tensor] = {}
+    batches = {}
+    for t in names:  # every batch built and checked before the first forward
+        batches[t] = (icl_prompts(model, t, n_prompts=n_prompts, n_shots=n_shots, seed=seed, split="test"),
+                      mm.image_icl_prompts(model, t, n_prompts=n_prompts, n_shots=n_shots, seed=seed, split="test", picture=picture))
+        for b in batches[t]:
+            _check(model, b, f"the lens prompts of {t!r}")
     for ti, t in enumerate(names):
         extra = task_words.get(t, []) if isinstance(task_words, Mapping) else list(task_words or [])
         words = list(dict.fromkeys([*_default_task_words(_resolve_task(t)), *extra]))
-        kept, cand, owner = _task_word_ids(model, words, user=False)
-        words_used[t] = kept
-        batches = (icl_prompts(model, t, n_prompts=n_prompts, n_shots=n_shots, seed=seed, split="test"),
-                   mm.image_icl_prompts(model, t, n_prompts=n_prompts, n_shots=n_shots, seed=seed, split="test", picture=picture))
-        for m, b in enumerate(batches):
-            _check(model, b, f"the lens prompts of {t!r}")
-            prob, rank, dist = _lens_curves(model, b, decoder, _input_word_ids(model, b), torch.tensor(cand, dtype=torch.long),
-                                            torch.tensor(owner, dtype=torch.long), len(kept), info.n_layers, batch_size)
-            P[m, ti] = _nanmean(prob, 0)
-            R[m, ti] = _nanmean(rank.log(), 0).exp()
-            dists[(m, ti)] = dist
+        for m, b in enumerate(batches[t]):
+            res = logit_lens(model, b, task_words=words if extra else None, top_k=top_k, batch_size=batch_size)
+            words_used[t] = list(res.task_words)
+            for c, cat in enumerate(CATEGORIES):
+                P[m, ti, c] = res.curve(cat, "prob")
+                R[m, ti, c] = res.curve(cat, "geo_rank")
+            dists[(m, ti)] = res.mean_probs
     phases: dict[str, dict[str, Any]] = {}
     top: dict[str, dict[str, list[tuple[str, float]]]] = {}
     for m, mod in enumerate(CrossModalLens.MODALITIES):

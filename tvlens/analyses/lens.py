@@ -821,12 +821,14 @@ def _first_index(hit: Tensor) -> Tensor:
 
 
 def _prepare(model: Any, prompts_or_task: Any, *, n_prompts: int, n_shots: int, seed: int, prompt_kw: Mapping[str, Any]):
-    """(PromptBatch, Task or None) without running the model."""
+    """(PromptBatch or MultimodalBatch, Task or None) without running the model."""
+    from ..inputs.multimodal import MultimodalBatch
     from ..inputs.text import PromptBatch, icl_prompts
 
-    if isinstance(prompts_or_task, PromptBatch):
+    if isinstance(prompts_or_task, (PromptBatch, MultimodalBatch)):
         if prompt_kw:
-            raise ValueError(f"prompt options {sorted(prompt_kw)} only apply when a task is given; build the PromptBatch with them instead")
+            raise ValueError(f"prompt options {sorted(prompt_kw)} only apply when a task is given; build the "
+                             f"{type(prompts_or_task).__name__} with them instead")
         try:
             task = _resolve_task(prompts_or_task.task)
         except (KeyError, ValueError, ImportError, TypeError):
@@ -856,8 +858,15 @@ def logit_lens(
 ) -> LensResult:
     """Logit lens at one position of ICL prompts, layer by layer (nostalgebraist 2020; Luo et al. 2024, §4).
 
+    On a vision-language model the prompts may be a :class:`~tvlens.inputs.multimodal.MultimodalBatch`
+    (image ICL, image query with text examples, ...; Luo et al. 2024, §4.1, Fig. 4 read the lens at
+    the separator of image-ICL and text-ICL prompts): its images go to every forward with their rows.
+    An image query has no input token, so its *input* category is the word naming what the image shows
+    (the query item, ``batch.queries``), as a text prompt would have it.
+
     Args:
-        prompts_or_task: a :class:`~tvlens.inputs.text.PromptBatch`, a :class:`~tvlens.tasks.Task` or a
+        prompts_or_task: a :class:`~tvlens.inputs.text.PromptBatch`, a
+            :class:`~tvlens.inputs.multimodal.MultimodalBatch`, a :class:`~tvlens.tasks.Task` or a
             task name (then ``icl_prompts(model, task, n_prompts=, n_shots=, seed=, **prompt_kw)``).
         position: ``"separator"`` (the final ``→``, index -1), a token class name (``"query_input"``,
             ``"demo_sep"``, ... — its last occurrence in each prompt) or an int index (negative from
@@ -874,6 +883,7 @@ def logit_lens(
 
     Only the residual at the chosen position of each prompt is captured (no full cache).
     """
+    from ..inputs.multimodal import check_inputs
     from ..models import ModelInfo
     from ..results import ResultMeta
 
@@ -888,6 +898,7 @@ def logit_lens(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     batch, task = _prepare(model, prompts_or_task, n_prompts=n_prompts, n_shots=n_shots, seed=seed, prompt_kw=prompt_kw)
+    check_inputs(model, batch, "the logit lens's prompts")  # images and model agree, before any forward
     pos_idx, pos_label = _positions(batch, position)
     if task_words is not None:
         words, cand, owner = _task_word_ids(model, list(task_words), user=True)
@@ -900,13 +911,32 @@ def logit_lens(
     )
 
 
+def _query_input_ids(model: Any, batch: Any) -> Int[Tensor, " batch"]:
+    """The token the *input* category tracks, per row (-1 = none): the query input's first token; for an
+    image query (its query-input positions are image tokens), the first token of the word naming the
+    image (``batch.queries[row]``, spelt as :func:`_word_token_ids` finds it)."""
+    from ..inputs.text import TokenClass
+
+    tokens = torch.as_tensor(batch.tokens).cpu()
+    query = torch.as_tensor(batch.token_class).cpu() == int(TokenClass.QUERY_INPUT)
+    q_first = _first_index(query)
+    ids = torch.where(q_first >= 0, tokens.gather(1, q_first.clamp(min=0)[:, None])[:, 0], torch.full_like(q_first, -1))
+    image_id = getattr(batch, "image_token_id", None)
+    if image_id is None:
+        return ids
+    tok = getattr(model, "tokenizer", None)
+    for row in (query & (tokens == int(image_id))).any(1).nonzero().flatten().tolist():
+        word = _word_token_ids(tok, batch.queries[row]) if tok is not None else []
+        ids[row] = int(word[0]) if word else -1
+    return ids
+
+
 @torch.no_grad()
 def _run_lens(model, batch, pos_idx, pos_label, sel_layers, top_k, decoder, words, cand, owner, task, *,
               batch_size, keep_distribution, info, meta_cls, seed) -> LensResult:
     from ..engine.batch import rows_inputs
     from ..engine.readout import read
     from ..hooks import act_name, device_of
-    from ..inputs.text import TokenClass
 
     device = device_of(model)
     n_rows = batch.tokens.shape[0]
@@ -915,9 +945,7 @@ def _run_lens(model, batch, pos_idx, pos_label, sel_layers, top_k, decoder, word
     answer_ids = torch.as_tensor(batch.answer_ids, dtype=torch.long).reshape(-1).cpu()
     tokens = torch.as_tensor(batch.tokens).cpu()
     attention_mask = torch.as_tensor(batch.attention_mask).cpu()
-    tc = torch.as_tensor(batch.token_class).cpu()
-    q_first = _first_index(tc == int(TokenClass.QUERY_INPUT))
-    input_ids = torch.where(q_first >= 0, tokens.gather(1, q_first.clamp(min=0)[:, None])[:, 0], torch.full_like(q_first, -1))
+    input_ids = _query_input_ids(model, batch)
     cand_t = torch.tensor(cand, dtype=torch.long, device=device)
     owner_t = torch.tensor(owner, dtype=torch.long, device=device)
     n_words = len(words)
@@ -986,6 +1014,7 @@ def _run_lens(model, batch, pos_idx, pos_label, sel_layers, top_k, decoder, word
     meta = meta_cls.for_model(
         model, tasks=(task_name,), seed=getattr(batch, "seed", seed), position=pos_label, lens=lens_name, top_k=top_k,
         n_prompts=n_rows, n_shots=getattr(batch, "n_shots", None), special_ids=_special_ids(model),
+        context=getattr(batch, "context", "text"), query_modality=getattr(batch, "query_modality", "text"),
     )
     return LensResult(
         layers=tuple(sel_layers), n_layers=info.n_layers, top_ids=top.indices, top_probs=top.values, top_tokens=top_tokens,
