@@ -10,6 +10,7 @@ untrained), loaded through ``tvlens.load_model`` like any other checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -82,6 +83,23 @@ def test_scores_code_accuracy_exact_cell_and_pixel_error():
     assert abs(float(s.code_acc[0, 1]) - 35 / 36) < 1e-6 and s.exact[0, 1] == 0
     ref = np.abs(im.codes_to_image(pred[0, 1].reshape(6, 6)).astype(float) - im.codes_to_image(b.targets[0].reshape(6, 6))) / 255
     assert abs(float(s.pixel_error[0, 1]) - ref.mean()) < 1e-6 and float(s.pixel_error[0, 0]) == 0.0
+    assert s.changed is None
+    # changed codes: only where the answer differs from the query-in cell; copying the query scores 0 there
+    q = b.query_codes
+    assert torch.equal(q, b.cells()[:, 2].reshape(2, -1)) and torch.equal(b.changed, b.targets != q)
+    copy = q[:, None].repeat(1, 2, 1)
+    copy[1, 1] = b.targets[1]
+    sc = C.score_cells(copy, b.targets, q)
+    moved = (b.targets != q).float()
+    assert float(sc.changed[0, 0]) == 0.0 and float(sc.changed[1, 1]) == 1.0
+    assert abs(float(sc.code_acc[0, 0]) - float(1 - moved[0].mean())) < 1e-6  # copying scores the unchanged share
+    half = b.targets.clone()
+    idx = moved[0].nonzero()[:, 0][::2]
+    half[0, idx] = q[0, idx]  # half of the changed codes left as the query
+    sc = C.score_cells(half[:, None], b.targets, q)
+    assert abs(float(sc.changed[0, 0]) - (1 - len(idx) / float(moved[0].sum()))) < 1e-6
+    with pytest.raises(ValueError, match="queries .* must match targets"):
+        C.score_cells(pred, b.targets, q[:, :5])
 
 
 def test_bad_images_cells_and_canvases_are_refused():
@@ -164,9 +182,49 @@ def test_a_mask_patch_equals_one_run_with_hooks_per_mask(bert, stats):
         assert (ref - obj.clean_logits).abs().max() > 1e-3
         torch.testing.assert_close(got[:, c], ref, atol=2e-5, rtol=1e-5)
     acc = obj.per_row(masks, "accuracy")
-    ref_acc = torch.stack([(C.predicted_codes(_reference(bert, target, stats.z_mean, masks[c])) == target.targets).float().mean(1)
-                           for c in range(4)])
-    torch.testing.assert_close(acc, ref_acc)
+    refs = [_reference(bert, target, stats.z_mean, masks[c]) for c in range(4)]
+    hits = torch.stack([(C.predicted_codes(r) == target.targets).float() for r in refs])  # [column, batch, query]
+    torch.testing.assert_close(acc, hits.mean(-1))
+    moved = (target.targets != target.cells()[:, 2].reshape(len(target), -1)).float()
+    exact, changed = obj.per_row(masks, ["exact", "changed"])
+    torch.testing.assert_close(exact, (hits.min(-1).values == 1).float())
+    torch.testing.assert_close(changed, (hits * moved).sum(-1) / moved.sum(-1))
+    # canvases split into groups of at most 4 rows per forward (each group its own runner, its rows' own means)
+    grouped = V.CanvasPatch(bert, target, stats, rows_per_forward=4)
+    assert [g.tolist() for g in grouped.groups] == [[0, 1, 2, 3], [4, 5]]
+    torch.testing.assert_close(grouped.logits(masks), got, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(grouped.per_row(masks, "accuracy"), acc)
+    assert torch.equal(grouped.predictions(masks), obj.predictions(masks))
+    sc = grouped.scores(masks)
+    for t in TASKS:
+        rows = torch.tensor([tt == t for tt in target.tasks])
+        torch.testing.assert_close(sc["changed"][t], changed[:, rows].mean(1))
+
+
+def test_topk_curve_scores_every_metric_and_the_share_of_the_gap(bert, stats):
+    rho = V.visual_taskness(stats)
+    target = C.concat([C.canvases(t, 2, examples="masked", seed=9) for t in TASKS])
+    icl = C.concat([C.canvases(t, 2, seed=9) for t in TASKS])
+    assert torch.equal(icl.targets, target.targets)
+    obj = V.CanvasPatch(bert, target, stats)
+    wrong = V.CanvasPatch(bert, target, stats, task_map={"invert": "gray", "gray": "hflip", "hflip": "invert"})
+    curve = V.topk_curve(obj, wrong, rho, [8, 200], icl=icl, n_random=2, seed=1)
+    assert curve.tasks == (*TASKS, "mean")
+    top = obj.scores(torch.stack([V.topk_pairs(rho, 8), V.topk_pairs(rho, 200)]))
+    base = obj.scores(torch.zeros(1, *obj.shape))
+    _, ref_icl = V._icl_scores(bert, icl)
+    for m in V.SCORES:
+        for i, t in enumerate(curve.tasks):
+            torch.testing.assert_close(curve.values["top"][m][i], top[m][t])
+            assert float(curve.base[m][i]) == float(base[m][t][0])
+        ref = {"accuracy": ref_icl.code_acc, "exact": ref_icl.exact, "changed": ref_icl.changed}[m]
+        assert abs(float(curve.icl_scores[m][0]) - float(ref[:2].mean())) < 1e-6
+        gap = (curve.values["top"][m] - curve.base[m][:, None]) / (curve.icl_scores[m] - curve.base[m]).clamp_min(1e-9)[:, None]
+        torch.testing.assert_close(curve.gap("top", m), gap)
+    w = wrong.scores(V.topk_pairs(rho, 200)[None])
+    assert float(curve.values["wrong"]["accuracy"][0, 1]) == float(w["accuracy"]["invert"][0])
+    g = curve.gap("top", "changed")[-1].tolist()
+    assert curve.best_k(g[1], "changed") == (8 if g[0] >= g[1] else 200) and curve.best_k(math.inf, "changed") is None
 
 
 def test_another_tasks_means_are_patched_where_asked(bert, stats):

@@ -30,6 +30,7 @@ the task mean of ``(layer, head)`` at ``pos`` wherever ``mask[c, layer, head, po
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -43,9 +44,10 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..inputs.canvas import CanvasBatch, canvases, concat, predicted_codes, score_cells
+from ..inputs.canvas import CanvasBatch, canvases, changed_accuracy, concat, predicted_codes, score_cells
 from ..organisms.visual.images import TASKS as VISUAL_TASKS
 from ..organisms.visual.images import apply_task
+from ..results import LayerHeadGrid
 from .taskness import HeadStats, Taskness, head_means, taskness_from_stats
 
 __all__ = [
@@ -72,7 +74,9 @@ __all__ = [
     "VisualStudy",
 ]
 
-METRICS = ("logprob", "accuracy", "exact")
+METRICS = ("logprob", "accuracy", "exact", "changed")
+#: the 0/1 scores of a patched cell (:meth:`CanvasPatch.scores`): code accuracy, exact cell, changed codes
+SCORES = ("accuracy", "exact", "changed")
 
 
 # ==============================================================================================
@@ -111,11 +115,12 @@ def canvas_means(model: Any, tasks: Any = None, *, n: int = 32, seed: int = 0, s
 
 
 @dataclass(frozen=True, eq=False)
-class VisualTaskness:
+class VisualTaskness(LayerHeadGrid):
     """ρ_token per (layer, head, position) of a canvas, and per head (the mean over positions).
 
     ``per_position`` ``[layer, head, pos]`` (raster positions of the canvas), ``scores``
-    ``[layer, head]``; ``taskness`` is the underlying :class:`~tvlens.analyses.taskness.Taskness`.
+    ``[layer, head]``; ``rows`` × 2 cells of ``cell_side`` × ``cell_side`` positions; ``taskness`` is
+    the underlying :class:`~tvlens.analyses.taskness.Taskness`.
     """
 
     per_position: Float[Tensor, "layer head pos"]
@@ -123,17 +128,13 @@ class VisualTaskness:
     tasks: tuple[str, ...]
     layout_key: str
     rows: int
-    grid: int
+    cell_side: int
     taskness: Taskness
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def n_layers(self) -> int:
-        return int(self.scores.shape[0])
-
-    @property
-    def n_heads(self) -> int:
-        return int(self.scores.shape[1])
+    def grid(self) -> Tensor:
+        return self.scores
 
     def top_pairs(self, k: int) -> Int[Tensor, " k"]:
         """Flat indices (``(layer * n_heads + head) * n_pos + pos``) of the ``k`` pairs of highest ρ."""
@@ -144,7 +145,7 @@ class VisualTaskness:
         v = self.per_position
         v = v[layer] if layer is not None else v.mean(0)
         v = v[head] if head is not None else v.mean(0)
-        return v.reshape(self.rows * self.grid, 2 * self.grid)
+        return v.reshape(self.rows * self.cell_side, 2 * self.cell_side)
 
     def plot(self, transpose: bool = True):
         """Layers × heads heatmap of ρ per head (blocks on x, as in Hojel et al. 2024, Fig. 2 left)."""
@@ -167,7 +168,7 @@ class VisualTaskness:
                             subplot_titles=[f"L{l}H{h} {float(self.scores[l, h]):.3g}" for l in range(L) for h in range(H)])
         for l in range(L):
             for h in range(H):
-                m = vals[l, h].reshape(self.rows * self.grid, 2 * self.grid).numpy()
+                m = vals[l, h].reshape(self.rows * self.cell_side, 2 * self.cell_side).numpy()
                 fig.add_trace(go.Heatmap(z=m, zmin=lo, zmax=hi, coloraxis="coloraxis",
                                          hovertemplate=f"L{l}H{h} row %{{y}} col %{{x}}: %{{z:.3g}}<extra></extra>"),
                               row=l + 1, col=h + 1)
@@ -176,8 +177,8 @@ class VisualTaskness:
         for l in range(L):  # white lines between the canvas cells
             for h in range(H):
                 for r in range(1, self.rows):
-                    fig.add_hline(y=r * self.grid - 0.5, line_color="white", line_width=1, row=l + 1, col=h + 1)
-                fig.add_vline(x=self.grid - 0.5, line_color="white", line_width=1, row=l + 1, col=h + 1)
+                    fig.add_hline(y=r * self.cell_side - 0.5, line_color="white", line_width=1, row=l + 1, col=h + 1)
+                fig.add_vline(x=self.cell_side - 0.5, line_color="white", line_width=1, row=l + 1, col=h + 1)
         fig.update_annotations(font_size=9)
         fig.update_layout(coloraxis={"colorscale": "Viridis", "colorbar": {"title": "log10 ρ" if log else "ρ"}},
                           title=f"ρ_token over the canvas, per head<br><sup>each map: example in | out above, query | "
@@ -261,7 +262,8 @@ class CanvasPatch:
     d_head]``) patches one given value into every canvas instead (vector arithmetic).
     ``rows_per_forward`` caps the (canvas, mask) rows of one forward (default: the engine's memory
     budget on a GPU, 32 on a CPU, where a forward of many canvases of 144 tokens runs slower per
-    row once its activations leave the cache).
+    row once its activations leave the cache): more canvases than that are split into groups of
+    ``rows_per_forward``, each with its own runner, and a group's forwards carry as many masks as fit.
     """
 
     def __init__(self, model: Any, target: CanvasBatch, means: HeadStats | Tensor, *, tasks: Sequence[str] | None = None,
@@ -301,9 +303,13 @@ class CanvasPatch:
             self.values = table[torch.tensor(rows)].permute(1, 0, 3, 2, 4)[:, :, None]
         self.values = self.values.to(self.device, self.dtype)
         self.targets = target.targets.to(self.device)
+        self.moved = target.changed.to(self.device)  # [batch, query]: codes the task changes
+        step = len(target) if self.rows_per_forward is None else max(1, min(len(target), self.rows_per_forward))
+        self.groups = [torch.arange(a, min(a + step, len(target))) for a in range(0, len(target), step)]
         with torch.no_grad():
-            self.runner = PatchRunner(model, target)
-        self.clean_logits = self.runner.clean_logits  # [batch, query, d_vocab]
+            self.runners = [PatchRunner(model, target.select(g)) for g in self.groups]
+        self.runner = self.runners[0]
+        self.clean_logits = torch.cat([r.clean_logits for r in self.runners])  # [batch, query, d_vocab]
 
     def __len__(self) -> int:
         return len(self.target)
@@ -318,62 +324,90 @@ class CanvasPatch:
                              f"this model and canvas, got {list(masks.shape)}; build it with pairs_mask(...) or zeros of that shape")
         return masks.to(self.device, self.dtype)
 
-    def edits(self, masks: Tensor) -> list:
-        """One :class:`Edit` per layer: weight ``[column, pos, head, 1]`` (a head × position mask per column)."""
+    def edits(self, masks: Tensor, group: int = 0) -> list:
+        """One :class:`Edit` per layer for the canvases of ``group``: weight ``[column, pos, head, 1]``
+        (a head × position mask per column)."""
         from ..engine.sites import Edit
 
         live = range(self.info.n_layers) if masks.requires_grad else [l for l in range(self.info.n_layers)
                                                                      if bool((masks[:, l] != 0).any())]
-        return [Edit(l, "z", weight=masks[:, l].permute(0, 2, 1)[..., None], value=self.values[l]) for l in live]
+        rows = self.groups[group].to(self.device)
+        return [Edit(l, "z", weight=masks[:, l].permute(0, 2, 1)[..., None],
+                     value=self.values[l] if self.values.shape[1] == 1 else self.values[l][rows]) for l in live]
+
+    def _map(self, masks: Tensor, fn: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+        """``fn(logits [rows, column, query, d_vocab], rows)`` of every mask, group by group of canvases
+        (no gradient), concatenated along the batch axis."""
+        with torch.no_grad():
+            if not self.edits(masks):
+                rows = torch.arange(len(self))
+                return fn(self.clean_logits[:, None].expand(-1, masks.shape[0], -1, -1), rows)
+            return torch.cat([r.map(self.edits(masks, i), lambda lg, g=g: fn(lg, g), masks.shape[0], start_pos=0,
+                                    batch_size=self.rows_per_forward)
+                              for i, (r, g) in enumerate(zip(self.runners, self.groups))])
 
     def logits(self, masks: Float[Tensor, "column layer head pos"]) -> Float[Tensor, "batch column query d_vocab"]:
         """Logits at the query-out cell for every mask (differentiable in ``masks`` under grad mode)."""
         masks = self.check_masks(masks)
-        edits = self.edits(masks)
-        if not edits:
+        if not self.edits(masks):
             return self.clean_logits[:, None].expand(len(self), masks.shape[0], *self.clean_logits.shape[1:])
-        return self.runner.logits(edits, masks.shape[0], start_pos=0)
+        return torch.cat([r.logits(self.edits(masks, i), masks.shape[0], start_pos=0) for i, r in enumerate(self.runners)])
 
-    def per_row(self, masks: Tensor, metric: str = "accuracy") -> Float[Tensor, "column batch"]:
+    def per_row(self, masks: Tensor, metric: str | Sequence[str] = "accuracy") -> Float[Tensor, "column batch"]:
         """The metric of every mask on every canvas (no gradient): ``logprob`` (mean log p of the cell's
-        codes), ``accuracy`` (code accuracy) or ``exact`` (whole cell right)."""
-        if metric not in METRICS:
-            raise ValueError(f"metric={metric!r}; use one of {', '.join(METRICS)}")
+        codes), ``accuracy`` (code accuracy), ``exact`` (whole cell right) or ``changed`` (accuracy on
+        the codes the task changes, :attr:`CanvasBatch.changed`).  A sequence of metrics gives
+        ``[metric, column, batch]`` from the same forwards."""
+        names = [metric] if isinstance(metric, str) else list(metric)
+        bad = [m for m in names if m not in METRICS]
+        if bad or not names:
+            raise ValueError(f"metric={metric!r}; use one (or a list) of {', '.join(METRICS)}")
         masks = self.check_masks(masks)
-        fn = lambda lg: _metric(lg, self.targets, metric)  # noqa: E731
-        with torch.no_grad():
-            edits = self.edits(masks)
-            if not edits:
-                return fn(self.clean_logits[:, None]).expand(-1, masks.shape[0]).T.cpu()
-            return self.runner.map(edits, fn, masks.shape[0], start_pos=0, batch_size=self.rows_per_forward).T.float().cpu()
+
+        def fn(lg: Tensor, rows: Tensor) -> Tensor:
+            rows = rows.to(self.device)
+            return torch.stack([_metric(lg, self.targets[rows], m, self.moved[rows]) for m in names], -1)
+
+        vals = self._map(masks, fn).permute(2, 1, 0).float().cpu()  # [metric, column, batch]
+        return vals[0] if isinstance(metric, str) else vals
 
     def reward(self, masks: Tensor, metric: str = "logprob") -> Float[Tensor, " column"]:
         return self.per_row(masks, metric).mean(1)
 
     def per_task(self, masks: Tensor, metric: str = "accuracy") -> dict[str, Tensor]:
         """``{task: [column]}``: the metric averaged over each task's canvases, and ``"mean"`` over tasks."""
-        vals = self.per_row(masks, metric)
-        tasks = np.array(self.target.tasks)
-        out = {t: vals[:, torch.from_numpy(tasks == t)].mean(1) for t in self.target.task_names}
-        out["mean"] = torch.stack(list(out.values())).mean(0)
-        return out
+        return _task_means(self.target, self.per_row(masks, metric))
+
+    def scores(self, masks: Tensor, metrics: Sequence[str] = SCORES) -> dict[str, dict[str, Tensor]]:
+        """``{metric: {task: [column]}}`` (and ``"mean"`` over tasks) for every mask, all metrics from
+        the same forwards (default: code accuracy, exact cell, changed codes)."""
+        vals = self.per_row(masks, list(metrics))
+        return {m: _task_means(self.target, v) for m, v in zip(metrics, vals)}
 
     def predictions(self, masks: Tensor) -> Int[Tensor, "batch column query"]:
-        with torch.no_grad():
-            masks = self.check_masks(masks)
-            edits = self.edits(masks)
-            if not edits:
-                return predicted_codes(self.clean_logits)[:, None].expand(-1, masks.shape[0], -1).cpu()
-            return self.runner.map(edits, predicted_codes, masks.shape[0], start_pos=0, batch_size=self.rows_per_forward).cpu()
+        """The predicted codes of the query-out cell for every mask."""
+        return self._map(self.check_masks(masks), lambda lg, rows: predicted_codes(lg)).cpu()
 
 
-def _metric(logits: Tensor, targets: Tensor, metric: str) -> Tensor:
-    """``[batch, column, query, d_vocab]`` logits -> ``[batch, column]``."""
+def _metric(logits: Tensor, targets: Tensor, metric: str, moved: Tensor | None = None) -> Tensor:
+    """``[batch, column, query, d_vocab]`` logits -> ``[batch, column]`` (``moved``: the changed codes)."""
     if metric == "logprob":
         lp = logits.float().log_softmax(-1)
         return lp.gather(-1, targets[:, None, :, None].expand(*lp.shape[:-1], 1))[..., 0].mean(-1)
     hit = (predicted_codes(logits) == targets[:, None]).float()
+    if metric == "changed":
+        if moved is None:
+            raise ValueError("metric='changed' needs the canvases' query codes (CanvasPatch passes them)")
+        return changed_accuracy(hit, moved)
     return hit.mean(-1) if metric == "accuracy" else (hit.min(-1).values == 1).float()
+
+
+def _task_means(batch: CanvasBatch, vals: Tensor) -> dict[str, Tensor]:
+    """``[..., batch]`` values -> ``{task: [...]}`` means over each task's canvases, and ``"mean"`` over tasks."""
+    tasks = np.array(batch.tasks)
+    out = {t: vals[..., torch.from_numpy(tasks == t)].mean(-1) for t in batch.task_names}
+    out["mean"] = torch.stack(list(out.values())).mean(0)
+    return out
 
 
 def _means_table(means: Any, tasks: Sequence[str] | None, info: Any, target: CanvasBatch) -> tuple[Tensor, list[str]]:
@@ -489,6 +523,18 @@ def _full(sub: Tensor, space: Tensor, shape: tuple[int, int, int]) -> Tensor:
     return out.reshape(sub.shape[0], *shape)
 
 
+def _logit_run(obj: CanvasPatch, candidates: Tensor | None, init_logit: float, *, lr: float, seed: int, steps: int,
+               progress: bool, desc: str, label: str) -> tuple[Tensor, Tensor, Any, float]:
+    """The candidate space, one logit θ per candidate (from ``init_logit``) and the Adam loop that trains it."""
+    from .selection import _Run
+
+    space = _space(candidates, obj.shape)
+    theta = torch.full((space.numel(),), float(init_logit), requires_grad=True)
+    run = _Run(theta, lr=lr, seed=seed, patience=None, tol=0.0, steps=steps, checkpoint=None, checkpoint_every=steps,
+               info=obj.info, config={}, desc=desc, progress=progress, label=label, threshold=0.5)
+    return space, theta, run, time.perf_counter()
+
+
 def _finish(method: str, weights: Tensor, probs: Tensor, curve: list[float], evals: int, obj: CanvasPatch, t0: float,
             **meta: Any) -> PairSelection:
     return PairSelection(method, weights.detach().float().cpu(), probs.detach().float().cpu(), torch.tensor(curve),
@@ -508,13 +554,8 @@ def reinforce_pairs(obj: CanvasPatch, *, candidates: Tensor | None = None, steps
     baseline ``b`` being the mean reward of the step's samples.  ``sparsity`` is the size penalty
     (per pair, in reward units).  The final mask is ``p > 0.5``; ``steps × samples`` evaluations.
     """
-    from .selection import _Run
-
-    space = _space(candidates, obj.shape)
-    theta = torch.full((space.numel(),), float(init_logit), requires_grad=True)
-    run = _Run(theta, lr=lr, seed=seed, patience=None, tol=0.0, steps=steps, checkpoint=None, checkpoint_every=steps,
-               info=obj.info, config={}, desc="reinforce_pairs", progress=progress, label="reward", threshold=0.5)
-    t0 = time.perf_counter()
+    space, theta, run, t0 = _logit_run(obj, candidates, init_logit, lr=lr, seed=seed, steps=steps, progress=progress,
+                                       desc="reinforce_pairs", label="reward")
     try:
         while run.running:
             with torch.no_grad():
@@ -539,13 +580,8 @@ def soft_pairs(obj: CanvasPatch, *, candidates: Tensor | None = None, steps: int
     """A soft weight α = sigmoid(θ) per pair, ``z ← lerp(z, mean, α)``, trained by gradient descent on
     ``−mean log p(target codes) + l1 · Σ α`` through the frozen model (a relaxation of Hojel et al.'s
     binary masks).  Each step is one forward and one backward (counted as 3 evaluations)."""
-    from .selection import _Run
-
-    space = _space(candidates, obj.shape)
-    theta = torch.full((space.numel(),), float(init_logit), requires_grad=True)
-    run = _Run(theta, lr=lr, seed=seed, patience=None, tol=0.0, steps=steps, checkpoint=None, checkpoint_every=steps,
-               info=obj.info, config={}, desc="soft_pairs", progress=progress, label="logprob", threshold=0.5)
-    t0 = time.perf_counter()
+    space, theta, run, t0 = _logit_run(obj, candidates, init_logit, lr=lr, seed=seed, steps=steps, progress=progress,
+                                       desc="soft_pairs", label="logprob")
     try:
         while run.running:
             alpha = torch.sigmoid(theta)
@@ -575,6 +611,24 @@ def cma_pairs(obj: CanvasPatch, *, candidates: Tensor | None = None, budget: int
     space = _space(candidates, obj.shape)
     n = space.numel()
     diagonal = n > 256 if diagonal is None else diagonal
+    with _own_numpy_rng():
+        return _cma_search(obj, space, cma, budget=budget, popsize=popsize, sigma0=sigma0, x0=x0, sparsity=sparsity,
+                           metric=metric, seed=seed, diagonal=diagonal)
+
+
+@contextlib.contextmanager
+def _own_numpy_rng() -> Any:
+    """``cma`` seeds and draws from numpy's global generator: put the user's state back afterwards."""
+    state = np.random.get_state()
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
+def _cma_search(obj: CanvasPatch, space: Tensor, cma: Any, *, budget: int, popsize: int, sigma0: float, x0: float,
+                sparsity: float, metric: str, seed: int, diagonal: bool) -> PairSelection:
+    n = space.numel()
     es = cma.CMAEvolutionStrategy(np.full(n, float(x0)), sigma0, {"popsize": popsize, "seed": seed + 1, "verbose": -9,
                                                                   "CMA_diagonal": diagonal})
     best, best_x, curve, evals = -math.inf, np.full(n, float(x0)), [], 0
@@ -633,53 +687,131 @@ def grs_pairs(obj: CanvasPatch, *, candidates: Tensor | None = None, budget: int
 
 @dataclass(frozen=True, eq=False)
 class TopkCurve:
-    """Code accuracy of no-example canvases patched at the top-k ρ pairs, at k random pairs (mean of
-    draws) and at the top-k pairs with another task's means, per k; with the unpatched baseline and
-    1-shot ICL, and the share of the ICL − baseline gap each recovers."""
+    """No-example canvases patched at the top-k ρ pairs, at k random pairs (mean of draws) and at the
+    top-k pairs with another task's means, per k, per task and metric (Hojel et al. 2024, §4.2); with
+    the unpatched baseline, 1-shot ICL, and the share of the ICL − baseline gap each recovers.
+
+    ``values[kind][metric]`` is ``[task, k]`` (``kind`` one of ``top``, ``random``, ``wrong``; ``metric``
+    one of :data:`SCORES`), ``base[metric]`` and ``icl_scores[metric]`` are ``[task]``; row ``-1`` of
+    every table is the mean over tasks (``tasks[-1] == "mean"``).  ``top``, ``random``, ``wrong``,
+    ``baseline`` and ``icl`` are the task-mean code accuracies.
+    """
 
     ks: tuple[int, ...]
-    top: Tensor
-    random: Tensor
-    wrong: Tensor
-    baseline: float
-    icl: float
+    tasks: tuple[str, ...]
+    values: dict[str, dict[str, Tensor]]
+    base: dict[str, Tensor]
+    icl_scores: dict[str, Tensor] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def top(self) -> Tensor:
+        return self.values["top"]["accuracy"][-1]
+
+    @property
+    def random(self) -> Tensor:
+        return self.values["random"]["accuracy"][-1]
+
+    @property
+    def wrong(self) -> Tensor:
+        return self.values["wrong"]["accuracy"][-1]
+
+    @property
+    def baseline(self) -> float:
+        return float(self.base["accuracy"][-1])
+
+    @property
+    def icl(self) -> float:
+        return float(self.icl_scores["accuracy"][-1]) if self.icl_scores else float("nan")
+
+    def gap(self, kind: str = "top", metric: str = "accuracy") -> Float[Tensor, "task k"]:
+        """Share of the ICL − baseline gap recovered, ``[task, k]`` (the mean row: of the task means)."""
+        if not self.icl_scores:
+            raise ValueError("no ICL scores: pass icl= to topk_curve to measure the gap")
+        base, icl = self.base[metric][:, None], self.icl_scores[metric][:, None]
+        return (self.values[kind][metric] - base) / (icl - base).clamp_min(1e-9)
 
     def recovered(self, acc: Tensor | float) -> Tensor:
         return (torch.as_tensor(acc) - self.baseline) / max(self.icl - self.baseline, 1e-9)
+
+    def best_k(self, share: float = 0.9, metric: str = "accuracy") -> int | None:
+        """The smallest k whose top-k pairs recover ``share`` of the task-mean gap (None: no k does)."""
+        g = self.gap("top", metric)[-1]
+        return next((k for k, v in zip(self.ks, g.tolist()) if v >= share), None)
 
     def rows(self) -> list[tuple]:
         return [(k, float(t), float(self.recovered(t)), float(r), float(self.recovered(r)), float(w))
                 for k, t, r, w in zip(self.ks, self.top, self.random, self.wrong)]
 
-    def table(self) -> str:
-        lines = [f"baseline {self.baseline:.3f}  ICL {self.icl:.3f}",
-                 f"{'k':>6} {'top-k ρ':>8} {'gap':>6} {'random':>8} {'gap':>6} {'wrong-task':>10}"]
-        lines += [f"{k:>6} {t:>8.3f} {gt:>6.0%} {r:>8.3f} {gr:>6.0%} {w:>10.3f}" for k, t, gt, r, gr, w in self.rows()]
+    def table(self, metric: str = "accuracy") -> str:
+        """Task means per k: top-k ρ, k random, wrong-task means, each with its share of the gap."""
+        base, icl = float(self.base[metric][-1]), float(self.icl_scores[metric][-1]) if self.icl_scores else float("nan")
+        lines = [f"{metric}: baseline {base:.3f}  ICL {icl:.3f}",
+                 f"{'k':>6} {'top-k ρ':>8} {'gap':>6} {'random':>8} {'gap':>6} {'wrong-task':>10} {'gap':>6}"]
+        vals = {kind: self.values[kind][metric][-1] for kind in ("top", "random", "wrong")}
+        gaps = {kind: self.gap(kind, metric)[-1] if self.icl_scores else vals[kind] * math.nan for kind in vals}
+        for j, k in enumerate(self.ks):
+            lines.append(f"{k:>6} {float(vals['top'][j]):>8.3f} {float(gaps['top'][j]):>6.0%} {float(vals['random'][j]):>8.3f} "
+                         f"{float(gaps['random'][j]):>6.0%} {float(vals['wrong'][j]):>10.3f} {float(gaps['wrong'][j]):>6.0%}")
         return "\n".join(lines)
 
-    def plot(self):
+    def task_table(self, kind: str = "top", metric: str = "accuracy") -> str:
+        """Share of the gap per task (rows) and k (columns), with the task's baseline and ICL."""
+        g = self.gap(kind, metric)
+        lines = [f"{kind}, {metric}: share of the ICL − baseline gap",
+                 f"{'task':<10}{'base':>7}{'ICL':>7}" + "".join(f"{k:>7}" for k in self.ks)]
+        for i, t in enumerate(self.tasks):
+            lines.append(f"{t:<10}{float(self.base[metric][i]):>7.3f}{float(self.icl_scores[metric][i]):>7.3f}"
+                         + "".join(f"{float(v):>7.0%}" for v in g[i]))
+        return "\n".join(lines)
+
+    def plot(self, metric: str = "accuracy"):
         from ..plot import line_plot
 
-        return line_plot(list(self.ks), {"top-k ρ pairs": self.top, "k random pairs": self.random,
-                                         "top-k, another task's means": self.wrong},
-                         hlines={"no example": self.baseline, "1-shot ICL": self.icl}, xlabel="k (layer, head, position) pairs",
-                         ylabel="code accuracy", title="Task means patched into canvases without examples")
+        label = {"accuracy": "code accuracy", "exact": "exact-cell accuracy", "changed": "changed-code accuracy"}[metric]
+        hl = {"no example": float(self.base[metric][-1])}
+        if self.icl_scores:
+            hl["1-shot ICL"] = float(self.icl_scores[metric][-1])
+        return line_plot(list(self.ks), {"top-k ρ pairs": self.values["top"][metric][-1],
+                                         "k random pairs": self.values["random"][metric][-1],
+                                         "top-k, another task's means": self.values["wrong"][metric][-1]},
+                         hlines=hl, xlabel="k (layer, head, position) pairs", ylabel=label,
+                         title=f"Task means patched into canvases without examples ({label}, mean over tasks)")
 
 
-def topk_curve(obj: CanvasPatch, wrong: CanvasPatch, rho: VisualTaskness, ks: Sequence[int], *, icl: float,
-               n_random: int = 3, seed: int = 0) -> TopkCurve:
+def _score_table(scores: Mapping[str, Mapping[str, Tensor]], tasks: Sequence[str]) -> dict[str, Tensor]:
+    """``{metric: {task: [column]}}`` -> ``{metric: [task (+ mean), column]}``."""
+    return {m: torch.stack([v[t] for t in (*tasks, "mean")]) for m, v in scores.items()}
+
+
+def topk_curve(obj: CanvasPatch, wrong: CanvasPatch, rho: VisualTaskness, ks: Sequence[int], *,
+               icl: CanvasBatch | Mapping[str, Mapping[str, float]] | None = None, n_random: int = 3,
+               seed: int = 0) -> TopkCurve:
     """Top-k ρ pairs vs k random pairs (``n_random`` draws) vs the top-k with ``wrong``'s means (the
-    same canvases patched with another task's means), all k in batched forwards."""
+    same canvases patched with another task's means), all k in batched forwards, scored by code,
+    exact-cell and changed-code accuracy per task (Hojel et al. 2024, §4.2).
+
+    ``icl``: the 1-shot canvases of the same queries (scored here, unpatched), or their scores
+    ``{metric: {task: value}}`` — the top of the gap.
+    """
     shape = obj.shape
     ks = tuple(int(k) for k in ks)
+    names = obj.target.task_names
     top = torch.stack([topk_pairs(rho, k) for k in ks])
     rnd = torch.cat([random_pairs(shape, k, n_random, seed=seed + i) for i, k in enumerate(ks)])
-    base = float(obj.per_task(torch.zeros(1, *shape))["mean"][0])
-    t = obj.per_task(top)["mean"]
-    r = obj.per_task(rnd)["mean"].reshape(len(ks), n_random).mean(1)
-    w = wrong.per_task(top)["mean"]
-    return TopkCurve(ks, t, r, w, base, icl, {"n_random": n_random, "n_canvases": len(obj)})
+    both = _score_table(obj.scores(torch.cat([torch.zeros(1, *shape), top, rnd])), names)
+    values = {"top": {m: v[:, 1:1 + len(ks)] for m, v in both.items()},
+              "random": {m: v[:, 1 + len(ks):].reshape(len(names) + 1, len(ks), n_random).mean(-1) for m, v in both.items()},
+              "wrong": _score_table(wrong.scores(top), names)}
+    base = {m: v[:, 0] for m, v in both.items()}
+    icl_scores = None
+    if isinstance(icl, CanvasBatch):
+        pred, sc = _icl_scores(obj.model, icl)
+        icl_scores = {"accuracy": sc.code_acc, "exact": sc.exact, "changed": sc.changed}
+        icl_scores = {m: torch.tensor([_by_task(icl, v)[t] for t in (*names, "mean")]) for m, v in icl_scores.items()}
+    elif icl is not None:
+        icl_scores = {m: torch.tensor([float(icl[m][t]) for t in (*names, "mean")]) for m in SCORES}
+    return TopkCurve(ks, (*names, "mean"), values, base, icl_scores, {"n_random": n_random, "n_canvases": len(obj)})
 
 
 @dataclass(frozen=True, eq=False)
@@ -850,6 +982,7 @@ class VisualStudy:
     tasks: tuple[str, ...]
     baselines: dict[str, dict[str, float]]  # variant -> task -> code accuracy (and "mean")
     exact: dict[str, dict[str, float]]
+    changed: dict[str, dict[str, float]]  # variant -> task -> accuracy on the codes the task changes
     rho: VisualTaskness
     curve: TopkCurve
     heads: HeadEffects
@@ -860,11 +993,13 @@ class VisualStudy:
     settings: dict[str, Any]
     seconds: float
 
-    def baseline_table(self) -> str:
-        head = f"{'task':<10}" + "".join(f"{v:>16}" for v in self.baselines)
+    def baseline_table(self, metric: str = "accuracy") -> str:
+        """Unpatched canvases per task: ``accuracy`` (code), ``exact`` (whole cell) or ``changed`` (changed codes)."""
+        table = {"accuracy": self.baselines, "exact": self.exact, "changed": self.changed}[metric]
+        head = f"{'task':<10}" + "".join(f"{v:>16}" for v in table)
         lines = [head]
         for t in [*self.tasks, "mean"]:
-            lines.append(f"{t:<10}" + "".join(f"{self.baselines[v][t]:>16.3f}" for v in self.baselines))
+            lines.append(f"{t:<10}" + "".join(f"{table[v][t]:>16.3f}" for v in table))
         return "\n".join(lines)
 
     def comparison_table(self) -> str:
@@ -879,7 +1014,10 @@ class VisualStudy:
         s = self.settings
         parts = [f"visual study — {s.get('model')} · {len(self.tasks)} tasks · {self.seconds:.0f}s", "",
                  "code accuracy on held-out canvases:", self.baseline_table(), "",
-                 "top-k ρ pairs vs random vs wrong-task means (multi-task, no-example canvases):", self.curve.table(), "",
+                 "exact-cell accuracy:", self.baseline_table("exact"), "",
+                 "changed-code accuracy:", self.baseline_table("changed"), "",
+                 "top-k ρ pairs vs random vs wrong-task means (multi-task, no-example canvases):",
+                 *[self.curve.table(m) for m in SCORES], "",
                  "ρ per head beside its patching effect:", self.heads.table(), "",
                  f"selection at a limited budget (candidates: top {s['candidates']} pairs by ρ; {s['budget']} evaluations each "
                  f"multi-task, {s['task_budget']} per task; "
@@ -937,21 +1075,20 @@ class VisualStudy:
                        result=self)
 
 
-def _icl_scores(model: Any, batch: CanvasBatch) -> tuple[Tensor, Tensor]:
-    """ICL predictions and scores of unpatched canvases, read by the engine's runner."""
+def _icl_scores(model: Any, batch: CanvasBatch, rows: int = 32) -> tuple[Tensor, Any]:
+    """ICL predictions and scores (code, exact, changed) of unpatched canvases, read by the engine's
+    runner ``rows`` canvases per forward."""
     from ..engine.runner import PatchRunner
 
     with torch.no_grad():
-        runner = PatchRunner(model, batch)
-    pred = predicted_codes(runner.clean_logits).cpu()
-    return pred, score_cells(pred, batch.targets)
+        logits = [PatchRunner(model, batch.select(torch.arange(a, min(a + rows, len(batch))))).clean_logits
+                  for a in range(0, len(batch), rows)]
+    pred = predicted_codes(torch.cat(logits)).cpu()
+    return pred, score_cells(pred, batch.targets, batch.query_codes)
 
 
 def _by_task(batch: CanvasBatch, vals: Tensor) -> dict[str, float]:
-    tasks = np.array(batch.tasks)
-    out = {t: float(vals[torch.from_numpy(tasks == t)].mean()) for t in batch.task_names}
-    out["mean"] = float(np.mean(list(out.values())))
-    return out
+    return {t: float(v) for t, v in _task_means(batch, vals).items()}
 
 
 def visual_study(
@@ -999,11 +1136,12 @@ def visual_study(
     info = ModelInfo.of(model)
     ev = {v: concat([canvases(t, n_eval, examples=v, seed=seed + 1000) for t in names]) for v in ("shown", "masked", "blank")}
     ev["noisy"] = concat([canvases(t, n_eval, seed=seed + 1000, noise=noise) for t in names])
-    preds, baselines, exact = {}, {}, {}
+    preds, baselines, exact, changed = {}, {}, {}, {}
     for v, b in ev.items():
         preds[v], sc = _icl_scores(model, b)
         label = {"shown": "1-shot ICL", "noisy": f"ICL noise {noise}", "masked": "masked example", "blank": "blank example"}[v]
         baselines[label], exact[label] = _by_task(b, sc.code_acc), _by_task(b, sc.exact)
+        changed[label] = _by_task(b, sc.changed)
     say("baselines " + ", ".join(f"{k} {v['mean']:.3f}" for k, v in baselines.items()))
 
     stats = canvas_means(model, names, n=n_means, seed=seed)
@@ -1013,8 +1151,7 @@ def visual_study(
     target_ev = ev["masked"]
     obj_ev = CanvasPatch(model, target_ev, stats)
     obj_wrong = CanvasPatch(model, target_ev, stats, task_map=wrong_map)
-    icl = baselines["1-shot ICL"]["mean"]
-    curve = topk_curve(obj_ev, obj_wrong, rho, ks, icl=icl, seed=seed)
+    curve = topk_curve(obj_ev, obj_wrong, rho, ks, icl=ev["shown"], seed=seed)
     say("top-k curve\n" + curve.table())
     heads = head_effects(obj_ev, rho)
     say("head effects")
@@ -1023,7 +1160,7 @@ def visual_study(
     groups = {"multi": names, **({t: [t] for t in names} if per_task else {})}
     comparison, selections, patched_preds = [], {}, {}
     for group, g_tasks in groups.items():
-        sel_batch = concat([canvases(t, n_select, examples="masked", seed=seed + 2000) for t in g_tasks])
+        sel_batch = concat([canvases(t, n_select, examples="masked", seed=seed + 2000, split="train") for t in g_tasks])
         obj = CanvasPatch(model, sel_batch, stats)
         eval_rows = [i for i, t in enumerate(target_ev.tasks) if t in g_tasks]
         found: dict[str, PairSelection] = {}
@@ -1074,7 +1211,7 @@ def visual_study(
                                "acc": {t: float(v[j]) for t, v in acc.items()}})
         say(f"noise-{noise} means")
 
-    best_k = next((k for k, t, gt, *_ in curve.rows() if gt >= 0.9), curve.ks[-1])
+    best_k = curve.best_k(0.9, "exact") or curve.ks[-1]
     arith = [task_arithmetic(model, stats, a, b, c, topk_pairs(rho, best_k)) for a, b, c in arithmetic
              if all(t in names for t in (a, b, c))]
     say("arithmetic")
@@ -1093,5 +1230,5 @@ def visual_study(
                 "shape": f"{info.n_layers} layers × {info.n_heads} heads, d_model {info.d_model}", "n_means": n_means, "n_select": n_select, "n_eval": n_eval, "ks": list(ks),
                 "candidates": candidates, "budget": budget, "task_budget": task_budget or budget, "samples": samples, "lr": lr, "sparsity": sparsity, "noise": noise,
                 "seed": seed, "best_k": best_k}
-    return VisualStudy(tuple(names), baselines, exact, rho, curve, heads, comparison, selections, arith, figures, settings,
+    return VisualStudy(tuple(names), baselines, exact, changed, rho, curve, heads, comparison, selections, arith, figures, settings,
                        time.perf_counter() - t0)

@@ -20,8 +20,8 @@ example row is masked (``examples="masked"``) or drawn black (``examples="blank"
 
 Builders: :func:`canvases` (fresh held-out images of the organism's generator: 1-shot, k-shot or no
 example), :func:`canvas_from_images` (your own 12×12 palette images) and :func:`concat`
-(several tasks in one batch).  Scores: :func:`score_cells` (code accuracy, exact cell, pixel error
-of the decoded image).  Everything is checked before any forward, with errors that say what was
+(several tasks in one batch).  Scores: :func:`score_cells` (code accuracy, exact cell, accuracy on
+the codes the task changes, pixel error of the decoded image).  Everything is checked before any forward, with errors that say what was
 wrong and how to fix it.
 """
 
@@ -51,6 +51,7 @@ __all__ = [
     "concat",
     "predicted_codes",
     "score_cells",
+    "changed_accuracy",
     "canvas_picture",
     "MASK",
     "N_CODES",
@@ -242,6 +243,16 @@ class CanvasBatch:
     def cells(self) -> Int[Tensor, "batch cell gh gw"]:
         """Every cell's tokens in reading order (the query-out cell as the model sees it: masked)."""
         return self.layout.disassemble(self.tokens)
+
+    @property
+    def query_codes(self) -> Int[Tensor, "batch query"]:
+        """The query-in cell's codes, in the order of ``targets`` (what copying the query would answer)."""
+        return self.cells()[:, -2].reshape(len(self), -1)
+
+    @property
+    def changed(self) -> Tensor:
+        """``[batch, query]`` bool: the codes where the answer differs from the query-in cell."""
+        return self.targets != self.query_codes
 
     def target_cells(self) -> Int[Tensor, "batch gh gw"]:
         g = self.layout.grid
@@ -437,25 +448,42 @@ def predicted_codes(logits: Float[Tensor, "... query d_vocab"]) -> Int[Tensor, "
 
 @dataclass(frozen=True)
 class CellScores:
-    """Per canvas: code accuracy, whether the whole cell is exact, and the decoded image's pixel error.
+    """Per canvas: code accuracy, whether the whole cell is exact, the accuracy on the *changed* codes
+    (where the answer differs from the query-in cell; copying the query scores 0 there, so the
+    background a task keeps does not count) and the decoded image's pixel error.
 
-    ``pixel_error`` is the mean absolute RGB difference of the decoded 12×12 images, in ``[0, 1]``.
+    ``changed`` is NaN when :func:`score_cells` got no ``queries`` (and 1 for a canvas whose answer
+    equals its query: nothing to change); ``pixel_error`` is the mean absolute RGB difference of the
+    decoded 12×12 images, in ``[0, 1]``.
     """
 
     code_acc: Float[Tensor, "*batch"]
     exact: Float[Tensor, "*batch"]
     pixel_error: Float[Tensor, "*batch"]
+    changed: Float[Tensor, "*batch"] | None = None
 
     def mean(self) -> dict[str, float]:
-        return {"code_acc": float(self.code_acc.mean()), "exact": float(self.exact.mean()),
-                "pixel_error": float(self.pixel_error.mean())}
+        out = {"code_acc": float(self.code_acc.mean()), "exact": float(self.exact.mean()),
+               "pixel_error": float(self.pixel_error.mean())}
+        if self.changed is not None:
+            out["changed"] = float(self.changed.mean())
+        return out
 
 
 _PALETTE = torch.from_numpy(_im.PALETTE.astype(np.float32)) / 255.0
 
 
-def score_cells(pred: Int[Tensor, "batch *column query"], targets: Int[Tensor, "batch query"]) -> CellScores:
-    """Score predicted codes against the targets; ``pred`` may have axes after the batch (the engine's columns)."""
+def changed_accuracy(hit: Float[Tensor, "batch *column query"], moved: Tensor) -> Float[Tensor, "batch *column"]:
+    """Accuracy over the codes ``moved`` ``[batch, query]`` marks (1 where none is marked)."""
+    moved = moved.to(hit.device).reshape(moved.shape[0], *([1] * (hit.ndim - 2)), moved.shape[-1]).float()
+    n = moved.sum(-1)
+    return torch.where(n > 0, (hit * moved).sum(-1) / n.clamp(min=1), torch.ones_like(n))
+
+
+def score_cells(pred: Int[Tensor, "batch *column query"], targets: Int[Tensor, "batch query"],
+                queries: Int[Tensor, "batch query"] | None = None) -> CellScores:
+    """Score predicted codes against the targets; ``pred`` may have axes after the batch (the engine's
+    columns).  ``queries`` (:attr:`CanvasBatch.query_codes`) adds the changed-code accuracy."""
     pred, targets = torch.as_tensor(pred).cpu(), torch.as_tensor(targets).cpu()
     if pred.shape[-1] != targets.shape[-1]:
         raise ValueError(f"predictions have {pred.shape[-1]} codes per cell but targets {targets.shape[-1]}; "
@@ -463,10 +491,15 @@ def score_cells(pred: Int[Tensor, "batch *column query"], targets: Int[Tensor, "
     if targets.ndim != 2 or pred.shape[0] != targets.shape[0]:
         raise ValueError(f"predictions {tuple(pred.shape)} and targets {tuple(targets.shape)} do not match; pass predictions "
                          "[batch, ..., query] for targets [batch, query]")
+    if queries is not None and tuple(torch.as_tensor(queries).shape) != tuple(targets.shape):
+        raise ValueError(f"queries {tuple(torch.as_tensor(queries).shape)} must match targets {tuple(targets.shape)} "
+                         "(CanvasBatch.query_codes)")
+    moved = None if queries is None else targets != torch.as_tensor(queries).cpu()
     targets = targets.reshape(targets.shape[0], *([1] * (pred.ndim - 2)), targets.shape[1])
     hit = (pred == targets).float()
     err = (_PALETTE[pred.clamp(0, N_CODES - 1)] - _PALETTE[targets]).abs().mean((-1, -2))
-    return CellScores(hit.mean(-1), (hit.min(-1).values == 1).float(), err)
+    changed = None if moved is None else changed_accuracy(hit, moved)
+    return CellScores(hit.mean(-1), (hit.min(-1).values == 1).float(), err, changed)
 
 
 def canvas_picture(tokens: Int[Tensor, " pos"], layout: CanvasLayout | None = None, *, gap: int = 1) -> UInt8[np.ndarray, "h w 3"]:
