@@ -344,3 +344,20 @@ def test_a_vector_applied_to_image_prompts_equals_a_hooked_forward(vlm_rows):
             ref = model.run_with_hooks(one.tokens, pixel_values=one.pixel_values,
                                        fwd_hooks=[("blocks.2.hook_resid_pre", put)])[0, -1]
         torch.testing.assert_close(got[i], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_the_in_place_gelu_twin_is_bit_identical_and_always_restored(tiny_gpt2):
+    """GPT-2's tanh GELU runs as an in-place twin inside the engine only: same bits, nothing left behind."""
+    from transformers.activations import NewGELUActivation
+
+    from tvlens.engine.runner import _act_twins, _new_gelu_inplace
+
+    x = torch.randn(3, 7, 64, generator=torch.Generator().manual_seed(0)) * 5
+    assert torch.equal(_new_gelu_inplace(x), NewGELUActivation()(x))
+    twins = _act_twins(tiny_gpt2)
+    assert twins and all(isinstance(m, NewGELUActivation) for m, _ in twins)
+    b = tvlens.icl_prompts(tiny_gpt2, TASK, n_prompts=2, n_shots=2, seed=1)
+    runner = PatchRunner(tiny_gpt2, b)
+    runner.logits([replace_heads(0, torch.ones(tvlens.ModelInfo.of(tiny_gpt2).n_heads), _means(tiny_gpt2)[0])], 1,
+                  start_pos=0)
+    assert all("forward" not in m.__dict__ for m, _ in twins)

@@ -55,7 +55,9 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import warnings
+from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Literal, Sequence
 
 import torch
@@ -118,6 +120,8 @@ class PatchRunner:
             hasattr(b, "attn") and hasattr(b, "original_component") for b in model.blocks)
         if fast is True and not self.bridge:
             raise ValueError("fast=True needs a TransformerLens 4 TransformerBridge (tvlens.load_model); use fast='auto'")
+        #: activation modules run by a bit-identical in-place twin during the engine's own forwards
+        self._twins = _act_twins(model) if self.bridge else []
         with torch.no_grad():
             if self.bridge:
                 self._capture()
@@ -162,7 +166,8 @@ class PatchRunner:
             for layer, block in enumerate(blocks):
                 handles.append(block.register_forward_pre_hook(grab(layer), with_kwargs=True))
                 handles.append(inject_cache(block.attn, RecordKV(kv, layer)))
-            logits = _hooks.run(model, self.tokens, attention_mask=self.mask, **self.prompts.model_inputs(self.device))
+            with _inplace_acts(self._twins):
+                logits = _hooks.run(model, self.tokens, attention_mask=self.mask, **self.prompts.model_inputs(self.device))
         finally:
             for h in handles:
                 h.remove()
@@ -406,7 +411,7 @@ class PatchRunner:
         h: Tensor | None = None
         S = 0
         fwd = self._edit_hooks(nedits, order_pos, layout, start_pos)
-        with _hooks.hooked(model, fwd):
+        with _hooks.hooked(model, fwd), _inplace_acts(self._twins):
             for layer in range(first, L):
                 n_new = n_at.get(layer, 0)
                 if n_new:
@@ -528,3 +533,69 @@ def _is_causal(model: Any) -> bool:
     changed[0, -1] = (changed[0, -1] + 1) % info.d_vocab
     a, b = _hooks.run(model, tokens), _hooks.run(model, changed)
     return bool(torch.allclose(a[0, :-1].float(), b[0, :-1].float(), atol=1e-5, rtol=1e-5))
+
+
+# -- exact activations with fewer temporaries -------------------------------------------------------
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def _new_gelu_inplace(x: Tensor) -> Tensor:
+    """``NewGELUActivation`` (GPT-2's tanh GELU), the same operations in the same order, in place.
+
+    HF's expression allocates six full-size temporaries per call; on the CPU each is fresh memory
+    (page faults) and a memory-bound pass.  Here two buffers hold every step, so the result is bit
+    for bit the same tensor, ``x`` of any shape -> same shape.
+    """
+    t = torch.pow(x, 3.0)
+    t.mul_(0.044715).add_(x).mul_(_SQRT_2_OVER_PI).tanh_().add_(1.0)
+    return x.mul(0.5).mul_(t)
+
+
+#: activation class name -> an in-place twin that must reproduce ``module(x)`` bit for bit
+_INPLACE_ACTS: dict[str, Callable[[Tensor], Tensor]] = {"NewGELUActivation": _new_gelu_inplace}
+
+
+def _act_twin(module: torch.nn.Module) -> Callable[[Tensor], Tensor] | None:
+    """The in-place twin of an activation module, if it reproduces the module bit for bit (checked)."""
+    fn = _INPLACE_ACTS.get(type(module).__name__)
+    if fn is None or module._forward_hooks or module._forward_pre_hooks:
+        return None
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(4096, generator=g) * s for s in (0.1, 1.0, 4.0, 30.0)])
+    x = torch.cat([x, torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e4, -1e4])])
+    try:
+        with torch.no_grad():
+            p = next(iter(module.parameters()), None)
+            x = x.to(p.device, p.dtype) if p is not None else x
+            return fn if torch.equal(fn(x), module(x)) else None
+    except Exception:  # noqa: BLE001 - an activation that does not take a flat tensor keeps its own code
+        return None
+
+
+def _act_twins(model: Any) -> list[tuple[torch.nn.Module, Callable[[Tensor], Tensor]]]:
+    """``(module, twin)`` for every activation of ``model`` with a bit-identical in-place twin."""
+    out = []
+    for m in model.modules():
+        name = type(m).__name__
+        if name in _INPLACE_ACTS and capabilities.cached(model, ("inplace_act", name), lambda m=m: _act_twin(m) is not None):
+            out.append((m, _INPLACE_ACTS[name]))
+    return out
+
+
+@contextmanager
+def _inplace_acts(twins: list[tuple[torch.nn.Module, Callable[[Tensor], Tensor]]]):
+    """Run the activations as their in-place twins inside the block (no-grad tensors only; always restored)."""
+    def wrap(orig: Callable, fn: Callable) -> Callable:
+        return lambda x: orig(x) if torch.is_grad_enabled() and x.requires_grad else fn(x)
+
+    swapped = []
+    try:
+        for m, fn in twins:
+            if "forward" not in m.__dict__ and not m._forward_hooks and not m._forward_pre_hooks:
+                m.forward = wrap(m.forward, fn)
+                swapped.append(m)
+        yield
+    finally:
+        for m in swapped:
+            del m.forward
