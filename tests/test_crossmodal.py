@@ -286,6 +286,91 @@ def test_left_padded_batch_equals_single_rows_and_last_position_patch_is_local(v
     assert (patched[:, -1] - got[:, 0]).abs().max() < 1e-5
 
 
+class _FlatPatchModel(torch.nn.Module):
+    """Qwen2.5-VL's input contract without its weights: ``pixel_values`` are the patches of all images
+    flattened over the batch, ``image_grid_thw`` says how many each image has, and images go to the
+    rows' image-token runs in order. Like Qwen, it refuses runs and patches that do not match; the
+    last position's logits are the mean of the row's patches (each patch is one row of a code book)."""
+
+    def __init__(self, image_token_id: int, merge: int = 4, vocab: int = 8):
+        super().__init__()
+        self.image_token_id, self.merge = image_token_id, merge
+        self.code = torch.nn.Parameter(torch.randn(48, vocab, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, tokens, attention_mask=None, pixel_values=None, image_grid_thw=None, logits_to_keep=None):
+        per = image_grid_thw.prod(-1).tolist()
+        patches = list(pixel_values.split(per))
+        out = torch.zeros(tokens.shape[0], tokens.shape[1], self.code.shape[1])
+        for r in range(tokens.shape[0]):
+            hit = tokens[r] == self.image_token_id
+            starts = (hit & ~torch.cat([hit.new_zeros(1), hit[:-1]])).nonzero().flatten().tolist()
+            mine = []
+            for s in starts:
+                n = 0
+                while s + n < tokens.shape[1] and bool(hit[s + n]):
+                    n += 1
+                if not patches or patches[0].shape[0] != n * self.merge:
+                    raise ValueError("Image features and image tokens do not match")
+                mine.append(patches.pop(0))
+            out[r, -1] = torch.cat(mine).mean(0) @ self.code
+        if patches:
+            raise ValueError("Image features and image tokens do not match: patches left over")
+        return out
+
+
+def _flat_batch():
+    """Three rows holding 2, 1 and 1 images of 16, 8, 8 and 4 patches, Qwen-style."""
+    runs = {16: [9] * 4, 8: [9] * 2, 4: [9]}
+    rows = [[1, *runs[16], 5, *runs[8], 6], [1, *runs[8], 6], [1, *runs[4], 6]]
+    width = max(map(len, rows))
+    tokens = torch.zeros((3, width), dtype=torch.long)
+    mask = torch.zeros_like(tokens)
+    for r, t in enumerate(rows):
+        tokens[r, width - len(t):] = torch.tensor(t)
+        mask[r, width - len(t):] = 1
+    grid = torch.tensor([[1, 4, 4], [1, 2, 4], [1, 4, 2], [1, 2, 2]])
+    pix = torch.arange(36 * 48, dtype=torch.float32).reshape(36, 48).remainder(7) + torch.arange(36.0)[:, None]
+    return mm.MultimodalBatch(tokens=tokens, attention_mask=mask, token_class=mask.clone(), answer_ids=torch.zeros(3, dtype=torch.long),
+                              answer_tokens=((0,),) * 3, queries=("a", "b", "c"), answers=("x",) * 3, task="t", n_shots=0, seed=0,
+                              image_token_id=9, n_images=torch.tensor([2, 1, 1]), pixel_values=pix, image_grid_thw=grid)
+
+
+def test_final_logits_cuts_chunks_by_the_batchs_own_rows(vlm, hf_vlm):
+    """Chunks of final_logits carry their own rows' images: several LLaVA images per row, and Qwen-style
+    patches flattened over the batch (located through image_grid_thw), where slicing v[rows] is wrong."""
+    from tvlens.engine.readout import final_logits
+
+    flat = _flat_batch()
+    model = _FlatPatchModel(9)
+    whole = final_logits(model, flat, batch_size=8)  # one forward: nothing is cut
+    by_hand = torch.stack([model(flat.tokens[[r]], image_grid_thw=flat.select([r]).image_grid_thw,
+                                 pixel_values=flat.select([r]).pixel_values)[0, -1] for r in range(3)])
+    assert torch.allclose(whole, by_hand.detach()) and (whole[0] - whole[1]).abs().max() > 1e-3
+    for bs in (1, 2):
+        assert torch.allclose(final_logits(model, flat, batch_size=bs), whole, atol=1e-6)
+    # the loose tensors cannot be cut by rows: refused before any forward (v[rows] would pair rows with others' images)
+    counter = _Forwards(model)
+    try:
+        with pytest.raises(ValueError, match="not row-aligned"):
+            final_logits(model, flat.tokens, flat.attention_mask, batch_size=2, **flat.model_inputs())
+        with pytest.raises(TypeError, match="batch object alone"):
+            final_logits(model, flat, flat.attention_mask)
+        assert counter.n == 0
+    finally:
+        counter.close()
+    # the organism: rows of 3, 1 and 1 images, left-padded, against the raw HF model one unpadded row at a time
+    b = _padded_batch(vlm)
+    refs = []
+    for r in range(len(b)):
+        row = b.select([r])
+        real = row.attention_mask[0].bool()
+        refs.append(_hf_last(hf_vlm, row.tokens[:, real], row.pixel_values)[0])
+    ref = torch.stack(refs)
+    for bs in (1, 2, 3):
+        got = final_logits(vlm, b, batch_size=bs)
+        assert (got - ref).abs().max() < 1e-5 * max(1.0, float(ref.abs().max())), bs
+
+
 # ----------------------------------------------------------------------------------------------
 # the table on the organism, checked against plain hooks on the HF model
 

@@ -20,7 +20,7 @@ from torch import Tensor
 from .. import hooks as _hooks
 from ..hooks import act_name, resid_name
 from . import capabilities
-from .batch import EngineBatch
+from .batch import EngineBatch, as_batch
 from .plan import DEFAULT_BATCH, gather_inputs, length_buckets, pad_id_of, pad_left
 
 __all__ = ["read", "all_logits", "final_logits", "forward_last", "run_rows", "run_shared", "capture_acts", "last_token_only", "pack", "packed_chunk",
@@ -255,16 +255,39 @@ def all_logits(model: Any, tokens: Int[Tensor, "batch pos"], mask: Int[Tensor, "
 
 
 @torch.no_grad()
-def final_logits(model: Any, tokens: Int[Tensor, "batch pos"], mask: Int[Tensor, "batch pos"] | None, *,
+def final_logits(model: Any, batch: Any, mask: Int[Tensor, "batch pos"] | None = None, *,
                  batch_size: int = DEFAULT_BATCH, **model_inputs: Tensor) -> Float[Tensor, "batch d_vocab"]:
-    """Final-position logits of a left-padded batch, ``batch_size`` rows per forward (float32, CPU)."""
+    """Final-position logits of a left-padded batch, ``batch_size`` rows per forward (float32, CPU).
+
+    ``batch`` is a prompt batch (:class:`tvlens.PromptBatch`, a multimodal batch, anything
+    :func:`~tvlens.engine.batch.as_batch` takes) or a ``[batch, pos]`` token tensor with its ``mask``
+    and extra ``model_inputs``. Chunks are cut by the batch's own row selection
+    (:meth:`EngineBatch.take`, which defers to the batch's ``select``), so extra inputs that are not
+    row-aligned — Qwen2.5-VL's ``pixel_values``, flattened over the batch and located by
+    ``image_grid_thw``; a LLaVA row's several images — go with their rows. Extra tensors given loose
+    can only be cut when they are row-aligned; otherwise this raises before any forward (pass the
+    batch object instead).
+    """
+    if isinstance(batch, Tensor):
+        tokens = batch if batch.ndim == 2 else batch[None]
+        eb = EngineBatch(tokens.long(), torch.ones_like(tokens) if mask is None else mask.long(), None, None, None,
+                         dict(model_inputs))
+    else:
+        if mask is not None or model_inputs:
+            raise TypeError("final_logits takes either a batch object alone (its mask and model inputs are its own) or "
+                            "tokens with mask= and model inputs; got a batch and extra arguments")
+        eb = as_batch(batch, "prompts")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    n = len(eb)
+    # every chunk is cut before the first forward, so a batch that cannot be cut is refused up front
+    chunks = [eb] if n <= batch_size else [eb.slice(i, i + batch_size) for i in range(0, n, batch_size)]
     device = _hooks.device_of(model)
+    keep_mask = not (isinstance(batch, Tensor) and mask is None)
     out = []
-    for i in range(0, tokens.shape[0], batch_size):
-        rows = slice(i, i + batch_size)
-        m = None if mask is None else mask[rows].to(device)
-        extra = {k: v[rows].to(device) for k, v in model_inputs.items()}
-        out.append(forward_last(model, tokens[rows].to(device), m, [], **extra).detach().to("cpu", torch.float32))
+    for c in chunks:
+        m = c.mask.to(device) if keep_mask else None
+        out.append(forward_last(model, c.tokens.to(device), m, [], **c.model_inputs(device)).detach().to("cpu", torch.float32))
     return torch.cat(out)
 
 
