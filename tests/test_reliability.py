@@ -110,7 +110,7 @@ _PROBE = torch.tensor([[5, 17, 42, 99, 7, 300, 11, 64]])
 def probe_logits(model) -> torch.Tensor:
     """Logits of a fixed prompt, by the model's own forward (no tvlens code involved)."""
     with torch.no_grad():
-        return model(_PROBE).detach().clone()
+        return model(_PROBE % model.cfg.d_vocab).detach().clone()  # small vocabularies (canvas codes) too
 
 
 @dataclass
@@ -180,6 +180,7 @@ def env(tiny_gpt2, tiny_llama, tiny_dirs, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("reliability")
     e = SimpleNamespace(gpt2=tiny_gpt2, llama=tiny_llama, dirs=tiny_dirs, root=root)
+    e.visual = tvlens.load_model("organism-visual", device="cpu")
     m = tiny_llama
     # target: shuffled labels; source: the same demos (outputs permuted within a row) -> equal lengths
     e.tgt = icl_prompts(m, TASK, n_prompts=3, n_shots=2, seed=0, shuffle_labels=True)
@@ -549,6 +550,7 @@ def _entry_points():
     from tvlens.analyses.taskness import head_means, taskness
     from tvlens.vectors.activation import (apply_vector, evaluate_vector, function_vector, instruction_vector, layer_sweep,
                                 task_vector, vector_applied)
+    from tvlens.analyses.visual import visual_study, visual_taskness
 
     sel = dict(n_prompts=2, n_mean_prompts=2, n_shots=1, progress=False)
 
@@ -564,8 +566,17 @@ def _entry_points():
             return reinforce_select(m, TASKS, head_means=e.stats, steps=2, samples_per_step=2, **sel)
         return reinforce_select(m, TASKS, reward_fn=cb, steps=3, samples_per_step=2, progress=False)
 
-    # name -> (fn(model, env, user callback or None), kind of user callback it takes or None)
-    return {
+    def visual(fn):  # canvas analyses run on the canvas organism (a bidirectional masked-token model)
+        return lambda m, e, cb: fn(m, ["hflip", "invert"])
+
+    canvas_kw = dict(n_means=2, n_select=1, n_eval=2, ks=(8,), candidates=16, budget=4, samples=2,
+                     methods=("reinforce", "cma", "grs"), per_task=False, arithmetic=(("hflip", "invert", "gray"),))
+    visual_entries = {
+        "visual_taskness": (visual(lambda m, t: visual_taskness(m, t, n=2)), None, "visual"),
+        "visual_study": (visual(lambda m, t: visual_study(m, t + ["gray"], **canvas_kw)), None, "visual"),
+    }
+    # name -> (fn(model, env, user callback or None), kind of user callback it takes or None); on the tiny Llama
+    text_entries = {
         "head_means": (lambda m, e, cb: head_means(m, TASKS, n_prompts=2, n_shots=1), None),
         "head_means[all]": (lambda m, e, cb: head_means(m, TASKS, n_prompts=2, n_shots=1, positions="all"), None),
         "taskness": (lambda m, e, cb: taskness(m, TASKS, n_prompts=2, n_shots=1), None),
@@ -606,6 +617,8 @@ def _entry_points():
             reinforce_kw=dict(steps=2, samples_per_step=2), soft_kw=dict(steps=2), progress=False), None),
         "evaluate_icl": (lambda m, e, cb: evaluate_icl(m, TASK, 1, n_prompts=3), None),
     }
+    # name -> (fn, kind of callback, the env attribute holding the model it runs on)
+    return {**{k: (*v, "llama") for k, v in text_entries.items()}, **visual_entries}
 
 
 ENTRY = _entry_points()
@@ -614,7 +627,7 @@ SCENARIOS = ("normal", "callback-raises-first-call", "callback-raises-last-call"
 
 def _hygiene_params():
     out = []
-    for name, (_, kind) in ENTRY.items():
+    for name, (_, kind, _model) in ENTRY.items():
         for sc in SCENARIOS:
             if sc.startswith("callback") and kind is None:
                 continue
@@ -627,8 +640,8 @@ def test_hook_hygiene(name, scenario, env, tmp_path, monkeypatch):
     """After a normal return, an exception in a user callback (metric, decoder, reward) on its first
     or its last call, or Ctrl-C half-way through the work: no hook left, weights and the logits of a
     fixed prompt bit-identical, global RNG untouched."""
-    fn, kind = ENTRY[name]
-    m = env.llama
+    fn, kind, model_name = ENTRY[name]
+    m = getattr(env, model_name)
     monkeypatch.chdir(tmp_path)
     before = ModelState.of(m)
     rng = rng_state()
@@ -715,6 +728,7 @@ def test_every_public_function_is_covered():
     import inspect
 
     not_analyses = {"load_model", "hooked", "act_name", "list_tasks", "load_task", "resolve_tasks", "icl_prompts",
+                    "canvases",
                     "evaluate_prompts", "ensemble", "vector_applied", "task_vectors_all_layers", "evaluate_vector",
                     "layer_head_heatmap", "layer_position_heatmap", "line_plot", "save_figure", "bar_plot", "build_report",
                     # prompt builders (no forward)
