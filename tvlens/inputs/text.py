@@ -69,6 +69,8 @@ __all__ = [
     "TokenClass",
     "PromptBatch",
     "TokenCollisionWarning",
+    "PROMPT_OPTIONS",
+    "prompt_options",
     "prompts_from_text",
     "answer_first_tokens",
     "answer_token_stats",
@@ -1064,6 +1066,43 @@ def _check_separators(separator: Any, example_sep: Any) -> None:
             f"example_sep {example_sep!r} must be non-empty and must not end with a space (a space before the next "
             "input is tokenized with that input); pass e.g. example_sep='\\n'"
         )
+
+
+#: The options of :func:`icl_prompts` that say how a prompt is *written* (not which examples it shows):
+#: every function that builds prompts from a task takes them as keywords (``**prompt_kw``) and passes
+#: them, checked by :func:`prompt_options`, to each prompt it builds.
+PROMPT_OPTIONS = ("separator", "example_sep", "prepend_bos")
+
+
+def prompt_options(where: str, prompt_kw: Mapping[str, Any]) -> dict[str, Any]:
+    """Check the prompt options ``where`` passes on to :func:`icl_prompts` (``separator``,
+    ``example_sep``, ``prepend_bos``) and return them; an unknown keyword or a bad value raises
+    before any prompt is built or any forward runs.
+
+    The prompt format is that of Hendel et al. 2023 (§2) and Todd et al. 2024 (§2): demonstrations
+    ``x → y`` joined by ``example_sep``; these options change how it is written, the same way in
+    every prompt a function builds (context, extraction, zero-shot and ICL prompts alike).
+    """
+    kw = dict(prompt_kw)
+    unknown = [k for k in kw if k not in PROMPT_OPTIONS]
+    if unknown:
+        close = {k: difflib.get_close_matches(k, PROMPT_OPTIONS, n=1) for k in unknown}
+        hint = "; ".join(f"did you mean {c[0]!r} for {k!r}?" for k, c in close.items() if c)
+        raise TypeError(
+            f"{where}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; the prompt options it "
+            f"passes on to icl_prompts are {', '.join(PROMPT_OPTIONS)}{' (' + hint + ')' if hint else ''}"
+        )
+    _check_separators(kw.get("separator", "→"), kw.get("example_sep", "\n"))
+    bos = kw.get("prepend_bos")
+    if bos is not None and not isinstance(bos, bool):
+        raise TypeError(f"prepend_bos must be None, True or False, got {bos!r}")
+    return kw
+
+
+def non_default_options(prompt_kw: Mapping[str, Any]) -> dict[str, Any]:
+    """The prompt options that differ from :func:`icl_prompts`'s defaults (what results record)."""
+    default = {"separator": "→", "example_sep": "\n", "prepend_bos": None}
+    return {k: v for k, v in prompt_kw.items() if k in default and v != default[k]}
 
 
 def prompts_from_text(
