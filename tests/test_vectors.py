@@ -441,3 +441,83 @@ def test_the_last_blocks_output_is_a_layer_too(tiny_llama):
     sweep = V.layer_sweep(tiny_llama, TASKS, n_prompts=3, n_shots=1, layers=[L - 1, L], seed=0)
     assert list(sweep.layers) == [L - 1, L]
     assert torch.isfinite(sweep.accuracy).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# several accepted answers: a prompt counts when its top token starts any of them
+
+
+def _row_logits(model, batch, r, layer=None, vector=None):
+    """One prompt alone (no padding), plain TransformerLens forward, optionally with ``vector`` replacing the
+    residual entering block ``layer`` at the last position: the final logits [d_vocab] (float64)."""
+    toks = batch.tokens[r][batch.attention_mask[r].bool()][None]
+    hooks = []
+    if vector is not None:
+        def put(act, hook):
+            act = act.clone()
+            act[:, -1] = vector.to(act.dtype)
+            return act
+
+        hooks = [(act_name("resid_pre", layer) if layer < model.cfg.n_layers else f"blocks.{layer - 1}.hook_resid_post", put)]
+    with torch.no_grad():
+        return model.run_with_hooks(toks, fwd_hooks=hooks)[0, -1].double()
+
+
+def _first_ids(tok, answers):
+    """Each accepted answer's first token as it follows ' →' (word-level vocabulary: the word's id)."""
+    return {tok(" " + a, add_special_tokens=False)["input_ids"][0] for a in answers}
+
+
+def _multi_answer_task(model, base, vectors, layers, splits=("dev", "test")):
+    """``base`` with, for every input of ``splits``, the words the model predicts there (unpatched, and with
+    each layer's vector) added as further accepted answers after the task's own (which stays first)."""
+    from tvlens.tasks import Task
+
+    tok = model.tokenizer
+    extra = []
+    for sp in splits:
+        zs = icl_prompts(model, base, n_prompts=len({x for x, _ in base.split(sp)}), n_shots=0, split=sp)
+        for r, x in enumerate(zs.queries):
+            cands = [_row_logits(model, zs, r)] + [_row_logits(model, zs, r, l, vectors[j]) for j, l in enumerate(layers)]
+            for lg in cands:
+                w = tok.convert_ids_to_tokens([int(lg.argmax())])[0]
+                if w.isalpha() and w not in base.answers_of(x) and (x, w) not in extra:
+                    extra.append((x, w))
+    return Task(base.name, base.family, base.instruction, tuple(base.pairs) + tuple(extra))
+
+
+def test_sweep_counts_any_accepted_answer(tiny_model):
+    """A sweep's accuracy (zero-shot, patched, ICL) counts a prompt when the top token starts ANY accepted
+    answer, and its log-prob is the best accepted answer's: checked against one plain forward per prompt."""
+    from tvlens.tasks import load_task
+
+    kw = dict(n_prompts=6, n_shots=2, seed=0, layers=[0, 1, 2])
+    base = load_task("antonym")
+    first_only = V.layer_sweep(tiny_model, [base], **kw)
+    multi = _multi_answer_task(tiny_model, base, first_only.vectors[0], kw["layers"])
+    assert multi.multi_answer and multi.as_dict() == base.as_dict()  # the same first answers, the same splits
+    got = V.layer_sweep(tiny_model, [multi], **kw)
+    assert torch.equal(got.vectors, first_only.vectors)  # demos show the first answer: the same vectors
+    tok = tiny_model.tokenizer
+    for s, sp in enumerate(got.splits):
+        zs = V._zero_shot_prompts(tiny_model, multi, sp, 6, 0)
+        ok0, lp0 = [], []
+        ok, lp = [[] for _ in kw["layers"]], [[] for _ in kw["layers"]]
+        for r in range(len(zs)):
+            ids = sorted(_first_ids(tok, multi.answers_of(zs.queries[r])))
+            for j, (l, v) in enumerate([(None, None)] + list(zip(kw["layers"], got.vectors[0]))):
+                lg = _row_logits(tiny_model, zs, r, l, v)
+                (ok0 if j == 0 else ok[j - 1]).append(float(int(lg.argmax()) in ids))
+                (lp0 if j == 0 else lp[j - 1]).append(float(lg.log_softmax(-1)[ids].max()))
+        assert got.zero_shot[0, s].item() == pytest.approx(sum(ok0) / len(ok0), abs=1e-6)
+        assert got.zero_shot_logprob[0, s].item() == pytest.approx(sum(lp0) / len(lp0), abs=1e-4)
+        for j in range(len(kw["layers"])):
+            assert got.accuracy[0, s, j].item() == pytest.approx(sum(ok[j]) / len(ok[j]), abs=1e-6), (sp, j)
+            assert got.logprob[0, s, j].item() == pytest.approx(sum(lp[j]) / len(lp[j]), abs=1e-4), (sp, j)
+    # the first answer alone scores less: the old behaviour fails this test
+    assert (got.accuracy > first_only.accuracy).any()
+    assert (got.accuracy >= first_only.accuracy).all() and (got.logprob >= first_only.logprob - 1e-6).all()
+    # evaluate_vector scores the same prompts the same way
+    for j, l in enumerate(kw["layers"]):
+        assert V.evaluate_vector(tiny_model, multi, got.vector("antonym", l), n_prompts=6) == \
+            pytest.approx(got.accuracy[0, -1, j].item(), abs=1e-6)

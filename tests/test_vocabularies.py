@@ -233,6 +233,158 @@ def test_readme_calls_run(name, vocab_models):
 
 
 def test_example_sep_refused_where_it_cannot_be_passed_on(capsys, tmp_path):
-    code = main(["sweep", "--example-sep", " | ", "--out", str(tmp_path)])
+    code = main(["weights", "finetune", "--example-sep", " | ", "--out", str(tmp_path)])
     err = capsys.readouterr().err
-    assert code == 2 and "--example-sep is not supported by `tvlens sweep`" in err and "loading model" not in err
+    assert code == 2 and "--example-sep is not supported by `tvlens weights`" in err and "loading model" not in err
+
+
+# ----------------------------------------------------------------------------------------------
+# the prompt options reach every prompt a function builds from a task
+
+#: a separator and an example separator unlike the defaults on every vocabulary (no newline in the text)
+SEP, EX = "=", " ;"
+OPTS = dict(separator=SEP, example_sep=EX)
+TWO = ["antonym", "country_capital"]
+
+
+@pytest.fixture()
+def built(monkeypatch):
+    """Every PromptBatch tvlens.icl_prompts builds during the test (functions import it when called)."""
+    import tvlens.inputs.text as T
+
+    seen: list = []
+    real = T.icl_prompts
+
+    def spy(*a, **k):
+        batch = real(*a, **k)
+        seen.append(batch)
+        return batch
+
+    monkeypatch.setattr(T, "icl_prompts", spy)
+    return seen
+
+
+def _check_written(seen, tok, *, separator=SEP, example_sep=EX, demos=True):
+    """Every prompt built is the whole-text tokenization of a text written with these options: its final
+    separator token is ``separator`` and, with demonstrations, its example-separator tokens ``example_sep``."""
+    assert seen, "no prompt was built"
+    assert not demos or any(b.n_shots > 0 for b in seen), "no prompt with demonstrations was built"
+    for b in seen:
+        assert (b.options["separator"], b.options["example_sep"]) == (separator, example_sep), b
+        for r in range(len(b)):
+            ids = _row(b, r)
+            assert tok(b.texts[r], add_special_tokens=False)["input_ids"] == ids
+            real = b.attention_mask[r].bool()
+            cls = b.token_class[r][real]
+            toks = b.tokens[r][real]
+            assert tok.decode(toks[cls == TokenClass.FINAL_SEP].tolist()).strip() == separator
+            shots = len(b.demos[r]) if b.demos else 0
+            # (SentencePiece's decode drops a leading space: compare without spaces)
+            assert tok.decode(toks[cls == TokenClass.DEMO_NEWLINE].tolist()).replace(" ", "") == \
+                example_sep.replace(" ", "") * shots
+            if example_sep != "\n":
+                assert "\n" not in b.texts[r] or b.options["instruction"]
+
+
+def _calls():
+    """(name, call(model), builds demonstrations?) for every function that builds prompts from a task."""
+    from tvlens.analyses import selection as S
+    from tvlens.analyses.taskness import head_means, taskness, validate_taskness
+    from tvlens.vectors import activation as A
+
+    small = dict(n_prompts=2, n_shots=2)
+    sel = dict(steps=1, n_prompts=2, n_mean_prompts=2, n_shots=2, progress=False)
+
+    def validate(m):
+        st = head_means(m, TWO, **small, **OPTS)
+        return validate_taskness(m, taskness(st), st, ks=(1,), n_random=1, n_prompts=2, **OPTS)
+
+    def evaluate_vector(m):
+        tv = A.task_vector(m, "antonym", layer=1, **small, **OPTS)
+        return A.evaluate_vector(m, "antonym", tv, n_prompts=2, **OPTS)
+
+    def selection_evaluate(m):
+        return S.reinforce_select(m, TWO, samples_per_step=2, **sel, **OPTS).evaluate(m, n_prompts=2, **OPTS)
+
+    return [
+        ("task_vector", lambda m: A.task_vector(m, "antonym", layer=1, **small, **OPTS), True),
+        ("task_vectors_all_layers", lambda m: A.task_vectors_all_layers(m, "antonym", **small, **OPTS), True),
+        ("instruction_vector", lambda m: A.instruction_vector(m, "antonym", layer=1, n_prompts=2, **OPTS), False),
+        ("evaluate_vector", evaluate_vector, True),
+        ("layer_sweep", lambda m: A.layer_sweep(m, TWO, **small, **OPTS), True),
+        ("layer_sweep_ensemble", lambda m: A.layer_sweep(m, TWO, kind="ensemble", **small, **OPTS), True),
+        ("layer_sweep_function", lambda m: A.layer_sweep(
+            m, ["antonym"], kind="function", function_kw=dict(n_heads=1, n_prompts=2, n_cie_prompts=2), **small, **OPTS), True),
+        ("function_vector", lambda m: A.function_vector(m, "antonym", n_heads=1, n_prompts=2, n_cie_prompts=2, n_shots=2,
+                                                        **OPTS), True),
+        ("head_means", lambda m: head_means(m, TWO, **small, **OPTS), True),
+        ("taskness", lambda m: taskness(m, TWO, **small, **OPTS), True),
+        ("validate_taskness", validate, True),
+        ("reinforce_select", lambda m: S.reinforce_select(m, TWO, samples_per_step=2, **sel, **OPTS), True),
+        ("soft_select", lambda m: S.soft_select(m, TWO, **sel, **OPTS), True),
+        ("select_restarts", lambda m: S.select_restarts(m, TWO, n_restarts=1, samples_per_step=2, steps=1, n_prompts=2,
+                                                        n_mean_prompts=2, n_shots=2, **OPTS), True),
+        ("evaluate_heads", lambda m: S.evaluate_heads(m, TWO, torch.ones(1, 2, 4), n_prompts=2, n_mean_prompts=2, n_shots=2,
+                                                      **OPTS), True),
+        ("selection.evaluate", selection_evaluate, True),
+        ("compare_selections", lambda m: S.compare_selections(
+            m, TWO, k=1, methods=["zero_shot", "rho_topk", "cie_topk", "reinforce", "soft", "random_k", "icl"], per="all",
+            n_random=1, n_prompts=2, n_shots=2, n_icl_prompts=2, n_mean_prompts=2, reinforce_kw=dict(steps=1,
+            samples_per_step=2), soft_kw=dict(steps=1), cie_kw=dict(n_prompts=2, n_cie_prompts=2), progress=False, **OPTS), True),
+    ]
+
+
+CALLS = {name: (fn, demos) for name, fn, demos in _calls()}
+
+
+@pytest.mark.parametrize("fn_name", list(CALLS))
+def test_prompt_options_reach_every_prompt(fn_name, vocab_models, tokenizers, built):
+    """separator / example_sep given to a function that builds prompts from a task are in the tokens
+    of every prompt it builds (on SentencePiece, where the default newline is the issue's case)."""
+    fn, demos = CALLS[fn_name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fn(vocab_models["sentencepiece-32k"])
+    _check_written(built, tokenizers["sentencepiece-32k"], demos=demos)
+
+
+def test_report_and_cli_pass_the_example_separator_on(vocab_models, tokenizers, cached_load, built, tmp_path, capsys):
+    from tvlens.report import build_report
+
+    name = "gpt2"
+    tok, model = tokenizers[name], vocab_models[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rep = build_report(model, TWO, tmp_path / "report", n_prompts=2, n_shots=2, png=False, progress=False, **OPTS)
+    assert rep.meta["prompt"] == OPTS
+    _check_written(built, tok)
+    for argv in (["sweep"], ["fv", "--k", "1"], ["report", "--sections", "taskness,sweep,patch"],
+                 ["select", "--methods", "zero_shot,reinforce,icl", "--per", "all", "--steps", "1", "--samples", "2",
+                  "--k", "1"], ["info"], ["taskness"], ["lens"], ["patch"]):
+        built.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            code = main([*argv, "--tasks", ",".join(TWO), "--n-prompts", "2", "--n-shots", "2", "--example-sep", EX,
+                         "--model", str(cached_load[name]), *(["--out", str(tmp_path / argv[0]), "--no-png"]
+                                                              if argv[0] != "info" else [])])
+        assert code == 0, (argv, capsys.readouterr().err[-2000:])
+        _check_written(built, tok, separator="→")
+
+
+def test_bad_prompt_options_are_refused_before_any_forward(vocab_models, monkeypatch):
+    import tvlens.engine.readout as R
+    from tvlens.vectors import activation as A
+
+    def no_forward(*a, **k):
+        raise AssertionError("a forward ran")
+
+    monkeypatch.setattr(R, "run_rows", no_forward)
+    monkeypatch.setattr(A, "run_rows", no_forward)
+    m = vocab_models["gpt2"]
+    with pytest.raises(TypeError, match=r"task_vector\(\) got unexpected keyword argument\(s\) 'exampel_sep'.*did you mean "
+                                        r"'example_sep'"):
+        A.task_vector(m, "antonym", layer=1, exampel_sep=" ;")
+    with pytest.raises(ValueError, match=r"example_sep ' ; ' must be non-empty and must not end with a space"):
+        A.layer_sweep(m, TWO, n_prompts=2, n_shots=2, example_sep=" ; ")
+    with pytest.raises(TypeError, match=r"layer_sweep\(\) got unexpected keyword argument\(s\) 'split'"):
+        A.layer_sweep(m, TWO, n_prompts=2, n_shots=2, split="dev")  # the sweep chooses its splits itself

@@ -116,7 +116,7 @@ def _example_sep(text: str) -> str:
 
 
 #: commands whose analyses take icl_prompts' options (the others build their prompts themselves)
-_TAKES_PROMPT_KW = ("info", "taskness", "lens", "patch")
+_TAKES_PROMPT_KW = ("info", "taskness", "lens", "patch", "sweep", "fv", "select", "report")
 
 
 def _prompt_kw(args: argparse.Namespace) -> dict[str, Any]:
@@ -497,7 +497,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         w = max(len(t.name) for t in tasks)
         print(f"\n{'task':<{w}}  {'0-shot':>7}  {f'{args.n_shots}-shot':>7}   (first-token accuracy, {args.n_prompts} prompts)")
         for t in tasks:
-            zero = evaluate_icl(model, t, 0, n_prompts=args.n_prompts, seed=args.seed)
+            zero = evaluate_icl(model, t, 0, n_prompts=args.n_prompts, seed=args.seed, **kw)
             icl = evaluate_icl(model, t, args.n_shots, n_prompts=args.n_prompts, seed=args.seed, **kw)
             print(f"{t.name:<{w}}  {zero.first_token:>7.2f}  {icl.first_token:>7.2f}")
 
@@ -554,10 +554,11 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     tasks = _resolve_tasks(args.tasks)
     if args.center and len(tasks) < 2:
         raise CliError("--center subtracts the mean vector over tasks, so --tasks must name at least 2")
+    kw = _prompt_kw(args)
     _check_prompts(args, tasks, (0, args.n_shots))
     model = _load(args)
     sweep = layer_sweep(model, tasks, n_prompts=args.n_prompts, n_shots=args.n_shots, seed=args.seed, mode=args.mode,
-                        alpha=args.alpha, center=args.center)
+                        alpha=args.alpha, center=args.center, **kw)
     written: list[Path] = [sweep.to_html(out / "task_vector_sweep.html")]
     _save(sweep.plot(), out, "task_vector_sweep", args, written, html=False)
     written += [sweep.save(out / "task_vector_sweep"), out / "task_vector_sweep.json"]
@@ -575,6 +576,7 @@ def cmd_fv(args: argparse.Namespace) -> None:
     out = _check_out(args)
     tasks = _resolve_tasks(args.tasks)
     _check_shape(args, layer=args.layer, k=args.k)
+    kw = _prompt_kw(args)
     _check_prompts(args, tasks, (0, args.n_shots))
     model = _load(args)
     layer = _check_layer(model, args.layer)
@@ -584,12 +586,12 @@ def cmd_fv(args: argparse.Namespace) -> None:
     written: list[Path] = []
     for t in tasks:
         fv = function_vector(model, t, n_heads=args.k, n_prompts=args.n_prompts, n_cie_prompts=args.n_prompts,
-                             n_shots=args.n_shots, seed=args.seed, layer=layer)
+                             n_shots=args.n_shots, seed=args.seed, layer=layer, **kw)
         name = f"function_vector_{t.name}"
         _save(fv.plot(), out, name, args, written)
         written += [fv.save(out / name), out / f"{name}.json"]
-        zero = evaluate_icl(model, t, 0, n_prompts=args.n_prompts, seed=args.seed).first_token
-        with_fv = evaluate_vector(model, t, fv, n_prompts=args.n_prompts, seed=args.seed)
+        zero = evaluate_icl(model, t, 0, n_prompts=args.n_prompts, seed=args.seed, **kw).first_token
+        with_fv = evaluate_vector(model, t, fv, n_prompts=args.n_prompts, seed=args.seed, **kw)
         heads = ", ".join(f"L{l}H{h}" for l, h in fv.top_heads)
         print(f"{t.name}: top {len(fv.top_heads)} heads by CIE: {heads}")
         print(f"{t.name}: zero-shot accuracy {zero:.3f} -> {with_fv:.3f} with the function vector added at layer {fv.layer}")
@@ -638,6 +640,7 @@ def cmd_select(args: argparse.Namespace) -> None:
     if unknown:
         raise CliError(f"unknown --methods {', '.join(unknown)}; choose from {', '.join(METHOD_LABELS)}")
     _check_shape(args, k=args.k)
+    kw = _prompt_kw(args)
     _check_prompts(args, tasks, (0, args.n_shots))
     model = _load(args)
     comparison = compare_selections(
@@ -645,6 +648,7 @@ def cmd_select(args: argparse.Namespace) -> None:
         n_shots=args.n_shots, n_icl_prompts=args.n_prompts, n_mean_prompts=args.n_prompts,
         reinforce_kw=dict(steps=args.steps, samples_per_step=args.samples, lr=args.lr),
         soft_kw=dict(steps=args.steps), cie_kw=dict(n_prompts=args.n_prompts, n_cie_prompts=args.n_prompts), progress=True,
+        **kw,
     )
     written: list[Path] = [comparison.to_html(out / "selection.html")]
     _save(comparison.plot(), out, "selection_comparison", args, written, html=False)
@@ -677,11 +681,12 @@ def cmd_report(args: argparse.Namespace) -> None:
         _need_two(tasks, "the report's taskness section")
     from .report import DEFAULT_N_PROMPTS
 
+    kw = _prompt_kw(args)
     _check_prompts(args, tasks, (0, args.n_shots), n_prompts=args.n_prompts or max(DEFAULT_N_PROMPTS.values()))
     model = _load(args)
     command = "tvlens " + " ".join(shlex.quote(a) for a in getattr(args, "argv", ["report"]))
     report = build_report(model, tasks, out, n_prompts=args.n_prompts, n_shots=args.n_shots, seed=args.seed,
-                          sections=sections, png=not args.no_png, progress=True, command=command)
+                          sections=sections, png=not args.no_png, progress=True, command=command, **kw)
     print(report.text())
     print(f"report: {report.path}  ({len(report.files)} files in {out}/, {report.seconds:.0f}s)")
 

@@ -151,7 +151,7 @@ def _section_taskness(ctx: "_Ctx") -> Section:
 
     n = ctx.n("taskness")
     stats = head_means(ctx.model, ctx.tasks, n_prompts=n, n_shots=ctx.n_shots, seed=ctx.seed, progress=ctx.progress,
-                       executor=ctx.executor)
+                       executor=ctx.executor, **ctx.prompt_kw)
     ctx.stats = stats
     rho = taskness(stats)
     ctx.rho = rho
@@ -183,7 +183,7 @@ def _section_lens(ctx: "_Ctx") -> Section:
 
     n = ctx.n("lens")
     page = ctx.out / "logit_lens.html"
-    summary = lens_summary(ctx.model, ctx.tasks, out=page, n_prompts=n, n_shots=ctx.n_shots, seed=ctx.seed)
+    summary = lens_summary(ctx.model, ctx.tasks, out=page, n_prompts=n, n_shots=ctx.n_shots, seed=ctx.seed, **ctx.prompt_kw)
     rows = summary.rows()
 
     def rng(x: Any) -> str:
@@ -218,7 +218,8 @@ def _section_sweep(ctx: "_Ctx") -> Section:
     from .vectors.activation import layer_sweep
 
     n = ctx.n("sweep")
-    sweep = layer_sweep(ctx.model, ctx.tasks, n_prompts=n, n_shots=ctx.n_shots, seed=ctx.seed, executor=ctx.executor)
+    sweep = layer_sweep(ctx.model, ctx.tasks, n_prompts=n, n_shots=ctx.n_shots, seed=ctx.seed, executor=ctx.executor,
+                        **ctx.prompt_kw)
     ctx.sweep = sweep
     summ = sweep.summary()
     d = summ["all"]
@@ -255,8 +256,8 @@ def _section_patch(ctx: "_Ctx") -> Section:
     stats = ctx.stats
     if stats is None:  # the taskness section did not run: the same means, computed here
         stats = head_means(ctx.model, ctx.tasks, n_prompts=ctx.n("taskness"), n_shots=ctx.n_shots, seed=ctx.seed,
-                           progress=ctx.progress, executor=ctx.executor)
-    targets = [icl_prompts(ctx.model, t, n_prompts=n, n_shots=0, seed=ctx.seed + 1) for t in ctx.tasks]
+                           progress=ctx.progress, executor=ctx.executor, **ctx.prompt_kw)
+    targets = [icl_prompts(ctx.model, t, n_prompts=n, n_shots=0, seed=ctx.seed + 1, **ctx.prompt_kw) for t in ctx.tasks]
     results = [patch_heads(ctx.model, target, stats.mean(t.name), positions="final", metric="logprob",
                             progress=ctx.progress, executor=ctx.executor)
                for t, target in zip(ctx.tasks, targets)]
@@ -331,6 +332,8 @@ class _Ctx:
     rho: Any = None
     sweep: Any = None
     executor: Any = None
+    #: how every text prompt is written (icl_prompts' separator, example_sep, prepend_bos)
+    prompt_kw: dict[str, Any] = field(default_factory=dict)
 
     def n(self, section: str) -> int:
         return int(self.n_prompts) if self.n_prompts is not None else DEFAULT_N_PROMPTS[section]
@@ -425,6 +428,7 @@ def build_report(
     title: str | None = None,
     command: str | None = None,
     executor: Any = None,
+    **prompt_kw: Any,
 ) -> Report:
     """Run taskness, the logit lens, the task-vector sweep and head patching; write one HTML page.
 
@@ -440,6 +444,10 @@ def build_report(
         progress: print one line per section (and the library's progress bars) to stderr.
         executor: where the analyses run (:mod:`tvlens.runs.executors`; default this process);
             the page says which executor and how many workers ran them.
+        **prompt_kw: how every text prompt of the report is written (``separator``,
+            ``example_sep``, ``prepend_bos``; :func:`tvlens.inputs.text.prompt_options`), the same
+            in every section. The cross-modal and canvas sections build their own prompts and
+            refuse options other than the defaults.
 
     Returns:
         :class:`Report` — ``.path`` (``out/report.html``), ``.files``, ``.sections`` (summaries and
@@ -449,9 +457,11 @@ def build_report(
     from .models import ModelInfo, load_model
     from .plot import save_figure, write_plotlyjs
     from .results import atomic_write_text, check_writable
+    from .inputs.text import non_default_options, prompt_options
     from .tasks import resolve_tasks
 
     t_start = time.perf_counter()
+    prompt_kw = prompt_options("build_report", prompt_kw)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"cannot write the report to {str(out)!r}: it is a file, not a folder; choose another output folder")
@@ -473,12 +483,17 @@ def build_report(
 
     if sections is None and is_vlm(model):
         chosen.append("crossmodal")
+    own = [k for k in chosen if k in ("crossmodal", "visual")]
+    if own and non_default_options(prompt_kw):
+        raise ValueError(f"the report's {', '.join(own)} section(s) build their own prompts and take no prompt options "
+                         f"({sorted(non_default_options(prompt_kw))}); leave them out with sections=[...] or use the "
+                         "default prompt format")
 
     from .runs.executors import executor_meta, resolve_executor
 
     resolve_executor(executor)  # a wrong executor is refused before any section runs
     ctx = _Ctx(model=model, tasks=task_list, out=out, n_prompts=n_prompts, n_shots=n_shots, seed=seed, progress=progress,
-               model_name=Path(info.name).name or info.name, executor=executor)
+               model_name=Path(info.name).name or info.name, executor=executor, prompt_kw=prompt_kw)
     done: list[Section] = []
     files: list[Path] = []
     out.mkdir(parents=True, exist_ok=True)
@@ -510,6 +525,7 @@ def build_report(
         "command": command or "tvlens report",
         "seconds": time.perf_counter() - t_start,
         "executor": executor_meta(executor),
+        **({"prompt": non_default_options(prompt_kw)} if non_default_options(prompt_kw) else {}),
     }
     page = out / "report.html"
     js = write_plotlyjs(out)

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from ..tasks import task_name as _task_name
 from ..engine.plan import merge_batches
-from ..metrics import FINAL_POSITION, answer_metric
+from ..metrics import FINAL_POSITION, accepted_ids, accepted_metric, cat_accepted
 from ..results import LayerHeadGrid
 from ..results import tensor_digest as _tensor_digest
 import hashlib
@@ -71,6 +71,16 @@ BASELINES = ("mean", "loo", "ema", "none")
 # ==============================================================================================
 # helpers
 # ==============================================================================================
+
+
+def _prompt_kw(where: str, prompt_kw: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The prompt options ``where`` passes to every prompt it builds (checked before any forward),
+    and what a checkpoint's config records of them (the options that differ from the defaults)."""
+    from ..inputs.text import non_default_options, prompt_options
+
+    kw = prompt_options(where, prompt_kw)
+    opts = non_default_options(kw)
+    return kw, ({"prompt": opts} if opts else {})
 
 
 def _check_int(name: str, value: Any, lo: int, why: str = "") -> int:
@@ -152,6 +162,7 @@ class PatchObjective:
         task_names: Sequence[str] = (),
         max_memory: int | None = None,
         fast: bool | str = "auto",
+        accepted: Int[Tensor, "batch accepted"] | None = None,
     ) -> None:
         from ..hooks import device_of
         from ..models import ModelInfo
@@ -171,6 +182,11 @@ class PatchObjective:
         self.tokens = tokens.to(self.device)
         self.attention_mask = attention_mask.to(self.device)
         self.answer_ids = answer_ids.to(self.device)
+        #: [N, accepted]: the first token of every accepted answer (answer_ids first; a metric scores the best)
+        self.accepted = (answer_ids[:, None] if accepted is None else accepted).to(self.device)
+        if self.accepted.ndim != 2 or self.accepted.shape[0] != self.answer_ids.shape[0]:
+            raise ValueError(f"accepted must be [batch, n_accepted] with batch={self.answer_ids.shape[0]}, got "
+                             f"{tuple(self.accepted.shape)}; build it with tvlens.metrics.accepted_ids(batch)")
         self.row_task = row_task.to(self.device)
         self.means = means.to(device=self.device, dtype=self.dtype)
         #: [N, layer, head, d_head]: the mean each row's heads are pulled towards
@@ -195,19 +211,21 @@ class PatchObjective:
         seed: int,
         max_memory: int | None = None,
         fast: bool | str = "auto",
+        prompt_kw: Mapping[str, Any] | None = None,
     ) -> "PatchObjective":
         """Zero-shot prompts (``n_shots=0``) of each task from ``split``: ``n_prompts`` distinct
-        queries per task (all of the split when ``None`` or when the split is smaller)."""
+        queries per task (all of the split when ``None`` or when the split is smaller), written with
+        ``prompt_kw`` (:func:`tvlens.inputs.text.prompt_options`); every accepted answer is kept."""
         from ..inputs.text import _pad_id, _tokenizer_of, icl_prompts
 
         batches = []
         for task in tasks:
             n_split = len(task.split(split))
             n = n_split if n_prompts is None else min(int(n_prompts), n_split)
-            batches.append(icl_prompts(model, task, n_prompts=n, n_shots=0, seed=seed, split=split))
+            batches.append(icl_prompts(model, task, n_prompts=n, n_shots=0, seed=seed, split=split, **dict(prompt_kw or {})))
         tokens, mask, answers, owners = merge_batches(batches, _pad_id(_tokenizer_of(model)))
         return cls(model, tokens, mask, answers, owners, means, task_names=[t.name for t in tasks], max_memory=max_memory,
-                   fast=fast)
+                   fast=fast, accepted=cat_accepted([accepted_ids(b) for b in batches]))
 
     @property
     def n_rows(self) -> int:
@@ -215,7 +233,8 @@ class PatchObjective:
 
     def digest(self) -> str:
         """Fingerprint of the prompts and means (a checkpoint is only resumed on the same objective)."""
-        return _tensor_digest(self.tokens, self.attention_mask, self.answer_ids, self.row_task, self.means.float())
+        several = (self.accepted,) if self.accepted.shape[1] > 1 else ()  # single-answer digests as before
+        return _tensor_digest(self.tokens, self.attention_mask, self.answer_ids, self.row_task, self.means.float(), *several)
 
     # ---- the forward --------------------------------------------------------------------------
     def _check_weights(self, weights: Tensor) -> Tensor:
@@ -251,24 +270,27 @@ class PatchObjective:
     def per_row(self, weights: Float[Tensor, "sample layer head"], metric: str = "logprob", rows: Tensor | None = None) -> Tensor:
         """The metric per weighting and prompt: [sample, row] (float32; float64 on a float64 model).
 
-        Differentiable in ``weights`` when grad mode is on (the soft objective)."""
+        Scored against every accepted answer (:func:`tvlens.metrics.accepted_metric`: accuracy when
+        the top token starts any, log-prob of the best). Differentiable in ``weights`` when grad mode
+        is on (the soft objective)."""
         if metric not in REWARDS:
             raise ValueError(f"metric must be one of {REWARDS}, got {metric!r}")
         weights = self._check_weights(weights)
         runner = self._get_runner()
-        answers = self.answer_ids
+        accepted = self.accepted
         if rows is not None:
             rows = rows.to(self.device)
-            runner, answers = runner.subset(rows), answers[rows]
+            runner, accepted = runner.subset(rows), accepted[rows]
         edits = self._edits(weights, rows)
         if not edits:  # nothing patched: the runner's clean logits
-            clean = answer_metric(runner.clean_logits, answers, metric)
+            clean = accepted_metric(runner.clean_logits, accepted, metric)
             return clean.unsqueeze(0).expand(weights.shape[0], -1).clone()
+        per_column = accepted[:, None, :]  # [row, 1 (sample), accepted]
         if torch.is_grad_enabled() and weights.requires_grad:
             logits = runner.logits(edits, n_columns=weights.shape[0])  # [row, sample, vocab]
-            return answer_metric(logits, answers[:, None], metric).T
+            return accepted_metric(logits, per_column, metric).T
         with torch.no_grad():
-            vals = runner.map(edits, lambda lg: answer_metric(lg, answers[:, None], metric), n_columns=weights.shape[0],
+            vals = runner.map(edits, lambda lg: accepted_metric(lg, per_column, metric), n_columns=weights.shape[0],
                               max_memory=self.max_memory)
         return vals.T
 
@@ -421,9 +443,11 @@ class Selection(LayerHeadGrid):
         )
 
     def evaluate(self, model: Any, tasks: Any = None, *, metric: str = "accuracy", split: str = "test",
-                 n_prompts: int | None = None, seed: int = 0, fast: bool | str = "auto") -> Float[Tensor, " task"]:
+                 n_prompts: int | None = None, seed: int = 0, fast: bool | str = "auto",
+                 **prompt_kw: Any) -> Float[Tensor, " task"]:
         """Score this selection (:attr:`weights` patched with its own ``head_means``) on ``tasks``
-        (default: the tasks it was made for) — first-token accuracy on the test split by default."""
+        (default: the tasks it was made for) — first-token accuracy on the test split by default.
+        ``**prompt_kw``: how the prompts are written (as in :func:`evaluate_heads`)."""
         from ..results import check_same_model
 
         check_same_model(model, self.meta.to_dict(), what="selection")
@@ -437,7 +461,7 @@ class Selection(LayerHeadGrid):
                              "use evaluate_heads(model, tasks, selection, head_means=...) with means for those tasks")
         means = self.head_means[[self.tasks.index(t.name) for t in task_list]]
         return evaluate_heads(model, task_list, self, head_means=means, metric=metric, split=split, n_prompts=n_prompts,
-                              seed=seed, fast=fast)[0]
+                              seed=seed, fast=fast, **prompt_kw)[0]
 
     # ---- construction from a fixed set ----
     @classmethod
@@ -461,7 +485,8 @@ class Selection(LayerHeadGrid):
 # ==============================================================================================
 
 
-def _means_for(model: Any, tasks: Sequence[Any], head_means: Any, *, n_prompts: int, n_shots: int, seed: int) -> Tensor:
+def _means_for(model: Any, tasks: Sequence[Any], head_means: Any, *, n_prompts: int, n_shots: int, seed: int,
+               prompt_kw: Mapping[str, Any] | None = None) -> Tensor:
     """[task, layer, head, d_head] task-mean z at the final separator of ``n_shots``-shot prompts."""
     from ..models import ModelInfo
 
@@ -472,7 +497,7 @@ def _means_for(model: Any, tasks: Sequence[Any], head_means: Any, *, n_prompts: 
 
         # queries from the train split, so the held-out test queries never feed the means
         head_means = compute(model, list(tasks), n_prompts=n_prompts, n_shots=n_shots, positions="separator", seed=seed,
-                             split="train")
+                             split="train", **dict(prompt_kw or {}))
     if isinstance(head_means, Tensor):
         means = head_means
         if means.ndim == 3:
@@ -664,6 +689,7 @@ def reinforce_select(
     checkpoint_every: int = 10,
     max_memory: int | None = None,
     fast: bool | str = "auto",
+    **prompt_kw: Any,
 ) -> Selection:
     """Select heads with REINFORCE (Hojel et al. 2024, "Finding Visual Task Vectors", §3.2).
 
@@ -732,6 +758,7 @@ def reinforce_select(
         from ..results import check_writable
 
         checkpoint = check_writable(Path(checkpoint))
+    prompt_kw, prompt_meta = _prompt_kw("reinforce_select", prompt_kw)
 
     objective = None
     task_names: tuple[str, ...] = ()
@@ -740,9 +767,10 @@ def reinforce_select(
         task_list = _resolve_tasks(tasks)
         task_names = tuple(t.name for t in task_list)
         _check_int("n_prompts", n_prompts, 1)
-        means = _means_for(model, task_list, head_means, n_prompts=n_mean_prompts, n_shots=n_shots, seed=seed)
+        means = _means_for(model, task_list, head_means, n_prompts=n_mean_prompts, n_shots=n_shots, seed=seed,
+                           prompt_kw=prompt_kw)
         objective = PatchObjective.build(model, task_list, means, n_prompts=n_prompts, split=split, seed=seed,
-                                         max_memory=max_memory, fast=fast)
+                                         max_memory=max_memory, fast=fast, prompt_kw=prompt_kw)
 
         def reward(masks: Tensor) -> Tensor:
             return objective.reward(masks, metric)
@@ -757,7 +785,7 @@ def reinforce_select(
 
     config = dict(method="reinforce", tasks=list(task_names), samples_per_step=samples_per_step, lr=lr, init_logit=init_logit,
                   baseline=baseline, sparsity=sparsity, seed=seed, metric=metric, n_prompts=n_prompts, split=split,
-                  n_mean_prompts=n_mean_prompts, n_shots=n_shots, threshold=threshold,
+                  n_mean_prompts=n_mean_prompts, n_shots=n_shots, threshold=threshold, **prompt_meta,
                   objective=objective.digest() if objective is not None else "reward_fn")
 
     shape = (info.n_layers, info.n_heads)
@@ -830,6 +858,7 @@ def soft_select(
     checkpoint_every: int = 10,
     max_memory: int | None = None,
     fast: bool | str = "auto",
+    **prompt_kw: Any,
 ) -> Selection:
     """Soft per-head task weights trained by gradient descent (the ``task_vectors`` package's "soft
     task vector", J. Newsom; a relaxation of Hojel et al.'s binary masks).
@@ -868,14 +897,16 @@ def soft_select(
         from ..results import check_writable
 
         checkpoint = check_writable(Path(checkpoint))
+    prompt_kw, prompt_meta = _prompt_kw("soft_select", prompt_kw)
     task_list = _resolve_tasks(tasks)
     task_names = tuple(t.name for t in task_list)
-    means = _means_for(model, task_list, head_means, n_prompts=n_mean_prompts, n_shots=n_shots, seed=seed)
+    means = _means_for(model, task_list, head_means, n_prompts=n_mean_prompts, n_shots=n_shots, seed=seed,
+                       prompt_kw=prompt_kw)
     objective = PatchObjective.build(model, task_list, means, n_prompts=n_prompts, split=split, seed=seed, max_memory=max_memory,
-                                     fast=fast)
+                                     fast=fast, prompt_kw=prompt_kw)
     config = dict(method="soft", tasks=list(task_names), lr=lr, l1=l1, init_logit=init_logit, seed=seed, n_prompts=n_prompts,
                   batch_size=batch_size, split=split, n_mean_prompts=n_mean_prompts, n_shots=n_shots, threshold=threshold,
-                  objective=objective.digest())
+                  **prompt_meta, objective=objective.digest())
 
     dtype = objective.dtype if objective.dtype == torch.float64 else torch.float32
     theta = torch.full((info.n_layers, info.n_heads), init_logit, dtype=dtype, requires_grad=True)
@@ -927,7 +958,8 @@ def select_restarts(
     ``executor`` (:mod:`tvlens.runs.executors`): by default one after the other here, on a
     ``RayExecutor`` side by side on its workers. The task means are computed once (``head_means=``,
     else :func:`tvlens.head_means` with ``n_mean_prompts``, ``n_shots`` and ``seed``) and shared by
-    every restart. ``kw``: the options of :func:`reinforce_select` / :func:`soft_select`.
+    every restart. ``kw``: the options of :func:`reinforce_select` / :func:`soft_select` (prompt
+    options among them: ``separator``, ``example_sep``, ``prepend_bos``, used for the shared means too).
 
     Returns the best :class:`Selection`; ``meta.extra["restarts"]`` lists every restart's seed and
     final reward, ``meta.extra["executor"]`` who ran them.
@@ -945,15 +977,18 @@ def select_restarts(
         if bad in kw:
             raise TypeError(f"select_restarts sets {bad!r} of each restart itself; remove it from the options "
                             "(restarts use seeds seed .. seed + n_restarts - 1, without checkpoints)")
+    from ..inputs.text import PROMPT_OPTIONS
+
     task_list = _resolve_tasks(tasks)
+    prompt_kw, _ = _prompt_kw("select_restarts", {k: v for k, v in kw.items() if k in PROMPT_OPTIONS})
     given = kw.pop("head_means", None)
     if given is None:
         from .taskness import head_means as compute
 
         given = compute(model, task_list, n_prompts=kw.get("n_mean_prompts", 100), n_shots=kw.get("n_shots", 5),
-                        positions="separator", seed=seed, split="train", executor=executor)
+                        positions="separator", seed=seed, split="train", executor=executor, **prompt_kw)
     means = _means_for(model, task_list, given, n_prompts=kw.get("n_mean_prompts", 100), n_shots=kw.get("n_shots", 5),
-                       seed=seed)
+                       seed=seed, prompt_kw=prompt_kw)
     runs = distributed.restarts(model, task_list, method=method, seeds=range(seed, seed + n_restarts),
                                 executor=executor, head_means=means, kw=kw, progress=progress)
     rewards = [float(r.meta.extra.get("final_reward", float("-inf"))) for r in runs]
@@ -994,14 +1029,18 @@ def evaluate_heads(
     n_shots: int = 5,
     max_memory: int | None = None,
     fast: bool | str = "auto",
+    **prompt_kw: Any,
 ) -> Float[Tensor, "sample task"]:
     """Score head weightings on zero-shot prompts with the task means patched in at the final separator.
 
     ``weights``: ``[sample, layer, head]`` (0/1 masks or α), a :class:`Selection` (its
     :attr:`Selection.weights`) or several. Returns ``[sample, task]`` first-token accuracy (or mean
     answer log-prob with ``metric="logprob"``) on ``split`` (all its queries unless ``n_prompts``).
-    All weightings run in batched forwards (weightings × prompts along the batch dimension).
+    All weightings run in batched forwards (weightings × prompts along the batch dimension). A
+    prompt counts when its top token starts any accepted answer. ``**prompt_kw``: how the prompts
+    are written (``separator``, ``example_sep``, ``prepend_bos``).
     """
+    prompt_kw, _ = _prompt_kw("evaluate_heads", prompt_kw)
     task_list = _resolve_tasks(tasks)
     if isinstance(weights, Selection):
         weights = weights.weights.unsqueeze(0)
@@ -1009,9 +1048,10 @@ def evaluate_heads(
         weights = torch.stack([s.weights for s in weights])
     elif not isinstance(weights, Tensor):
         raise TypeError(f"weights must be a [sample, layer, head] tensor or Selection(s), got {type(weights).__name__}")
-    means = _means_for(model, task_list, head_means, n_prompts=n_mean_prompts, n_shots=n_shots, seed=seed)
+    means = _means_for(model, task_list, head_means, n_prompts=n_mean_prompts, n_shots=n_shots, seed=seed,
+                       prompt_kw=prompt_kw)
     obj = PatchObjective.build(model, task_list, means, n_prompts=n_prompts, split=split, seed=seed, max_memory=max_memory,
-                               fast=fast)
+                               fast=fast, prompt_kw=prompt_kw)
     return obj.per_task(weights.float() if weights.dtype == torch.bool else weights, metric)
 
 
@@ -1236,6 +1276,7 @@ def compare_selections(
     progress: bool = True,
     max_memory: int | None = None,
     fast: bool | str = "auto",
+    **prompt_kw: Any,
 ) -> Comparison:
     """Compare ways of choosing the heads to patch, on held-out (test-split) zero-shot prompts.
 
@@ -1256,12 +1297,15 @@ def compare_selections(
     its budget. ``selections`` maps a method name to a :class:`Selection` or to a mapping group
     (family / task / ``"all"``) -> Selection; names other than ``reinforce`` / ``soft`` add columns.
     ``reinforce_kw`` / ``soft_kw`` / ``cie_kw`` are passed to the respective functions.
+    ``**prompt_kw``: how every prompt is written (``separator``, ``example_sep``, ``prepend_bos``),
+    passed to each method and to the means, ICL and evaluation prompts alike.
     """
     from ..models import ModelInfo
     from ..inputs.text import evaluate_prompts, icl_prompts
     from ..results import ResultMeta
 
     info = ModelInfo.of(model)
+    prompt_kw, prompt_meta = _prompt_kw("compare_selections", prompt_kw)
     task_list = _resolve_tasks(tasks)
     methods = tuple(methods)
     unknown = [m for m in methods if m not in METHOD_LABELS]
@@ -1285,8 +1329,8 @@ def compare_selections(
         from .taskness import head_means as compute
 
         stats = compute(model, task_list, n_prompts=n_mean_prompts, n_shots=n_shots, positions="separator", seed=seed,
-                        split="train", progress=progress)
-    means = _means_for(model, task_list, stats, n_prompts=n_mean_prompts, n_shots=n_shots, seed=seed)
+                        split="train", progress=progress, **prompt_kw)
+    means = _means_for(model, task_list, stats, n_prompts=n_mean_prompts, n_shots=n_shots, seed=seed, prompt_kw=prompt_kw)
     name_index = {t.name: i for i, t in enumerate(task_list)}
 
     rho = None
@@ -1319,7 +1363,8 @@ def compare_selections(
                 continue
             sel = _given_selection(selections.get(method), group, g_tasks)
             if sel is None:
-                sel = fn(model, g_tasks, head_means=g_means, seed=seed, progress=progress, **{"fast": fast, "max_memory": max_memory, **dict(kw or {})})
+                sel = fn(model, g_tasks, head_means=g_means, seed=seed, progress=progress,
+                         **{"fast": fast, "max_memory": max_memory, **prompt_kw, **dict(kw or {})})
             fixed[method] = sel
         for method in extra_methods:
             if method not in ("reinforce", "soft"):
@@ -1332,7 +1377,8 @@ def compare_selections(
             fixed["rho_topk"] = Selection.from_heads(model, _topk_heads(rho, k_g), method="rho_topk", tasks=names, k=k_g)
         if "cie_topk" in methods and not cie_failed:
             try:
-                cie = torch.stack([_cie_scores(model, t, seed=seed, k=k_g, **dict(cie_kw or {})) for t in g_tasks]).mean(0)
+                cie = torch.stack([_cie_scores(model, t, seed=seed, k=k_g, **{**prompt_kw, **dict(cie_kw or {})})
+                                   for t in g_tasks]).mean(0)
                 fixed["cie_topk"] = Selection.from_heads(model, _topk_heads(cie, k_g), method="cie_topk", tasks=names, k=k_g)
             except (ImportError, AttributeError) as err:
                 cie_failed = True
@@ -1350,7 +1396,7 @@ def compare_selections(
                 w[perm] = 1.0
                 rows.append(("random_k", w.reshape(info.n_layers, info.n_heads)))
         obj = PatchObjective.build(model, g_tasks, g_means, n_prompts=n_prompts, split="test", seed=seed, max_memory=max_memory,
-                                   fast=fast)
+                                   fast=fast, prompt_kw=prompt_kw)
         scores = obj.per_task(torch.stack([w for _, w in rows]), "accuracy").double()  # [row, task]
         for r, (method, w) in enumerate(rows):
             if method == "random_k":
@@ -1368,11 +1414,11 @@ def compare_selections(
 
     if "icl" in methods:
         for t in task_list:
-            batch = icl_prompts(model, t, n_prompts=n_icl_prompts, n_shots=n_shots, seed=seed, split="test")
+            batch = icl_prompts(model, t, n_prompts=n_icl_prompts, n_shots=n_shots, seed=seed, split="test", **prompt_kw)
             acc[name_index[t.name], col["icl"]] = evaluate_prompts(model, batch).first_token
     meta = ResultMeta.for_model(model, tasks=[t.name for t in task_list], seed=seed, per=per, n_random=n_random, n_shots=n_shots,
                                 n_prompts=n_prompts, n_icl_prompts=n_icl_prompts, n_mean_prompts=n_mean_prompts,
-                                k=dict(ks), reinforce_kw=dict(reinforce_kw or {}), soft_kw=dict(soft_kw or {}))
+                                k=dict(ks), reinforce_kw=dict(reinforce_kw or {}), soft_kw=dict(soft_kw or {}), **prompt_meta)
     return Comparison(tasks=tuple(t.name for t in task_list), families=tuple(t.family for t in task_list), methods=all_methods,
                       accuracy=acc.float(), random_std=rnd_std.float(), n_selected=n_sel.float(), selections=chosen, k=ks,
                       per=per, notes=tuple(notes), meta=meta)

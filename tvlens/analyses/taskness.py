@@ -541,6 +541,9 @@ def head_means(
     _check_int("n_shots", n_shots, 0, "the number of demonstrations cannot be negative")
     _check_int("batch_size", batch_size, 1, "a batch holds at least one prompt")
     mode, cls = _resolve_positions(positions)
+    from ..inputs.text import PROMPT_OPTIONS, prompt_options
+
+    prompt_options("head_means", {k: v for k, v in prompt_kw.items() if k in PROMPT_OPTIONS})  # before any forward
     if layers is None:
         layer_ids = list(range(info.n_layers))
     else:
@@ -1003,6 +1006,7 @@ def validate_taskness(
     seed: int = 0,
     batch_size: int = 64,
     fast: bool = True,
+    **prompt_kw: Any,
 ) -> TasknessValidation:
     """Patch the top-k ρ heads' task-mean ``z`` (from ``stats``, final position) into zero-shot
     prompts and compare first-token accuracy with patching k random heads (``n_random`` draws,
@@ -1010,13 +1014,18 @@ def validate_taskness(
     (the mean-head patching of Todd et al. 2024 §2.3, restricted to the final token).
 
     All head sets are evaluated as columns of one :class:`tvlens.engine.PatchRunner` pass per task
-    (``fast=False``: whole hooked forwards, head sets along the batch axis; same numbers)."""
+    (``fast=False``: whole hooked forwards, head sets along the batch axis; same numbers). A prompt
+    counts when its top token starts any accepted answer (:func:`tvlens.metrics.accepted_metric`).
+    ``**prompt_kw``: how the prompts are written (``separator``, ``example_sep``, ``prepend_bos``;
+    :func:`tvlens.inputs.text.prompt_options`)."""
     from ..engine.readout import final_logits
     from ..engine.runner import PatchRunner
     from ..engine.sites import replace_heads
     from ..models import ModelInfo
-    from ..inputs.text import icl_prompts
+    from ..inputs.text import icl_prompts, prompt_options
+    from ..metrics import accepted_ids, accepted_metric
 
+    prompt_kw = prompt_options("validate_taskness", prompt_kw)
     info = ModelInfo.of(model)
     if stats.meta.get("config_hash") not in (None, info.config_hash):
         raise ValueError("these HeadStats come from another model; recompute them with head_means(model, ...)")
@@ -1053,14 +1062,14 @@ def validate_taskness(
     def correct(batch: Any) -> Tensor:
         """[batch] first-token correctness of the unpatched model."""
         logits = final_logits(model, batch.tokens, batch.attention_mask, batch_size=batch_size)
-        return (logits.argmax(-1) == batch.answer_ids.cpu()).float()
+        return accepted_metric(logits, accepted_ids(batch).to(logits.device), "accuracy").cpu()
 
     def patched_correct(batch: Any, means: Tensor) -> Tensor:
         """[batch, column] correctness, every head set one column of the engine's runner."""
         runner = PatchRunner(model, batch, fast="auto" if fast else False)
         edits = [replace_heads(scores.layers[li], masks[:, li], means[layer_pos[scores.layers[li]]]) for li in used]
-        answer = batch.answer_ids.to(runner.device)
-        return runner.map(edits, lambda lg: (lg.argmax(-1) == answer[:, None]).float(), len(columns)).cpu()
+        accepted = accepted_ids(batch).to(runner.device)[:, None, :]  # [batch, 1 (column), accepted]
+        return runner.map(edits, lambda lg: accepted_metric(lg, accepted, "accuracy"), len(columns)).cpu()
 
     top = torch.zeros(len(task_list), len(ks))
     rnd = torch.zeros(len(task_list), len(ks), n_random)
@@ -1070,9 +1079,9 @@ def validate_taskness(
     for ti, task in enumerate(task_list):
         name = _task_name(task)
         means = final.mean(name)  # [layer, head, d_head]
-        zs = icl_prompts(model, task, n_prompts=n_prompts, n_shots=0, seed=seed + 17)
+        zs = icl_prompts(model, task, n_prompts=n_prompts, n_shots=0, seed=seed + 17, **prompt_kw)
         zero[ti] = correct(zs).mean()
-        icl[ti] = correct(icl_prompts(model, task, n_prompts=n_prompts, n_shots=n_shots, seed=seed + 17)).mean()
+        icl[ti] = correct(icl_prompts(model, task, n_prompts=n_prompts, n_shots=n_shots, seed=seed + 17, **prompt_kw)).mean()
         acc = patched_correct(zs, means).mean(0).view(len(ks), 1 + n_random)
         top[ti], rnd[ti] = acc[:, 0], acc[:, 1:]
     meta = {"model": info.name, "config_hash": info.config_hash, "n_prompts": n_prompts, "seed": seed,

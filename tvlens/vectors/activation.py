@@ -59,6 +59,7 @@ from torch import Tensor
 from .. import hooks as _hooks
 from ..engine.plan import DEFAULT_BATCH, RowsBatch, gather_inputs, length_buckets, pad_id_of, pad_left, row_inputs, rows_of
 from ..engine.readout import run_rows, run_shared, tree_mask_ok
+from ..metrics import accepted_ids, accepted_metric, cat_accepted
 from ..results import ResultMeta, check_same_model, load_result, load_tensors, save_tensors
 
 __all__ = [
@@ -73,6 +74,7 @@ __all__ = [
     "vector_applied",
     "evaluate_vector",
     "layer_sweep",
+    "SweepPrompts",
     "ensemble",
     "mean",
     "POSITION_RULE",
@@ -490,7 +492,29 @@ def _task_obj(task: Any) -> Any:
 # extraction
 
 
-def _extraction_prompts(model: Any, task: Any, *, n_prompts: int, n_shots: int, dummy_query: bool, seed: int) -> Any:
+def _prompt_kw(where: str, prompt_kw: Mapping[str, Any]) -> dict[str, Any]:
+    """The prompt options (``separator``, ``example_sep``, ``prepend_bos``) ``where`` passes to every
+    prompt it builds, checked before any prompt or forward."""
+    from ..inputs.text import prompt_options
+
+    return prompt_options(where, prompt_kw)
+
+
+def _prompt_meta(prompt_kw: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"prompt": {...}}`` with the options that differ from the defaults (nothing when none do)."""
+    from ..inputs.text import non_default_options
+
+    opts = non_default_options(prompt_kw)
+    return {"prompt": opts} if opts else {}
+
+
+def _is_batch(x: Any) -> bool:
+    """A ready batch of prompts (a :class:`~tvlens.PromptBatch`, a multimodal batch), not a task."""
+    return isinstance(getattr(x, "tokens", None), Tensor) and hasattr(x, "attention_mask")
+
+
+def _extraction_prompts(model: Any, task: Any, *, n_prompts: int, n_shots: int, dummy_query: bool, seed: int,
+                        prompt_kw: Mapping[str, Any]) -> Any:
     """Hendel et al. 2023: few-shot prompts whose final query is a dummy from the train split.
 
     The demos of prompt ``i`` are those the ICL baseline's prompt ``i`` (same seed, test split)
@@ -498,7 +522,8 @@ def _extraction_prompts(model: Any, task: Any, *, n_prompts: int, n_shots: int, 
     """
     from ..inputs.text import icl_prompts
 
-    return icl_prompts(model, task, n_prompts=n_prompts, n_shots=n_shots, seed=seed, dummy_query=dummy_query, split="test")
+    return icl_prompts(model, task, n_prompts=n_prompts, n_shots=n_shots, seed=seed, dummy_query=dummy_query, split="test",
+                       **prompt_kw)
 
 
 def _means_by_owner(caps: dict[int, Tensor], layers: Sequence[int], owner: Tensor, n: int) -> Tensor:
@@ -582,26 +607,50 @@ def task_vectors_all_layers(
     dummy_query: bool = True,
     seed: int = 0,
     batch_size: int = DEFAULT_BATCH,
+    **prompt_kw: Any,
 ) -> list[TaskVector]:
     """Task vectors of ``task`` at every layer in ``layers`` (default all), from ONE pass of hooks.
 
     Same as ``[task_vector(model, task, layer=l, ...) for l in layers]``, which would run the prompts
     once per layer; here every layer's ``hook_resid_pre`` is read in the same forward, which stops
-    after the last requested layer.
+    after the last requested layer. ``task`` may be a ready batch, as in :func:`task_vector`.
     """
     n_prompts = _check_int("n_prompts", n_prompts, 1)
     n_shots = _check_int("n_shots", n_shots, 0)
     batch_size = _check_int("batch_size", batch_size, 1)
     ls = _check_layers(model, layers)
-    task = _task_obj(task)
-    batch = _extraction_prompts(model, task, n_prompts=n_prompts, n_shots=n_shots, dummy_query=dummy_query, seed=seed)
+    prompt_kw = _prompt_kw("task_vector", prompt_kw)
+    if _is_batch(task):
+        batch, name = _given_batch(model, task, prompt_kw, "task_vector"), str(getattr(task, "task", "custom"))
+        made = dict(n_prompts=len(batch), n_shots=int(getattr(batch, "n_shots", -1)), source="prompts",
+                    context=str(getattr(batch, "context", "text")))
+    else:
+        task = _task_obj(task)
+        name = task.name
+        batch = _extraction_prompts(model, task, n_prompts=n_prompts, n_shots=n_shots, dummy_query=dummy_query, seed=seed,
+                                    prompt_kw=prompt_kw)
+        made = dict(n_prompts=n_prompts, n_shots=n_shots, dummy_query=bool(dummy_query), source="hendel2023",
+                    **_prompt_meta(prompt_kw))
     vecs = _vectors_from_batches(model, [batch], ls, batch_size)[0]
     return [
-        TaskVector(vector=vecs[j], layer=l, task=task.name, kind="task",
-                   meta=_make_meta(model, [task.name], seed, kind="task", n_prompts=n_prompts, n_shots=n_shots,
-                                   dummy_query=bool(dummy_query), source="hendel2023"))
+        TaskVector(vector=vecs[j], layer=l, task=name, kind="task", meta=_make_meta(model, [name], seed, kind="task", **made))
         for j, l in enumerate(ls)
     ]
+
+
+def _given_batch(model: Any, batch: Any, prompt_kw: Mapping[str, Any], where: str) -> Any:
+    """A ready batch (text or multimodal), checked against the model before any forward."""
+    if prompt_kw:
+        raise ValueError(f"{where}: prompt options {sorted(prompt_kw)} only apply when a task is given; build the batch "
+                         "with them instead")
+    from ..engine.batch import as_batch
+
+    as_batch(batch, "prompts")  # left padding, shapes
+    if callable(getattr(batch, "model_inputs", None)):
+        from ..inputs.multimodal import check_inputs
+
+        check_inputs(model, batch)  # images for a model that takes them, and of the right size
+    return batch
 
 
 def task_vector(
@@ -614,17 +663,25 @@ def task_vector(
     dummy_query: bool = True,
     seed: int = 0,
     batch_size: int = DEFAULT_BATCH,
+    **prompt_kw: Any,
 ) -> TaskVector:
-    """Hendel et al. 2023's task vector: the residual entering block ``layer`` at the final separator,
-    averaged over ``n_prompts`` ``n_shots``-shot prompts of ``task``.
+    """Hendel et al. 2023's task vector (§3.1): the residual entering block ``layer`` at the final
+    separator, averaged over ``n_prompts`` ``n_shots``-shot prompts of ``task``.
 
     With ``dummy_query=True`` (Hendel et al.) each prompt's final query is a dummy input from the
     train split (not among its demos), so the vector cannot carry a test query; ``False`` leaves the
     test query in (an ablation). Demos come from the train split; prompts are seeded by ``seed``.
+    ``**prompt_kw``: how the prompts are written (``separator``, ``example_sep``, ``prepend_bos``;
+    see :func:`tvlens.inputs.text.prompt_options`).
+
+    ``task`` may also be a ready batch — a :class:`~tvlens.PromptBatch` or a
+    :class:`~tvlens.inputs.multimodal.MultimodalBatch` (Luo et al. 2024, §3: image-ICL prompts of a
+    VLM) — whose final-position residuals are averaged as they are (``n_prompts``, ``n_shots``,
+    ``dummy_query`` then do not apply).
     """
     _hooks.check_layer(model, layer, allow_end=True)
     return task_vectors_all_layers(model, task, layers=[layer], n_prompts=n_prompts, n_shots=n_shots,
-                                   dummy_query=dummy_query, seed=seed, batch_size=batch_size)[0]
+                                   dummy_query=dummy_query, seed=seed, batch_size=batch_size, **prompt_kw)[0]
 
 
 def instruction_vector(
@@ -635,21 +692,30 @@ def instruction_vector(
     n_prompts: int = 50,
     seed: int = 0,
     batch_size: int = DEFAULT_BATCH,
+    **prompt_kw: Any,
 ) -> TaskVector:
-    """Luo et al. 2024's instruction-based vector: the residual entering block ``layer`` at the final
-    separator of prompts ``"<instruction>\\n x →"`` (the task's instruction sentence, no examples),
-    averaged over ``n_prompts`` train-split queries ``x``.
+    """Luo et al. 2024's instruction-based vector (§4.2): the residual entering block ``layer`` at the
+    final separator of prompts ``"<instruction>\\n x →"`` (the task's instruction sentence, no
+    examples), averaged over ``n_prompts`` train-split queries ``x``. ``**prompt_kw`` as in
+    :func:`task_vector`.
     """
-    from ..inputs.text import icl_prompts
-
     n_prompts = _check_int("n_prompts", n_prompts, 1)
     layer = _hooks.check_layer(model, layer, allow_end=True)
+    prompt_kw = _prompt_kw("instruction_vector", prompt_kw)
     task = _task_obj(task)
-    batch = icl_prompts(model, task, n_prompts=n_prompts, n_shots=0, seed=seed, instruction="only", split="train")
+    batch = _instruction_prompts(model, task, n_prompts=n_prompts, seed=seed, prompt_kw=prompt_kw)
     vec = _vectors_from_batches(model, [batch], [layer], batch_size)[0, 0]
     return TaskVector(vector=vec, layer=layer, task=task.name, kind="instruction",
                       meta=_make_meta(model, [task.name], seed, kind="instruction", n_prompts=n_prompts, n_shots=0,
-                                      source="luo2024", instruction=task.instruction))
+                                      source="luo2024", instruction=task.instruction, **_prompt_meta(prompt_kw)))
+
+
+def _instruction_prompts(model: Any, task: Any, *, n_prompts: int, seed: int, prompt_kw: Mapping[str, Any]) -> Any:
+    """Luo et al. 2024: the instruction and a train-split query, no demonstrations."""
+    from ..inputs.text import icl_prompts
+
+    return icl_prompts(model, task, n_prompts=n_prompts, n_shots=0, seed=seed, instruction="only", split="train",
+                       **prompt_kw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -781,36 +847,43 @@ def evaluate_vector(
     alpha: float = 1.0,
     layer: int | None = None,
     batch_size: int = DEFAULT_BATCH,
+    **prompt_kw: Any,
 ) -> float:
     """First-token accuracy of zero-shot prompts ``"x →"`` of ``task`` (up to ``n_prompts`` distinct
-    queries from ``split``) with ``vector`` applied (see :func:`apply_vector`). Hendel et al. 2023's "task vector" accuracy."""
-    from ..inputs.text import first_token_accuracy
+    queries from ``split``) with ``vector`` applied (see :func:`apply_vector`): Hendel et al. 2023's
+    "task vector" accuracy (§3). A prompt counts when its top token starts any accepted answer
+    (:func:`tvlens.metrics.accepted_metric`). ``**prompt_kw`` as in :func:`task_vector`.
 
+    ``task`` may also be a ready batch of queries (a :class:`~tvlens.PromptBatch`, or a
+    :class:`~tvlens.inputs.multimodal.MultimodalBatch` of image queries, Luo et al. 2024 §4), scored
+    against its own answers (``n_prompts``, ``seed``, ``split`` then do not apply).
+    """
     if not isinstance(vector, TaskVector):
         raise TypeError(f"vector must be a TaskVector, got {type(vector).__name__}")
     _check_mode(mode, vector, alpha)
     vector.check_model(model, layer=layer)
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
-    task = _task_obj(task)
-    batch = _zero_shot_prompts(model, task, split, _check_int("n_prompts", n_prompts, 1), seed)
+    prompt_kw = _prompt_kw("evaluate_vector", prompt_kw)
+    if _is_batch(task):
+        batch = _given_batch(model, task, prompt_kw, "evaluate_vector")
+    else:
+        batch = _zero_shot_prompts(model, _task_obj(task), split, _check_int("n_prompts", n_prompts, 1), seed, prompt_kw)
     logits = apply_vector(model, batch, vector, mode=mode, alpha=alpha, layer=layer, batch_size=batch_size)
-    return first_token_accuracy(logits, batch)
+    return float(_scores(logits, accepted_ids(batch))[:, 0].mean())
 
 
 # ----------------------------------------------------------------------------------------------
 # evaluating a grid of vectors on zero-shot prompts (PatchRunner: exact final-token recompute)
 
 
-def _scores(logits: Tensor, answer_ids: Tensor) -> Tensor:
-    """``[..., 2]``: whether the answer's first token is top-1, and its log-probability."""
-    ans = answer_ids.to(logits.device)
-    while ans.ndim < logits.ndim - 1:
-        ans = ans[..., None]
-    ans = ans.expand(logits.shape[:-1])
-    ok = (logits.argmax(-1) == ans).float()
-    lp = logits.float().log_softmax(-1).gather(-1, ans[..., None])[..., 0]
-    return torch.stack([ok, lp], -1).cpu()
+def _scores(logits: Float[Tensor, "batch *column d_vocab"], accepted: Tensor) -> Tensor:
+    """``[batch, *column, 2]``: whether the top token starts an accepted answer, and the best accepted
+    answer's first-token log-probability (:func:`tvlens.metrics.accepted_metric`; ``accepted``:
+    ``[batch, n_accepted]`` from :func:`tvlens.metrics.accepted_ids`)."""
+    acc = accepted.to(logits.device)
+    acc = acc.reshape(acc.shape[0], *([1] * (logits.ndim - 2)), acc.shape[-1])
+    return torch.stack([accepted_metric(logits, acc, "accuracy"), accepted_metric(logits, acc, "logprob")], -1).cpu()
 
 
 @torch.no_grad()
@@ -846,10 +919,10 @@ def _grid_eval(
         r = rows_of(batch)
         rows.extend(r)
         owner.extend([b] * len(r))
-        answers.append(batch.answer_ids.cpu())
+        answers.append(accepted_ids(batch))
         inputs.extend(row_inputs(batch))
     own = torch.as_tensor(owner)
-    ans_all = torch.cat(answers)
+    acc_all = cat_accepted(answers)
     got = torch.empty((len(rows), len(col_layers), 2))
     got0 = torch.empty((len(rows), 2))
     by_layer: dict[int, list[int]] = {}
@@ -858,7 +931,7 @@ def _grid_eval(
     for idx in length_buckets([int(r.shape[0]) for r in rows], rows_per_group, exact=True):
         it = torch.as_tensor(idx)
         tokens, mask = pad_left([rows[i] for i in idx], pad)
-        target = RowsBatch(tokens, mask, ans_all[it], gather_inputs(inputs, idx))
+        target = RowsBatch(tokens, mask, acc_all[it, 0], gather_inputs(inputs, idx))
         runner = PatchRunner(model, target)
         edits = []
         for l, cols in by_layer.items():
@@ -868,7 +941,7 @@ def _grid_eval(
                 edits.append(replace_resid(block, val, columns=cols, hook=hook))
             else:
                 edits.append(add_resid(block, val, alpha=float(alpha), columns=cols, hook=hook))
-        ans = target.answer_ids
+        ans = acc_all[it]
         got[it] = runner.map(edits, lambda logits: _scores(logits, ans), n_columns=len(col_layers))
         got0[it] = _scores(runner.clean_logits, ans)
     per_col = [got[own == b] for b in range(len(batches))]
@@ -1076,12 +1149,39 @@ class SweepResult:
                    alpha=float(meta["alpha"]), meta=ResultMeta.from_dict(meta.get("meta", {})))
 
 
-def _zero_shot_prompts(model: Any, task: Any, split: str, n_prompts: int, seed: int) -> Any:
+def _zero_shot_prompts(model: Any, task: Any, split: str, n_prompts: int, seed: int,
+                       prompt_kw: Mapping[str, Any] | None = None) -> Any:
     """Zero-shot prompts ``"x →"`` for distinct queries of ``split`` (at most ``n_prompts``)."""
     from ..inputs.text import icl_prompts
 
     n = min(n_prompts, len({x for x, _ in task.split(split)}))
-    return icl_prompts(model, task, n_prompts=max(1, n), n_shots=0, seed=seed, split=split)
+    return icl_prompts(model, task, n_prompts=max(1, n), n_shots=0, seed=seed, split=split, **(prompt_kw or {}))
+
+
+@dataclass(frozen=True, eq=False)
+class SweepPrompts:
+    """One task's ready prompts for :func:`layer_sweep`, text or multimodal (Luo et al. 2024, §4).
+
+    ``context``: the prompts the task vector is read from (their final-position residual, averaged;
+    e.g. image-ICL prompts of a VLM). ``queries``: per split, the zero-shot prompts the vector is
+    patched into (e.g. image queries without context). ``icl``: the ICL baseline's prompts on the
+    report split's queries (``None``: the sweep's ``icl`` is NaN for this task).
+    """
+
+    task: str
+    context: Any
+    queries: Mapping[str, Any]
+    icl: Any = None
+    family: str = "custom"
+
+    def __post_init__(self) -> None:
+        for name, b in [("context", self.context), *((f"queries[{k!r}]", v) for k, v in dict(self.queries).items()),
+                        *([("icl", self.icl)] if self.icl is not None else [])]:
+            if not _is_batch(b):
+                raise TypeError(f"SweepPrompts.{name} must be a prompt batch (tvlens.icl_prompts, "
+                                f"tvlens.inputs.multimodal.image_icl_prompts, ...), got {type(b).__name__}")
+        if not self.queries:
+            raise ValueError("SweepPrompts.queries is empty; give {split: zero-shot prompts} for every split swept")
 
 
 def layer_sweep(
@@ -1102,6 +1202,7 @@ def layer_sweep(
     batch_size: int = DEFAULT_BATCH,
     checkpoint: str | Path | None = None,
     executor: Any = None,
+    **prompt_kw: Any,
 ) -> SweepResult:
     """Hendel et al. 2023's layer sweep: for every task and layer, the accuracy of the task vector
     patched into zero-shot prompts, with the zero-shot and ICL baselines of the same run.
@@ -1132,9 +1233,17 @@ def layer_sweep(
     ``executor`` (:mod:`tvlens.runs.executors`): ``None`` runs here; a ``RayExecutor`` runs one
     unit per task on the workers' replicas (with ``center=True``, then one unit per task for the
     grid of its centred vectors), the same task-by-task numbers as with ``checkpoint``.
+
+    ``**prompt_kw``: how every prompt of the sweep is written (``separator``, ``example_sep``,
+    ``prepend_bos``; :func:`tvlens.inputs.text.prompt_options`). Accuracy counts a prompt when its
+    top token starts any accepted answer; the log-probability is the best accepted answer's
+    (:func:`tvlens.metrics.accepted_metric`).
+
+    ``tasks`` may instead be :class:`SweepPrompts` — one task's ready prompts each, text or
+    multimodal (Luo et al. 2024, §4: a vector read from image-ICL prompts and patched into image
+    queries); ``kind="task"`` only, and ``n_prompts``, ``n_shots``, ``dummy_query`` do not apply.
     """
-    from ..inputs.text import icl_prompts
-    from ..tasks import resolve_tasks
+    from ..runs.executors import executor_meta, splits as _splits
 
     t0 = time.perf_counter()
     n_prompts = _check_int("n_prompts", n_prompts, 1)
@@ -1149,25 +1258,16 @@ def layer_sweep(
     if not splits or any(s not in _SPLITS for s in splits) or len(set(splits)) != len(splits):
         raise ValueError(f"splits must be distinct names from {_SPLITS} (selection split first, report split last), got {splits!r}")
     ls = _check_layers(model, layers)
-    task_list = resolve_tasks(tasks)
-    if center and len(task_list) < 2:
-        raise ValueError("center=True subtracts the mean vector over tasks, which needs at least 2 tasks")
-    if kind == "function" and n_shots < 1:
-        raise ValueError("function vectors need n_shots >= 1 (mean head outputs of few-shot prompts)")
-
+    prompt_kw = _prompt_kw("layer_sweep", prompt_kw)
     # every prompt first: bad input fails before any forward pass
-    ext = [_extraction_prompts(model, t, n_prompts=n_prompts, n_shots=n_shots, dummy_query=dummy_query, seed=seed)
-           for t in task_list] if kind in ("task", "ensemble") else []
-    ins = [icl_prompts(model, t, n_prompts=n_prompts, n_shots=0, seed=seed, instruction="only", split="train")
-           for t in task_list] if kind in ("instruction", "ensemble") else []
-    zs = [[_zero_shot_prompts(model, t, sp, n_prompts, seed) for sp in splits] for t in task_list]
-    # ICL on exactly the report split's zero-shot queries: zero-shot, task vector and ICL are paired
-    icl = [icl_prompts(model, t, queries=list(zip(z[-1].queries, z[-1].answers)), n_shots=n_shots, seed=seed)
-           for t, z in zip(task_list, zs)]
-
-    T, S, L = len(task_list), len(splits), len(ls)
-    from ..runs.executors import executor_meta, splits as _splits
-
+    plan = _sweep_plan(model, tasks, kind=kind, splits=splits, n_prompts=n_prompts, n_shots=n_shots, seed=seed,
+                       dummy_query=dummy_query, center=center, prompt_kw=prompt_kw, checkpoint=checkpoint,
+                       executor=executor)
+    task_list = plan.tasks
+    ck_config = dict(
+        what="layer_sweep", tasks=[t.name for t in task_list], n_prompts=n_prompts, n_shots=n_shots, mode=mode,
+        alpha=float(alpha), seed=seed, splits=list(splits), layers=list(ls), kind=kind, dummy_query=bool(dummy_query),
+        center=bool(center), function_kw=dict(function_kw or {}), batch_size=batch_size, **_prompt_meta(prompt_kw))
     if _splits(executor):  # one unit per task, on the executor's workers
         from ..runs import distributed
 
@@ -1175,49 +1275,22 @@ def layer_sweep(
             model, task_list, executor=executor, n_prompts=n_prompts, n_shots=n_shots, mode=mode, alpha=float(alpha),
             seed=seed, splits=splits, layers=list(ls), kind=kind, dummy_query=bool(dummy_query), center=bool(center),
             function_kw=dict(function_kw) if function_kw else None, batch_size=batch_size, checkpoint=checkpoint,
-            t0=t0, ck_config=dict(
-                what="layer_sweep", tasks=[t.name for t in task_list], n_prompts=n_prompts, n_shots=n_shots, mode=mode,
-                alpha=float(alpha), seed=seed, splits=list(splits), layers=list(ls), kind=kind,
-                dummy_query=bool(dummy_query), center=bool(center), function_kw=dict(function_kw or {}),
-                batch_size=batch_size))
+            t0=t0, ck_config=ck_config)
     ck = None
     if checkpoint is not None:  # opened before any forward: a mismatched file is refused before work
         from ..runs.checkpoint import SweepCheckpoint
 
-        ck = SweepCheckpoint(checkpoint, model=model, config=dict(
-            what="layer_sweep", tasks=[t.name for t in task_list], n_prompts=n_prompts, n_shots=n_shots, mode=mode,
-            alpha=float(alpha), seed=seed, splits=list(splits), layers=list(ls), kind=kind,
-            dummy_query=bool(dummy_query), center=bool(center), function_kw=dict(function_kw or {}),
-            batch_size=batch_size))
+        ck = SweepCheckpoint(checkpoint, model=model, config=ck_config)
+    fkw = {**prompt_kw, **dict(function_kw or {})}
+    fkw.setdefault("n_shots", n_shots)
+    fkw.setdefault("seed", seed)
+    T = len(task_list)
 
     def vectors_and_icl(idx: list[int]) -> tuple[Tensor, Tensor]:
-        """Uncentred vectors ``[len(idx), layer, d_model]`` and ICL scores ``[len(idx), 2]`` of tasks ``idx``."""
-        n = len(idx)
-        sub_icl = [icl[t] for t in idx]
-        if kind == "function":
-            fkw = dict(function_kw or {})
-            fkw.setdefault("n_shots", n_shots)
-            fkw.setdefault("seed", seed)
-            fvs = [function_vector(model, task_list[t], **fkw) for t in idx]
-            v = torch.stack([fv.vector for fv in fvs])[:, None].expand(n, L, -1).contiguous()
-            icl_logits, _ = run_rows(model, [r for b in sub_icl for r in rows_of(b)], batch_size=batch_size,
-                                     inputs=[i for b in sub_icl for i in row_inputs(b)])
-        else:
-            # one pass: every layer's vector, and the ICL prompts packed with the extraction prompts
-            # they share their demos with
-            both, icl_logits = _extract_with_icl(model, [ext[t] for t in idx] if ext else [], sub_icl, ls, batch_size,
-                                                 extra=[ins[t] for t in idx] if ins else [])
-            v = both if kind in ("task", "instruction") else (both[:n].double() + both[n:].double()).div(2).float()
-        sc = _scores(icl_logits, torch.cat([b.answer_ids for b in sub_icl]))  # [rows, 2]
-        owner = torch.repeat_interleave(torch.arange(n), torch.as_tensor([len(b) for b in sub_icl]))
-        return v, torch.zeros(n, 2).index_add_(0, owner, sc) / torch.bincount(owner, minlength=n).float()[:, None]
+        return _sweep_vectors_and_icl(model, plan, idx, ls, kind=kind, function_kw=fkw, batch_size=batch_size)
 
     def grid_of(idx: list[int], v: Tensor) -> tuple[Tensor, Tensor]:
-        """``[len(idx), split, layer, 2]`` patched scores and ``[len(idx), split, 2]`` zero-shot scores."""
-        per_col, clean = _grid_eval(model, [zs[t][s] for t in idx for s in range(S)], v.repeat_interleave(S, dim=0),
-                                    ls, mode, alpha)
-        return (torch.stack([c.mean(0) for c in per_col]).reshape(len(idx), S, L, 2),
-                torch.stack([c.mean(0) for c in clean]).reshape(len(idx), S, 2))
+        return _sweep_grid(model, plan, idx, v, ls, mode=mode, alpha=alpha)
 
     if ck is None:
         vecs, icl_mean = vectors_and_icl(list(range(T)))
@@ -1239,16 +1312,132 @@ def layer_sweep(
                 ck.record(("grid", task.name), {"grid": g[0], "base": b[0]})
         grid = torch.stack([ck[("grid", t.name)]["grid"] for t in task_list])
         base = torch.stack([ck[("grid", t.name)]["base"] for t in task_list])
-    flat = [zs[t][s] for t in range(T) for s in range(S)]
-    n_eval = torch.as_tensor([len(b) for b in flat]).reshape(T, S)
-    meta = _make_meta(model, [t.name for t in task_list], seed, n_prompts=n_prompts, n_shots=n_shots, kind=kind,
-                      dummy_query=bool(dummy_query), center=bool(center), seconds=time.perf_counter() - t0,
-                      hook=POSITION_RULE, **({"function_kw": dict(function_kw)} if function_kw else {}),
-                      executor=executor_meta(executor))
+    n_eval = torch.as_tensor([len(b) for z in plan.zero_shot for b in z]).reshape(T, len(splits))
+    made = dict(n_prompts=n_prompts, n_shots=n_shots, dummy_query=bool(dummy_query)) if not plan.given else dict(
+        source="prompts", n_prompts=max(len(b) for b in plan.context), n_shots=int(getattr(plan.context[0], "n_shots", -1)))
+    meta = _make_meta(model, [t.name for t in task_list], seed, kind=kind, **made, center=bool(center),
+                      seconds=time.perf_counter() - t0, hook=POSITION_RULE,
+                      **({"function_kw": dict(function_kw)} if function_kw else {}), executor=executor_meta(executor),
+                      **_prompt_meta(prompt_kw))
     return SweepResult(tasks=tuple(t.name for t in task_list), families=tuple(t.family for t in task_list),
                        layers=tuple(ls), splits=splits, accuracy=grid[..., 0], zero_shot=base[..., 0], icl=icl_mean[:, 0],
                        n_eval=n_eval, vectors=vecs, logprob=grid[..., 1], zero_shot_logprob=base[..., 1],
                        icl_logprob=icl_mean[:, 1], mode=mode, alpha=float(alpha), kind=kind, meta=meta)
+
+
+@dataclass
+class _SweepPlan:
+    """Every prompt of a sweep, per task: built (and checked) before any forward."""
+
+    tasks: list[Any]  # Task objects, or SimpleNamespace(name, family) for given prompts
+    context: list[Any]  # extraction prompts (kind task / ensemble, or given)
+    instruction: list[Any]  # instruction-only prompts (kind instruction / ensemble)
+    zero_shot: list[list[Any]]  # [task][split] query prompts the vectors are patched into
+    icl: list[Any]  # ICL baseline prompts on the report split's queries (None: not measured)
+    given: bool = False
+
+
+def _sweep_plan(model: Any, tasks: Any, *, kind: str, splits: tuple[str, ...], n_prompts: int, n_shots: int, seed: int,
+                dummy_query: bool, center: bool, prompt_kw: Mapping[str, Any], checkpoint: Any,
+                executor: Any) -> _SweepPlan:
+    """Build every prompt of a layer sweep (Hendel et al. 2023, §3: context prompts with dummy queries,
+    zero-shot queries per split, ICL on the report split's queries), refusing bad input first."""
+    from ..runs.executors import splits as _splits
+
+    given = [tasks] if isinstance(tasks, SweepPrompts) else (
+        list(tasks) if isinstance(tasks, (list, tuple)) and tasks and all(isinstance(t, SweepPrompts) for t in tasks) else None)
+    if given is not None:
+        return _given_plan(model, given, kind=kind, splits=splits, center=center, prompt_kw=prompt_kw,
+                           checkpoint=checkpoint, executor=executor)
+    from ..inputs.text import icl_prompts
+    from ..tasks import resolve_tasks
+
+    task_list = resolve_tasks(tasks)
+    if center and len(task_list) < 2:
+        raise ValueError("center=True subtracts the mean vector over tasks, which needs at least 2 tasks")
+    if kind == "function" and n_shots < 1:
+        raise ValueError("function vectors need n_shots >= 1 (mean head outputs of few-shot prompts)")
+    if prompt_kw and _splits(executor):
+        raise ValueError(f"prompt options {sorted(prompt_kw)} are not passed on to an executor's workers by layer_sweep; "
+                         "run the sweep without executor=, or with the default prompt format")
+    ext = [_extraction_prompts(model, t, n_prompts=n_prompts, n_shots=n_shots, dummy_query=dummy_query, seed=seed,
+                               prompt_kw=prompt_kw) for t in task_list] if kind in ("task", "ensemble") else []
+    ins = [_instruction_prompts(model, t, n_prompts=n_prompts, seed=seed, prompt_kw=prompt_kw)
+           for t in task_list] if kind in ("instruction", "ensemble") else []
+    zs = [[_zero_shot_prompts(model, t, sp, n_prompts, seed, prompt_kw) for sp in splits] for t in task_list]
+    # ICL on exactly the report split's zero-shot queries: zero-shot, task vector and ICL are paired
+    icl = [icl_prompts(model, t, queries=list(zip(z[-1].queries, z[-1].answers)), n_shots=n_shots, seed=seed, **prompt_kw)
+           for t, z in zip(task_list, zs)]
+    return _SweepPlan(task_list, ext, ins, zs, icl)
+
+
+def _given_plan(model: Any, given: Sequence[SweepPrompts], *, kind: str, splits: tuple[str, ...], center: bool,
+                prompt_kw: Mapping[str, Any], checkpoint: Any, executor: Any) -> _SweepPlan:
+    """A sweep over ready prompts (:class:`SweepPrompts`), checked against the model before any forward."""
+    if kind != "task":
+        raise ValueError(f"a sweep over given prompts (SweepPrompts) reads the vector from their context prompts: "
+                         f"kind='task' only, got kind={kind!r}")
+    if checkpoint is not None or executor is not None:
+        raise ValueError("a sweep over given prompts (SweepPrompts) runs here, without checkpoint= or executor=")
+    if center and len(given) < 2:
+        raise ValueError("center=True subtracts the mean vector over tasks, which needs at least 2 tasks")
+    names = [g.task for g in given]
+    if len(set(names)) != len(names):
+        raise ValueError(f"SweepPrompts name the same task twice ({names}); give each task once")
+    for g in given:
+        missing = [sp for sp in splits if sp not in g.queries]
+        if missing:
+            raise ValueError(f"SweepPrompts of task {g.task!r} have no queries for split(s) {missing}; give "
+                             f"queries={{split: prompts}} for every split in splits={list(splits)}")
+        _given_batch(model, g.context, prompt_kw, "layer_sweep")
+        for sp in splits:
+            _given_batch(model, g.queries[sp], {}, "layer_sweep")
+        if g.icl is not None:
+            _given_batch(model, g.icl, {}, "layer_sweep")
+    return _SweepPlan([SimpleNamespace(name=g.task, family=g.family) for g in given], [g.context for g in given], [],
+                      [[g.queries[sp] for sp in splits] for g in given], [g.icl for g in given], given=True)
+
+
+def _sweep_vectors_and_icl(model: Any, plan: _SweepPlan, idx: list[int], ls: Sequence[int], *, kind: str,
+                           function_kw: Mapping[str, Any], batch_size: int) -> tuple[Tensor, Tensor]:
+    """Uncentred vectors ``[len(idx), layer, d_model]`` and ICL scores ``[len(idx), 2]`` (accuracy,
+    log-prob; NaN where no ICL prompts were given) of the plan's tasks ``idx``."""
+    n, L = len(idx), len(ls)
+    sub_icl = [plan.icl[t] for t in idx]
+    with_icl = [b for b in sub_icl if b is not None]
+    icl_rows = lambda: [r for b in with_icl for r in rows_of(b)]  # noqa: E731
+    icl_inputs = lambda: [i for b in with_icl for i in row_inputs(b)]  # noqa: E731
+    if kind == "function":
+        fvs = [function_vector(model, plan.tasks[t], **function_kw) for t in idx]
+        v = torch.stack([fv.vector for fv in fvs])[:, None].expand(n, L, -1).contiguous()
+        icl_logits, _ = run_rows(model, icl_rows(), batch_size=batch_size, inputs=icl_inputs())
+    elif plan.given:  # ready prompts: their rows are not known to share demos, so nothing is packed
+        v = _vectors_from_batches(model, [plan.context[t] for t in idx], ls, batch_size)
+        icl_logits = run_rows(model, icl_rows(), batch_size=batch_size, inputs=icl_inputs())[0] if with_icl else None
+    else:
+        # one pass: every layer's vector, and the ICL prompts packed with the extraction prompts
+        # they share their demos with
+        both, icl_logits = _extract_with_icl(model, [plan.context[t] for t in idx] if plan.context else [], sub_icl, ls,
+                                             batch_size, extra=[plan.instruction[t] for t in idx] if plan.instruction else [])
+        v = both if kind in ("task", "instruction") else (both[:n].double() + both[n:].double()).div(2).float()
+    out = torch.full((n, 2), float("nan"))
+    if with_icl:
+        sc = _scores(icl_logits, cat_accepted([accepted_ids(b) for b in with_icl]))  # [rows, 2]
+        has = [i for i, b in enumerate(sub_icl) if b is not None]
+        owner = torch.repeat_interleave(torch.arange(len(has)), torch.as_tensor([len(b) for b in with_icl]))
+        means = torch.zeros(len(has), 2).index_add_(0, owner, sc) / torch.bincount(owner, minlength=len(has)).float()[:, None]
+        out[torch.as_tensor(has)] = means
+    return v, out
+
+
+def _sweep_grid(model: Any, plan: _SweepPlan, idx: list[int], v: Tensor, ls: Sequence[int], *, mode: str,
+                alpha: float) -> tuple[Tensor, Tensor]:
+    """``[len(idx), split, layer, 2]`` patched scores and ``[len(idx), split, 2]`` zero-shot scores."""
+    S, L = len(plan.zero_shot[0]), len(ls)
+    per_col, clean = _grid_eval(model, [plan.zero_shot[t][s] for t in idx for s in range(S)], v.repeat_interleave(S, dim=0),
+                                ls, mode, alpha)
+    return (torch.stack([c.mean(0) for c in per_col]).reshape(len(idx), S, L, 2),
+            torch.stack([c.mean(0) for c in clean]).reshape(len(idx), S, 2))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1273,6 +1462,7 @@ def function_vector(
     heads: Sequence[tuple[int, int]] | None = None,
     batch_size: int = 32,
     executor: Any = None,
+    **prompt_kw: Any,
 ) -> FunctionVector:
     """Todd et al. 2024's function vector of ``task``.
 
@@ -1287,7 +1477,8 @@ def function_vector(
     ``layer`` (where the FV is added, ``mode="add"``) defaults to ``n_layers // 3`` — Todd et al.'s
     "about a third of the way in" — and is only the default: a function vector may be applied at
     any layer (``apply_vector(..., layer=l)``). ``executor`` (:mod:`tvlens.runs.executors`) runs
-    steps 1 and 2 on a cluster (prompt blocks, then one unit per layer of heads).
+    steps 1 and 2 on a cluster (prompt blocks, then one unit per layer of heads). ``**prompt_kw``:
+    how the clean and shuffled-label prompts are written (as in :func:`task_vector`).
     """
     from ..models import ModelInfo
     from ..analyses.patching import patch_heads
@@ -1308,13 +1499,14 @@ def function_vector(
         heads = [(_hooks.check_layer(model, int(l)), _hooks.check_head(model, int(h))) for l, h in heads]
         if not heads:
             raise ValueError("heads is empty; give (layer, head) pairs or leave heads=None to pick them by CIE")
+    prompt_kw = _prompt_kw("function_vector", prompt_kw)
     task = _task_obj(task)
     corrupted = None
     if heads is None:  # build prompts first: bad input fails before the forward passes
         corrupted = icl_prompts(model, task, n_prompts=n_cie_prompts, n_shots=n_shots, seed=seed + 1,
-                                shuffle_labels=True, split="train")
+                                shuffle_labels=True, split="train", **prompt_kw)
     stats = head_means(model, [task], n_prompts=n_prompts, n_shots=n_shots, seed=seed, batch_size=batch_size,
-                       split="train", executor=executor)
+                       split="train", executor=executor, **prompt_kw)
     mean_z = stats.mean(task.name).to(torch.float32)  # [layer, head, d_head]
     if mean_z.ndim != 3:
         raise RuntimeError(f"head_means returned shape {tuple(mean_z.shape)}; expected [layer, head, d_head]")
@@ -1328,6 +1520,7 @@ def function_vector(
     outs = torch.stack([mean_z[l, h] @ W_O[l, h] for l, h in heads])  # [k, d_model]
     vec = outs.to(torch.float64).sum(0).to(torch.float32)
     meta = _make_meta(model, [task.name], seed, kind="function", n_prompts=n_prompts, n_cie_prompts=n_cie_prompts,
-                      n_shots=n_shots, n_heads=len(heads), source="todd2024", executor=stats.meta.get("executor"))
+                      n_shots=n_shots, n_heads=len(heads), source="todd2024", executor=stats.meta.get("executor"),
+                      **_prompt_meta(prompt_kw))
     return FunctionVector(vector=vec, layer=layer, task=task.name, kind="function", meta=meta, cie=cie,
                           top_heads=tuple(heads), mean_head_outputs=outs)
