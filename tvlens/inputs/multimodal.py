@@ -373,15 +373,12 @@ class MultimodalBatch:
 
     def select(self, index: Sequence[int] | Tensor) -> "MultimodalBatch":
         """Rows ``index`` (row numbers or a boolean mask) with their own images; padding width unchanged."""
-        if isinstance(index, Tensor):
-            idx = index.nonzero().flatten().tolist() if index.dtype == torch.bool else index.flatten().tolist()
-        else:
-            idx = [int(i) for i in index]
         n = len(self)
-        for i in idx:
-            if not -n <= i < n:
-                raise IndexError(f"row {i} out of range for a batch of {n} prompts")
-        idx = [i % n for i in idx]
+        index = index.cpu() if isinstance(index, Tensor) else torch.as_tensor(list(index))
+        try:  # torch's own indexing rules: row numbers (negative from the end) or a boolean mask
+            idx = torch.arange(n)[index.reshape(-1) if index.numel() else index.long()].tolist()
+        except IndexError as err:
+            raise IndexError(f"{err}: a batch of {n} prompts takes rows -{n}..{n - 1} or a boolean mask of {n}") from None
         t = torch.as_tensor(idx, dtype=torch.long)
         imgs, pix = self._image_rows(idx)
         pick = lambda xs: tuple(xs[i] for i in idx) if xs else xs  # noqa: E731

@@ -164,24 +164,17 @@ _SEGMENTS = {
 }
 
 
+#: the (rows, columns) each segment covers in a 14×6 digit: top, upper right, lower right, bottom,
+#: lower left, upper left, middle
+_SEGMENT_AREA = {"a": np.s_[0:2, :], "b": np.s_[0:7, 4:6], "c": np.s_[7:14, 4:6], "d": np.s_[12:14, :],
+                 "e": np.s_[7:14, 0:2], "f": np.s_[0:7, 0:2], "g": np.s_[6:8, :]}
+
+
 def _digit_mask(d: str) -> np.ndarray:
     """A 14×6 boolean mask of one 7-segment digit with 2-pixel strokes."""
     m = np.zeros((14, 6), dtype=bool)
     for s in _SEGMENTS[d]:
-        if s == "a":
-            m[0:2, :] = True
-        elif s == "b":
-            m[0:7, 4:6] = True
-        elif s == "c":
-            m[7:14, 4:6] = True
-        elif s == "d":
-            m[12:14, :] = True
-        elif s == "e":
-            m[7:14, 0:2] = True
-        elif s == "f":
-            m[0:7, 0:2] = True
-        elif s == "g":
-            m[6:8, :] = True
+        m[_SEGMENT_AREA[s]] = True
     return m
 
 
