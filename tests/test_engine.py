@@ -361,3 +361,23 @@ def test_the_in_place_gelu_twin_is_bit_identical_and_always_restored(tiny_gpt2):
     runner.logits([replace_heads(0, torch.ones(tvlens.ModelInfo.of(tiny_gpt2).n_heads), _means(tiny_gpt2)[0])], 1,
                   start_pos=0)
     assert all("forward" not in m.__dict__ for m, _ in twins)
+
+
+@pytest.mark.parametrize("kind", ["mlp_out", "resid_mid", "resid_post", "z"])
+def test_edits_in_the_last_block_of_a_suffix_recompute(tiny_model, kind):
+    """The last block's MLP runs on the final position only, except where an edit acts inside it."""
+    b = tvlens.icl_prompts(tiny_model, TASK, n_prompts=3, n_shots=2, seed=2)
+    info = tvlens.ModelInfo.of(tiny_model)
+    P, last = b.tokens.shape[1], info.n_layers - 1
+    g = torch.Generator().manual_seed(5)
+    add = torch.randn(info.n_heads, info.d_head, generator=g) if kind == "z" else torch.randn(info.d_model, generator=g)
+
+    def hook(act, hook):
+        act = act.clone()
+        act[:, P - 2:] += add.to(act.dtype)
+        return act
+
+    ref = forward(tiny_model, b, [(HOOK[kind].format(last), hook)])
+    runner = PatchRunner(tiny_model, b)
+    got = runner.logits([Edit(last, kind, weight=0.0, add=add, pos=[P - 2, P - 1])], 1, start_pos=0)[:, 0]
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)

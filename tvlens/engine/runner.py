@@ -410,7 +410,7 @@ class PatchRunner:
         T = P - start_pos
         h: Tensor | None = None
         S = 0
-        fwd = self._edit_hooks(nedits, order_pos, layout, start_pos)
+        fwd = self._edit_hooks(nedits, order_pos, layout, start_pos) + self._last_mlp_cut(nedits, layout)
         with _hooks.hooked(model, fwd), _inplace_acts(self._twins):
             for layer in range(first, L):
                 n_new = n_at.get(layer, 0)
@@ -443,6 +443,24 @@ class PatchRunner:
         res = out.clone() if not logits.requires_grad else out.to(logits.dtype).clone()
         res[:, torch.as_tensor(active, device=res.device)] = logits.to(res.dtype)
         return res
+
+    def _last_mlp_cut(self, nedits: list[NormEdit], layout: str) -> list:
+        """A hook running the last block's MLP on the final position only, where nothing else is read.
+
+        In a suffix recompute only the final position of the last block reaches the logits, so its
+        MLP input (``ln2.hook_in``) is cut to that position (the residual add broadcasts, the
+        block's output is read at the final position only).  Not used where logits are read at other
+        positions, where an edit acts inside that MLP, or where the model fails the check
+        (:func:`tvlens.engine.readout.final_only_ok`).
+        """
+        from .readout import final_only_ok, last_token_only
+
+        last = self.L - 1
+        if layout != "batch" or self.query is not None:
+            return []
+        if any(e.layer == last and e.hook in ("resid_mid", "mlp_out") for e in nedits) or not final_only_ok(self.model):
+            return []
+        return [(act_name("ln2_in", last), last_token_only)]
 
     def _full_logits(self, nedits: list[NormEdit], n_columns: int, start_pos: int) -> Tensor:
         """Whole hooked forwards, the columns along the batch axis (any architecture: the fallback).
