@@ -29,17 +29,18 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from .. import hooks as _hooks
 from ..engine.batch import EngineBatch, as_batch
-from ..results import ResultMeta
 from ..engine.plan import rows_per_run
 from ..engine.readout import capture_acts
 from ..engine.runner import PatchRunner
 from ..engine.sites import Edit, unit_shape
-from ..metrics import FINAL_POSITION, METRICS, MetricFn, metric_name, resolve_metric
 from ..hooks import act_name
+from ..metrics import FINAL_POSITION, METRICS, MetricFn, metric_name, resolve_metric
+from ..results import ResultMeta
 from ..results import tensor_digest as _digest
 
 __all__ = ["PatchResult", "patch_heads", "patch_positions", "attribution_patch_heads"]
@@ -415,142 +416,177 @@ def patch_heads(
     Returns a :class:`PatchResult`.  Equal to the naive loop (one ``run_with_hooks`` per site) to
     float rounding; ``benchmarks/bench_patching.py`` measures the two side by side.
     """
-    from ..models import ModelInfo
-
-    info = ModelInfo.of(model)
-    positions = _final_alias(positions)
-    _check_choice("positions", positions, ("final", "all", "each"))
-    _check_choice("component", component, ("z", "q", "k", "v"))
-    if not (isinstance(metric, str) or callable(metric)):
-        raise TypeError(f"metric must be a name or a function, got {type(metric).__name__}")
-    if isinstance(metric, str):
-        _check_choice("metric", metric, METRICS)
-    n_units = info.n_kv_heads if component in ("k", "v") else info.n_heads
-    site_list = _sites(info, layers, heads, sites, n_units)
-    tgt = as_batch(target, "target")
-    _check_vocab(tgt, "target", info)
-    means = _means_tensor(source, component, info, positions)
-    src = None if means is not None else _validate_source(tgt, source, positions != "final")
-    if src is not None:
-        _check_vocab(src, "source", info)
-    if normalize and src is None:
-        raise ValueError("normalize=True needs a source prompt batch (its metric is the 1 of the scale); "
-                         "with task-mean activations as the source, leave normalize=False")
-    if means is not None:
-        missing = sorted({l for l, _ in site_list if not bool(torch.isfinite(means[l]).all())})
-        if missing:
-            raise ValueError(f"the means do not cover layers {missing}; restrict the sweep with layers=[...] "
-                             "or compute the means for every layer")
     from ..runs.executors import executor_meta, splits
 
+    sw = _HeadSweep.check(model, target, source, positions=positions, metric=metric, component=component,
+                          layers=layers, heads=heads, sites=sites, normalize=normalize)
     if splits(executor):  # one unit per layer of sites, on the executor's workers
         from ..runs import distributed
 
         return distributed.patch_heads(
-            model, target, means if means is not None else source, executor=executor, site_list=site_list,
-            n_prompts=len(tgt), n_units=n_units, positions=positions, metric=metric, component=component,
+            model, target, sw.means if sw.means is not None else source, executor=executor, site_list=sw.site_list,
+            n_prompts=len(sw.tgt), n_units=sw.n_units, positions=sw.positions, metric=metric, component=component,
             normalize=normalize, batch_size=batch_size, max_memory=max_memory, progress=progress, fast=fast,
-            checkpoint=checkpoint, has_source_batch=src is not None,
-            pos_labels=_pos_labels(model, tgt) if positions == "each" else None, ck_config=dict(
-                what="patch_heads", positions=positions, metric=metric_name(metric), component=component,
-                sites=[list(s) for s in site_list], normalize=bool(normalize),
-                target=_digest(tgt.tokens, tgt.mask, *[t for t in (tgt.answer_ids, tgt.foil_ids) if t is not None]),
-                source=_digest(means) if means is not None else _digest(src.tokens, src.mask)))
+            checkpoint=checkpoint, has_source_batch=sw.src is not None,
+            pos_labels=_pos_labels(model, sw.tgt) if sw.positions == "each" else None, ck_config=sw.config())
     t0 = time.perf_counter()
-    src_layers = sorted({l for l, _ in site_list})
-    dev = _hooks.device_of(model)
-    P = tgt.n_pos
-    groups = _prompt_groups(len(tgt), rows_per_run(model, info, P, P - 1 if positions == "final" else 0,
-                                                         batch_size, max_memory))
-    pos_list = list(range(P)) if positions == "each" else [P - 1 if positions == "final" else 0]
-    n_cols = len(site_list)
-    per_prompt_chunks, tvals, svals = [], [], []
+    P = sw.tgt.n_pos
+    groups = _prompt_groups(len(sw.tgt), rows_per_run(model, sw.info, P, P - 1 if sw.positions == "final" else 0,
+                                                      batch_size, max_memory))
     ck = None
     if checkpoint is not None:  # opened before any forward: a mismatched file is refused before work
         from ..runs.checkpoint import SweepCheckpoint
 
-        ck = SweepCheckpoint(checkpoint, model=model, config=dict(
-            what="patch_heads", positions=positions, metric=metric_name(metric), component=component,
-            sites=[list(s) for s in site_list], normalize=bool(normalize), groups=[list(g) for g in groups],
-            target=_digest(tgt.tokens, tgt.mask, *[t for t in (tgt.answer_ids, tgt.foil_ids) if t is not None]),
-            source=_digest(means) if means is not None else _digest(src.tokens, src.mask)))
-        layer_cols = {l: [j for j, s in enumerate(site_list) if s[0] == l] for l in src_layers}
-    pbar = None
-    if progress:
-        total = n_cols * len(pos_list) * len(groups)
-        if total > 64:
-            from tqdm.auto import tqdm
-
-            pbar = tqdm(total=total, desc=f"patch_heads[{positions}]", unit="site")
+        ck = SweepCheckpoint(checkpoint, model=model, config={**sw.config(), "groups": [list(g) for g in groups]})
+    total = len(sw.site_list) * len(sw.pos_list) * len(groups)
+    pbar = _progress_bar(total, f"patch_heads[{sw.positions}]") if progress and total > 64 else None
     try:
-        for g0, g1 in groups:
-            if ck is not None and ("clean", g0) in ck and not ck.remaining(
-                    [(g0, p, l) for p in pos_list for l in src_layers]):  # finished earlier: no forward
-                clean = ck[("clean", g0)]
-                tvals.append(clean["target"])
-                if "source" in clean:
-                    svals.append(clean["source"])
-                per_prompt_chunks.append(torch.stack([_from_units(ck, g0, p, layer_cols, n_cols) for p in pos_list], -1))
-                if pbar is not None:
-                    pbar.update(n_cols * len(pos_list))
-                continue
-            tg = tgt.slice(g0, g1)
-            runner = PatchRunner(model, tg, fast=fast)
-            fn = resolve_metric(metric, tg, runner.clean_logits)
-            tvals.append(fn(runner.clean_logits[:, None])[:, 0])
-            if means is not None:
-                src_acts: dict[int, Tensor] | Tensor = means
-            else:
-                sg = src.slice(g0, g1)
-                src_acts, src_logits = capture_acts(model, sg, component, src_layers, final_only=positions == "final")
-                svals.append(fn(src_logits[:, None])[:, 0])
-            if ck is not None:  # checkpointed values live on the CPU: keep everything there
-                tvals[-1] = tvals[-1].cpu()
-                svals[-1:] = [v.cpu() for v in svals[-1:]]
-                ck.record(("clean", g0), {"target": tvals[-1], **({"source": svals[-1]} if means is None else {})})
-            cols_out = []
-            for p in pos_list:
-                if ck is None:
-                    edits = _head_edits(site_list, n_units, src_acts, p, positions == "all", component, dev, runner.dtype)
-                    with torch.no_grad():
-                        vals = runner.map(edits, fn, n_columns=n_cols, start_pos=p, max_memory=max_memory,
-                                          batch_size=batch_size, pbar=pbar)  # [b, site]
-                    cols_out.append(vals)
-                    continue
-                for l, cols in layer_cols.items():  # one unit per layer: its sites in one batched map
-                    if (g0, p, l) in ck:
-                        if pbar is not None:
-                            pbar.update(len(cols))
-                        continue
-                    edits = _head_edits([site_list[j] for j in cols], n_units, src_acts, p, positions == "all",
-                                        component, dev, runner.dtype)
-                    with torch.no_grad():
-                        vals = runner.map(edits, fn, n_columns=len(cols), start_pos=p, max_memory=max_memory,
-                                          batch_size=batch_size, pbar=pbar)  # [b, sites of layer l]
-                    ck.record((g0, p, l), {"values": vals})
-                cols_out.append(_from_units(ck, g0, p, layer_cols, n_cols))
-            per_prompt_chunks.append(torch.stack(cols_out, -1))  # [b, site, n_pos_list]
+        parts = [sw.run_group(model, g0, g1, ck, pbar, fast=fast, max_memory=max_memory, batch_size=batch_size)
+                 for g0, g1 in groups]
     finally:
         if pbar is not None:
             pbar.close()
-    per_site = torch.cat(per_prompt_chunks, 0)  # [B, site, npos]
-    target_value = float(torch.cat(tvals).mean())
-    source_value = float(torch.cat(svals).mean()) if svals else None
-    shape = (info.n_layers, n_units) + ((P,) if positions == "each" else ())
-    per_prompt = torch.full((len(tgt), *shape), float("nan"), device=per_site.device)
-    li = torch.as_tensor([l for l, _ in site_list])
-    hi = torch.as_tensor([h for _, h in site_list])
-    if positions == "each":
-        per_prompt[:, li, hi] = per_site
-    else:
-        per_prompt[:, li, hi] = per_site[..., 0]
+    tvals, svals, chunks = zip(*parts)
+    per_prompt = sw.scatter(torch.cat(chunks, 0))
     values = per_prompt.mean(0)
-    dims = ("layer", "head", "pos") if positions == "each" else ("layer", "head")
-    meta = _meta(model, what=f"patch_heads ({component}, positions={positions})", positions=positions,
-                 component=component, n_prompts=len(tgt), source="means" if means is not None else "prompts",
+    dims = ("layer", "head", "pos") if sw.positions == "each" else ("layer", "head")
+    meta = _meta(model, what=f"patch_heads ({component}, positions={sw.positions})", positions=sw.positions,
+                 component=component, n_prompts=len(sw.tgt), source="means" if sw.means is not None else "prompts",
                  seconds=time.perf_counter() - t0, fast=fast, executor=executor_meta(executor))
-    return _finish(values, per_prompt, dims, metric, target_value, source_value, normalize, meta,
-                   pos_labels=_pos_labels(model, tgt) if positions == "each" else None)
+    source_value = float(torch.cat(svals).mean()) if sw.src is not None else None
+    return _finish(values, per_prompt, dims, metric, float(torch.cat(tvals).mean()), source_value, normalize, meta,
+                   pos_labels=_pos_labels(model, sw.tgt) if sw.positions == "each" else None)
+
+
+def _progress_bar(total: int, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="site")
+
+
+@dataclass(frozen=True)
+class _HeadSweep:
+    """One :func:`patch_heads` call, checked: which (layer, unit) sites, patched from what, where.
+
+    Built by :meth:`check` before any forward (every bad input raises there); :meth:`run_group`
+    then sweeps one group of prompts and :meth:`scatter` lays the columns out as ``[layer, head]``.
+    """
+
+    info: Any
+    tgt: EngineBatch
+    src: EngineBatch | None
+    means: Tensor | None  # [layer, unit, d_head] task means, or None with a source batch
+    site_list: list[tuple[int, int]]
+    n_units: int
+    positions: str
+    component: str
+    metric: Any
+    normalize: bool
+
+    @classmethod
+    def check(cls, model: Any, target: Any, source: Any, *, positions: Any, metric: Any, component: str,
+              layers: Any, heads: Any, sites: Any, normalize: bool) -> "_HeadSweep":
+        from ..models import ModelInfo
+
+        info = ModelInfo.of(model)
+        positions = _final_alias(positions)
+        _check_choice("positions", positions, ("final", "all", "each"))
+        _check_choice("component", component, ("z", "q", "k", "v"))
+        if not (isinstance(metric, str) or callable(metric)):
+            raise TypeError(f"metric must be a name or a function, got {type(metric).__name__}")
+        if isinstance(metric, str):
+            _check_choice("metric", metric, METRICS)
+        n_units = info.n_kv_heads if component in ("k", "v") else info.n_heads
+        site_list = _sites(info, layers, heads, sites, n_units)
+        tgt = as_batch(target, "target")
+        _check_vocab(tgt, "target", info)
+        means = _means_tensor(source, component, info, positions)
+        src = None if means is not None else _validate_source(tgt, source, positions != "final")
+        if src is not None:
+            _check_vocab(src, "source", info)
+        if normalize and src is None:
+            raise ValueError("normalize=True needs a source prompt batch (its metric is the 1 of the scale); "
+                             "with task-mean activations as the source, leave normalize=False")
+        if means is not None:
+            missing = sorted({l for l, _ in site_list if not bool(torch.isfinite(means[l]).all())})
+            if missing:
+                raise ValueError(f"the means do not cover layers {missing}; restrict the sweep with layers=[...] "
+                                 "or compute the means for every layer")
+        return cls(info, tgt, src, means, site_list, n_units, positions, component, metric, bool(normalize))
+
+    def config(self) -> dict[str, Any]:
+        """What identifies this sweep in a checkpoint file (a metric function by its name only)."""
+        tgt = self.tgt
+        return dict(what="patch_heads", positions=self.positions, metric=metric_name(self.metric),
+                    component=self.component, sites=[list(s) for s in self.site_list],
+                    normalize=self.normalize, target=_digest(tgt.tokens, tgt.mask,
+                                                   *[t for t in (tgt.answer_ids, tgt.foil_ids) if t is not None]),
+                    source=_digest(self.means) if self.means is not None else _digest(self.src.tokens, self.src.mask))
+
+    @property
+    def pos_list(self) -> list[int]:
+        P = self.tgt.n_pos
+        return list(range(P)) if self.positions == "each" else [P - 1 if self.positions == "final" else 0]
+
+    @property
+    def layer_cols(self) -> dict[int, list[int]]:
+        """The columns (indices into :attr:`site_list`) of each swept layer: one checkpoint unit each."""
+        return {l: [j for j, s in enumerate(self.site_list) if s[0] == l] for l in sorted({l for l, _ in self.site_list})}
+
+    def run_group(self, model: Any, g0: int, g1: int, ck: Any, pbar: Any, **run_kw: Any) -> tuple[Tensor, Tensor, Tensor]:
+        """Target metric ``[b]``, source metric ``[b]`` (empty with means) and patched metric
+        ``[b, site, n_pos_list]`` of prompts ``g0:g1``; a group a checkpoint finished runs no forward."""
+        units = [(g0, p, l) for p in self.pos_list for l in self.layer_cols]
+        if ck is not None and ("clean", g0) in ck and not ck.remaining(units):
+            clean = ck[("clean", g0)]
+            if pbar is not None:
+                pbar.update(len(self.site_list) * len(self.pos_list))
+            return clean["target"], clean.get("source", torch.empty(0)), self._from_ck(ck, g0)
+        tg = self.tgt.slice(g0, g1)
+        runner = PatchRunner(model, tg, fast=run_kw.pop("fast"))
+        fn = resolve_metric(self.metric, tg, runner.clean_logits)
+        tval, sval = fn(runner.clean_logits[:, None])[:, 0], torch.empty(0)
+        src_acts: dict[int, Tensor] | Tensor = self.means
+        if self.means is None:
+            src_acts, src_logits = capture_acts(model, self.src.slice(g0, g1), self.component, list(self.layer_cols),
+                                                final_only=self.positions == "final")
+            sval = fn(src_logits[:, None])[:, 0]
+        if ck is None:
+            cols = [self._map(runner, fn, src_acts, p, list(range(len(self.site_list))), pbar, run_kw)
+                    for p in self.pos_list]
+            return tval, sval, torch.stack(cols, -1)
+        # checkpointed values live on the CPU: keep everything there
+        tval, sval = tval.cpu(), sval.cpu()
+        ck.record(("clean", g0), {"target": tval, **({"source": sval} if self.means is None else {})})
+        for p in self.pos_list:
+            for l, cols in self.layer_cols.items():  # one unit per layer: its sites in one batched map
+                if (g0, p, l) in ck:
+                    if pbar is not None:
+                        pbar.update(len(cols))
+                    continue
+                ck.record((g0, p, l), {"values": self._map(runner, fn, src_acts, p, cols, pbar, run_kw)})
+        return tval, sval, self._from_ck(ck, g0)
+
+    def _map(self, runner: PatchRunner, fn: Any, src_acts: Any, p: int, cols: list[int], pbar: Any,
+             run_kw: dict[str, Any]) -> Tensor:
+        """``[b, len(cols)]``: the metric with each of the sites ``cols`` patched at position ``p``."""
+        edits = _head_edits([self.site_list[j] for j in cols], self.n_units, src_acts, p, self.positions == "all",
+                            self.component, runner.device, runner.dtype)
+        with torch.no_grad():
+            return runner.map(edits, fn, n_columns=len(cols), start_pos=p, pbar=pbar, **run_kw)
+
+    def _from_ck(self, ck: Any, g0: int) -> Tensor:
+        n = len(self.site_list)
+        return torch.stack([_from_units(ck, g0, p, self.layer_cols, n) for p in self.pos_list], -1)
+
+    def scatter(self, per_site: Float[Tensor, "batch site n_pos"]) -> Tensor:
+        """``[batch, layer, unit(, pos)]`` with NaN at unswept sites."""
+        shape = (self.info.n_layers, self.n_units) + ((self.tgt.n_pos,) if self.positions == "each" else ())
+        per_prompt = torch.full((len(self.tgt), *shape), float("nan"), dtype=per_site.dtype, device=per_site.device)
+        li = torch.as_tensor([l for l, _ in self.site_list])
+        hi = torch.as_tensor([h for _, h in self.site_list])
+        per_prompt[:, li, hi] = per_site if self.positions == "each" else per_site[..., 0]
+        return per_prompt
 
 
 def patch_positions(
