@@ -341,3 +341,50 @@ def test_soft_selection_beats_zero_shot_on_organism(organism):
     acc = evaluate_heads(organism, ["country_capital"], torch.stack([torch.zeros_like(sel.weights), sel.weights]),
                          head_means=sel.head_means)[:, 0]
     assert acc[1] >= acc[0] + 0.3, acc
+
+
+# ---------------------------------------------------------------------------------------------
+# several accepted answers
+
+
+def test_objective_scores_any_accepted_answer(organism):
+    """(The organism: a random model's top token is not a word.) The objective's accuracy counts a prompt when its top token starts any accepted answer, its log-prob
+    is the best accepted answer's; checked against one plain forward per prompt (heads' z replaced by hand)."""
+    from tvlens.inputs.text import icl_prompts
+    from tvlens.tasks import Task, load_task
+
+    base = load_task("antonym")
+    means = sel_mod._means_for(organism, [base], None, n_prompts=4, n_shots=2, seed=0)  # [1, layer, head, d_head]
+    zs = icl_prompts(organism, base, n_prompts=len({x for x, _ in base.split("test")}), n_shots=0, split="test")
+    tok = organism.tokenizer
+
+    def row_logits(r, patched):
+        def put(act, hook):
+            act = act.clone()
+            act[:, -1] = means[0, hook.layer()].to(act.dtype)
+            return act
+
+        hooks = [(act_name("z", l), put) for l in range(organism.cfg.n_layers)] if patched else []
+        with torch.no_grad():
+            return organism.run_with_hooks(zs.tokens[r][zs.attention_mask[r].bool()][None], fwd_hooks=hooks)[0, -1].double()
+
+    ref = {(r, p): row_logits(r, p) for r in range(len(zs)) for p in (False, True)}
+    extra = []
+    for (r, _), lg in ref.items():  # the words the model says become further accepted answers
+        w = tok.convert_ids_to_tokens([int(lg.argmax())])[0]
+        if w.isalpha() and w not in base.answers_of(zs.queries[r]) and (zs.queries[r], w) not in extra:
+            extra.append((zs.queries[r], w))
+    multi = Task(base.name, base.family, base.instruction, tuple(base.pairs) + tuple(extra))
+    weights = torch.stack([torch.zeros(4, 8), torch.ones(4, 8)])  # nothing patched / every head patched
+    got = {m: PatchObjective.build(organism, [multi], means, n_prompts=None, split="test", seed=0).per_row(weights, m)
+           for m in ("accuracy", "logprob")}
+    first = PatchObjective.build(organism, [base], means, n_prompts=None, split="test", seed=0).per_row(weights, "accuracy")
+    for r in range(len(zs)):
+        ids = sorted({tok(" " + a, add_special_tokens=False)["input_ids"][0] for a in multi.answers_of(zs.queries[r])})
+        for s, p in enumerate((False, True)):
+            assert got["accuracy"][s, r].item() == float(int(ref[r, p].argmax()) in ids), (r, p)
+            assert got["logprob"][s, r].item() == pytest.approx(float(ref[r, p].log_softmax(-1)[ids].max()), abs=1e-4)
+    assert (got["accuracy"] > first).any() and (got["accuracy"] >= first).all()  # first-answer-only scoring fails
+    # evaluate_heads (compare_selections's scorer) averages the same per task
+    assert torch.allclose(evaluate_heads(organism, [multi], weights, head_means=means, n_prompts=None)[:, 0],
+                          got["accuracy"].mean(1), atol=1e-6)

@@ -6,6 +6,7 @@ by more than rounding (1e-5 relative is then a strict bound, not a float32 noise
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -367,3 +368,72 @@ def test_head_means_bad_input(tiny_llama, no_forward):
 def test_rho_token_needs_two_tasks():
     with pytest.raises(ValueError, match="at least 2 tasks"):
         rho_token(torch.zeros(1, 2, 3), torch.ones(1, 2, 3), torch.tensor([5]))
+
+
+# ---------------------------------------------------------------- several accepted answers
+
+
+def _multi_answer(model, name, split="test"):
+    """Task ``name`` with the word the model says after each zero-shot query of ``split`` added as a
+    further accepted answer (after the task's own, which stays first)."""
+    from tvlens.tasks import Task, load_task
+
+    base = load_task(name)
+    zs = icl_prompts(model, base, n_prompts=len({x for x, _ in base.split(split)}), n_shots=0, split=split)
+    with torch.no_grad():
+        pred = model(zs.tokens, attention_mask=zs.attention_mask)[:, -1].argmax(-1)
+    words = model.tokenizer.convert_ids_to_tokens(pred.tolist())
+    extra = tuple((x, w) for x, w in zip(zs.queries, words) if w.isalpha() and w not in base.answers_of(x))
+    assert extra, "the model says none of the task's words: nothing to test"
+    return base, Task(base.name, base.family, base.instruction, tuple(base.pairs) + extra)
+
+
+def test_validate_taskness_counts_any_accepted_answer(organism):
+    base, multi = _multi_answer(organism, "antonym")
+    stats = head_means(organism, [multi, "country_capital"], n_prompts=4, n_shots=2)
+    r = taskness(stats)
+    got = validate_taskness(organism, r, stats, [multi], ks=(1,), n_random=1, n_prompts=12, seed=0)
+    old = validate_taskness(organism, r, stats, [base], ks=(1,), n_random=1, n_prompts=12, seed=0)
+    zs = icl_prompts(organism, multi, n_prompts=12, n_shots=0, seed=17)  # validate_taskness's prompts (seed + 17)
+    tok = organism.tokenizer
+    right = []
+    for i in range(len(zs)):
+        with torch.no_grad():
+            lg = organism(zs.tokens[i][zs.attention_mask[i].bool()][None])[0, -1]
+        ids = {tok(" " + a, add_special_tokens=False)["input_ids"][0] for a in multi.answers_of(zs.queries[i])}
+        right.append(float(int(lg.argmax()) in ids))
+    assert got.zero_shot[0].item() == pytest.approx(sum(right) / len(right), abs=1e-6)
+    assert got.zero_shot[0] > old.zero_shot[0]  # first-answer-only scoring is lower
+    assert (got.top_acc >= old.top_acc).all()
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "logprob", "prob", "logit_diff"])
+def test_builtin_metrics_score_the_best_accepted_answer(tiny_model, metric):
+    """resolve_metric (patching's metrics) on random logits against a by-hand computation: accuracy when the
+    top token starts any accepted answer, log-prob / prob of the best one, logit_diff the best accepted logit
+    minus the top token that starts none."""
+    import dataclasses
+
+    from tvlens.engine.batch import as_batch
+    from tvlens.metrics import resolve_metric
+
+    batch = icl_prompts(tiny_model, "antonym", n_prompts=6, n_shots=1, seed=0)
+    V = tiny_model.cfg.d_vocab
+    others = (((5,), (7, 1)), (), ((9,),), (), ((5,),), ())  # further accepted answers of some rows
+    batch = dataclasses.replace(batch, other_answers=tuple(("x",) * len(o) for o in others), other_answer_tokens=others)
+    gen = torch.Generator().manual_seed(0)
+    clean, logits = torch.randn(6, V, generator=gen), torch.randn(6, V, generator=gen)
+    logits[0, 7] = logits[2, 9] = 50.0  # the top token of rows 0 and 2 is a second accepted answer
+    clean[4, 5] = 50.0  # row 4's clean top token is accepted: the foil must be another
+    fn = resolve_metric(metric, as_batch(batch, "prompts"), clean)
+    got = fn(logits[:, None])[:, 0]
+    for r in range(6):
+        ids = [int(batch.answer_ids[r]), *(a[0] for a in others[r])]
+        lp = logits[r].log_softmax(-1)[ids].max().item()
+        masked = clean[r].clone()
+        masked[ids] = float("-inf")
+        want = {"accuracy": float(int(logits[r].argmax()) in ids), "logprob": lp, "prob": math.exp(lp),
+                "logit_diff": (logits[r, ids].max() - logits[r, int(masked.argmax())]).item()}[metric]
+        assert got[r].item() == pytest.approx(want, rel=1e-5, abs=1e-6), r
+    if metric == "accuracy":
+        assert got[0] == 1 and got[2] == 1  # the first answer alone would score these 0

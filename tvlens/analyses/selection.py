@@ -220,7 +220,7 @@ class PatchObjective:
 
         batches = []
         for task in tasks:
-            n_split = len(task.split(split))
+            n_split = len({x for x, _ in task.split(split)})  # distinct queries (an input may have several answers)
             n = n_split if n_prompts is None else min(int(n_prompts), n_split)
             batches.append(icl_prompts(model, task, n_prompts=n, n_shots=0, seed=seed, split=split, **dict(prompt_kw or {})))
         tokens, mask, answers, owners = merge_batches(batches, _pad_id(_tokenizer_of(model)))
