@@ -608,8 +608,13 @@ def test_several_accepted_answers(bpe_model):
     assert first_token_accuracy(logits, other) >= 1 / 3
     alone = dataclasses.replace(other, other_answers=((), (), ()), other_answer_tokens=((), (), ()))
     assert not bool(evaluate_prompts(bpe_model, alone).full_answer_correct[0]) or tuple(greedy) == batch.answer_tokens[0]
-    # the metrics of patching score the first listed answer
+    # answer_ids is the first listed answer; answer_logprob scores the best accepted one
     assert torch.equal(batch.answer_ids, torch.tensor([a[0][0] for a in batch.accepted_answer_tokens]))
+    logp = logits.log_softmax(-1)
+    best = [max(float(logp[r, a[0]]) for a in alts) for r, alts in enumerate(other.accepted_answer_tokens)]
+    assert answer_logprob(logits, other).tolist() == pytest.approx(best, abs=1e-5)
+    if greedy[0] != batch.answer_ids[0]:  # the model's own top token is likelier than the first answer
+        assert float(answer_logprob(logits, other)[0]) > float(answer_logprob(logits, alone)[0])
 
 
 def test_input_with_the_example_separator_has_a_fix(bpe_model):

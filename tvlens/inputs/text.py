@@ -23,10 +23,12 @@ tokens, inside text one). ``answer_tokens`` are the tokens that follow the promp
 
 **Several accepted answers.** A task may list several outputs for one input (Todd et al.'s
 ``next_item``, ``national_parks``, ...). ``answers`` / ``answer_ids`` / ``answer_tokens`` hold the
-first one listed, which the metrics of :mod:`tvlens.analyses.patching` (log-prob, logit difference)
-score; ``other_answers`` / ``other_answer_tokens`` hold the rest (``accepted_answers`` gives all), and ICL accuracy
-(:func:`evaluate_prompts`, :func:`first_token_accuracy`) counts a prediction right when it matches
-any. Demonstrations show the first listed output.
+first one listed; ``other_answers`` / ``other_answer_tokens`` hold the rest (``accepted_answers``
+gives all). Every score counts any of them: ICL accuracy (:func:`evaluate_prompts`,
+:func:`first_token_accuracy`) when a prediction matches any, and the metrics of
+:mod:`tvlens.metrics` (patching, sweeps, selection: the first token of the *best* accepted answer,
+:func:`tvlens.metrics.accepted_metric`, and :func:`answer_logprob` alike). Demonstrations show the
+first listed output.
 
 **Alignment.** Batches are LEFT-padded (``pad_token_id``, else ``eos``, else 0) with
 ``attention_mask`` 0 on pads, so the final separator is position ``-1`` of *every* row
@@ -1254,24 +1256,22 @@ def _check_logits_last(logits_last: Tensor, batch: PromptBatch) -> None:
 
 def first_token_accuracy(logits_last: Float[Tensor, "batch d_vocab"], batch: PromptBatch) -> float:
     """Fraction of rows whose argmax at the final separator is the first token of an accepted answer."""
+    from ..metrics import accepted_ids, accepted_metric
+
     _check_logits_last(logits_last, batch)
-    pred = logits_last.argmax(-1).cpu()
-    ok = pred == batch.answer_ids.cpu()
-    for r, alts in enumerate(batch.accepted_answer_tokens):
-        if len(alts) > 1 and not bool(ok[r]):
-            ok[r] = int(pred[r]) in {a[0] for a in alts}
-    return ok.float().mean().item()
+    return accepted_metric(logits_last.cpu(), accepted_ids(batch), "accuracy").mean().item()
 
 
 def answer_logprob(logits_last: Float[Tensor, "batch d_vocab"], batch: PromptBatch) -> Float[Tensor, " batch"]:
     """Log-probability of the answer's first token at the final separator, per row (float32).
 
-    With several accepted answers this is the first listed one (``batch.answers``), as in the
-    patching metrics.
+    With several accepted answers this is the best one's (the largest first-token log-probability),
+    as in the metrics of :mod:`tvlens.metrics`.
     """
+    from ..metrics import accepted_ids, accepted_metric
+
     _check_logits_last(logits_last, batch)
-    logp = logits_last.float().log_softmax(-1)
-    return logp.gather(-1, batch.answer_ids.to(logp.device)[:, None])[:, 0]
+    return accepted_metric(logits_last.float(), accepted_ids(batch).to(logits_last.device), "logprob")
 
 
 def final_logits(model: Any, batch: PromptBatch, *, batch_size: int = 32) -> Float[Tensor, "batch d_vocab"]:
