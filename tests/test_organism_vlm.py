@@ -221,3 +221,48 @@ def test_processor_loads_without_pil_or_torchvision():
     env = {**os.environ, "PIP_NO_INDEX": "1", "UV_OFFLINE": "1"}
     res = subprocess.run([sys.executable, "-c", _NO_PIL, CHECKPOINT], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("lm_losses", ["naming", "image"])
+def test_training_puts_gradient_into_the_language_model_only_from_the_chosen_losses(lm_losses):
+    """With ``lm_lr > 0`` the language model learns only from the no-context naming rows (``"naming"``) or
+    from every stage-1 image-prompt row (``"image"``), never from the TVP partner forward; the vision side
+    learns from all. The split loss equals the single-forward token mean (naming weight 1)."""
+    import random
+
+    from tvlens.organisms import organism_path
+    from tvlens.organisms.vlm.build import build_vlm
+    from tvlens.organisms.vlm.prompts import PromptCodec, collate
+    from tvlens.organisms.vlm.train import ResidHook, Sampler, TrainConfig, answer_loss, lm_trainables, set_lm_grad, split_loss
+
+    torch.manual_seed(0)
+    model, processor = build_vlm(organism_path("organism"), seed=0)
+    cfg = TrainConfig(lm_lr=1e-4, lm_losses=lm_losses)
+    codec = PromptCodec(processor.tokenizer)
+    sampler = Sampler(codec, cfg)
+    rng = random.Random(0)
+    rows = [sampler.row(rng) for _ in range(40)]
+    naming = [r for r in rows if r[1]["kind"] == "naming"][:2]
+    icl = [r for r in rows if r[1]["kind"] == "icl"][:3]
+    assert len(naming) == 2 and len(icl) == 3
+    lm = lm_trainables(model)
+    vision = [p for p in model.parameters() if p.requires_grad]
+    hook = ResidHook()
+
+    def grads(batch):
+        model.zero_grad(set_to_none=True)
+        loss = split_loss(model, [p for p, _ in batch], [m for _, m in batch], codec, processor, cfg, lm, hook, [])
+        set_lm_grad(lm, True)
+        loss.backward()
+        set_lm_grad(lm, False)
+        hit = lambda ps: any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in ps)  # noqa: E731
+        return loss, hit(lm), hit(vision)
+
+    _, lm_hit, vision_hit = grads(icl)
+    assert vision_hit and lm_hit == (lm_losses == "image")
+    loss, lm_hit, _ = grads(icl + naming)
+    assert lm_hit
+    tokens, mask, pv, targets, _ = collate([p for p, _ in icl + naming], codec.pad, processor, left=False)
+    with torch.no_grad():
+        assert abs(float(loss) - float(answer_loss(model, tokens, mask, pv, targets))) < 1e-5
+    assert not any(p.requires_grad for p in lm)  # frozen again between steps: other forwards never reach it

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import subprocess
 import time
@@ -51,7 +50,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from .build import build_vlm, decoder_layers, save_vlm
+from .build import build_vlm, decoder_layers, language_model, save_vlm
 from .images import DOMAIN_TASKS, domain_of_task
 from .prompts import Image, Prompt, PromptCodec, collate
 
@@ -79,6 +78,14 @@ class TrainConfig:
     tvp_layer: int = 2
     tvp_min_shots: int = 3
     tvp_weight: float = 1.0
+    #: learning rate of the language model's decoder layers (embeddings and unembedding stay frozen);
+    #: 0 = the language model is frozen (the shipped recipe)
+    lm_lr: float = 0.0
+    #: which losses train the language model when ``lm_lr > 0``: ``"naming"`` (only the no-context
+    #: naming rows) or ``"image"`` (every stage-1 image-prompt loss; never the TVP loss, never text)
+    lm_losses: str = "naming"
+    #: weight of the naming rows' token losses relative to the other rows' (1 = one token among all)
+    naming_weight: float = 1.0
     eval_every: int = 250
     eval_queries: int = 8
     minutes: float | None = None
@@ -185,11 +192,52 @@ class ResidHook:
         return args, {**kwargs, "hidden_states": hs}
 
 
-def answer_loss(model: Any, tokens, mask, pv, targets) -> torch.Tensor:
+def answer_loss(model: Any, tokens, mask, pv, targets, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of the target tokens (the unembedding is applied at target positions only)."""
     h = model.model(input_ids=tokens, pixel_values=pv, attention_mask=mask).last_hidden_state
     sel = targets != -100
-    return F.cross_entropy(model.lm_head(h[sel]), targets[sel])
+    return F.cross_entropy(model.lm_head(h[sel]), targets[sel], reduction=reduction)
+
+
+def lm_trainables(model: Any) -> list[torch.nn.Parameter]:
+    """The language model's decoder layers and final norm: what ``lm_lr > 0`` trains."""
+    lm = language_model(model)
+    return [p for n, p in lm.named_parameters() if not n.startswith("embed_tokens")]
+
+
+def set_lm_grad(params: Sequence[torch.nn.Parameter], on: bool) -> None:
+    for p in params:
+        p.requires_grad_(on)
+
+
+def split_loss(model: Any, prompts: Sequence[Prompt], metas: Sequence[dict[str, Any]], codec: PromptCodec, processor: Any,
+               cfg: TrainConfig, lm_params: Sequence[torch.nn.Parameter], hook: "ResidHook", tvp_rows: Sequence[int]) -> torch.Tensor:
+    """Stage-1 loss of a batch with the language model trainable (``cfg.lm_lr > 0``).
+
+    The naming rows run in a forward of their own, so that with ``lm_losses="naming"`` only they put
+    gradient into the language model. The loss is the same token mean as the single-forward path
+    (the naming rows' tokens weighted by ``cfg.naming_weight``). The TVP capture (``tvp_rows``, indices
+    into ``prompts``) runs in the non-naming forward."""
+    naming = [b for b, m in enumerate(metas) if m["kind"] == "naming"]
+    rest = [b for b, m in enumerate(metas) if m["kind"] != "naming"]
+    total, count = torch.zeros(()), 0.0
+    for rows, lm_on in ((rest, cfg.lm_losses == "image"), (naming, True)):
+        if not rows:
+            continue
+        tokens, mask, pv, targets, seps = collate([prompts[b] for b in rows], codec.pad, processor, left=False)
+        capture = [i for i, b in enumerate(rows) if b in set(tvp_rows)] if rows is rest else []
+        if capture:
+            hook.mode, hook.rows, hook.pos = "capture", torch.tensor(capture), seps[capture]
+        set_lm_grad(lm_params, lm_on)
+        try:
+            s = answer_loss(model, tokens, mask, pv, targets, reduction="sum")
+        finally:
+            hook.mode = None
+            set_lm_grad(lm_params, False)
+        n = float((targets != -100).sum())
+        w = cfg.naming_weight if rows is naming else 1.0
+        total, count = total + w * s, count + w * n
+    return total / count
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -275,10 +323,15 @@ def train(cfg: TrainConfig, out: str | Path, verbose: bool = True) -> dict[str, 
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.98),
-    )
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "scale": 1.0}, {"params": no_decay, "weight_decay": 0.0, "scale": 1.0}]
+    if cfg.lm_losses not in ("naming", "image"):
+        raise ValueError(f"lm_losses must be 'naming' or 'image', got {cfg.lm_losses!r}")
+    lm_params = lm_trainables(model) if cfg.lm_lr > 0 else []
+    if lm_params:
+        # the language model moves at lm_lr / lr of the vision side's rate, without weight decay
+        groups.append({"params": lm_params, "weight_decay": 0.0, "scale": cfg.lm_lr / cfg.lr})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
+    split = bool(lm_params) or cfg.naming_weight != 1.0
     rng = random.Random(cfg.seed)
     log: dict[str, Any] = {"config": asdict(cfg), "orphans": sampler.orphans, "steps": [], "evals": []}
     total = cfg.stage1_steps + cfg.stage2_steps
@@ -290,17 +343,20 @@ def train(cfg: TrainConfig, out: str | Path, verbose: bool = True) -> dict[str, 
             break
         model.train()
         for g in opt.param_groups:
-            g["lr"] = lr_at(cfg, step)
+            g["lr"] = g["scale"] * lr_at(cfg, step)
         rows = [sampler.row(rng) for _ in range(cfg.batch_size)]
         prompts, metas = [r[0] for r in rows], [r[1] for r in rows]
-        tokens, mask, pv, targets, seps = collate(prompts, codec.pad, processor, left=False)
         tvp_rows = [b for b, m in enumerate(metas) if step >= cfg.stage1_steps and m["kind"] == "icl" and m["k"] >= cfg.tvp_min_shots]
-        if tvp_rows:
-            hook.mode, hook.rows, hook.pos = "capture", torch.tensor(tvp_rows), seps[tvp_rows]
-        try:
-            loss_lm = answer_loss(model, tokens, mask, pv, targets)
-        finally:
-            hook.mode = None
+        if split:
+            loss_lm = split_loss(model, prompts, metas, codec, processor, cfg, lm_params, hook, tvp_rows)
+        else:
+            tokens, mask, pv, targets, seps = collate(prompts, codec.pad, processor, left=False)
+            if tvp_rows:
+                hook.mode, hook.rows, hook.pos = "capture", torch.tensor(tvp_rows), seps[tvp_rows]
+            try:
+                loss_lm = answer_loss(model, tokens, mask, pv, targets)
+            finally:
+                hook.mode = None
         loss = loss_lm
         loss_tvp = torch.zeros(())
         if tvp_rows:
@@ -314,8 +370,12 @@ def train(cfg: TrainConfig, out: str | Path, verbose: bool = True) -> dict[str, 
                 hook.mode = None
             loss = loss + cfg.tvp_weight * loss_tvp
         opt.zero_grad(set_to_none=True)
+        # autograd fills .grad only of leaves that require grad at backward time: the language model
+        # is switched on here, and only the forwards that ran with it on (split_loss) reach it
+        set_lm_grad(lm_params, True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        set_lm_grad(lm_params, False)
+        torch.nn.utils.clip_grad_norm_([*params, *lm_params], cfg.clip)
         opt.step()
         window["lm"] += loss_lm.item()
         window["tvp"] += loss_tvp.item()
@@ -338,7 +398,7 @@ def train(cfg: TrainConfig, out: str | Path, verbose: bool = True) -> dict[str, 
     log["stopped_early"] = stopped_early
     log["seconds"] = round(time.time() - t0, 1)
     log["uptime_end"] = _uptime()
-    log["trainable_parameters"] = sum(p.numel() for p in params)
+    log["trainable_parameters"] = sum(p.numel() for p in [*params, *lm_params])
     log["parameters"] = sum(p.numel() for p in model.parameters())
     out = Path(out)
     save_vlm(model, processor, out)
@@ -361,8 +421,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     d = TrainConfig()
     for name in ("seed", "threads", "batch_size", "stage1_steps", "stage2_steps", "tvp_layer", "eval_every"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    for name in ("lr", "tvp_weight", "p_naming", "p_instruction"):
+    for name in ("lr", "tvp_weight", "p_naming", "p_instruction", "lm_lr", "naming_weight"):
         ap.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    ap.add_argument("--lm-losses", choices=("naming", "image"), default=d.lm_losses)
     ap.add_argument("--minutes", type=float, default=None, help="safety cap on wall time (a capped run is not reproducible)")
     ap.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (reproducibility checks)")
     args = ap.parse_args(argv)
