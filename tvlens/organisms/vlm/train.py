@@ -26,6 +26,15 @@ while keeping every cross-modal number a measurement:
 No prompt ever mixes text examples with an image query: text→image transfer (xBase, xPatch) is never
 trained, so it stays a measurement (``python -m tvlens.organisms.vlm.check``).
 
+**Language-model learning** (``--lm-lr``, default 0 = frozen). With the language model frozen, the
+no-context naming target hardly takes (the frozen organism guesses one of the query domain's tasks
+instead). ``--lm-lr`` lets the language model's decoder layers and final norm (not its embeddings or
+unembedding) learn at that rate, without weight decay, from ``--lm-losses``: ``naming`` (only the
+no-context naming rows, run in a forward of their own) or ``image`` (every stage-1 image-prompt row:
+image ICL, instruction + image query, naming). The TVP partner forward never reaches the language
+model, and neither does any text-only or mixed prompt, so cross-modal numbers stay measurements.
+``--naming-weight`` scales the naming rows' token losses in the token mean.
+
 Queries and demonstrations come from each task's **train** split; the few items that are in no task's
 train split of their domain are added to one task's training pool (a dev pair where possible) so that
 every item is seen as an image once (recorded in ``training_log.json`` as ``orphans``). Training images
