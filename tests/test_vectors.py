@@ -521,3 +521,154 @@ def test_sweep_counts_any_accepted_answer(tiny_model):
     for j, l in enumerate(kw["layers"]):
         assert V.evaluate_vector(tiny_model, multi, got.vector("antonym", l), n_prompts=6) == \
             pytest.approx(got.accuracy[0, -1, j].item(), abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# multimodal prompts (Luo et al. 2024): vectors from image-ICL prompts, patched into image queries
+
+
+def _tiny_llava(out):
+    """A tiny random LLaVA (CLIP tower + Llama) over the organism's word vocabulary, saved without a processor."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from conftest import vocabulary
+    from tvlens.organisms.text.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(vocabulary())
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    torch.manual_seed(0)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=16,
+                              patch_size=8, projection_dim=32)
+    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-1,
+                                                      image_token_id=tok.convert_tokens_to_ids("<image>"), image_seq_length=4))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module", params=["organism-vlm", "tiny-llava"])
+def vlm_model(request, tmp_path_factory):
+    import os
+
+    os.environ.setdefault("PIP_NO_INDEX", "1")  # a VLM's bridge may shell out to pip: never let it reach an index
+    if request.param == "organism-vlm":
+        from tvlens.models import organism_path
+
+        if not (organism_path("organism-vlm") / "config.json").exists():
+            pytest.skip("organism-vlm checkpoint not shipped")
+        return tvlens.load_model("organism-vlm", device="cpu")
+    return tvlens.load_model(_tiny_llava(tmp_path_factory.mktemp("llava") / "m"), device="cpu", require_processor=False)
+
+
+def _mm_row(model, batch, r, *, capture=None, layer=None, vector=None):
+    """Row ``r`` alone through the bridge's own run_with_hooks, its images passed by hand: the final logits
+    [d_vocab] and (``capture``) the final residual entering block ``capture``."""
+    row = batch.select([r])
+    real = row.attention_mask[0].bool()
+    seen = {}
+    hooks = []
+    if capture is not None:
+        def keep(act, hook):
+            seen["x"] = act[0, -1].clone()  # returns None: the activation is left as it is
+
+        hooks.append((act_name("resid_pre", capture), keep))
+    if vector is not None:
+        def put(act, hook):
+            act = act.clone()
+            act[:, -1] = vector.to(act.dtype)
+            return act
+
+        hooks.append((act_name("resid_pre", layer), put))
+    with torch.no_grad():
+        logits = model.run_with_hooks(row.tokens[:, real], pixel_values=row.pixel_values, fwd_hooks=hooks)[0, -1]
+    return logits.double(), seen.get("x")
+
+
+def _padded_image_batch(model):
+    """Rows with different numbers of images, left-padded into one batch."""
+    from tvlens.inputs import multimodal as mm
+    from tvlens.organisms.vlm.images import render
+
+    mark = mm.vision_spec(model).marker
+    texts = [f"{mark} → 5\n{mark} → 8\n{mark} →", f"{mark} →", f"three → four\n{mark} →"]
+    images = [[render("digits", "4", 10**6), render("digits", "7", 10**6 + 1), render("digits", "12", 10**6 + 2)],
+              [render("digits", "2", 10**6 + 3)], [render("digits", "9", 10**6 + 4)]]
+    return mm.prompts_from_images(model, texts, images, ["13", "3", "10"])
+
+
+def test_task_vector_from_image_prompts_equals_run_with_hooks_per_row(vlm_model):
+    """task_vector / evaluate_vector / layer_sweep on multimodal batches: the vector is the mean of each image-ICL
+    row's own final residual, and patching it into image queries without context gives, row by row, what the
+    bridge's run_with_hooks gives with the row's images passed by hand."""
+    from tvlens.inputs import multimodal as mm
+
+    model = vlm_model
+    task = mm_task()
+    ctx = mm.image_icl_prompts(model, task, n_prompts=3, n_shots=2, seed=0)
+    padded = _padded_image_batch(model)
+    assert bool((padded.attention_mask == 0).any())
+    q = {sp: mm.image_query_prompts(model, task, n_prompts=3, seed=1, split=sp) for sp in ("dev", "test")}
+    icl = mm.image_icl_prompts(model, task, n_shots=2, seed=0, queries=list(zip(q["test"].queries, q["test"].answers)))
+    layers = [1, 2] if model.cfg.n_layers > 2 else [0, 1]
+    for source in (ctx, padded):
+        tvs = V.task_vectors_all_layers(model, source, layers=layers)
+        for tv, l in zip(tvs, layers):
+            ref = torch.stack([_mm_row(model, source, r, capture=l)[1] for r in range(len(source))]).double().mean(0)
+            assert (tv.vector.double() - ref).abs().max().item() < 1e-4, (l, len(source))
+            assert tv.task == source.task and tv.meta.extra["source"] == "prompts"
+    tv = V.task_vector(model, ctx, layer=layers[0])
+    ok, logits = [], []
+    for r in range(len(q["test"])):
+        lg, _ = _mm_row(model, q["test"], r, layer=layers[0], vector=tv.vector)
+        logits.append(lg)
+        ok.append(float(int(lg.argmax()) in {a[0] for a in q["test"].accepted_answer_tokens[r]}))
+    got = V.apply_vector(model, q["test"], tv)
+    assert (got.double() - torch.stack(logits)).abs().max().item() < 1e-4
+    assert V.evaluate_vector(model, q["test"], tv) == pytest.approx(sum(ok) / len(ok), abs=1e-6)
+    sweep = V.layer_sweep(model, [V.SweepPrompts(task, ctx, q, icl=icl)], layers=layers)
+    assert torch.allclose(sweep.vectors[0], torch.stack([t.vector for t in V.task_vectors_all_layers(model, ctx, layers=layers)]),
+                          atol=1e-5)
+    for s, sp in enumerate(sweep.splits):
+        for j, l in enumerate(layers):
+            ref = [float(int(_mm_row(model, q[sp], r, layer=l, vector=sweep.vectors[0, j])[0].argmax()) in
+                         {a[0] for a in q[sp].accepted_answer_tokens[r]}) for r in range(len(q[sp]))]
+            assert sweep.accuracy[0, s, j].item() == pytest.approx(sum(ref) / len(ref), abs=1e-6), (sp, l)
+        base = [float(int(_mm_row(model, q[sp], r)[0].argmax()) in {a[0] for a in q[sp].accepted_answer_tokens[r]})
+                for r in range(len(q[sp]))]
+        assert sweep.zero_shot[0, s].item() == pytest.approx(sum(base) / len(base), abs=1e-6)
+    icl_ref = [float(int(_mm_row(model, icl, r)[0].argmax()) in {a[0] for a in icl.accepted_answer_tokens[r]})
+               for r in range(len(icl))]
+    assert sweep.icl[0].item() == pytest.approx(sum(icl_ref) / len(icl_ref), abs=1e-6)
+
+
+def test_multimodal_vectors_refuse_bad_input_before_any_forward(vlm_model, tiny_llama, monkeypatch):
+    from tvlens.inputs import multimodal as mm
+
+    model = vlm_model
+    q = mm.image_query_prompts(model, mm_task(), n_prompts=2, seed=1)
+    tv = V.task_vector(model, q, layer=1)
+    import tvlens.engine.readout as R
+
+    def boom(*a, **k):
+        raise AssertionError("a forward ran")
+
+    monkeypatch.setattr(V, "run_rows", boom)
+    monkeypatch.setattr(R, "run_rows", boom)
+    with pytest.raises(ValueError, match="carry images but model .* is text-only"):
+        V.task_vector(tiny_llama, q, layer=1)
+    with pytest.raises(ValueError, match="prompt options .* only apply when a task is given"):
+        V.evaluate_vector(model, q, tv, example_sep="\n\n")
+    with pytest.raises(ValueError, match="no queries for split"):
+        V.layer_sweep(model, V.SweepPrompts("t", q, {"test": q}), splits=("dev", "test"))
+    with pytest.raises(ValueError, match="kind='task' only"):
+        V.layer_sweep(model, V.SweepPrompts("t", q, {"dev": q, "test": q}), kind="function")
+    with pytest.raises(TypeError, match="SweepPrompts.context must be a prompt batch"):
+        V.SweepPrompts("t", "antonym", {"test": q})
+
+
+def mm_task():
+    """A task with pictures (numbers: 7-segment digits)."""
+    return "successor"
