@@ -90,6 +90,21 @@ class RunReport:
         return {k: (list(v) if isinstance(v, list) else v) for k, v in self.__dict__.items()}
 
 
+def _keep(key: Any, res: dict[str, Tensor], who: str, *, results: dict, report: RunReport, checkpoint: Any,
+          bar: Any, on_result: Callable[[Any, str], None] | None) -> None:
+    """Keep one finished unit: in the checkpoint first (so a crash right after loses nothing), then
+    in ``results``, counted for ``who``."""
+    if checkpoint is not None:
+        checkpoint.record(key, res, by=who)
+    results[key] = res
+    report.computed += 1
+    report.per_worker[who] = report.per_worker.get(who, 0) + 1
+    if bar is not None:
+        bar.update(1)
+    if on_result is not None:
+        on_result(key, who)
+
+
 @runtime_checkable
 class Executor(Protocol):
     """What an analysis needs from an executor (``executor=`` of head_means, patch_heads, ...)."""
@@ -226,15 +241,8 @@ class LocalExecutor:
             for u in todo:
                 k = _unit_key(u.key)
                 res = _as_result(u.fn(model, *map(_unwrap, u.args), **{n: _unwrap(v) for n, v in u.kwargs.items()}), u.key)
-                if checkpoint is not None:
-                    checkpoint.record(k, res, by=me)
-                results[k] = res
-                report.computed += 1
-                report.per_worker[me] = report.per_worker.get(me, 0) + 1
-                if bar is not None:
-                    bar.update(1)
-                if self.on_result is not None:
-                    self.on_result(k, me)
+                _keep(k, res, me, results=results, report=report, checkpoint=checkpoint, bar=bar,
+                      on_result=self.on_result)
         finally:
             if bar is not None:
                 bar.close()
@@ -589,16 +597,10 @@ class RayExecutor:
                 if k in results:  # computed twice (resubmitted after a fault): merge it once
                     report.duplicates_dropped += 1
                 else:
-                    if checkpoint is not None:
-                        checkpoint.record(k, res, by=who)
-                    results[k] = res
-                    report.computed += 1
-                    report.per_worker[who] = report.per_worker.get(who, 0) + 1
                     if bar is not None:
-                        bar.update(1)
                         bar.set_postfix(workers=len(self._actors) - len(dead))
-                    if self.on_result is not None:
-                        self.on_result(k, who)
+                    _keep(k, res, who, results=results, report=report, checkpoint=checkpoint, bar=bar,
+                          on_result=self.on_result)
                 fill()
         finally:
             for ref in list(inflight):  # an error above: do not leave units running
