@@ -452,11 +452,17 @@ stats = V.canvas_means(model, tasks, n=8)
 rho = V.visual_taskness(stats)
 rho.plot()"""),
     ("code", "rho.plot_layers()  # ρ over the canvas, where each position sits (Hojel et al. Fig. 2)"),
-    ("md", "## Patching the top-k pairs into canvases without examples"),
+    ("md", """\
+## Patching the top-k pairs into canvases without examples
+
+Code accuracy is floored by the black background most tasks keep (copying the query scores ≈ 0.6), so
+the cell is also scored as *exact* (all 36 codes right) and *changed* (accuracy on the codes the task
+changes; copying the query scores 0)."""),
     ("code", """\
 patch = V.CanvasPatch(model, blank, stats)
 masks = torch.stack([torch.zeros(patch.shape)] + [V.topk_pairs(rho, k) for k in (256, 1024)])
-{t: [round(float(x), 3) for x in v] for t, v in patch.per_task(masks).items()}  # none, top-256, top-1024"""),
+scores = patch.scores(masks)  # {metric: {task: [mask]}}: none, top-256, top-1024
+{m: {t: [round(float(x), 3) for x in v] for t, v in d.items()} for m, d in scores.items()}"""),
     ("md", "## REINFORCE over (head, position) pairs, a few steps"),
     ("code", """\
 sel = V.reinforce_pairs(patch, candidates=rho.top_pairs(1024), steps=4, samples=4, init_logit=0.0, sparsity=2e-4)

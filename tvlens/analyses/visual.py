@@ -772,11 +772,13 @@ class TopkCurve:
         hl = {"no example": float(self.base[metric][-1])}
         if self.icl_scores:
             hl["1-shot ICL"] = float(self.icl_scores[metric][-1])
-        return line_plot(list(self.ks), {"top-k ρ pairs": self.values["top"][metric][-1],
-                                         "k random pairs": self.values["random"][metric][-1],
-                                         "top-k, another task's means": self.values["wrong"][metric][-1]},
-                         hlines=hl, xlabel="k (layer, head, position) pairs", ylabel=label,
-                         title=f"Task means patched into canvases without examples ({label}, mean over tasks)")
+        fig = line_plot(list(self.ks), {"top-k ρ pairs": self.values["top"][metric][-1],
+                                        "k random pairs": self.values["random"][metric][-1],
+                                        "top-k, another task's means": self.values["wrong"][metric][-1]},
+                        hlines=hl, xlabel="k (layer, head, position) pairs, log scale", ylabel=label,
+                        title=f"Task means patched into canvases without examples<br><sup>{label}, mean over "
+                              f"{len(self.tasks) - 1} tasks, {self.meta.get('n_canvases', '?')} held-out canvases</sup>")
+        return fig.update_xaxes(type="log")
 
 
 def _score_table(scores: Mapping[str, Mapping[str, Tensor]], tasks: Sequence[str]) -> dict[str, Tensor]:
