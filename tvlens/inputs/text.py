@@ -919,7 +919,37 @@ def icl_prompts(
     Raises:
         KeyError / ValueError / TypeError before any forward, with the fix in the message.
     """
-    # ---- argument checks (cheap, before touching the tokenizer) --------------------------------
+    # argument checks (cheap, before touching the tokenizer), then every step is a function below
+    n_prompts, n_shots, seed = _check_icl_args(n_prompts=n_prompts, n_shots=n_shots, seed=seed, separator=separator,
+                                               example_sep=example_sep, dummy_query=dummy_query,
+                                               shuffle_labels=shuffle_labels, instruction=instruction, split=split,
+                                               prepend_bos=prepend_bos)
+    task = _resolve_task(task)
+    tokenizer = _tokenizer_of(model)
+    instr_text = _instruction_text(task, instruction)
+    accepted = _accepted_of(task)
+    qrows = _draw_queries(task, accepted, queries=queries, n_prompts=n_prompts, split=split, seed=seed)
+    rows = _draw_demos(task, accepted, qrows, n_shots=n_shots, seed=seed, dummy_query=dummy_query,
+                       shuffle_labels=shuffle_labels, separator=separator, example_sep=example_sep)
+    layouts = [_icl_layout(r["demos"], r["query"][0], instr_text, separator, example_sep) for r in rows]
+    use_bos = _use_bos(model, tokenizer, prepend_bos)
+    built = _build(
+        tokenizer, layouts, [r["query"][1] for r in rows], names=f"task {task.name!r}", separator=separator,
+        example_sep=example_sep, use_bos=use_bos, n_ctx=_n_ctx_of(model, tokenizer),
+        real=[r["real"] for r in rows] if dummy_query else None,
+    )
+    _warn_collisions(tokenizer, task, separator)
+    options = dict(separator=separator, example_sep=example_sep, split=split, dummy_query=bool(dummy_query),
+                   shuffle_labels=bool(shuffle_labels), instruction=instruction, prepend_bos=use_bos,
+                   pad_token_id=built["pad"])
+    return _prompt_batch(built, layouts, [r["query"] for r in rows], task=str(task.name), n_shots=n_shots, seed=seed,
+                         options=options, demos=[r["demos"] for r in rows],
+                         real=[r["real"] for r in rows] if dummy_query else None)
+
+
+def _check_icl_args(*, n_prompts: Any, n_shots: Any, seed: Any, separator: Any, example_sep: Any, dummy_query: Any,
+                    shuffle_labels: Any, instruction: Any, split: Any, prepend_bos: Any) -> tuple[int | None, int, int]:
+    """:func:`icl_prompts`'s argument checks, before the tokenizer is touched: ``(n_prompts, n_shots, seed)``."""
     n_shots = _check_int("n_shots", n_shots, minimum=0)
     seed = _check_int("seed", seed, minimum=0)
     if n_prompts is not None:
@@ -936,36 +966,47 @@ def icl_prompts(
         raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
     if instruction == "only" and n_shots != 0:
         raise ValueError(f"instruction='only' means no demonstrations, but n_shots={n_shots}: pass n_shots=0 (or instruction=True)")
+    return n_prompts, n_shots, seed
 
-    task = _resolve_task(task)
-    tokenizer = _tokenizer_of(model)
 
+def _instruction_text(task: Any, instruction: bool | str) -> str | None:
+    """The task's instruction line (Luo et al. 2024, §4.2), or None without ``instruction``."""
     if instruction and not str(getattr(task, "instruction", "") or "").strip():
         raise ValueError(f"task {task.name!r} has no instruction text; pass instruction=False or give the task an instruction")
     instr_text = str(task.instruction).strip() if instruction else None
     if instr_text is not None and "\n" in instr_text:
         raise ValueError(f"the instruction of task {task.name!r} contains a newline; keep it to one line")
+    return instr_text
 
-    # ---- queries -----------------------------------------------------------------------------
-    accepted = _accepted_of(task)
+
+def _draw_queries(task: Any, accepted: Mapping[str, tuple[str, ...]], *, queries: Any, n_prompts: int | None, split: str,
+                  seed: int) -> list[tuple[str, tuple[str, ...]]]:
+    """(input, accepted answers) per prompt: the given ``queries``, or a seeded cycle through ``split``'s
+    distinct inputs (every query used equally often, +-1)."""
     if queries is not None:
         qrows = _normalise_queries(task, queries)
         if n_prompts is not None and n_prompts != len(qrows):
             raise ValueError(f"n_prompts={n_prompts} but {len(qrows)} queries were given: leave n_prompts out or make them agree")
-        n_prompts = len(qrows)
-    else:
-        if n_prompts is None:
-            raise TypeError("icl_prompts needs n_prompts (or explicit queries=[...])")
-        qsplit = _dedupe(task.split(split))
-        if not qsplit:
-            raise ValueError(f"the {split!r} split of task {task.name!r} is empty: use another split= or a task with more pairs")
-        rng_q = np.random.default_rng([seed, 0])
-        order: list[int] = []
-        while len(order) < n_prompts:  # cycle through permutations: every query used equally often (+-1)
-            order.extend(rng_q.permutation(len(qsplit)).tolist())
-        qrows = [(qsplit[k][0], accepted[qsplit[k][0]]) for k in order[:n_prompts]]
+        return qrows
+    if n_prompts is None:
+        raise TypeError("icl_prompts needs n_prompts (or explicit queries=[...])")
+    qsplit = _dedupe(task.split(split))
+    if not qsplit:
+        raise ValueError(f"the {split!r} split of task {task.name!r} is empty: use another split= or a task with more pairs")
+    rng_q = np.random.default_rng([seed, 0])
+    order: list[int] = []
+    while len(order) < n_prompts:
+        order.extend(rng_q.permutation(len(qsplit)).tolist())
+    return [(qsplit[k][0], accepted[qsplit[k][0]]) for k in order[:n_prompts]]
 
-    # ---- demonstration pools -----------------------------------------------------------------
+
+def _draw_demos(task: Any, accepted: Mapping[str, tuple[str, ...]], qrows: Sequence[tuple[str, tuple[str, ...]]], *,
+                n_shots: int, seed: int, dummy_query: bool, shuffle_labels: bool, separator: str,
+                example_sep: str) -> list[dict[str, Any]]:
+    """Per prompt: its demonstrations (train split, the query's input excluded, seeded per prompt), the
+    query shown (a dummy with ``dummy_query``, Hendel et al. 2023 §3.1) and the real one; labels
+    deranged with ``shuffle_labels`` (Todd et al. 2024, §3). Refuses too few train inputs and pair
+    text that would make the prompt ambiguous."""
     train = _dedupe(task.split("train"))
     need = n_shots + (1 if dummy_query else 0)
     if need:
@@ -980,7 +1021,6 @@ def icl_prompts(
             )
     used_pairs = [(q, a) for q, acc in qrows for a in acc] + (list(train) if need else [])
     _check_pair_text(task.name, used_pairs, separator, example_sep)
-
     rows: list[dict[str, Any]] = []
     for i, (q, acc) in enumerate(qrows):
         demos: list[Pair] = []
@@ -997,61 +1037,63 @@ def icl_prompts(
             outs = _derange([y for _, y in demos], np.random.default_rng([seed, 2, i]))
             demos = [(x, y) for (x, _), y in zip(demos, outs)]
         rows.append(dict(demos=demos, query=shown, real=real))
+    return rows
 
-    # ---- the text of each prompt, and where its parts are ------------------------------------
-    layouts = []
-    for r in rows:
-        lay = _Layout()
-        if instr_text is not None:
-            lay.add(instr_text + "\n", TokenClass.INSTRUCTION)  # its newline may merge with its last word
-        for k, (x, y) in enumerate(r["demos"]):
-            lay.add(x, TokenClass.DEMO_INPUT, k)
-            lay.add(" ")
-            lay.add(separator, TokenClass.DEMO_SEP, k)
-            lay.add(" ")
-            lay.add(y, TokenClass.DEMO_OUTPUT, k)
-            lay.add(example_sep, TokenClass.DEMO_NEWLINE, k)
-        lay.add(r["query"][0], TokenClass.QUERY_INPUT)
+
+def _icl_layout(demos: Sequence[Pair], query: str, instr_text: str | None, separator: str, example_sep: str) -> _Layout:
+    """The text of one prompt and where its parts are (the format of Hendel et al. 2023, §2)."""
+    lay = _Layout()
+    if instr_text is not None:
+        lay.add(instr_text + "\n", TokenClass.INSTRUCTION)  # its newline may merge with its last word
+    for k, (x, y) in enumerate(demos):
+        lay.add(x, TokenClass.DEMO_INPUT, k)
         lay.add(" ")
-        lay.add(separator, TokenClass.FINAL_SEP)
-        layouts.append(lay)
+        lay.add(separator, TokenClass.DEMO_SEP, k)
+        lay.add(" ")
+        lay.add(y, TokenClass.DEMO_OUTPUT, k)
+        lay.add(example_sep, TokenClass.DEMO_NEWLINE, k)
+    lay.add(query, TokenClass.QUERY_INPUT)
+    lay.add(" ")
+    lay.add(separator, TokenClass.FINAL_SEP)
+    return lay
 
-    bos_id = getattr(tokenizer, "bos_token_id", None)
+
+def _use_bos(model: Any, tokenizer: Any, prepend_bos: bool | None) -> bool:
+    """Whether prompts start with BOS: ``prepend_bos``, else the model's ``cfg.default_prepend_bos``, and only
+    when the tokenizer has a BOS token."""
     if prepend_bos is None:
         cfg = getattr(model, "cfg", None)
         prepend_bos = bool(getattr(cfg, "default_prepend_bos", True)) if cfg is not None else True
-    use_bos = bool(prepend_bos) and bos_id is not None
+    return bool(prepend_bos) and getattr(tokenizer, "bos_token_id", None) is not None
 
-    built = _build(
-        tokenizer, layouts, [r["query"][1] for r in rows], names=f"task {task.name!r}", separator=separator,
-        example_sep=example_sep, use_bos=use_bos, n_ctx=_n_ctx_of(model, tokenizer),
-        real=[r["real"] for r in rows] if dummy_query else None,
-    )
-    _warn_collisions(tokenizer, task, separator)
+
+def _prompt_batch(built: Mapping[str, Any], layouts: Sequence[_Layout], shown: Sequence[tuple[str, Sequence[str]]], *,
+                  task: str, n_shots: int, seed: int, options: Mapping[str, Any], demos: Sequence[Sequence[Pair]],
+                  real: Sequence[tuple[str, Sequence[str]]] | None = None) -> PromptBatch:
+    """The :class:`PromptBatch` of built prompts: ``shown[i]`` is row ``i``'s (query, accepted answers) in the
+    prompt, ``real[i]`` the one a dummy query stands for (None: the same)."""
     acc_tokens = built["answer_tokens"]
-    real_acc = built["real_tokens"] if dummy_query else acc_tokens
-    options = dict(separator=separator, example_sep=example_sep, split=split, dummy_query=bool(dummy_query),
-                   shuffle_labels=bool(shuffle_labels), instruction=instruction, prepend_bos=use_bos,
-                   pad_token_id=built["pad"])
+    kw: dict[str, Any] = {}
+    if real is not None:
+        kw = dict(real_queries=tuple(q for q, _ in real), real_answers=tuple(a[0] for _, a in real),
+                  real_answer_tokens=tuple(t[0] for t in built["real_tokens"]))
     return PromptBatch(
         tokens=built["tokens"],
         attention_mask=built["mask"],
         token_class=built["classes"],
         answer_ids=torch.tensor([t[0][0] for t in acc_tokens], dtype=torch.long),
         answer_tokens=tuple(t[0] for t in acc_tokens),
-        queries=tuple(r["query"][0] for r in rows),
-        answers=tuple(r["query"][1][0] for r in rows),
+        queries=tuple(q for q, _ in shown),
+        answers=tuple(a[0] for _, a in shown),
         texts=tuple(lay.text for lay in layouts),
-        task=str(task.name),
+        task=task,
         n_shots=n_shots,
         seed=seed,
-        options=options,
-        demos=tuple(tuple(r["demos"]) for r in rows),
-        real_queries=tuple(r["real"][0] for r in rows),
-        real_answers=tuple(r["real"][1][0] for r in rows),
-        real_answer_tokens=tuple(t[0] for t in real_acc),
-        other_answers=tuple(tuple(r["query"][1][1:]) for r in rows),
+        options=dict(options),
+        demos=tuple(tuple(d) for d in demos),
+        other_answers=tuple(tuple(a[1:]) for _, a in shown),
         other_answer_tokens=tuple(tuple(t[1:]) for t in acc_tokens),
+        **kw,
     )
 
 
@@ -1185,32 +1227,14 @@ def prompts_from_text(
                              f"as 'x {separator} y' joined by {example_sep!r}")
         layouts.append(lay)
         demos.append(tuple(shown))
-    if prepend_bos is None:
-        cfg = getattr(model, "cfg", None)
-        prepend_bos = bool(getattr(cfg, "default_prepend_bos", True)) if cfg is not None else True
-    use_bos = bool(prepend_bos) and getattr(tokenizer, "bos_token_id", None) is not None
+    use_bos = _use_bos(model, tokenizer, prepend_bos)
     n_shots = {len(d) for d in demos}
     built = _build(tokenizer, layouts, accs, names="these texts", separator=separator, example_sep=example_sep,
                    use_bos=use_bos, n_ctx=_n_ctx_of(model, tokenizer))
-    acc_tokens = built["answer_tokens"]
-    return PromptBatch(
-        tokens=built["tokens"],
-        attention_mask=built["mask"],
-        token_class=built["classes"],
-        answer_ids=torch.tensor([t[0][0] for t in acc_tokens], dtype=torch.long),
-        answer_tokens=tuple(t[0] for t in acc_tokens),
-        queries=tuple(queries),
-        answers=tuple(a[0] for a in accs),
-        texts=tuple(lay.text for lay in layouts),
-        task=str(task),
-        n_shots=n_shots.pop() if len(n_shots) == 1 else -1,
-        seed=0,
-        options=dict(separator=separator, example_sep=example_sep, split=None, dummy_query=False, shuffle_labels=False,
-                     instruction=False, prepend_bos=use_bos, pad_token_id=built["pad"], source="text"),
-        demos=tuple(demos),
-        other_answers=tuple(a[1:] for a in accs),
-        other_answer_tokens=tuple(tuple(t[1:]) for t in acc_tokens),
-    )
+    options = dict(separator=separator, example_sep=example_sep, split=None, dummy_query=False, shuffle_labels=False,
+                   instruction=False, prepend_bos=use_bos, pad_token_id=built["pad"], source="text")
+    return _prompt_batch(built, layouts, list(zip(queries, accs)), task=str(task),
+                         n_shots=n_shots.pop() if len(n_shots) == 1 else -1, seed=0, options=options, demos=demos)
 
 
 _DEMO_CLASSES = (TokenClass.DEMO_INPUT, TokenClass.DEMO_SEP, TokenClass.DEMO_OUTPUT, TokenClass.DEMO_NEWLINE)
