@@ -371,7 +371,7 @@ def test_report_and_cli_pass_the_example_separator_on(vocab_models, tokenizers, 
         _check_written(built, tok, separator="→")
 
 
-def test_bad_prompt_options_are_refused_before_any_forward(vocab_models, monkeypatch):
+def test_bad_prompt_options_are_refused_before_any_forward(vocab_models, monkeypatch, tmp_path):
     import tvlens.engine.readout as R
     from tvlens.vectors import activation as A
 
@@ -388,3 +388,16 @@ def test_bad_prompt_options_are_refused_before_any_forward(vocab_models, monkeyp
         A.layer_sweep(m, TWO, n_prompts=2, n_shots=2, example_sep=" ; ")
     with pytest.raises(TypeError, match=r"layer_sweep\(\) got unexpected keyword argument\(s\) 'split'"):
         A.layer_sweep(m, TWO, n_prompts=2, n_shots=2, split="dev")  # the sweep chooses its splits itself
+    class Cluster:  # an executor that splits a run into units (what a RayExecutor does)
+        name, n_workers, split = "cluster", 2, True
+
+        def prepare(self, *a, **k): ...
+        def run(self, *a, **k): raise AssertionError("a unit ran")
+        def describe(self): return "cluster"
+
+    with pytest.raises(ValueError, match=r"prompt options \['example_sep', 'separator'\] are not passed on to an executor"):
+        A.layer_sweep(m, TWO, n_prompts=2, n_shots=2, executor=Cluster(), **OPTS)
+    from tvlens.report import build_report
+
+    with pytest.raises(ValueError, match=r"the report's visual section\(s\) build their own prompts and take no prompt options"):
+        build_report(m, TWO, tmp_path, sections=["visual"], png=False, progress=False, **OPTS)
