@@ -546,3 +546,33 @@ def test_case_normalizer_keeps_offsets_and_protected_words():
         "Give", "FRANCE", "→", "Paris", "\n", "Fe", "McDonald", "mcdonald", "A", "a", "GIVE"]
     plain = build_tokenizer(["france"], case_fold=False)
     assert plain.convert_ids_to_tokens(plain("France", add_special_tokens=False)["input_ids"]) == ["<unk>"]
+
+
+@pytest.mark.parametrize("name", ["next_item", "person-instrument", "product-company"])
+def test_anchor_inputs_with_several_outputs_are_scored_on_every_output(name, tmp_path):
+    """Todd et al.'s files where one input has several outputs: every output is an accepted answer of the
+    prompt (its first token as it follows the prompt on GPT-2's vocabulary), and the metrics' accepted ids
+    hold exactly those first tokens, the first listed output's first."""
+    import sys
+    import warnings
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from real_vocab import DATA, load_tokenizer
+
+    if not DATA.is_dir():
+        pytest.skip("tests/data/tokenizers (the real vocabularies) is absent")
+    from tvlens.inputs.text import icl_prompts
+    from tvlens.metrics import accepted_ids
+
+    tok = load_tokenizer("gpt2", tmp_path)
+    task = Task.from_json(COPIES / "todd" / f"{name}.json")
+    multi = [x for x in task.inputs if len(task.answers_of(x)) > 1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batch = icl_prompts(tok, task, queries=multi, n_shots=2, seed=0, split="train")
+    ids = accepted_ids(batch)
+    for r, x in enumerate(multi):
+        assert batch.accepted_answers[r] == task.answers_of(x)
+        prompt = tok(batch.texts[r], add_special_tokens=False)["input_ids"]
+        firsts = [tok(batch.texts[r] + " " + a, add_special_tokens=False)["input_ids"][len(prompt)] for a in task.answers_of(x)]
+        assert ids[r, 0] == firsts[0] and set(ids[r].tolist()) == set(firsts)

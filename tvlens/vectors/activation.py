@@ -30,6 +30,13 @@ examples. **Ensembles** average exemplar and instruction vectors (Luo et al.). V
 model and layer support ``+ - * /`` and :func:`mean` (the activation-space analogue of Ilharco et
 al. 2023's task arithmetic); mixing models or layers raises ``ValueError`` naming both.
 
+**Prompts.** Every function that builds prompts from a task takes how they are written as
+keywords (``separator``, ``example_sep``, ``prepend_bos``: :func:`tvlens.inputs.text.prompt_options`)
+and writes every prompt it builds with them. :func:`task_vector`, :func:`evaluate_vector` and
+:func:`layer_sweep` (:class:`SweepPrompts`) also take ready batches, text or multimodal — Luo et
+al. 2024 (§4): a vector read from a VLM's image-ICL prompts, patched into image queries. Scores
+count a prompt when its top token starts any accepted answer (:func:`tvlens.metrics.accepted_metric`).
+
 Speed (all exact; ``tests/test_vectors.py`` compares with the naive loop of
 ``tests/reference_vectors.py``): extraction hooks every requested layer in one pass that stops
 after the last of them, and the MLP of the last block a pass runs sees only the final position
@@ -958,12 +965,13 @@ class SweepResult:
     """Accuracy of task vectors per task and layer, with the baselines of the same run.
 
     ``accuracy[t, s, j]``: first-token accuracy on zero-shot prompts of task ``tasks[t]`` with
-    queries from split ``splits[s]`` when the task's vector is patched at ``layers[j]``.
+    queries from split ``splits[s]`` when the task's vector is patched at ``layers[j]`` (a prompt
+    counts when its top token starts any accepted answer).
     ``zero_shot[t, s]``: the same prompts unpatched. ``icl[t]``: ``n_shots``-shot ICL accuracy on
     the report split (``splits[-1]``). ``n_eval[t, s]``: zero-shot prompts per cell.
     ``vectors[t, j]``: the task vectors themselves. ``logprob`` / ``zero_shot_logprob`` /
-    ``icl_logprob``: the mean log-probability of the answer's first token in the same cells (a
-    smooth companion of the accuracy). Hendel's protocol: the best layer is chosen
+    ``icl_logprob``: the mean log-probability of the answer's first token in the same cells (the
+    best accepted answer's; a smooth companion of the accuracy). Hendel's protocol: the best layer is chosen
     on ``splits[0]`` (dev) and reported on ``splits[-1]`` (test).
     """
 
