@@ -520,6 +520,13 @@ print(llm.markdown())
 lens = xm.crossmodal_lens(model, tasks, n_prompts=8)
 print(lens.markdown())
 lens.plot()"""),
+    ("md", "One task's image-ICL prompts through `logit_lens` itself (it takes a `MultimodalBatch`; an image query has no "
+           "input token, so its *input* is the word naming the image):"),
+    ("code", """\
+res = tvlens.logit_lens(model, mm.image_icl_prompts(model, "country_currency", n_prompts=8, n_shots=5, split="test"))
+print(res.phases())
+print(res.to_markdown())
+res.plot()"""),
 ]
 
 
