@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     target, source = prompts(vocab, batch, n_pos, 1), prompts(vocab, batch, n_pos, 2)
     L, H = model.cfg.n_layers, model.cfg.n_heads
     print(f"model {name}: {L} layers x {H} heads, d_model {model.cfg.d_model}, vocab {vocab}; "
-          f"batch {batch} x {n_pos} tokens; {args.threads} threads on {device}")
+          f"batch {batch} x {n_pos} tokens; {args.threads} threads on {device}; load {fmt_load()}")
 
     with torch.no_grad():  # warm-up (allocator, lazy inits)
         model(target.tokens.to(device))
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
         got = torch.stack([res.values[l, h] for l, h in naive_sites])
         err = float((got - ref).abs().max())
         rows.append((f"heads, {positions} ({L * H} sites)", t_naive * scale, t_fast, c_naive * scale, c_fast,
-                     m_naive, m_fast, f"max |diff| {err:.1e}"))
+                     m_naive, m_fast, f"max |diff| {err:.1e}; load {fmt_load()}"))
         print(f"  measured {rows[-1][0]}: naive {t_naive * scale:.1f} s, tvlens {t_fast:.1f} s", flush=True)
         exact[positions] = (res, t_fast, c_fast, m_fast)
     for case in [c for c in cases if c.startswith("attribution")]:
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
         ex = (res.values - res.target_value).reshape(-1)
         corr = float(torch.corrcoef(torch.stack([est, ex]))[0, 1])
         rows.append((f"attribution vs exact tvlens ({positions})", t_ex, t_att, c_ex, c_att, m_ex, m_att,
-                     f"corr {corr:.3f} (naive col = exact tvlens)"))
+                     f"corr {corr:.3f} (naive col = exact tvlens); load {fmt_load()}"))
 
     print()
     head = (f"{'case':36s} {'naive s':>8s} {'tvlens s':>8s} {'ratio':>6s} {'naive CPU':>9s} {'tvl CPU':>8s} "
@@ -263,7 +263,13 @@ def main(argv: list[str] | None = None) -> None:
     for case, tn, tf, cn, cf, mn, mf, note in rows:
         print(f"{case:36s} {tn:8.2f} {tf:8.2f} {tn / tf:5.1f}x {cn:9.2f} {cf:8.2f} {cn / cf:5.1f}x "
               f"{mn / 2**20:8.0f} {mf / 2**20:7.0f}  {note}")
-    print("(s = wall seconds, CPU = process CPU seconds, MB = peak memory growth during the case)")
+    print("(s = wall seconds, CPU = process CPU seconds, MB = peak memory growth during the case, "
+          "load = 1/5/15-minute load average when the case ended)")
+
+
+def fmt_load() -> str:
+    """The machine's load averages: on a shared machine they say how far wall time is from CPU time."""
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 if __name__ == "__main__":

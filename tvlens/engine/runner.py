@@ -75,6 +75,9 @@ from .sites import Edit, NormEdit, normalize_edits, restrict_columns
 
 __all__ = ["PatchRunner", "final_position_logits"]
 
+#: bytes the widest transient tensor of one CPU recompute chunk may take (below glibc's 32 MiB mmap threshold)
+CPU_WIDEST = 30 << 20
+
 
 class PatchRunner:
     """A target batch run once and cached, plus exact recomputation of only what edits can change.
@@ -166,12 +169,16 @@ class PatchRunner:
             for layer, block in enumerate(blocks):
                 handles.append(block.register_forward_pre_hook(grab(layer), with_kwargs=True))
                 handles.append(inject_cache(block.attn, RecordKV(kv, layer)))
+            keep = self.P - 1 if self.query is None else int(self.query.min())
+            cut = [] if keep == 0 or not _unembed_cut_ok(model) else [(_UNEMBED_IN, lambda a, hook: a[:, keep:].contiguous())]
+            keep = keep if cut else 0
             with _inplace_acts(self._twins):
-                logits = _hooks.run(model, self.tokens, attention_mask=self.mask, **self.prompts.model_inputs(self.device))
+                logits = _hooks.run(model, self.tokens, attention_mask=self.mask, fwd_hooks=cut,
+                                    **self.prompts.model_inputs(self.device))
         finally:
             for h in handles:
                 h.remove()
-        self.clean_logits = self._read_logits(logits).detach()
+        self.clean_logits = self._read_logits(logits, keep).detach()
         self.keys = [kv[layer][0] if layer in kv else None for layer in range(self.L)]
         self.values = [kv[layer][1] if layer in kv else None for layer in range(self.L)]
         if any(k is None for k in self.keys) or any(r is None for r in self.resid):
@@ -235,7 +242,21 @@ class PatchRunner:
                 raise ValueError(f"batch_size must be >= 1, got {batch_size}")
             return max(1, batch_size // self.B)
         budget = memory_budget(self.device, max_memory)
-        return max(1, min(1024, int(budget // max(1, self.B * self.bytes_per_row(start_pos)))))
+        size = max(1, min(1024, int(budget // max(1, self.B * self.bytes_per_row(start_pos)))))
+        if max_memory is None and self.device.type == "cpu":
+            size = min(size, self._cpu_widest_cap(start_pos))
+        return size
+
+    def _cpu_widest_cap(self, start_pos: int) -> int:
+        """Columns whose widest activation (the MLP hidden, ``[rows·T, d_mlp]``) stays under :data:`CPU_WIDEST`.
+
+        glibc serves allocations below its 32 MiB mmap threshold from memory it already holds;
+        larger ones are fresh pages on every call (page faults, then a cold pass over them).
+        """
+        d_mlp = int(getattr(getattr(self.model, "cfg", None), "d_mlp", None) or 4 * self.info.d_model)
+        elt = torch.finfo(self.dtype).bits // 8 if self.dtype.is_floating_point else 4
+        T = self.P - int(start_pos) % self.P
+        return max(1, CPU_WIDEST // max(1, self.B * T * d_mlp * elt))
 
     def bytes_per_row(self, start_pos: int = -1) -> int:
         """Rough transient bytes per (prompt, column) row of a recompute pass (for chunk sizing)."""
@@ -485,11 +506,14 @@ class PatchRunner:
             outs.append(self._read_rows(logits, S, 0))
         return torch.cat(outs, dim=1)
 
-    def _read_logits(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Tensor:
-        """The target's logits at its query positions: ``[batch, d_vocab]`` (final) or ``[batch, query, d_vocab]``."""
+    def _read_logits(self, logits: Float[Tensor, "batch pos d_vocab"], first: int = 0) -> Tensor:
+        """The target's logits at its query positions: ``[batch, d_vocab]`` (final) or ``[batch, query, d_vocab]``.
+
+        ``first``: the logits hold positions ``first..`` only.
+        """
         if self.query is None:
             return logits[:, -1]
-        return logits.gather(1, self.query[..., None].expand(*self.query.shape, logits.shape[-1]))
+        return logits.gather(1, (self.query - first)[..., None].expand(*self.query.shape, logits.shape[-1]))
 
     def _read_rows(self, h: Tensor, S: int, start_pos: int) -> Tensor:
         """``[S·B, T, ...]`` stream rows (positions ``start_pos..``) -> ``[B, S, (query,) ...]`` at the query positions."""
@@ -538,6 +562,31 @@ def _apply_plans(canon: Tensor, plans: list) -> Tensor:
         else:
             canon[:, idx, t] = new
     return canon
+
+
+#: the unembedding's input: cut to the positions read, it multiplies only those
+_UNEMBED_IN = "unembed.hook_in"
+
+
+def _unembed_cut_ok(model: Any) -> bool:
+    """Does cutting the unembedding's input to the last positions reproduce their logits? (checked once per model)"""
+    return capabilities.cached(model, "unembed_cut", lambda: _check_unembed_cut(model))
+
+
+@torch.no_grad()
+def _check_unembed_cut(model: Any) -> bool:
+    from ..models import ModelInfo
+
+    if _UNEMBED_IN not in model.hook_dict:
+        return False
+    info = ModelInfo.of(model)
+    tokens = torch.randint(0, info.d_vocab, (2, 6), generator=torch.Generator().manual_seed(1)).to(_hooks.device_of(model))
+    try:
+        ref = _hooks.run(model, tokens)[:, 3:]
+        got = _hooks.run(model, tokens, fwd_hooks=[(_UNEMBED_IN, lambda a, hook: a[:, 3:])])
+        return got.shape == ref.shape and bool(torch.allclose(got.float(), ref.float(), atol=1e-5, rtol=1e-5))
+    except Exception:  # noqa: BLE001 - a model that does not take the cut keeps its whole unembedding
+        return False
 
 
 @torch.no_grad()
