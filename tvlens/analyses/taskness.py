@@ -23,7 +23,7 @@ law of total variance (each task weighted by its sample count).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -621,19 +621,8 @@ def head_means(
         o_means = [lpad(x, 2) for x in o_means]
         o_vars = [lpad(x, 2) for x in o_vars]
 
-    from ..results import version
-
-    given = [t for t in task_list if _is_prompt_batch(t)]
-    if given:  # ready PromptBatches: record what they hold
-        n_prompts = None if len(given) < len(task_list) else max(len(t) for t in given)
-        n_shots = getattr(given[0], "n_shots", n_shots)
-        seed = getattr(given[0], "seed", seed)
-    meta = {
-        "model": info.name, "config_hash": info.config_hash, "n_prompts": n_prompts, "n_shots": n_shots, "seed": seed,
-        "batch_size": batch_size, "variance": "population", "tvlens_version": version(),
-        "prompt_kw": {k: v for k, v in prompt_kw.items() if isinstance(v, (str, int, float, bool, type(None)))},
-        "executor": executor_meta(executor),
-    }
+    meta = stats_meta(info, task_list, n_prompts=n_prompts, n_shots=n_shots, seed=seed, batch_size=batch_size,
+                      prompt_kw=prompt_kw, executor=executor_meta(executor))
     return HeadStats(
         tasks=tuple(names), z_mean=torch.stack(z_means), z_var=torch.stack(z_vars), count=torch.stack(counts),
         positions=mode, layers=tuple(layer_ids), out_mean=torch.stack(o_means) if o_means else None,
@@ -642,6 +631,25 @@ def head_means(
 
 
 @torch.no_grad()
+def stats_meta(info: Any, task_list: Sequence[Any], *, n_prompts: int | None, n_shots: int, seed: int, batch_size: int,
+               prompt_kw: Mapping[str, Any], executor: Mapping[str, Any]) -> dict[str, Any]:
+    """What :class:`HeadStats` records of how it was made (the same wherever it ran: here or on an
+    executor's workers); ready PromptBatches record what they hold."""
+    from ..results import version
+
+    given = [t for t in task_list if _is_prompt_batch(t)]
+    if given:
+        n_prompts = None if len(given) < len(task_list) else max(len(t) for t in given)
+        n_shots = getattr(given[0], "n_shots", n_shots)
+        seed = getattr(given[0], "seed", seed)
+    return {
+        "model": info.name, "config_hash": info.config_hash, "n_prompts": n_prompts, "n_shots": n_shots, "seed": seed,
+        "batch_size": batch_size, "variance": "population", "tvlens_version": version(),
+        "prompt_kw": {k: v for k, v in prompt_kw.items() if isinstance(v, (str, int, float, bool, type(None)))},
+        "executor": dict(executor),
+    }
+
+
 def _accumulate_batch(
     model: Any, tokens: Tensor, mask: Tensor, token_class: Tensor, *, mode: str, cls: int | None,
     layer_ids: list[int], acc_z: _Moments, acc_o: _Moments | None, w_o: Tensor | None, stop_at: int | None,
