@@ -457,7 +457,7 @@ def build_report(
     from .models import ModelInfo, load_model
     from .plot import save_figure, write_plotlyjs
     from .results import atomic_write_text, check_writable
-    from .inputs.text import non_default_options, prompt_options
+    from .inputs.text import non_default_options, prompt_options, prompt_record
     from .tasks import resolve_tasks
 
     t_start = time.perf_counter()
@@ -525,7 +525,7 @@ def build_report(
         "command": command or "tvlens report",
         "seconds": time.perf_counter() - t_start,
         "executor": executor_meta(executor),
-        **({"prompt": non_default_options(prompt_kw)} if non_default_options(prompt_kw) else {}),
+        **prompt_record(prompt_kw),
     }
     page = out / "report.html"
     js = write_plotlyjs(out)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from ..tasks import task_name as _task_name
 from ..engine.plan import merge_batches
+from ..inputs.text import prompt_options, prompt_record
 from ..metrics import FINAL_POSITION, accepted_ids, accepted_metric, cat_accepted
 from ..results import LayerHeadGrid
 from ..results import tensor_digest as _tensor_digest
@@ -71,16 +72,6 @@ BASELINES = ("mean", "loo", "ema", "none")
 # ==============================================================================================
 # helpers
 # ==============================================================================================
-
-
-def _prompt_kw(where: str, prompt_kw: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The prompt options ``where`` passes to every prompt it builds (checked before any forward),
-    and what a checkpoint's config records of them (the options that differ from the defaults)."""
-    from ..inputs.text import non_default_options, prompt_options
-
-    kw = prompt_options(where, prompt_kw)
-    opts = non_default_options(kw)
-    return kw, ({"prompt": opts} if opts else {})
 
 
 def _check_int(name: str, value: Any, lo: int, why: str = "") -> int:
@@ -758,7 +749,8 @@ def reinforce_select(
         from ..results import check_writable
 
         checkpoint = check_writable(Path(checkpoint))
-    prompt_kw, prompt_meta = _prompt_kw("reinforce_select", prompt_kw)
+    prompt_kw = prompt_options("reinforce_select", prompt_kw)
+    prompt_meta = prompt_record(prompt_kw)
 
     objective = None
     task_names: tuple[str, ...] = ()
@@ -897,7 +889,8 @@ def soft_select(
         from ..results import check_writable
 
         checkpoint = check_writable(Path(checkpoint))
-    prompt_kw, prompt_meta = _prompt_kw("soft_select", prompt_kw)
+    prompt_kw = prompt_options("soft_select", prompt_kw)
+    prompt_meta = prompt_record(prompt_kw)
     task_list = _resolve_tasks(tasks)
     task_names = tuple(t.name for t in task_list)
     means = _means_for(model, task_list, head_means, n_prompts=n_mean_prompts, n_shots=n_shots, seed=seed,
@@ -980,7 +973,7 @@ def select_restarts(
     from ..inputs.text import PROMPT_OPTIONS
 
     task_list = _resolve_tasks(tasks)
-    prompt_kw, _ = _prompt_kw("select_restarts", {k: v for k, v in kw.items() if k in PROMPT_OPTIONS})
+    prompt_kw = prompt_options("select_restarts", {k: v for k, v in kw.items() if k in PROMPT_OPTIONS})
     given = kw.pop("head_means", None)
     if given is None:
         from .taskness import head_means as compute
@@ -1040,7 +1033,7 @@ def evaluate_heads(
     prompt counts when its top token starts any accepted answer. ``**prompt_kw``: how the prompts
     are written (``separator``, ``example_sep``, ``prepend_bos``).
     """
-    prompt_kw, _ = _prompt_kw("evaluate_heads", prompt_kw)
+    prompt_kw = prompt_options("evaluate_heads", prompt_kw)
     task_list = _resolve_tasks(tasks)
     if isinstance(weights, Selection):
         weights = weights.weights.unsqueeze(0)
@@ -1305,7 +1298,8 @@ def compare_selections(
     from ..results import ResultMeta
 
     info = ModelInfo.of(model)
-    prompt_kw, prompt_meta = _prompt_kw("compare_selections", prompt_kw)
+    prompt_kw = prompt_options("compare_selections", prompt_kw)
+    prompt_meta = prompt_record(prompt_kw)
     task_list = _resolve_tasks(tasks)
     methods = tuple(methods)
     unknown = [m for m in methods if m not in METHOD_LABELS]

@@ -1149,6 +1149,14 @@ def non_default_options(prompt_kw: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in prompt_kw.items() if k in default and v != default[k]}
 
 
+def prompt_record(prompt_kw: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"prompt": {...}}``: what a result's meta or a checkpoint's config records of the prompt
+    options, those that differ from the defaults (nothing when none do, so the records of runs with
+    the default format are what they were)."""
+    opts = non_default_options(prompt_kw)
+    return {"prompt": opts} if opts else {}
+
+
 def prompts_from_text(
     model: Any,
     texts: Sequence[str] | str,

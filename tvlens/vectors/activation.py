@@ -66,6 +66,7 @@ from torch import Tensor
 from .. import hooks as _hooks
 from ..engine.plan import DEFAULT_BATCH, RowsBatch, gather_inputs, length_buckets, pad_id_of, pad_left, row_inputs, rows_of
 from ..engine.readout import run_rows, run_shared, tree_mask_ok
+from ..inputs.text import prompt_options, prompt_record
 from ..metrics import accepted_ids, accepted_metric, cat_accepted
 from ..results import ResultMeta, check_same_model, load_result, load_tensors, save_tensors
 
@@ -499,22 +500,6 @@ def _task_obj(task: Any) -> Any:
 # extraction
 
 
-def _prompt_kw(where: str, prompt_kw: Mapping[str, Any]) -> dict[str, Any]:
-    """The prompt options (``separator``, ``example_sep``, ``prepend_bos``) ``where`` passes to every
-    prompt it builds, checked before any prompt or forward."""
-    from ..inputs.text import prompt_options
-
-    return prompt_options(where, prompt_kw)
-
-
-def _prompt_meta(prompt_kw: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"prompt": {...}}`` with the options that differ from the defaults (nothing when none do)."""
-    from ..inputs.text import non_default_options
-
-    opts = non_default_options(prompt_kw)
-    return {"prompt": opts} if opts else {}
-
-
 def _is_batch(x: Any) -> bool:
     """A ready batch of prompts (a :class:`~tvlens.PromptBatch`, a multimodal batch), not a task."""
     return isinstance(getattr(x, "tokens", None), Tensor) and hasattr(x, "attention_mask")
@@ -626,7 +611,7 @@ def task_vectors_all_layers(
     n_shots = _check_int("n_shots", n_shots, 0)
     batch_size = _check_int("batch_size", batch_size, 1)
     ls = _check_layers(model, layers)
-    prompt_kw = _prompt_kw("task_vector", prompt_kw)
+    prompt_kw = prompt_options("task_vector", prompt_kw)
     if _is_batch(task):
         batch, name = _given_batch(model, task, prompt_kw, "task_vector"), str(getattr(task, "task", "custom"))
         made = dict(n_prompts=len(batch), n_shots=int(getattr(batch, "n_shots", -1)), source="prompts",
@@ -637,7 +622,7 @@ def task_vectors_all_layers(
         batch = _extraction_prompts(model, task, n_prompts=n_prompts, n_shots=n_shots, dummy_query=dummy_query, seed=seed,
                                     prompt_kw=prompt_kw)
         made = dict(n_prompts=n_prompts, n_shots=n_shots, dummy_query=bool(dummy_query), source="hendel2023",
-                    **_prompt_meta(prompt_kw))
+                    **prompt_record(prompt_kw))
     vecs = _vectors_from_batches(model, [batch], ls, batch_size)[0]
     return [
         TaskVector(vector=vecs[j], layer=l, task=name, kind="task", meta=_make_meta(model, [name], seed, kind="task", **made))
@@ -708,13 +693,13 @@ def instruction_vector(
     """
     n_prompts = _check_int("n_prompts", n_prompts, 1)
     layer = _hooks.check_layer(model, layer, allow_end=True)
-    prompt_kw = _prompt_kw("instruction_vector", prompt_kw)
+    prompt_kw = prompt_options("instruction_vector", prompt_kw)
     task = _task_obj(task)
     batch = _instruction_prompts(model, task, n_prompts=n_prompts, seed=seed, prompt_kw=prompt_kw)
     vec = _vectors_from_batches(model, [batch], [layer], batch_size)[0, 0]
     return TaskVector(vector=vec, layer=layer, task=task.name, kind="instruction",
                       meta=_make_meta(model, [task.name], seed, kind="instruction", n_prompts=n_prompts, n_shots=0,
-                                      source="luo2024", instruction=task.instruction, **_prompt_meta(prompt_kw)))
+                                      source="luo2024", instruction=task.instruction, **prompt_record(prompt_kw)))
 
 
 def _instruction_prompts(model: Any, task: Any, *, n_prompts: int, seed: int, prompt_kw: Mapping[str, Any]) -> Any:
@@ -871,7 +856,7 @@ def evaluate_vector(
     vector.check_model(model, layer=layer)
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
-    prompt_kw = _prompt_kw("evaluate_vector", prompt_kw)
+    prompt_kw = prompt_options("evaluate_vector", prompt_kw)
     if _is_batch(task):
         batch = _given_batch(model, task, prompt_kw, "evaluate_vector")
     else:
@@ -1266,7 +1251,7 @@ def layer_sweep(
     if not splits or any(s not in _SPLITS for s in splits) or len(set(splits)) != len(splits):
         raise ValueError(f"splits must be distinct names from {_SPLITS} (selection split first, report split last), got {splits!r}")
     ls = _check_layers(model, layers)
-    prompt_kw = _prompt_kw("layer_sweep", prompt_kw)
+    prompt_kw = prompt_options("layer_sweep", prompt_kw)
     # every prompt first: bad input fails before any forward pass
     plan = _sweep_plan(model, tasks, kind=kind, splits=splits, n_prompts=n_prompts, n_shots=n_shots, seed=seed,
                        dummy_query=dummy_query, center=center, prompt_kw=prompt_kw, checkpoint=checkpoint,
@@ -1275,7 +1260,7 @@ def layer_sweep(
     ck_config = dict(
         what="layer_sweep", tasks=[t.name for t in task_list], n_prompts=n_prompts, n_shots=n_shots, mode=mode,
         alpha=float(alpha), seed=seed, splits=list(splits), layers=list(ls), kind=kind, dummy_query=bool(dummy_query),
-        center=bool(center), function_kw=dict(function_kw or {}), batch_size=batch_size, **_prompt_meta(prompt_kw))
+        center=bool(center), function_kw=dict(function_kw or {}), batch_size=batch_size, **prompt_record(prompt_kw))
     if _splits(executor):  # one unit per task, on the executor's workers
         from ..runs import distributed
 
@@ -1326,7 +1311,7 @@ def layer_sweep(
     meta = _make_meta(model, [t.name for t in task_list], seed, kind=kind, **made, center=bool(center),
                       seconds=time.perf_counter() - t0, hook=POSITION_RULE,
                       **({"function_kw": dict(function_kw)} if function_kw else {}), executor=executor_meta(executor),
-                      **_prompt_meta(prompt_kw))
+                      **prompt_record(prompt_kw))
     return SweepResult(tasks=tuple(t.name for t in task_list), families=tuple(t.family for t in task_list),
                        layers=tuple(ls), splits=splits, accuracy=grid[..., 0], zero_shot=base[..., 0], icl=icl_mean[:, 0],
                        n_eval=n_eval, vectors=vecs, logprob=grid[..., 1], zero_shot_logprob=base[..., 1],
@@ -1507,7 +1492,7 @@ def function_vector(
         heads = [(_hooks.check_layer(model, int(l)), _hooks.check_head(model, int(h))) for l, h in heads]
         if not heads:
             raise ValueError("heads is empty; give (layer, head) pairs or leave heads=None to pick them by CIE")
-    prompt_kw = _prompt_kw("function_vector", prompt_kw)
+    prompt_kw = prompt_options("function_vector", prompt_kw)
     task = _task_obj(task)
     corrupted = None
     if heads is None:  # build prompts first: bad input fails before the forward passes
@@ -1529,6 +1514,6 @@ def function_vector(
     vec = outs.to(torch.float64).sum(0).to(torch.float32)
     meta = _make_meta(model, [task.name], seed, kind="function", n_prompts=n_prompts, n_cie_prompts=n_cie_prompts,
                       n_shots=n_shots, n_heads=len(heads), source="todd2024", executor=stats.meta.get("executor"),
-                      **_prompt_meta(prompt_kw))
+                      **prompt_record(prompt_kw))
     return FunctionVector(vector=vec, layer=layer, task=task.name, kind="function", meta=meta, cie=cie,
                           top_heads=tuple(heads), mean_head_outputs=outs)
