@@ -1158,14 +1158,15 @@ class SweepPrompts:
     ``context``: the prompts the task vector is read from (their final-position residual, averaged;
     e.g. image-ICL prompts of a VLM). ``queries``: per split, the zero-shot prompts the vector is
     patched into (e.g. image queries without context). ``icl``: the ICL baseline's prompts on the
-    report split's queries (``None``: the sweep's ``icl`` is NaN for this task).
+    report split's queries (``None``: the sweep's ``icl`` is NaN for this task). ``family``: by
+    default that of the shipped task of this name (else ``"custom"``).
     """
 
     task: str
     context: Any
     queries: Mapping[str, Any]
     icl: Any = None
-    family: str = "custom"
+    family: str | None = None
 
     def __post_init__(self) -> None:
         for name, b in [("context", self.context), *((f"queries[{k!r}]", v) for k, v in dict(self.queries).items()),
@@ -1175,6 +1176,10 @@ class SweepPrompts:
                                 f"tvlens.inputs.multimodal.image_icl_prompts, ...), got {type(b).__name__}")
         if not self.queries:
             raise ValueError("SweepPrompts.queries is empty; give {split: zero-shot prompts} for every split swept")
+        if self.family is None:
+            from ..tasks import list_tasks, load_task
+
+            object.__setattr__(self, "family", load_task(self.task).family if self.task in list_tasks() else "custom")
 
 
 def layer_sweep(
