@@ -143,6 +143,11 @@ def timed(fn, model):
     return out, time.perf_counter() - t0, time.process_time() - c0
 
 
+def _load() -> str:
+    """The 1/5/15-minute load averages: on a shared machine they say how far wall time is from CPU time."""
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="organism")
@@ -165,6 +170,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import tvlens
 
+    load0 = _load()
     model = tvlens.load_model(args.model, device=args.device)
     sides = _sides(model, args)
     # warm-up (first-call costs: tokenizer caches, lazy imports), not timed
@@ -196,7 +202,7 @@ def main() -> None:
     res = sides["fast"][0]()
     print(f"\nall-layers task-vector sweep: model {args.model} ({J} layers), {T} tasks, n_prompts={args.n_prompts}, "
           f"n_shots={args.n_shots}, splits dev+test, device {args.device}, {args.threads} thread(s), best of {args.repeats} "
-          "interleaved runs")
+          f"interleaved runs; load {load0} at the start, {_load()} at the end")
     print(f"{'case':<26}{'naive s':>9}{'tvlens s':>10}{'ratio':>7}{'naive cpu s':>13}{'tvlens cpu s':>14}{'cpu ratio':>11}"
           f"{'naive peak':>12}{'tvlens peak':>13}")
     print(f"{'layer_sweep, end to end':<26}{n['wall']:>9.2f}{f['wall']:>10.2f}{n['wall'] / f['wall']:>7.1f}"
