@@ -437,3 +437,18 @@ def test_builtin_metrics_score_the_best_accepted_answer(tiny_model, metric):
         assert got[r].item() == pytest.approx(want, rel=1e-5, abs=1e-6), r
     if metric == "accuracy":
         assert got[0] == 1 and got[2] == 1  # the first answer alone would score these 0
+
+
+def test_accepted_ids_pad_by_repeating_and_concatenate_across_widths():
+    from types import SimpleNamespace
+
+    from tvlens.metrics import accepted_ids, accepted_metric, cat_accepted
+
+    a = accepted_ids(SimpleNamespace(answer_ids=torch.tensor([3, 4]), accepted_answer_tokens=(((3, 8), (5,), (3, 1)), ((4,),))))
+    assert a.tolist() == [[3, 5], [4, 4]]  # distinct first tokens, answer first; a repeat pads the short row
+    b = accepted_ids(SimpleNamespace(answer_ids=torch.tensor([7])))  # no accepted_answer_tokens: one column
+    both = cat_accepted([a, b])
+    assert both.tolist() == [[3, 5], [4, 4], [7, 7]]
+    logits = torch.zeros(3, 10)
+    logits[0, 5] = logits[1, 5] = logits[2, 7] = 1.0
+    assert accepted_metric(logits, both, "accuracy").tolist() == [1.0, 0.0, 1.0]
