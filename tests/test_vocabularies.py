@@ -388,16 +388,25 @@ def test_bad_prompt_options_are_refused_before_any_forward(vocab_models, monkeyp
         A.layer_sweep(m, TWO, n_prompts=2, n_shots=2, example_sep=" ; ")
     with pytest.raises(TypeError, match=r"layer_sweep\(\) got unexpected keyword argument\(s\) 'split'"):
         A.layer_sweep(m, TWO, n_prompts=2, n_shots=2, split="dev")  # the sweep chooses its splits itself
-    class Cluster:  # an executor that splits a run into units (what a RayExecutor does)
-        name, n_workers, split = "cluster", 2, True
-
-        def prepare(self, *a, **k): ...
-        def run(self, *a, **k): raise AssertionError("a unit ran")
-        def describe(self): return "cluster"
-
-    with pytest.raises(ValueError, match=r"prompt options \['example_sep', 'separator'\] are not passed on to an executor"):
-        A.layer_sweep(m, TWO, n_prompts=2, n_shots=2, executor=Cluster(), **OPTS)
     from tvlens.report import build_report
 
     with pytest.raises(ValueError, match=r"the report's visual section\(s\) build their own prompts and take no prompt options"):
         build_report(m, TWO, tmp_path, sections=["visual"], png=False, progress=False, **OPTS)
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_prompt_options_reach_an_executors_units(vocab_models, center):
+    """A sweep split into units (what a RayExecutor does, here in this process) writes its prompts
+    with the options given: the same numbers as the local sweep with them, not as the default format."""
+    from tvlens.runs.executors import LocalExecutor
+    from tvlens.vectors import activation as A
+
+    m = vocab_models["gpt2"]
+    kw = dict(n_prompts=3, n_shots=2, layers=[1, 2], center=center)
+    here = A.layer_sweep(m, TWO, **kw, **OPTS)
+    split = A.layer_sweep(m, TWO, **kw, executor=LocalExecutor(split=True), **OPTS)
+    plain = A.layer_sweep(m, TWO, **kw)
+    assert not torch.allclose(here.logprob, plain.logprob)  # the options change the prompts, so the numbers
+    for name in ("accuracy", "logprob", "zero_shot_logprob", "icl_logprob", "vectors"):
+        torch.testing.assert_close(getattr(split, name), getattr(here, name), atol=1e-5, rtol=0, msg=name)
+    assert split.meta["prompt"] == here.meta["prompt"]

@@ -22,7 +22,7 @@ sweep are shaped differently when it is cut in parts: ~1e-7 in float32).
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -105,7 +105,6 @@ def head_means(model: Any, task_list: Sequence[Any], *, executor: Any, n_prompts
     """:func:`tvlens.analyses.taskness.head_means` on an executor: units are blocks of one task's prompts."""
     from ..analyses import taskness as tk
     from ..models import ModelInfo
-    from ..results import version
 
     ex = resolve_executor(executor)
     info = ModelInfo.of(model)
@@ -143,17 +142,8 @@ def head_means(model: Any, task_list: Sequence[Any], *, executor: Any, n_prompts
         merged = part if merged is None else merged.merge(part)
     if per and merged.n_positions == 0:
         raise ValueError(f"no token of class {positions!r} in any prompt; choose a class these prompts contain")
-    given = [t for t in task_list if tk._is_prompt_batch(t)]
-    if given:  # ready PromptBatches: record what they hold (as the local run does)
-        n_prompts = None if len(given) < len(task_list) else max(len(t) for t in given)
-        n_shots = getattr(given[0], "n_shots", n_shots)
-        seed = getattr(given[0], "seed", seed)
-    meta = {
-        "model": info.name, "config_hash": info.config_hash, "n_prompts": n_prompts, "n_shots": n_shots, "seed": seed,
-        "batch_size": batch_size, "variance": "population", "tvlens_version": version(),
-        "prompt_kw": {k: v for k, v in prompt_kw.items() if isinstance(v, (str, int, float, bool, type(None)))},
-        "executor": executor_meta(ex),
-    }
+    meta = tk.stats_meta(info, task_list, n_prompts=n_prompts, n_shots=n_shots, seed=seed, batch_size=batch_size,
+                         prompt_kw=prompt_kw, executor=executor_meta(ex))
     return tk.HeadStats(merged.tasks, merged.z_mean, merged.z_var, merged.count, mode, tuple(layer_ids),
                         merged.out_mean, merged.out_var, meta)
 
@@ -260,11 +250,11 @@ def _sweep_task_unit(model: Any, task: Any, opts: dict) -> dict[str, Tensor]:
 
 
 def _sweep_grid_unit(model: Any, task: Any, vectors: Tensor, splits: list, n_prompts: int, seed: int,
-                     layers: list, mode: str, alpha: float) -> dict[str, Tensor]:
+                     layers: list, mode: str, alpha: float, prompt_kw: dict) -> dict[str, Tensor]:
     """One task's grid for given (centred) vectors, by the sweep's own evaluation."""
     from ..vectors import activation as av
 
-    zs = [av._zero_shot_prompts(model, task, sp, n_prompts, seed) for sp in splits]
+    zs = [av._zero_shot_prompts(model, task, sp, n_prompts, seed, prompt_kw) for sp in splits]
     per_col, clean = av._grid_eval(model, zs, vectors[None].expand(len(splits), *vectors.shape).contiguous(),
                                    layers, mode, alpha)
     grid = torch.stack([c.mean(0) for c in per_col])  # [split, layer, 2]
@@ -274,15 +264,19 @@ def _sweep_grid_unit(model: Any, task: Any, vectors: Tensor, splits: list, n_pro
 
 def layer_sweep(model: Any, task_list: Sequence[Any], *, executor: Any, n_prompts: int, n_shots: int, mode: str,
                 alpha: float, seed: int, splits: tuple, layers: list, kind: str, dummy_query: bool, center: bool,
-                function_kw: Any, batch_size: int, checkpoint: Any, ck_config: dict, t0: float) -> Any:
+                function_kw: Any, batch_size: int, checkpoint: Any, ck_config: dict, t0: float,
+                prompt_kw: Mapping[str, Any]) -> Any:
     """:func:`tvlens.vectors.activation.layer_sweep` on an executor: one unit per task (and, with
-    ``center=True``, a second unit per task evaluating its centred vectors)."""
+    ``center=True``, a second unit per task evaluating its centred vectors); ``prompt_kw`` (how the
+    prompts are written) travels with every unit."""
+    from ..inputs.text import prompt_record
     from ..vectors import activation as av
 
     ex = resolve_executor(executor)
     ck = _open_checkpoint(checkpoint, model, ck_config)
     opts = dict(n_prompts=n_prompts, n_shots=n_shots, mode=mode, alpha=alpha, seed=seed, splits=tuple(splits),
-                layers=list(layers), kind=kind, dummy_query=dummy_query, function_kw=function_kw, batch_size=batch_size)
+                layers=list(layers), kind=kind, dummy_query=dummy_query, function_kw=function_kw, batch_size=batch_size,
+                **prompt_kw)
     units = [Unit(("task", t.name), _sweep_task_unit, (t, opts)) for t in task_list]
     res = ex.run(model, units, checkpoint=ck, desc="layer_sweep", progress=True)
     get = lambda name: torch.stack([res[("task", t.name)][name] for t in task_list])  # noqa: E731
@@ -291,7 +285,7 @@ def layer_sweep(model: Any, task_list: Sequence[Any], *, executor: Any, n_prompt
     if center:  # the grid of the centred vectors: a second unit per task
         vecs = vecs - vecs.mean(0, keepdim=True)
         units = [Unit(("grid", t.name), _sweep_grid_unit, (t, vecs[i], list(splits), n_prompts, seed, list(layers), mode,
-                                                         float(alpha))) for i, t in enumerate(task_list)]
+                                                         float(alpha), dict(prompt_kw))) for i, t in enumerate(task_list)]
         g = ex.run(model, units, checkpoint=ck, desc="layer_sweep (centred)", progress=True)
         grid = torch.stack([g[("grid", t.name)]["grid"] for t in task_list])
         base = torch.stack([g[("grid", t.name)]["base"] for t in task_list])
@@ -299,7 +293,7 @@ def layer_sweep(model: Any, task_list: Sequence[Any], *, executor: Any, n_prompt
     meta = av._make_meta(model, [t.name for t in task_list], seed, n_prompts=n_prompts, n_shots=n_shots, kind=kind,
                          dummy_query=bool(dummy_query), center=bool(center), seconds=time.perf_counter() - t0,
                          hook=av.POSITION_RULE, **({"function_kw": dict(function_kw)} if function_kw else {}),
-                         executor=executor_meta(ex))
+                         executor=executor_meta(ex), **prompt_record(prompt_kw))
     return av.SweepResult(tasks=tuple(t.name for t in task_list), families=tuple(t.family for t in task_list),
                           layers=tuple(layers), splits=tuple(splits), accuracy=acc, zero_shot=base_acc,
                           icl=get("icl")[:, 0], n_eval=get("n_eval"), vectors=vecs, logprob=lp,

@@ -934,8 +934,8 @@ def _grid_eval(
             else:
                 edits.append(add_resid(block, val, alpha=float(alpha), columns=cols, hook=hook))
         ans = acc_all[it]
-        got[it] = runner.map(edits, lambda logits: _scores(logits, ans), n_columns=len(col_layers))
-        got0[it] = _scores(runner.clean_logits, ans)
+        got[it] = runner.map(edits, lambda logits: _scores(logits, ans), n_columns=len(col_layers)).to(got.dtype)
+        got0[it] = _scores(runner.clean_logits, ans).to(got0.dtype)
     per_col = [got[own == b] for b in range(len(batches))]
     clean = [got0[own == b] for b in range(len(batches))]
     return per_col, clean
@@ -1273,7 +1273,7 @@ def layer_sweep(
             model, task_list, executor=executor, n_prompts=n_prompts, n_shots=n_shots, mode=mode, alpha=float(alpha),
             seed=seed, splits=splits, layers=list(ls), kind=kind, dummy_query=bool(dummy_query), center=bool(center),
             function_kw=dict(function_kw) if function_kw else None, batch_size=batch_size, checkpoint=checkpoint,
-            t0=t0, ck_config=ck_config)
+            t0=t0, ck_config=ck_config, prompt_kw=prompt_kw)
     ck = None
     if checkpoint is not None:  # opened before any forward: a mismatched file is refused before work
         from ..runs.checkpoint import SweepCheckpoint
@@ -1340,8 +1340,6 @@ def _sweep_plan(model: Any, tasks: Any, *, kind: str, splits: tuple[str, ...], n
                 executor: Any) -> _SweepPlan:
     """Build every prompt of a layer sweep (Hendel et al. 2023, §3: context prompts with dummy queries,
     zero-shot queries per split, ICL on the report split's queries), refusing bad input first."""
-    from ..runs.executors import splits as _splits
-
     given = [tasks] if isinstance(tasks, SweepPrompts) else (
         list(tasks) if isinstance(tasks, (list, tuple)) and tasks and all(isinstance(t, SweepPrompts) for t in tasks) else None)
     if given is not None:
@@ -1355,9 +1353,6 @@ def _sweep_plan(model: Any, tasks: Any, *, kind: str, splits: tuple[str, ...], n
         raise ValueError("center=True subtracts the mean vector over tasks, which needs at least 2 tasks")
     if kind == "function" and n_shots < 1:
         raise ValueError("function vectors need n_shots >= 1 (mean head outputs of few-shot prompts)")
-    if prompt_kw and _splits(executor):
-        raise ValueError(f"prompt options {sorted(prompt_kw)} are not passed on to an executor's workers by layer_sweep; "
-                         "run the sweep without executor=, or with the default prompt format")
     ext = [_extraction_prompts(model, t, n_prompts=n_prompts, n_shots=n_shots, dummy_query=dummy_query, seed=seed,
                                prompt_kw=prompt_kw) for t in task_list] if kind in ("task", "ensemble") else []
     ins = [_instruction_prompts(model, t, n_prompts=n_prompts, seed=seed, prompt_kw=prompt_kw)
