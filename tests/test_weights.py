@@ -289,3 +289,24 @@ def test_cli_refuses_bad_weights_arguments_before_loading(capsys):
     assert "at least 2" in capsys.readouterr().err
     assert main(["weights", "analogy", "--tasks", "antonym"]) == 2
     assert "not composed tasks" in capsys.readouterr().err
+
+
+def test_answered_as_counts_every_accepted_answer(organism):
+    """Which task's answer the model gave counts any answer the task accepts (the rule of every metric)."""
+    import dataclasses
+
+    from tvlens.analyses.weights import _answer_ids, _answered_as
+    from tvlens.inputs.text import final_logits, icl_prompts
+    from tvlens.tasks import load_task
+
+    task = load_task("antonym")
+    b = icl_prompts(organism, task, n_prompts=6, n_shots=0, split="test", seed=0)
+    pred = final_logits(organism, b).argmax(-1).tolist()
+    words = [organism.tokenizer.decode([p]).strip() or "x" for p in pred]
+    # a second accepted output per test query: the word the model says (when it is not already the answer)
+    extra = tuple((q, w) for q, w in zip(b.queries, words) if (q, w) not in set(task.pairs))
+    both = dataclasses.replace(task, name="antonym_or_said", pairs=task.pairs + extra)
+    ids = _answer_ids(organism, both, list(b.queries))
+    assert all(ids[i] >= {pred[i]} for i in range(len(pred)))
+    got = _answered_as(organism, [task], [task, both], seed=0, n_prompts=6)
+    assert float(got[0, 1]) == 1.0 and float(got[0, 0]) < 1.0  # the first answer alone would not score 1

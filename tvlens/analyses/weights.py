@@ -270,16 +270,18 @@ class AdditionResult(_Result):
                         hlines={"80%": 0.8})
 
 
-def _answer_ids(model: Any, task: Any, queries: Sequence[str]) -> list[int | None]:
-    """First answer token of ``task`` for each query (None where the task does not take it)."""
+def _answer_ids(model: Any, task: Any, queries: Sequence[str]) -> list[set[int] | None]:
+    """The first tokens of every answer ``task`` accepts for each query (None where it does not take
+    the query): the same accepted-answer rule as every tvlens metric (:func:`tvlens.metrics.accepted_ids`)."""
     from ..inputs.text import icl_prompts
+    from ..metrics import accepted_ids
 
     table = task.as_dict()
     known = [q for q in queries if q in table]
-    ids: dict[str, int] = {}
+    ids: dict[str, set[int]] = {}
     if known:
-        b = icl_prompts(model, task, queries=[(q, table[q]) for q in known], n_shots=0)
-        ids = dict(zip(known, b.answer_ids.tolist()))
+        b = icl_prompts(model, task, queries=known, n_shots=0)  # by input: every accepted answer comes along
+        ids = {q: set(row) for q, row in zip(known, accepted_ids(b).tolist())}
     return [ids.get(q) for q in queries]
 
 
@@ -304,7 +306,7 @@ def _answered_as(model: Any, task_list: Sequence[Any], answer_tasks: Sequence[An
             ids = _answer_ids(model, u, b.queries)
             pairs = [(p, a) for p, a in zip(pred, ids) if a is not None]
             if pairs:
-                out[i, j] = sum(p == a for p, a in pairs) / len(pairs)
+                out[i, j] = sum(p in a for p, a in pairs) / len(pairs)
     return out
 
 
