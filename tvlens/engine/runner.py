@@ -623,8 +623,8 @@ def _new_gelu_inplace(x: Tensor) -> Tensor:
 _INPLACE_ACTS: dict[str, Callable[[Tensor], Tensor]] = {"NewGELUActivation": _new_gelu_inplace}
 
 
-def _act_twin(module: torch.nn.Module) -> Callable[[Tensor], Tensor] | None:
-    """The in-place twin of an activation module, if it reproduces the module bit for bit (checked)."""
+def _act_twin(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> Callable[[Tensor], Tensor] | None:
+    """The in-place twin of an activation module, if it reproduces the module bit for bit (checked on ``device``)."""
     fn = _INPLACE_ACTS.get(type(module).__name__)
     if fn is None or module._forward_hooks or module._forward_pre_hooks:
         return None
@@ -633,8 +633,7 @@ def _act_twin(module: torch.nn.Module) -> Callable[[Tensor], Tensor] | None:
     x = torch.cat([x, torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e4, -1e4])])
     try:
         with torch.no_grad():
-            p = next(iter(module.parameters()), None)
-            x = x.to(p.device, p.dtype) if p is not None else x
+            x = x.to(device, dtype)
             return fn if torch.equal(fn(x), module(x)) else None
     except Exception:  # noqa: BLE001 - an activation that does not take a flat tensor keeps its own code
         return None
@@ -643,9 +642,12 @@ def _act_twin(module: torch.nn.Module) -> Callable[[Tensor], Tensor] | None:
 def _act_twins(model: Any) -> list[tuple[torch.nn.Module, Callable[[Tensor], Tensor]]]:
     """``(module, twin)`` for every activation of ``model`` with a bit-identical in-place twin."""
     out = []
+    device = _hooks.device_of(model)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     for m in model.modules():
         name = type(m).__name__
-        if name in _INPLACE_ACTS and capabilities.cached(model, ("inplace_act", name), lambda m=m: _act_twin(m) is not None):
+        if name in _INPLACE_ACTS and capabilities.cached(model, ("inplace_act", name),
+                                                          lambda m=m: _act_twin(m, device, dtype) is not None):
             out.append((m, _INPLACE_ACTS[name]))
     return out
 

@@ -79,6 +79,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(HERE))
     ap.add_argument("--masks", default=None, metavar="FILE", help="save the selected masks here (torch.save)")
+    ap.add_argument("--methods", default=",".join(METHODS), help="selectors to run (reinforce, cma, grs)")
+    ap.add_argument("--tag", default="", help="suffix of the selection parts' file names (measured_multi_<tag>.md)")
     ap.add_argument("--figures", default="figures", metavar="DIR", help="where the figures part writes")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -88,6 +90,9 @@ def main(argv=None) -> None:
     from tvlens.inputs.canvas import canvases, concat
 
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods or set(methods) - set(METHODS):
+        raise SystemExit(f"--methods {args.methods!r}: use some of {', '.join(METHODS)}")
     t0 = time.perf_counter()
     load0 = os.getloadavg()
     say = lambda m: print(f"[measure {time.perf_counter() - t0:.0f}s] {m}", flush=True)  # noqa: E731
@@ -193,7 +198,7 @@ def main(argv=None) -> None:
         for group, g_tasks, n_sel, budget in groups:
             sel = concat([canvases(t, n_sel, examples="masked", seed=args.seed + 2000, split="train") for t in g_tasks])
             obj = V.CanvasPatch(model, sel, stats)
-            found = {m: _select(V, obj, space, m, budget, args) for m in METHODS}
+            found = {m: _select(V, obj, space, m, budget, args) for m in methods}
             found_all[group] = found
             sub = obj_ev if group == "multi" else V.CanvasPatch(
                 model, ev["masked"].select([i for i, t in enumerate(ev["masked"].tasks) if t in g_tasks]), stats)
@@ -224,18 +229,18 @@ def main(argv=None) -> None:
         if per:
             by = {(r["group"], r["method"]): r for r in per}
             head = ["task"]
-            for m in METHODS:
-                head += [f"{LABEL[m]} k", f"{LABEL[m]} code", f"top-k ρ code", "Δ"]
+            for m in methods:
+                head += [f"{LABEL[m]} k", f"{LABEL[m]} code", "top-k ρ code", "Δ"]
             body = []
             for t in names:
                 line = [t]
-                for m in METHODS:
+                for m in methods:
                     a, b = by[t, LABEL[m]], by[t, f"top-k ρ (k of {LABEL[m]})"]
                     x, y = a["scores"]["accuracy"][t], b["scores"]["accuracy"][t]
                     line += [str(a["k"]), f"{x:.3f}", f"{y:.3f}", f"{100 * (x - y):+.1f}"]
                 body.append(line)
             mean = ["**mean**"]
-            for m in METHODS:
+            for m in methods:
                 ks_ = [by[t, LABEL[m]]["k"] for t in names]
                 x = sum(by[t, LABEL[m]]["scores"]["accuracy"][t] for t in names) / len(names)
                 y = sum(by[t, f"top-k ρ (k of {LABEL[m]})"]["scores"]["accuracy"][t] for t in names) / len(names)
@@ -246,13 +251,13 @@ def main(argv=None) -> None:
                    f"training canvases of the task; held-out code accuracy ({args.n_eval} canvases); Δ = method − top-k ρ "
                    "of the same k, in points.", _md(head, body)]
             md += ["Exact-cell and changed-code accuracy of the same per-task selections:",
-                   _md(["task", *[f"{LABEL[m]} exact / changed" for m in METHODS],
-                        *[f"top-k ({LABEL[m]}) exact / changed" for m in METHODS]],
+                   _md(["task", *[f"{LABEL[m]} exact / changed" for m in methods],
+                        *[f"top-k ({LABEL[m]}) exact / changed" for m in methods]],
                        [[t, *[" / ".join(f"{by[t, LABEL[m]]['scores'][met][t]:.3f}" for met in ("exact", "changed"))
-                              for m in METHODS],
+                              for m in methods],
                          *[" / ".join(f"{by[t, f'top-k ρ (k of {LABEL[m]})']['scores'][met][t]:.3f}" for met in ("exact", "changed"))
-                           for m in METHODS]] for t in names])]
-        part = "+".join(p for p in ("multi", "tasks") if p in parts)
+                           for m in methods]] for t in names])]
+        part = "+".join(p for p in ("multi", "tasks") if p in parts) + (f"_{args.tag}" if args.tag else "")
         if args.masks:  # the selected masks, e.g. for pictures
             torch.save({g: {m: s.weights.bool() for m, s in f.items()} for g, f in found_all.items()}, args.masks)
         finish(part, md, {"rows": rows})
