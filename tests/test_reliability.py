@@ -181,6 +181,13 @@ def env(tiny_gpt2, tiny_llama, tiny_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("reliability")
     e = SimpleNamespace(gpt2=tiny_gpt2, llama=tiny_llama, dirs=tiny_dirs, root=root)
     e.visual = tvlens.load_model("organism-visual", device="cpu")
+    e.vlm = tvlens.load_model("organism-vlm", device="cpu")
+    # transformers installs its own output-capturing hooks on the vision tower at the first image forward
+    # (vision_feature_layer reads a hidden state) and keeps them: run one before the "before" state is taken
+    warm = tvlens.image_query_prompts(e.vlm, "country_capital", n_prompts=1)
+    with torch.no_grad():
+        e.vlm(warm.tokens, attention_mask=warm.attention_mask, **warm.model_inputs())
+    e.text_organism = tvlens.load_model("organism", device="cpu")
     m = tiny_llama
     # target: shuffled labels; source: the same demos (outputs permuted within a row) -> equal lengths
     e.tgt = icl_prompts(m, TASK, n_prompts=3, n_shots=2, seed=0, shuffle_labels=True)
@@ -551,6 +558,7 @@ def _entry_points():
     from tvlens.vectors.activation import (apply_vector, evaluate_vector, function_vector, instruction_vector, layer_sweep,
                                 task_vector, vector_applied)
     from tvlens.analyses.visual import visual_study, visual_taskness
+    from tvlens.analyses.crossmodal import crossmodal_lens, crossmodal_table, llm_to_vlm, task_similarity
 
     sel = dict(n_prompts=2, n_mean_prompts=2, n_shots=1, progress=False)
 
@@ -574,6 +582,18 @@ def _entry_points():
     visual_entries = {
         "visual_taskness": (visual(lambda m, t: visual_taskness(m, t, n=2)), None, "visual"),
         "visual_study": (visual(lambda m, t: visual_study(m, t + ["gray"], **canvas_kw)), None, "visual"),
+    }
+    xm = dict(n_shots=1, seed=0, batch_size=8)  # cross-modal analyses on the VLM organism, two tasks, tiny sizes
+    xtasks = ["country_capital", "successor"]
+    vlm_entries = {
+        "crossmodal_table": (lambda m, e, cb: crossmodal_table(m, xtasks, renderings=1, n_contexts=2, layers=[1, 2],
+                                                               control=False, text_query=False, conflict=False, **xm),
+                             None, "vlm"),
+        "task_similarity": (lambda m, e, cb: task_similarity(m, xtasks, layer=2, n_contexts=2, baseline=None, **xm),
+                            None, "vlm"),
+        "crossmodal_lens": (lambda m, e, cb: crossmodal_lens(m, xtasks, n_prompts=2, **xm), None, "vlm"),
+        "llm_to_vlm": (lambda m, e, cb: llm_to_vlm(m, e.text_organism, xtasks, n_contexts=2, renderings=1, **xm),
+                       None, "vlm"),
     }
     # name -> (fn(model, env, user callback or None), kind of user callback it takes or None); on the tiny Llama
     text_entries = {
@@ -618,7 +638,7 @@ def _entry_points():
         "evaluate_icl": (lambda m, e, cb: evaluate_icl(m, TASK, 1, n_prompts=3), None),
     }
     # name -> (fn, kind of callback, the env attribute holding the model it runs on)
-    return {**{k: (*v, "llama") for k, v in text_entries.items()}, **visual_entries}
+    return {**{k: (*v, "llama") for k, v in text_entries.items()}, **visual_entries, **vlm_entries}
 
 
 ENTRY = _entry_points()
@@ -728,7 +748,8 @@ def test_every_public_function_is_covered():
     import inspect
 
     not_analyses = {"load_model", "hooked", "act_name", "list_tasks", "load_task", "resolve_tasks", "icl_prompts",
-                    "canvases",
+                    "canvases", "image_icl_prompts", "image_query_prompts", "text_icl_image_query_prompts",
+                    "instruction_image_query_prompts", "prompts_from_images",
                     "evaluate_prompts", "ensemble", "vector_applied", "task_vectors_all_layers", "evaluate_vector",
                     "layer_head_heatmap", "layer_position_heatmap", "line_plot", "save_figure", "bar_plot", "build_report",
                     # prompt builders (no forward)

@@ -108,6 +108,19 @@ _EXPORTS: dict[str, str] = {
     "canvases": "inputs.canvas",
     "visual_taskness": "analyses.visual",
     "visual_study": "analyses.visual",
+    # cross-modal task vectors (Luo et al. 2024): image prompts and the table
+    "MultimodalBatch": "inputs.multimodal",
+    "image_icl_prompts": "inputs.multimodal",
+    "image_query_prompts": "inputs.multimodal",
+    "text_icl_image_query_prompts": "inputs.multimodal",
+    "instruction_image_query_prompts": "inputs.multimodal",
+    "prompts_from_images": "inputs.multimodal",
+    "crossmodal_table": "analyses.crossmodal",
+    "CrossModalTable": "analyses.crossmodal",
+    "task_similarity": "analyses.crossmodal",
+    "crossmodal_lens": "analyses.crossmodal",
+    "llm_to_vlm": "analyses.crossmodal",
+    "SweepPrompts": "vectors.activation",
     # runs: work beyond one machine
     "RayExecutor": "runs.executors",
     "LocalExecutor": "runs.executors",
@@ -181,6 +194,15 @@ if TYPE_CHECKING:  # let type checkers and IDEs see the real names (tests/test_a
     from .plot import bar_plot, layer_head_heatmap, layer_position_heatmap, line_plot, save_figure
     from .analyses.visual import visual_study, visual_taskness
     from .inputs.canvas import CanvasBatch, canvases
+    from .analyses.crossmodal import crossmodal_lens, crossmodal_table, CrossModalTable, llm_to_vlm, task_similarity
+    from .inputs.multimodal import (
+        image_icl_prompts,
+        image_query_prompts,
+        instruction_image_query_prompts,
+        MultimodalBatch,
+        prompts_from_images,
+        text_icl_image_query_prompts,
+    )
     from .report import build_report
     from .runs.checkpoint import SweepCheckpoint
     from .runs.executors import LocalExecutor, RayExecutor
@@ -193,6 +215,7 @@ if TYPE_CHECKING:  # let type checkers and IDEs see the real names (tests/test_a
         FunctionVector,
         instruction_vector,
         layer_sweep,
+        SweepPrompts,
         SweepResult,
         task_vector,
         task_vectors_all_layers,
