@@ -99,3 +99,28 @@ def test_logit_lens_with_prompt_text_points_to_prompts_from_text(tiny_llama):
         with pytest.raises(TypeError, match="prompts_from_text"):
             tvlens.logit_lens(tiny_llama, given)
     assert not math.isnan(tvlens.logit_lens(tiny_llama, "antonym", n_prompts=2, n_shots=2).curve("answer", "prob")[-1])
+
+
+def _readme_block(starts: str) -> str:
+    """The README's ```python block whose first line is ``starts``, as written."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    found = [b for b in blocks if b.startswith(starts)]
+    assert len(found) == 1, f"README has {len(found)} python blocks starting with {starts!r}"
+    return found[0]
+
+
+def test_readme_prompts_answers_and_modalities_block_runs(organism):
+    """The README's block on prompt options, weight, visual and cross-modal vectors runs as written
+    (on the organism, as ``tvlens.load_model()`` gives), and what it builds is what it says."""
+    code = _readme_block("# how prompts are written")
+    ns: dict = {"tvlens": tvlens, "model": organism}
+    exec(compile(code, "README.md", "exec"), ns)
+    assert ns["tv"].layer == 2 and ns["batch"].n_shots == 5
+    assert ns["ft"].vector.task == "country_capital"
+    assert ns["vrho"].tasks == ("hflip", "invert", "gray")
+    frame = ns["table"].to_frame()
+    assert {"No Context", "Text ICL xPatch"} <= set(map(str, frame.columns)) | set(map(str, frame.get("condition", [])))
