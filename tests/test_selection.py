@@ -388,3 +388,200 @@ def test_objective_scores_any_accepted_answer(organism):
     # evaluate_heads (compare_selections's scorer) averages the same per task
     assert torch.allclose(evaluate_heads(organism, [multi], weights, head_means=means, n_prompts=None)[:, 0],
                           got["accuracy"].mean(1), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# ready prompts: image queries of a VLM (Luo et al. 2024) with image-ICL head means
+
+
+@pytest.fixture(scope="module", params=["organism-vlm", "tiny-llava"])
+def vlm_model(request, tmp_path_factory):
+    import os
+
+    os.environ.setdefault("PIP_NO_INDEX", "1")  # a VLM's bridge may shell out to pip: never let it reach an index
+    if request.param == "organism-vlm":
+        from tvlens.models import organism_path
+
+        if not (organism_path("organism-vlm") / "config.json").exists():
+            pytest.skip("organism-vlm checkpoint not shipped")
+        return tvlens.load_model("organism-vlm", device="cpu")
+    from test_crossmodal import _build_tiny  # a tiny random LLaVA (CLIP tower + Llama), saved without a processor
+
+    return tvlens.load_model(_build_tiny("llava", tmp_path_factory.mktemp("llava") / "m"), device="cpu",
+                             require_processor=False)
+
+
+class _Forwards:
+    """Counts forward passes of a model (bad input must be refused before any)."""
+
+    def __init__(self, model):
+        self.n = 0
+        self.handle = model.register_forward_pre_hook(self._count)
+
+    def _count(self, *_):
+        self.n += 1
+
+    def close(self):
+        self.handle.remove()
+
+
+def _mixed_image_batch(model):
+    """Queries with 3, 1 and 1 images and different lengths, left-padded into one batch."""
+    from tvlens.inputs import multimodal as mm
+    from tvlens.organisms.vlm.images import render
+
+    mark = mm.vision_spec(model).marker
+    texts = [f"{mark} → 5\n{mark} → 8\n{mark} →", f"{mark} →", f"three → four\n{mark} →"]
+    images = [[render("digits", "4", 10**6), render("digits", "7", 10**6 + 1), render("digits", "12", 10**6 + 2)],
+              [render("digits", "2", 10**6 + 3)], [render("digits", "9", 10**6 + 4)]]
+    return mm.prompts_from_images(model, texts, images, ["13", "3", "10"], task="custom")
+
+
+def _image_row(model, batch, r, layer_heads=None, mean=None, images=True):
+    """Row ``r`` alone through the bridge's own run_with_hooks (its images passed by hand), the heads
+    ``layer_heads[l]``' hook_z at the final position replaced by ``mean[l, h]``: (best accepted answer's
+    log-prob, whether the top token starts an accepted answer)."""
+    row = batch.select([r])
+    real = row.attention_mask[0].bool()
+    hooks = []
+    for layer, heads in (layer_heads or {}).items():
+        def put(act, hook, layer=layer, heads=heads):
+            act = act.clone()
+            act[:, -1, heads] = mean[layer, heads].to(act.dtype)
+            return act
+
+        hooks.append((act_name("z", layer), put))
+    extra = {"pixel_values": row.pixel_values} if images else {}
+    with torch.no_grad():
+        logits = model.run_with_hooks(row.tokens[:, real], fwd_hooks=hooks, **extra)[0, -1].double()
+    ids = sorted({a[0] for a in row.accepted_answer_tokens[0]})
+    return float(logits.log_softmax(-1)[ids].max()), float(int(logits.argmax()) in ids)
+
+
+def _reference(model, batches, means, masks, images=True):
+    """[mask, row] (log-prob, accuracy) from one run_with_hooks per row and mask."""
+    out = torch.zeros(masks.shape[0], sum(len(b) for b in batches), 2, dtype=torch.float64)
+    for s in range(masks.shape[0]):
+        heads = {l: masks[s, l].nonzero().flatten().tolist() for l in range(masks.shape[1]) if bool(masks[s, l].any())}
+        rows = [_image_row(model, b, r, heads, means[t], images) for t, b in enumerate(batches) for r in range(len(b))]
+        out[s] = torch.tensor(rows, dtype=torch.float64)
+    return out
+
+
+@pytest.mark.parametrize("fast", ["auto", False])
+def test_objective_on_image_prompts_equals_run_with_hooks_per_row(vlm_model, fast):
+    """Head selection's objective on image queries (one task's queries one image each, another's with 3, 1 and 1
+    images and left padding), image-ICL head means patched at the final position: per row, per task and as the
+    REINFORCE reward it equals one bridge run_with_hooks per row and mask with the row's images passed by hand."""
+    from tvlens.inputs import multimodal as mm
+    from tvlens.vectors.activation import SweepPrompts
+
+    model = vlm_model
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    ctx = [mm.image_icl_prompts(model, t, n_prompts=3, n_shots=2, seed=0, split="train") for t in ("successor", "predecessor")]
+    queries = [mm.image_query_prompts(model, "successor", n_prompts=3, seed=1, split="train"), _mixed_image_batch(model)]
+    assert bool((queries[1].attention_mask == 0).any()) and queries[1].n_images.tolist() == [3, 1, 1]
+    stats = [tvlens.head_means(model, [c]) for c in ctx]
+    means = torch.stack([st.mean(st.tasks[0]) for st in stats])  # [task, layer, head, d_head]
+    prompts = [SweepPrompts("successor", ctx[0], {"train": queries[0]}), SweepPrompts("custom", ctx[1], {"train": queries[1]})]
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(4, L, H, generator=g) < 0.4
+    masks[0], masks[1] = False, True
+    ref = _reference(model, queries, means, masks)
+    obj = PatchObjective.from_batches(model, queries, means, task_names=["successor", "custom"], fast=fast)
+    got = torch.stack([obj.per_row(masks.float(), m) for m in ("logprob", "accuracy")], -1).double()
+    assert (got - ref).abs().max().item() < 1e-5
+    torch.testing.assert_close(obj.reward(masks).double(), ref[..., 0].mean(1), atol=1e-5, rtol=0)
+    # the public scorer, means taken from the SweepPrompts' image-ICL context by head_means itself
+    per_task = evaluate_heads(model, prompts, masks, metric="logprob", split="train", fast=fast).double()
+    torch.testing.assert_close(per_task, torch.stack([ref[:, :3, 0].mean(1), ref[:, 3:, 0].mean(1)], 1), atol=1e-5, rtol=0)
+    # soft selection's minibatches: a subset of rows across tasks keeps each row's own images
+    rows = torch.tensor([4, 0, 3])
+    sub = obj.per_row(masks.float(), "logprob", rows=rows).double()
+    assert (sub - ref[:, rows, 0]).abs().max().item() < 1e-5
+    # not vacuous: patching changes the scores, and so does running the rows without their images
+    assert (ref[1, :, 0] - ref[0, :, 0]).abs().max() > 1e-3
+    blind = _reference(model, queries, means, masks[:2], images=False)
+    assert (blind[..., 0] - ref[:2, :, 0]).abs().max() > 1e-3
+
+
+def test_image_prompts_bad_input_is_refused_before_any_forward(vlm_model, organism, tmp_path):
+    import dataclasses
+
+    from test_crossmodal import _build_tiny
+    from tvlens.inputs import multimodal as mm
+    from tvlens.vectors.activation import SweepPrompts
+
+    model = vlm_model
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    q = mm.image_query_prompts(model, "successor", n_prompts=2, seed=1, split="train")
+    ctx = mm.image_icl_prompts(model, "successor", n_prompts=2, n_shots=2, seed=0, split="train")
+    means = torch.zeros(1, L, H, model.cfg.d_head)
+    w = torch.ones(1, L, H)
+    counter = _Forwards(model)
+    try:
+        with pytest.raises(ValueError, match="no head means for the ready prompts of successor"):
+            evaluate_heads(model, [q], w)
+        with pytest.raises(ValueError, match="prompt options .* only apply when a task is given"):
+            reinforce_select(model, [q], head_means=means, example_sep="\n\n", progress=False)
+        with pytest.raises(ValueError, match="no queries for split 'train'"):
+            reinforce_select(model, [SweepPrompts("successor", ctx, {"test": q})], progress=False)
+        with pytest.raises(TypeError, match="not a mix"):
+            soft_select(model, ["successor", q], head_means=means, progress=False)
+        with pytest.raises(ValueError, match="given more than once"):
+            evaluate_heads(model, [q, q], w, head_means=torch.zeros(2, L, H, model.cfg.d_head))
+        from types import SimpleNamespace
+
+        no_answers = SimpleNamespace(tokens=q.tokens, attention_mask=q.attention_mask, task="successor")
+        with pytest.raises(ValueError, match="carry no answers"):
+            evaluate_heads(model, [no_answers], w, head_means=means)
+        with pytest.raises(ValueError, match="no images"):  # an image-query batch whose images were dropped
+            evaluate_heads(model, [SimpleNamespace(tokens=q.tokens, attention_mask=q.attention_mask,
+                                                   answer_ids=q.answer_ids, task="successor")], w, head_means=means)
+        big = dataclasses.replace(q, tokens=q.tokens.clone().index_fill_(1, torch.tensor([0]), model.cfg.d_vocab + 3))
+        with pytest.raises(ValueError, match="built for another model"):
+            evaluate_heads(model, [big], w, head_means=means)
+        with pytest.raises(ValueError, match="another model"):  # means from another model
+            evaluate_heads(model, [q], w, head_means=tvlens.head_means(organism, ["successor"], n_prompts=2, n_shots=1))
+        assert counter.n == 0
+    finally:
+        counter.close()
+    text = _Forwards(organism)
+    try:
+        with pytest.raises(ValueError, match="carry images but model .* is text-only"):
+            reinforce_select(organism, [q], head_means=torch.zeros(1, 4, 8, organism.cfg.d_head), progress=False)
+        assert text.n == 0
+    finally:
+        text.close()
+    gemma = tvlens.load_model(_build_tiny("gemma3", tmp_path / "gemma3"), device="cpu", require_processor=False)
+    other = _Forwards(gemma)
+    try:
+        with pytest.raises(ValueError, match="image token is id"):  # an image batch built for another VLM
+            evaluate_heads(gemma, [q], torch.ones(1, gemma.cfg.n_layers, gemma.cfg.n_heads),
+                           head_means=torch.zeros(1, gemma.cfg.n_layers, gemma.cfg.n_heads, gemma.cfg.d_head))
+        assert other.n == 0
+    finally:
+        other.close()
+
+
+def test_reinforce_on_image_prompts_of_organism_vlm(vlm_model):
+    """A short REINFORCE run on organism-vlm's no-context image queries with image-ICL head means (Hojel et al.
+    2024 §3.2 on Luo et al. 2024's image prompts): it completes, and its heads' means raise held-out accuracy."""
+    from tvlens.inputs import multimodal as mm
+    from tvlens.vectors.activation import SweepPrompts
+
+    model = vlm_model
+    if model.cfg.n_layers != 4:
+        pytest.skip("the trained organism-vlm only: a random tiny LLaVA has no task to find")
+    tasks = ["country_capital", "successor", "next_letter"]
+    prompts = [SweepPrompts(t, mm.image_icl_prompts(model, t, n_prompts=16, n_shots=5, seed=0, split="train"),
+                            {sp: mm.image_query_prompts(model, t, n_prompts=16, seed=1, split=sp) for sp in ("train", "test")})
+               for t in tasks]
+    stats = tvlens.head_means(model, [p.context for p in prompts])
+    sel = reinforce_select(model, prompts, head_means=stats, steps=12, samples_per_step=8, progress=False)
+    assert sel.tasks == tuple(tasks) and sel.rewards.numel() == 12 and len(sel) >= 1
+    acc = evaluate_heads(model, prompts, torch.stack([torch.zeros_like(sel.weights), sel.weights]), head_means=stats)
+    print(f"\nno-context image queries (test), zero heads {acc[0].tolist()} vs {len(sel)} selected heads "
+          f"{sel.heads()} {acc[1].tolist()}; reward {sel.rewards[0]:.3f} -> {sel.rewards[-1]:.3f}")
+    assert acc[1].mean() > acc[0].mean() + 0.1
+    torch.testing.assert_close(sel.evaluate(model, prompts), acc[1])  # the selection scores itself the same way

@@ -32,7 +32,7 @@ index −1 of the left-padded :class:`~tvlens.inputs.text.PromptBatch`) is chang
 from __future__ import annotations
 
 from ..tasks import task_name as _task_name
-from ..engine.plan import merge_batches
+from ..engine.plan import RowsBatch, gather_inputs, merge_batches, pad_id_of, pad_left, row_inputs, rows_of
 from ..inputs.text import prompt_options, prompt_record
 from ..metrics import FINAL_POSITION, accepted_ids, accepted_metric, cat_accepted
 from ..results import LayerHeadGrid
@@ -44,6 +44,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -118,6 +119,139 @@ def _weights_checksum(model: Any) -> str:
 
 
 # ==============================================================================================
+# ready prompts: text or multimodal batches given per task
+# ==============================================================================================
+
+
+@dataclass(frozen=True)
+class _Given:
+    """One task's ready prompts: the queries the objective scores, the context its head means come
+    from (``None``: they must be given) and the ICL baseline's prompts (``None``: no ICL number)."""
+
+    name: str
+    family: str
+    queries: Any
+    context: Any = None
+    icl: Any = None
+
+
+def _family_of(name: str) -> str:
+    from ..tasks import list_tasks, load_task
+
+    return load_task(name).family if name in list_tasks() else "custom"
+
+
+def _ready_prompts(model: Any, tasks: Any, split: str, prompt_kw: Mapping[str, Any], where: str) -> list[_Given] | None:
+    """``tasks`` as ready prompts, checked against the model before any forward; ``None`` when they are tasks.
+
+    Ready prompts are :class:`~tvlens.vectors.activation.SweepPrompts` (one task's ``context``
+    prompts — the head means' source — and its zero-shot ``queries`` per split; ``split`` picks the
+    one scored) or prompt batches (a :class:`~tvlens.PromptBatch` or
+    :class:`~tvlens.inputs.multimodal.MultimodalBatch` of one task's zero-shot queries, named by its
+    ``task``; head means must then be given). Refused: a mix of tasks and prompts, a task twice,
+    prompt options (they apply when prompts are built), a batch without answers, tokens outside the
+    model's vocabulary, and what :func:`tvlens.inputs.multimodal.check_inputs` refuses (images for a
+    text-only model, image tokens without images, images another model's vision tower takes)."""
+    from ..inputs.multimodal import check_inputs
+    from ..vectors.activation import SweepPrompts, _given_batch, _is_batch
+
+    ready = lambda t: isinstance(t, SweepPrompts) or _is_batch(t)  # noqa: E731
+    items = [tasks] if ready(tasks) else (list(tasks) if isinstance(tasks, (list, tuple)) else [])
+    if not any(ready(t) for t in items):
+        return None
+    bad = [type(t).__name__ for t in items if not ready(t)]
+    if bad:
+        raise TypeError(f"{where}: give tasks either all as names / Task objects or all as ready prompts (SweepPrompts or "
+                        f"prompt batches), not a mix; got {', '.join(bad)} beside ready prompts")
+    given = []
+    for t in items:
+        if isinstance(t, SweepPrompts):
+            if split not in t.queries:
+                raise ValueError(f"{where}: SweepPrompts of task {t.task!r} have no queries for split {split!r} (they have "
+                                 f"{', '.join(map(repr, t.queries))}); give queries={{{split!r}: prompts}} or pass split=")
+            given.append(_Given(t.task, t.family or "custom", t.queries[split], t.context, t.icl))
+        else:
+            name = str(getattr(t, "task", "custom"))
+            given.append(_Given(name, _family_of(name), t))
+    names = [g.name for g in given]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"{where}: task(s) {', '.join(dup)} given more than once; give each task's prompts once (one "
+                         "batch per task, named by its .task)")
+    from ..models import ModelInfo
+
+    n_vocab = ModelInfo.of(model).d_vocab
+    for g in given:
+        for what, b in (("queries", g.queries), ("context", g.context), ("icl", g.icl)):
+            if b is None:
+                continue
+            label = f"{where}: the {what} of task {g.name!r}"
+            if what == "queries" and getattr(b, "answer_ids", None) is None:
+                raise ValueError(f"{label} carry no answers (answer_ids): the objective scores each query's accepted "
+                                 "answers; build them with tvlens.icl_prompts or tvlens.inputs.multimodal, which record them")
+            _given_batch(model, b, prompt_kw, where)  # left padding, images fit for this model, no prompt options
+            check_inputs(model, b, label)  # also a batch without model_inputs(): image tokens need their images
+            real = b.tokens[b.attention_mask.bool()]
+            ids = torch.cat([real.reshape(-1), accepted_ids(b).reshape(-1)]) if what == "queries" else real
+            if bool((ids < 0).any()) or bool((ids >= n_vocab).any()):
+                raise ValueError(f"{label} hold token ids up to {int(ids.max())} but this model's vocabulary has {n_vocab}: "
+                                 "they were built for another model; rebuild them with this model")
+            if what == "context" and len(b) < 2:
+                raise ValueError(f"{label} hold {len(b)} prompt(s); head means need at least two")
+    return given
+
+
+def _given_means(model: Any, given: Sequence[_Given], head_means: Any) -> Tensor:
+    """``[task, layer, head, d_head]`` means for ready prompts: from ``head_means`` (a ``HeadStats`` with
+    these task names, or a tensor), else at the final separator of each task's context prompts."""
+    if head_means is None:
+        missing = [g.name for g in given if g.context is None]
+        if missing:
+            raise ValueError(f"no head means for the ready prompts of {', '.join(missing)}: pass head_means="
+                             "tvlens.head_means(model, [ICL batch per task]) (e.g. image-ICL prompts of a VLM), or give "
+                             "SweepPrompts(task, context, queries) whose context prompts the means are taken from")
+        from .taskness import head_means as compute
+
+        parts = []
+        for g in given:  # one task at a time: context batches need not carry distinct .task names
+            stats = compute(model, [g.context], positions="separator")
+            parts.append(_means_for(model, [SimpleNamespace(name=stats.tasks[0])], stats, n_prompts=0, n_shots=0, seed=0))
+        return torch.cat(parts)
+    return _means_for(model, [SimpleNamespace(name=g.name) for g in given], head_means, n_prompts=0, n_shots=0, seed=0)
+
+
+def _position_keys(batch: Any) -> set[str]:
+    """The extra model inputs of ``batch`` laid out along its positions (``[batch, pos]``, as Gemma 3's
+    ``token_type_ids``): they are trimmed and left-padded with the tokens."""
+    from ..engine.batch import as_batch
+
+    eb = as_batch(batch, "prompts")
+    return {k for k, v in eb.extra.items() if k != "image_grid_thw" and tuple(v.shape) == tuple(eb.tokens.shape)}
+
+
+def _pad_positions(v: Tensor, width: int) -> Tensor:
+    """A row's ``[1, pos]`` input left-padded with zeros to ``width`` (as :func:`~tvlens.engine.plan.pad_left` pads the mask)."""
+    return torch.cat([v.new_zeros((v.shape[0], width - v.shape[1])), v], 1) if v.shape[1] < width else v
+
+
+@dataclass
+class _Rows(RowsBatch):
+    """Rows re-padded into one batch whose :meth:`select` keeps each row's own images with it
+    (rows may hold different numbers of images, so ``pixel_values`` is not row-aligned)."""
+
+    rows: Sequence[Mapping[str, Tensor]] = ()
+
+    def __post_init__(self) -> None:
+        self.inputs = gather_inputs(list(self.rows), range(len(self.rows))) if self.rows else {}
+
+    def select(self, index: Any) -> "_Rows":
+        idx = torch.as_tensor(index, dtype=torch.long).reshape(-1).cpu()
+        pick = idx.tolist()
+        return _Rows(self.tokens[idx], self.attention_mask[idx], None if self.answer_ids is None else self.answer_ids[idx.to(
+            self.answer_ids.device)], rows=[self.rows[i] for i in pick])
+
+
+# ==============================================================================================
 # the batched masked forward
 # ==============================================================================================
 
@@ -154,6 +288,7 @@ class PatchObjective:
         max_memory: int | None = None,
         fast: bool | str = "auto",
         accepted: Int[Tensor, "batch accepted"] | None = None,
+        inputs: Sequence[Mapping[str, Tensor]] | None = None,
     ) -> None:
         from ..hooks import device_of
         from ..models import ModelInfo
@@ -187,6 +322,10 @@ class PatchObjective:
         if fast not in FAST:
             raise ValueError(f"fast must be one of {FAST}, got {fast!r}")
         self.fast = fast
+        if inputs is not None and len(inputs) != self.tokens.shape[0]:
+            raise ValueError(f"inputs must hold one dict of extra model inputs per row ({self.tokens.shape[0]}), got {len(inputs)}")
+        #: each row's extra model inputs (``pixel_values`` ...; empty dicts for text): they go where their row goes
+        self.inputs = [dict(i) for i in inputs] if inputs is not None and any(inputs) else None
         self._runner: Any = None
 
     # ---- construction -------------------------------------------------------------------------
@@ -218,6 +357,45 @@ class PatchObjective:
         return cls(model, tokens, mask, answers, owners, means, task_names=[t.name for t in tasks], max_memory=max_memory,
                    fast=fast, accepted=cat_accepted([accepted_ids(b) for b in batches]))
 
+    @classmethod
+    def from_batches(
+        cls,
+        model: Any,
+        batches: Sequence[Any],
+        means: Float[Tensor, "task layer head d_head"],
+        *,
+        task_names: Sequence[str] = (),
+        max_memory: int | None = None,
+        fast: bool | str = "auto",
+    ) -> "PatchObjective":
+        """The objective over ready batches, batch ``t`` being task ``t``'s zero-shot queries (text
+        :class:`~tvlens.PromptBatch` es or :class:`~tvlens.inputs.multimodal.MultimodalBatch` es of
+        image queries, Luo et al. 2024 §4), scored against every accepted answer of each row.
+
+        Rows of all batches are left-padded to one width; each row's images (its extra model inputs,
+        :func:`tvlens.engine.plan.row_inputs`) travel with it, and so do inputs laid out along the
+        positions (Gemma 3's ``token_type_ids``), padded like the mask. Check the batches first
+        (:func:`_ready_prompts`)."""
+        rows: list[Tensor] = []
+        inputs: list[dict[str, Tensor]] = []
+        along: list[set[str]] = []  # per row: its inputs laid out along the positions
+        owners: list[int] = []
+        for t, b in enumerate(batches):
+            own = rows_of(b)
+            rows.extend(own)
+            owners.extend([t] * len(own))
+            keys = _position_keys(b)
+            real = b.attention_mask.bool()
+            for i, extra in enumerate(row_inputs(b)):
+                inputs.append({k: v[:, real[i].to(v.device)] if k in keys else v for k, v in extra.items()})
+                along.append(keys)
+        tokens, mask = pad_left(rows, pad_id_of(model))
+        inputs = [{k: _pad_positions(v, tokens.shape[1]) if k in keys else v for k, v in extra.items()}
+                  for extra, keys in zip(inputs, along)]
+        accepted = cat_accepted([accepted_ids(b) for b in batches])
+        return cls(model, tokens, mask, accepted[:, 0], torch.as_tensor(owners, dtype=torch.long), means,
+                   task_names=task_names, max_memory=max_memory, fast=fast, accepted=accepted, inputs=inputs)
+
     @property
     def n_rows(self) -> int:
         return int(self.tokens.shape[0])
@@ -225,7 +403,9 @@ class PatchObjective:
     def digest(self) -> str:
         """Fingerprint of the prompts and means (a checkpoint is only resumed on the same objective)."""
         several = (self.accepted,) if self.accepted.shape[1] > 1 else ()  # single-answer digests as before
-        return _tensor_digest(self.tokens, self.attention_mask, self.answer_ids, self.row_task, self.means.float(), *several)
+        images = () if self.inputs is None else tuple(v for k, v in sorted(gather_inputs(self.inputs, range(self.n_rows)).items()))
+        return _tensor_digest(self.tokens, self.attention_mask, self.answer_ids, self.row_task, self.means.float(), *several,
+                              *images)
 
     # ---- the forward --------------------------------------------------------------------------
     def _check_weights(self, weights: Tensor) -> Tensor:
@@ -243,7 +423,10 @@ class PatchObjective:
 
             from ..engine.runner import PatchRunner
 
-            target = SimpleNamespace(tokens=self.tokens, attention_mask=self.attention_mask, answer_ids=self.answer_ids)
+            if self.inputs is None:
+                target = SimpleNamespace(tokens=self.tokens, attention_mask=self.attention_mask, answer_ids=self.answer_ids)
+            else:  # rows with their own images, also in a subset of rows (soft selection's minibatches)
+                target = _Rows(self.tokens, self.attention_mask, self.answer_ids, rows=self.inputs)
             with torch.no_grad():
                 self._runner = PatchRunner(self.model, target, fast=self.fast)
         return self._runner
@@ -438,20 +621,22 @@ class Selection(LayerHeadGrid):
                  **prompt_kw: Any) -> Float[Tensor, " task"]:
         """Score this selection (:attr:`weights` patched with its own ``head_means``) on ``tasks``
         (default: the tasks it was made for) — first-token accuracy on the test split by default.
-        ``**prompt_kw``: how the prompts are written (as in :func:`evaluate_heads`)."""
+        ``tasks`` may be ready prompts of tasks it was made for (as in :func:`evaluate_heads`: e.g.
+        image queries of a VLM). ``**prompt_kw``: how the prompts are written (as in :func:`evaluate_heads`)."""
         from ..results import check_same_model
 
         check_same_model(model, self.meta.to_dict(), what="selection")
         if self.head_means is None:
             raise ValueError("this selection carries no head means; use tvlens.analyses.selection.evaluate_heads(model, tasks, "
                              "selection, head_means=...)")
-        task_list = _resolve_tasks(list(self.tasks) if tasks is None else tasks)
+        given = None if tasks is None else _ready_prompts(model, tasks, split, prompt_kw, "Selection.evaluate")
+        task_list = given if given is not None else _resolve_tasks(list(self.tasks) if tasks is None else tasks)
         missing = [t.name for t in task_list if t.name not in self.tasks]
         if missing:
             raise ValueError(f"this selection has head means for {', '.join(self.tasks)}, not for {', '.join(missing)}; "
                              "use evaluate_heads(model, tasks, selection, head_means=...) with means for those tasks")
         means = self.head_means[[self.tasks.index(t.name) for t in task_list]]
-        return evaluate_heads(model, task_list, self, head_means=means, metric=metric, split=split, n_prompts=n_prompts,
+        return evaluate_heads(model, tasks if given is not None else task_list, self, head_means=means, metric=metric, split=split, n_prompts=n_prompts,
                               seed=seed, fast=fast, **prompt_kw)[0]
 
     # ---- construction from a fixed set ----
@@ -521,6 +706,27 @@ def _means_for(model: Any, tasks: Sequence[Any], head_means: Any, *, n_prompts: 
         raise ValueError(f"head means have [layer, head, d_head] = {tuple(means.shape[1:])} but the model has "
                          f"{(info.n_layers, info.n_heads, info.d_head)}; compute them with this model")
     return means.detach().cpu()
+
+
+def _objective(model: Any, tasks: Any, head_means: Any, where: str, *, split: str, n_prompts: int | None,
+               n_mean_prompts: int, n_shots: int, seed: int, max_memory: int | None, fast: bool | str,
+               prompt_kw: Mapping[str, Any]) -> tuple["PatchObjective", Tensor]:
+    """The selection objective and its ``[task, layer, head, d_head]`` means, every input checked before any forward.
+
+    ``tasks`` are task names (zero-shot prompts of ``split`` built here, means from ``n_shots``-shot
+    prompts unless ``head_means``) or ready prompts (:func:`_ready_prompts`: text or multimodal
+    batches, scored as they are)."""
+    given = _ready_prompts(model, tasks, split, prompt_kw, where)
+    if given is not None:
+        means = _given_means(model, given, head_means)
+        return PatchObjective.from_batches(model, [g.queries for g in given], means, task_names=[g.name for g in given],
+                                           max_memory=max_memory, fast=fast), means
+    task_list = _resolve_tasks(tasks)
+    if n_prompts is not None:
+        _check_int("n_prompts", n_prompts, 1)
+    means = _means_for(model, task_list, head_means, n_prompts=n_mean_prompts, n_shots=n_shots, seed=seed, prompt_kw=prompt_kw)
+    return PatchObjective.build(model, task_list, means, n_prompts=n_prompts, split=split, seed=seed, max_memory=max_memory,
+                                fast=fast, prompt_kw=prompt_kw), means
 
 
 def _progress(total: int, desc: str, enabled: bool, initial: int = 0):
@@ -756,13 +962,10 @@ def reinforce_select(
     task_names: tuple[str, ...] = ()
     means = None
     if reward_fn is None:
-        task_list = _resolve_tasks(tasks)
-        task_names = tuple(t.name for t in task_list)
-        _check_int("n_prompts", n_prompts, 1)
-        means = _means_for(model, task_list, head_means, n_prompts=n_mean_prompts, n_shots=n_shots, seed=seed,
-                           prompt_kw=prompt_kw)
-        objective = PatchObjective.build(model, task_list, means, n_prompts=n_prompts, split=split, seed=seed,
-                                         max_memory=max_memory, fast=fast, prompt_kw=prompt_kw)
+        objective, means = _objective(model, tasks, head_means, "reinforce_select", split=split, n_prompts=n_prompts,
+                                      n_mean_prompts=n_mean_prompts, n_shots=n_shots, seed=seed, max_memory=max_memory,
+                                      fast=fast, prompt_kw=prompt_kw)
+        task_names = objective.task_names
 
         def reward(masks: Tensor) -> Tensor:
             return objective.reward(masks, metric)
@@ -891,12 +1094,10 @@ def soft_select(
         checkpoint = check_writable(Path(checkpoint))
     prompt_kw = prompt_options("soft_select", prompt_kw)
     prompt_meta = prompt_record(prompt_kw)
-    task_list = _resolve_tasks(tasks)
-    task_names = tuple(t.name for t in task_list)
-    means = _means_for(model, task_list, head_means, n_prompts=n_mean_prompts, n_shots=n_shots, seed=seed,
-                       prompt_kw=prompt_kw)
-    objective = PatchObjective.build(model, task_list, means, n_prompts=n_prompts, split=split, seed=seed, max_memory=max_memory,
-                                     fast=fast, prompt_kw=prompt_kw)
+    objective, means = _objective(model, tasks, head_means, "soft_select", split=split, n_prompts=n_prompts,
+                                  n_mean_prompts=n_mean_prompts, n_shots=n_shots, seed=seed, max_memory=max_memory, fast=fast,
+                                  prompt_kw=prompt_kw)
+    task_names = objective.task_names
     config = dict(method="soft", tasks=list(task_names), lr=lr, l1=l1, init_logit=init_logit, seed=seed, n_prompts=n_prompts,
                   batch_size=batch_size, split=split, n_mean_prompts=n_mean_prompts, n_shots=n_shots, threshold=threshold,
                   **prompt_meta, objective=objective.digest())
@@ -1034,17 +1235,15 @@ def evaluate_heads(
     are written (``separator``, ``example_sep``, ``prepend_bos``).
     """
     prompt_kw = prompt_options("evaluate_heads", prompt_kw)
-    task_list = _resolve_tasks(tasks)
     if isinstance(weights, Selection):
         weights = weights.weights.unsqueeze(0)
     elif isinstance(weights, Sequence) and weights and all(isinstance(s, Selection) for s in weights):
         weights = torch.stack([s.weights for s in weights])
     elif not isinstance(weights, Tensor):
         raise TypeError(f"weights must be a [sample, layer, head] tensor or Selection(s), got {type(weights).__name__}")
-    means = _means_for(model, task_list, head_means, n_prompts=n_mean_prompts, n_shots=n_shots, seed=seed,
-                       prompt_kw=prompt_kw)
-    obj = PatchObjective.build(model, task_list, means, n_prompts=n_prompts, split=split, seed=seed, max_memory=max_memory,
-                               fast=fast, prompt_kw=prompt_kw)
+    obj, _ = _objective(model, tasks, head_means, "evaluate_heads", split=split, n_prompts=n_prompts,
+                        n_mean_prompts=n_mean_prompts, n_shots=n_shots, seed=seed, max_memory=max_memory, fast=fast,
+                        prompt_kw=prompt_kw)
     return obj.per_task(weights.float() if weights.dtype == torch.bool else weights, metric)
 
 
