@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=_int_at_least(2), default=8, help="masks per step (REINFORCE, GRS) / CMA-ES population")
     p.add_argument("--candidates", type=_int_at_least(1), default=1024, help="selection searches the top pairs by rho")
     p.add_argument("--sparsity", type=_float, default=1e-3, help="size penalty per selected pair (reward units)")
-    p.add_argument("--noise", type=_int_at_least(0), default=6, help="corrupted cells in the noisy-ICL example outputs")
+    p.add_argument("--noise", type=_int_at_least(0), default=4, help="corrupted cells of the noisy-ICL example output (the model card's setting)")
     p.add_argument("--no-per-task", action="store_true", help="multi-task selection only (one mask for all tasks)")
 
     p = add("xmodal")

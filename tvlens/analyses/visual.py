@@ -1109,7 +1109,7 @@ def visual_study(
     sparsity: float = 1e-3,
     methods: Sequence[str] = ("reinforce", "soft", "cma", "grs"),
     per_task: bool = True,
-    noise: int = 6,
+    noise: int = 4,
     arithmetic: Sequence[tuple[str, str, str]] = (("hflip", "invert", "gray"), ("recolor", "segment", "gray")),
     seed: int = 0,
     progress: bool = False,
