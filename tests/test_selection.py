@@ -394,7 +394,7 @@ def test_objective_scores_any_accepted_answer(organism):
 # ready prompts: image queries of a VLM (Luo et al. 2024) with image-ICL head means
 
 
-@pytest.fixture(scope="module", params=["organism-vlm", "tiny-llava"])
+@pytest.fixture(scope="module", params=["organism-vlm", "tiny-llava", "tiny-gemma3"])
 def vlm_model(request, tmp_path_factory):
     import os
 
@@ -407,8 +407,8 @@ def vlm_model(request, tmp_path_factory):
         return tvlens.load_model("organism-vlm", device="cpu")
     from test_crossmodal import _build_tiny  # a tiny random LLaVA (CLIP tower + Llama), saved without a processor
 
-    return tvlens.load_model(_build_tiny("llava", tmp_path_factory.mktemp("llava") / "m"), device="cpu",
-                             require_processor=False)
+    kind = request.param.split("-")[1]  # Gemma 3: token_type_ids along the positions, bidirectional image attention
+    return tvlens.load_model(_build_tiny(kind, tmp_path_factory.mktemp(kind) / "m"), device="cpu", require_processor=False)
 
 
 class _Forwards:
@@ -452,6 +452,8 @@ def _image_row(model, batch, r, layer_heads=None, mean=None, images=True):
 
         hooks.append((act_name("z", layer), put))
     extra = {"pixel_values": row.pixel_values} if images else {}
+    if images and row.token_type_ids is not None:
+        extra["token_type_ids"] = row.token_type_ids[:, real]
     with torch.no_grad():
         logits = model.run_with_hooks(row.tokens[:, real], fwd_hooks=hooks, **extra)[0, -1].double()
     ids = sorted({a[0] for a in row.accepted_answer_tokens[0]})
@@ -553,12 +555,13 @@ def test_image_prompts_bad_input_is_refused_before_any_forward(vlm_model, organi
         assert text.n == 0
     finally:
         text.close()
-    gemma = tvlens.load_model(_build_tiny("gemma3", tmp_path / "gemma3"), device="cpu", require_processor=False)
-    other = _Forwards(gemma)
+    kind = "llava" if "gemma" in mm.vision_spec(model).kind else "gemma3"
+    vlm2 = tvlens.load_model(_build_tiny(kind, tmp_path / kind), device="cpu", require_processor=False)
+    other = _Forwards(vlm2)
     try:
         with pytest.raises(ValueError, match="image token is id"):  # an image batch built for another VLM
-            evaluate_heads(gemma, [q], torch.ones(1, gemma.cfg.n_layers, gemma.cfg.n_heads),
-                           head_means=torch.zeros(1, gemma.cfg.n_layers, gemma.cfg.n_heads, gemma.cfg.d_head))
+            evaluate_heads(vlm2, [q], torch.ones(1, vlm2.cfg.n_layers, vlm2.cfg.n_heads),
+                           head_means=torch.zeros(1, vlm2.cfg.n_layers, vlm2.cfg.n_heads, vlm2.cfg.d_head))
         assert other.n == 0
     finally:
         other.close()
@@ -572,7 +575,7 @@ def test_reinforce_on_image_prompts_of_organism_vlm(vlm_model):
 
     model = vlm_model
     if model.cfg.n_layers != 4:
-        pytest.skip("the trained organism-vlm only: a random tiny LLaVA has no task to find")
+        pytest.skip("the trained organism-vlm only: a random tiny VLM has no task to find")
     tasks = ["country_capital", "successor", "next_letter"]
     prompts = [SweepPrompts(t, mm.image_icl_prompts(model, t, n_prompts=16, n_shots=5, seed=0, split="train"),
                             {sp: mm.image_query_prompts(model, t, n_prompts=16, seed=1, split=sp) for sp in ("train", "test")})
@@ -585,3 +588,34 @@ def test_reinforce_on_image_prompts_of_organism_vlm(vlm_model):
           f"{sel.heads()} {acc[1].tolist()}; reward {sel.rewards[0]:.3f} -> {sel.rewards[-1]:.3f}")
     assert acc[1].mean() > acc[0].mean() + 0.1
     torch.testing.assert_close(sel.evaluate(model, prompts), acc[1])  # the selection scores itself the same way
+
+
+def test_compare_selections_on_image_prompts(vlm_model):
+    """compare_selections over SweepPrompts of image queries: selections learnt on the train queries, every column
+    scored on the test queries as evaluate_heads scores them, ICL from the given image-ICL prompts (checked against
+    one run_with_hooks per row), CIE skipped with a note; bare batches are refused (no train/test split)."""
+    from tvlens.inputs import multimodal as mm
+    from tvlens.vectors.activation import SweepPrompts
+
+    model = vlm_model
+    prompts = []
+    for t in ("country_capital", "successor"):
+        q = {sp: mm.image_query_prompts(model, t, n_prompts=4, seed=1, split=sp) for sp in ("train", "test")}
+        icl = mm.image_icl_prompts(model, t, n_shots=2, seed=0, queries=list(zip(q["test"].queries, q["test"].answers)))
+        prompts.append(SweepPrompts(t, mm.image_icl_prompts(model, t, n_prompts=3, n_shots=2, seed=0, split="train"), q, icl=icl))
+    cmp = compare_selections(model, prompts, per="all", n_random=2, progress=False, reinforce_kw=dict(steps=2, samples_per_step=4),
+                             soft_kw=dict(steps=2))
+    assert cmp.tasks == ("country_capital", "successor") and any("CIE top-k skipped" in n for n in cmp.notes)
+    col = {m: j for j, m in enumerate(cmp.methods)}
+    for method in ("reinforce", "soft", "rho_topk"):
+        sel = cmp.selections[method]["all"]
+        got = evaluate_heads(model, prompts, sel, split="test")[0].double()
+        torch.testing.assert_close(cmp.accuracy[:, col[method]].double(), got, atol=1e-6, rtol=0)
+    for i, p in enumerate(prompts):
+        ref = [_image_row(model, p.icl, r)[1] for r in range(len(p.icl))]
+        assert cmp.accuracy[i, col["icl"]].item() == pytest.approx(sum(ref) / len(ref), abs=1e-6)
+        zs = [_image_row(model, p.queries["test"], r)[1] for r in range(len(p.queries["test"]))]
+        assert cmp.accuracy[i, col["zero_shot"]].item() == pytest.approx(sum(zs) / len(zs), abs=1e-6)
+    with pytest.raises(TypeError, match="not bare batches"):
+        compare_selections(model, [p.queries["test"] for p in prompts], head_means=torch.zeros(2, model.cfg.n_layers,
+                           model.cfg.n_heads, model.cfg.d_head), progress=False)

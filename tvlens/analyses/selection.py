@@ -23,6 +23,14 @@ A :class:`Selection` is a frozen result: per-head probabilities (REINFORCE) or w
 the final boolean mask, the reward curve and metadata; ``.heads()``, ``.plot()``, ``.to_html()``,
 ``.save()`` / ``.load()`` (refusing a different model).
 
+**Ready prompts.** Wherever ``tasks`` is taken, one can instead give each task's ready prompts, text or
+multimodal: :class:`~tvlens.vectors.activation.SweepPrompts` (``context``: the prompts the head means
+are taken from, e.g. image-ICL prompts of a VLM; ``queries``: zero-shot prompts per split, e.g. image
+queries without context, Luo, Darrell & Bar 2024 §4; ``icl``: the ICL baseline) or one batch of
+zero-shot queries per task with ``head_means=tvlens.head_means(model, [ICL batch per task])``. Each
+query is scored against its own accepted answers, and each row's images go with it through every
+re-padding and subset (:meth:`PatchObjective.from_batches`). Bad input is refused before any forward.
+
 Patching rule everywhere in this module: only the final position (the final separator ``→``,
 index −1 of the left-padded :class:`~tvlens.inputs.text.PromptBatch`) is changed, and only in
 ``blocks.{l}.attn.hook_z`` (the head's output before ``W_O``), with ``torch.lerp(z, mean, w)``
@@ -210,14 +218,19 @@ def _given_means(model: Any, given: Sequence[_Given], head_means: Any) -> Tensor
             raise ValueError(f"no head means for the ready prompts of {', '.join(missing)}: pass head_means="
                              "tvlens.head_means(model, [ICL batch per task]) (e.g. image-ICL prompts of a VLM), or give "
                              "SweepPrompts(task, context, queries) whose context prompts the means are taken from")
-        from .taskness import head_means as compute
-
-        parts = []
-        for g in given:  # one task at a time: context batches need not carry distinct .task names
-            stats = compute(model, [g.context], positions="separator")
-            parts.append(_means_for(model, [SimpleNamespace(name=stats.tasks[0])], stats, n_prompts=0, n_shots=0, seed=0))
-        return torch.cat(parts)
+        head_means = _context_stats(model, given)
     return _means_for(model, [SimpleNamespace(name=g.name) for g in given], head_means, n_prompts=0, n_shots=0, seed=0)
+
+
+def _context_stats(model: Any, given: Sequence[_Given]) -> Any:
+    """:func:`tvlens.head_means` at the final separator of each task's context prompts, named as the given tasks."""
+    import dataclasses
+
+    from .taskness import head_means as compute
+
+    named = [dataclasses.replace(g.context, task=g.name) if dataclasses.is_dataclass(g.context) and
+             getattr(g.context, "task", g.name) != g.name else g.context for g in given]
+    return compute(model, named, positions="separator")
 
 
 def _position_keys(batch: Any) -> set[str]:
@@ -906,6 +919,10 @@ def reinforce_select(
     Args:
         tasks: the tasks (names, ``Task`` objects, ``"family:..."``); one mask is learnt for all of
             them (Hojel et al.'s multi-task variant), each prompt patched with its own task's means.
+            Or each task's ready prompts (module docstring): ``SweepPrompts`` (their ``queries[split]``
+            are scored; means from their ``context`` unless ``head_means``) or one batch of queries per
+            task (``head_means`` required) — e.g. a VLM's image queries with image-ICL means;
+            ``n_prompts``, ``n_mean_prompts``, ``n_shots`` and prompt options then do not apply.
         head_means: a ``HeadStats`` / ``[task, layer, head, d_head]`` tensor; default
             ``tvlens.head_means(model, tasks, n_prompts=n_mean_prompts, n_shots=n_shots, split="train")``.
         metric: ``"logprob"`` (log-probability of the answer's first token) or ``"accuracy"``.
@@ -1067,7 +1084,8 @@ def soft_select(
     by back-propagating through the frozen model: no weight is modified and none gets a gradient
     (``requires_grad`` stays False on them); only ``θ`` does. ``batch_size`` (optional) trains on a
     random subset of the prompts per step (own ``torch.Generator(seed)``); by default every step
-    uses all prompts. Early stopping and checkpoints as in :func:`reinforce_select`.
+    uses all prompts. Early stopping and checkpoints as in :func:`reinforce_select`; ``tasks`` may be
+    ready prompts, text or multimodal, as there.
 
     Returns a :class:`Selection` (``method="soft"``) with ``probabilities`` = α, mask ``α > threshold``,
     and the mean answer log-prob per step as the reward curve.
@@ -1232,7 +1250,9 @@ def evaluate_heads(
     answer log-prob with ``metric="logprob"``) on ``split`` (all its queries unless ``n_prompts``).
     All weightings run in batched forwards (weightings × prompts along the batch dimension). A
     prompt counts when its top token starts any accepted answer. ``**prompt_kw``: how the prompts
-    are written (``separator``, ``example_sep``, ``prepend_bos``).
+    are written (``separator``, ``example_sep``, ``prepend_bos``). ``tasks`` may be ready prompts, text
+    or multimodal (``SweepPrompts``: their ``queries[split]``; or one batch of queries per task), as in
+    :func:`reinforce_select`.
     """
     prompt_kw = prompt_options("evaluate_heads", prompt_kw)
     if isinstance(weights, Selection):
@@ -1491,6 +1511,11 @@ def compare_selections(
     ``reinforce_kw`` / ``soft_kw`` / ``cie_kw`` are passed to the respective functions.
     ``**prompt_kw``: how every prompt is written (``separator``, ``example_sep``, ``prepend_bos``),
     passed to each method and to the means, ICL and evaluation prompts alike.
+
+    ``tasks`` may be :class:`~tvlens.vectors.activation.SweepPrompts`, text or multimodal (Luo et al.
+    2024 §4: a VLM's image queries): selections learnt on ``queries["train"]``, scored on
+    ``queries["test"]``, means (and ρ) from ``context`` unless ``head_means``, ICL from ``icl`` (NaN
+    where absent); CIE top-k is skipped (it builds its own text prompts), with a note.
     """
     from ..models import ModelInfo
     from ..inputs.text import evaluate_prompts, icl_prompts
@@ -1499,7 +1524,17 @@ def compare_selections(
     info = ModelInfo.of(model)
     prompt_kw = prompt_options("compare_selections", prompt_kw)
     prompt_meta = prompt_record(prompt_kw)
-    task_list = _resolve_tasks(tasks)
+    given = _ready_prompts(model, tasks, "train", prompt_kw, "compare_selections")
+    if given is not None:
+        from ..vectors.activation import SweepPrompts
+
+        items = [tasks] if isinstance(tasks, SweepPrompts) else list(tasks)
+        if not all(isinstance(t, SweepPrompts) for t in items):
+            raise TypeError("compare_selections selects on train queries and scores on test queries: give ready prompts as "
+                            "SweepPrompts(task, context, {'train': ..., 'test': ...}), not bare batches")
+        tests = {g.name: g for g in _ready_prompts(model, items, "test", prompt_kw, "compare_selections")}
+        ready = {g.name: t for g, t in zip(given, items)}
+    task_list = given if given is not None else _resolve_tasks(tasks)
     methods = tuple(methods)
     unknown = [m for m in methods if m not in METHOD_LABELS]
     if unknown:
@@ -1518,7 +1553,13 @@ def compare_selections(
 
     # task means, shared by every method (ρ needs the variances too)
     stats = head_means
-    if stats is None:
+    if stats is None and given is not None:
+        missing = [g.name for g in given if g.context is None]
+        if missing:
+            raise ValueError(f"no head means for the ready prompts of {', '.join(missing)}: pass head_means= or give "
+                             "SweepPrompts with context prompts")
+        stats = _context_stats(model, given)
+    elif stats is None:
         from .taskness import head_means as compute
 
         stats = compute(model, task_list, n_prompts=n_mean_prompts, n_shots=n_shots, positions="separator", seed=seed,
@@ -1556,7 +1597,8 @@ def compare_selections(
                 continue
             sel = _given_selection(selections.get(method), group, g_tasks)
             if sel is None:
-                sel = fn(model, g_tasks, head_means=g_means, seed=seed, progress=progress,
+                sel = fn(model, g_tasks if given is None else [ready[t.name] for t in g_tasks], head_means=g_means, seed=seed,
+                         progress=progress,
                          **{"fast": fast, "max_memory": max_memory, **prompt_kw, **dict(kw or {})})
             fixed[method] = sel
         for method in extra_methods:
@@ -1568,6 +1610,10 @@ def compare_selections(
         names = [t.name for t in g_tasks]
         if rho is not None:
             fixed["rho_topk"] = Selection.from_heads(model, _topk_heads(rho, k_g), method="rho_topk", tasks=names, k=k_g)
+        if "cie_topk" in methods and given is not None:
+            if not cie_failed:
+                notes.append("CIE top-k skipped: ready prompts have no task whose text prompts function_vector would build")
+            cie_failed = True
         if "cie_topk" in methods and not cie_failed:
             try:
                 cie = torch.stack([_cie_scores(model, t, seed=seed, k=k_g, **{**prompt_kw, **dict(cie_kw or {})})
@@ -1588,8 +1634,12 @@ def compare_selections(
                 w = torch.zeros(info.n_layers * info.n_heads)
                 w[perm] = 1.0
                 rows.append(("random_k", w.reshape(info.n_layers, info.n_heads)))
-        obj = PatchObjective.build(model, g_tasks, g_means, n_prompts=n_prompts, split="test", seed=seed, max_memory=max_memory,
-                                   fast=fast, prompt_kw=prompt_kw)
+        if given is None:
+            obj = PatchObjective.build(model, g_tasks, g_means, n_prompts=n_prompts, split="test", seed=seed,
+                                       max_memory=max_memory, fast=fast, prompt_kw=prompt_kw)
+        else:
+            obj = PatchObjective.from_batches(model, [tests[t.name].queries for t in g_tasks], g_means, task_names=names,
+                                              max_memory=max_memory, fast=fast)
         scores = obj.per_task(torch.stack([w for _, w in rows]), "accuracy").double()  # [row, task]
         for r, (method, w) in enumerate(rows):
             if method == "random_k":
@@ -1605,7 +1655,17 @@ def compare_selections(
         for method, sel in fixed.items():
             chosen.setdefault(method, {})[group] = sel
 
-    if "icl" in methods:
+    if "icl" in methods and given is not None:  # each task's ICL prompts as given (images ride with their rows)
+        zero = torch.zeros(1, info.n_layers, info.n_heads)
+        for t in task_list:
+            if tests[t.name].icl is None:
+                continue
+            icl_obj = PatchObjective.from_batches(model, [tests[t.name].icl], means[name_index[t.name]][None], max_memory=max_memory,
+                                                  fast=fast)
+            acc[name_index[t.name], col["icl"]] = icl_obj.per_task(zero, "accuracy")[0, 0].double()
+        if any(tests[t.name].icl is None for t in task_list):
+            notes.append("ICL: NaN for tasks whose SweepPrompts carry no icl prompts")
+    elif "icl" in methods:
         for t in task_list:
             batch = icl_prompts(model, t, n_prompts=n_icl_prompts, n_shots=n_shots, seed=seed, split="test", **prompt_kw)
             acc[name_index[t.name], col["icl"]] = evaluate_prompts(model, batch).first_token
