@@ -543,6 +543,8 @@ def test_image_prompts_bad_input_is_refused_before_any_forward(vlm_model, organi
         big = dataclasses.replace(q, tokens=q.tokens.clone().index_fill_(1, torch.tensor([0]), model.cfg.d_vocab + 3))
         with pytest.raises(ValueError, match="built for another model"):
             evaluate_heads(model, [big], w, head_means=means)
+        with pytest.raises(ValueError, match="select_restarts takes task names"):
+            sel_mod.select_restarts(model, [SweepPrompts("successor", ctx, {"train": q})], n_restarts=2)
         with pytest.raises(ValueError, match="another model"):  # means from another model
             evaluate_heads(model, [q], w, head_means=tvlens.head_means(organism, ["successor"], n_prompts=2, n_shots=1))
         assert counter.n == 0

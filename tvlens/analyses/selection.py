@@ -242,7 +242,7 @@ def _position_keys(batch: Any) -> set[str]:
     return {k for k, v in eb.extra.items() if k != "image_grid_thw" and tuple(v.shape) == tuple(eb.tokens.shape)}
 
 
-def _pad_positions(v: Tensor, width: int) -> Tensor:
+def _pad_positions(v: Int[Tensor, "batch pos"], width: int) -> Int[Tensor, "batch width"]:
     """A row's ``[1, pos]`` input left-padded with zeros to ``width`` (as :func:`~tvlens.engine.plan.pad_left` pads the mask)."""
     return torch.cat([v.new_zeros((v.shape[0], width - v.shape[1])), v], 1) if v.shape[1] < width else v
 
@@ -1191,6 +1191,10 @@ def select_restarts(
                             "(restarts use seeds seed .. seed + n_restarts - 1, without checkpoints)")
     from ..inputs.text import PROMPT_OPTIONS
 
+    if _ready_prompts(model, tasks, kw.get("split", "train"), {}, "select_restarts") is not None:
+        raise ValueError("select_restarts takes task names (its restarts may run on an executor's workers, which build "
+                         "their own prompts); for ready prompts, run reinforce_select / soft_select(model, prompts, seed=s) "
+                         "for each seed and keep the highest meta.extra['final_reward']")
     task_list = _resolve_tasks(tasks)
     prompt_kw = prompt_options("select_restarts", {k: v for k, v in kw.items() if k in PROMPT_OPTIONS})
     given = kw.pop("head_means", None)
