@@ -621,3 +621,29 @@ def test_compare_selections_on_image_prompts(vlm_model):
     with pytest.raises(TypeError, match="not bare batches"):
         compare_selections(model, [p.queries["test"] for p in prompts], head_means=torch.zeros(2, model.cfg.n_layers,
                            model.cfg.n_heads, model.cfg.d_head), progress=False)
+
+
+@pytest.mark.parametrize("fast", ["auto", False])
+def test_ready_text_batches_score_as_the_task_path(tiny_llama, fast):
+    """Ready text batches (one of zero-shot queries per task, head means from ready ICL batches) give the objective
+    the task-name path builds from the same prompts, row for row; SweepPrompts take their means from the context."""
+    from tvlens.inputs.text import icl_prompts
+    from tvlens.vectors.activation import SweepPrompts
+
+    m = tiny_llama
+    tasks = tvlens.resolve_tasks(TASKS)
+    ctx = [icl_prompts(m, t, n_prompts=4, n_shots=2, seed=0, split="train") for t in tasks]
+    stats = tvlens.head_means(m, ctx)
+    means = sel_mod._means_for(m, tasks, stats, n_prompts=4, n_shots=2, seed=0)
+    by_name = PatchObjective.build(m, tasks, means, n_prompts=5, split="train", seed=0, fast=fast)
+    zs = [icl_prompts(m, t, n_prompts=5, n_shots=0, seed=0, split="train") for t in tasks]
+    ready = PatchObjective.from_batches(m, zs, means, task_names=TASKS, fast=fast)
+    assert ready.inputs is None  # text rows: nothing extra travels with them
+    masks = torch.rand(3, *means.shape[1:3], generator=torch.Generator().manual_seed(2)) < 0.5
+    torch.testing.assert_close(ready.per_row(masks.float()), by_name.per_row(masks.float()), atol=1e-6, rtol=0)
+    named = evaluate_heads(m, TASKS, masks, head_means=stats, split="train", n_prompts=5, metric="logprob", fast=fast)
+    torch.testing.assert_close(evaluate_heads(m, zs, masks, head_means=stats, metric="logprob", fast=fast), named,
+                               atol=1e-6, rtol=0)
+    sweep = [SweepPrompts(t.name, c, {"train": z}) for t, c, z in zip(tasks, ctx, zs)]
+    torch.testing.assert_close(evaluate_heads(m, sweep, masks, metric="logprob", split="train", fast=fast), named,
+                               atol=1e-6, rtol=0)

@@ -336,7 +336,8 @@ class PatchObjective:
             raise ValueError(f"fast must be one of {FAST}, got {fast!r}")
         self.fast = fast
         if inputs is not None and len(inputs) != self.tokens.shape[0]:
-            raise ValueError(f"inputs must hold one dict of extra model inputs per row ({self.tokens.shape[0]}), got {len(inputs)}")
+            raise ValueError(f"inputs must hold one dict of extra model inputs per row ({self.tokens.shape[0]}), "
+                             f"got {len(inputs)}")
         #: each row's extra model inputs (``pixel_values`` ...; empty dicts for text): they go where their row goes
         self.inputs = [dict(i) for i in inputs] if inputs is not None and any(inputs) else None
         self._runner: Any = None
@@ -416,7 +417,8 @@ class PatchObjective:
     def digest(self) -> str:
         """Fingerprint of the prompts and means (a checkpoint is only resumed on the same objective)."""
         several = (self.accepted,) if self.accepted.shape[1] > 1 else ()  # single-answer digests as before
-        images = () if self.inputs is None else tuple(v for k, v in sorted(gather_inputs(self.inputs, range(self.n_rows)).items()))
+        images = () if self.inputs is None else tuple(
+            v for _, v in sorted(gather_inputs(self.inputs, range(self.n_rows)).items()))
         return _tensor_digest(self.tokens, self.attention_mask, self.answer_ids, self.row_task, self.means.float(), *several,
                               *images)
 
@@ -649,7 +651,8 @@ class Selection(LayerHeadGrid):
             raise ValueError(f"this selection has head means for {', '.join(self.tasks)}, not for {', '.join(missing)}; "
                              "use evaluate_heads(model, tasks, selection, head_means=...) with means for those tasks")
         means = self.head_means[[self.tasks.index(t.name) for t in task_list]]
-        return evaluate_heads(model, tasks if given is not None else task_list, self, head_means=means, metric=metric, split=split, n_prompts=n_prompts,
+        return evaluate_heads(model, tasks if given is not None else task_list, self, head_means=means, metric=metric,
+                              split=split, n_prompts=n_prompts,
                               seed=seed, fast=fast, **prompt_kw)[0]
 
     # ---- construction from a fixed set ----
@@ -1664,8 +1667,8 @@ def compare_selections(
         for t in task_list:
             if tests[t.name].icl is None:
                 continue
-            icl_obj = PatchObjective.from_batches(model, [tests[t.name].icl], means[name_index[t.name]][None], max_memory=max_memory,
-                                                  fast=fast)
+            icl_obj = PatchObjective.from_batches(model, [tests[t.name].icl], means[name_index[t.name]][None],
+                                                  max_memory=max_memory, fast=fast)
             acc[name_index[t.name], col["icl"]] = icl_obj.per_task(zero, "accuracy")[0, 0].double()
         if any(tests[t.name].icl is None for t in task_list):
             notes.append("ICL: NaN for tasks whose SweepPrompts carry no icl prompts")
