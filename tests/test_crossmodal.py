@@ -585,3 +585,17 @@ def test_examples_and_the_report_section_of_a_vlm(vlm, tmp_path, monkeypatch):
                               png=False, progress=False)
     assert ran == list(report.SECTIONS) and rep["crossmodal"].table[0] == ("condition", "accuracy ± SE", "layer")
     assert len(rep["crossmodal"].table) == 1 + len(xm.CONDITIONS) and "Cross-modal" in rep.path.read_text()
+
+
+def test_task_vector_refuses_image_placeholders_without_images(vlm):
+    """A ready text batch that holds the VLM's image tokens but no images is refused before any forward
+    (it would run on placeholder embeddings)."""
+    from tvlens.inputs.text import PromptBatch
+    from tvlens.inputs.multimodal import image_icl_prompts
+
+    b = image_icl_prompts(vlm, "country_capital", n_prompts=2, n_shots=1)
+    text_only = PromptBatch(tokens=b.tokens, attention_mask=b.attention_mask, token_class=b.token_class,
+                            answer_ids=b.answer_ids, answer_tokens=b.answer_tokens, queries=b.queries,
+                            answers=b.answers, texts=b.texts, task=b.task, n_shots=b.n_shots, seed=b.seed)
+    with pytest.raises(ValueError, match="image placeholder tokens but no images"):
+        tvlens.task_vector(vlm, text_only, layer=2)

@@ -637,11 +637,11 @@ def _given_batch(model: Any, batch: Any, prompt_kw: Mapping[str, Any], where: st
                          "with them instead")
     from ..engine.batch import as_batch
 
-    as_batch(batch, "prompts")  # left padding, shapes
-    if callable(getattr(batch, "model_inputs", None)):
-        from ..inputs.multimodal import check_inputs
+    from ..inputs.multimodal import check_inputs
 
-        check_inputs(model, batch)  # images for a model that takes them, and of the right size
+    as_batch(batch, "prompts")  # left padding, shapes
+    # every batch: a text batch holding a VLM's image placeholders would run on placeholder embeddings
+    check_inputs(model, batch)
     return batch
 
 
