@@ -381,3 +381,27 @@ def test_edits_in_the_last_block_of_a_suffix_recompute(tiny_model, kind):
     runner = PatchRunner(tiny_model, b)
     got = runner.logits([Edit(last, kind, weight=0.0, add=add, pos=[P - 2, P - 1])], 1, start_pos=0)[:, 0]
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_rows_keep_their_own_extra_inputs():
+    """Rows re-batched by the plan keep their own images (uneven image counts: pixel_values is not
+    row-aligned) and their position-aligned inputs are cut and padded with their tokens."""
+    from types import SimpleNamespace
+
+    from tvlens.engine.plan import RowsBatch, gather_inputs, pad_inputs
+
+    imgs = [torch.full((n, 3, 2, 2), float(i)) for i, n in enumerate((2, 0, 1))]
+    rows = [{"pixel_values": imgs[0], "token_type_ids": torch.tensor([[1, 1, 0]])},
+            {"pixel_values": imgs[1], "token_type_ids": torch.tensor([[0]])},
+            {"pixel_values": imgs[2], "token_type_ids": torch.tensor([[0, 1]])}]
+    tokens = torch.tensor([[5, 6, 7], [0, 0, 8], [0, 9, 10]])
+    mask = (tokens != 0).long()
+    b = RowsBatch(tokens, mask, torch.tensor([1, 2, 3]), rows=rows)
+    assert b.inputs["pixel_values"].shape[0] == 3 and b.inputs["token_type_ids"].tolist() == [[1, 1, 0], [0, 0, 0], [0, 0, 1]]
+    sub = b.select([2, 0])
+    assert torch.equal(sub.inputs["pixel_values"], torch.cat([imgs[2], imgs[0]]))  # not pixel_values[[2, 0]]
+    assert sub.answer_ids.tolist() == [3, 1] and sub.inputs["token_type_ids"].tolist() == [[0, 0, 1], [1, 1, 0]]
+    assert torch.equal(gather_inputs(rows, [1, 2], width=4)["token_type_ids"], torch.tensor([[0, 0, 0, 0], [0, 0, 0, 1]]))
+    assert pad_inputs(rows[1], 3)["pixel_values"] is rows[1]["pixel_values"]  # only position inputs are padded
+    with pytest.raises(ValueError, match="not each row's own"):
+        RowsBatch(tokens, mask, None, inputs={"pixel_values": torch.zeros(3, 3, 2, 2)}).select([0])

@@ -549,7 +549,7 @@ def _tiny_llava(out):
     return out
 
 
-@pytest.fixture(scope="module", params=["organism-vlm", "tiny-llava"])
+@pytest.fixture(scope="module", params=["organism-vlm", "tiny-llava", "tiny-gemma3"])
 def vlm_model(request, tmp_path_factory):
     import os
 
@@ -560,6 +560,11 @@ def vlm_model(request, tmp_path_factory):
         if not (organism_path("organism-vlm") / "config.json").exists():
             pytest.skip("organism-vlm checkpoint not shipped")
         return tvlens.load_model("organism-vlm", device="cpu")
+    if request.param == "tiny-gemma3":  # token_type_ids laid out along the positions: cut and padded with the tokens
+        from test_crossmodal import _build_tiny
+
+        return tvlens.load_model(_build_tiny("gemma3", tmp_path_factory.mktemp("gemma3") / "m"), device="cpu",
+                                 require_processor=False)
     return tvlens.load_model(_tiny_llava(tmp_path_factory.mktemp("llava") / "m"), device="cpu", require_processor=False)
 
 
@@ -582,8 +587,9 @@ def _mm_row(model, batch, r, *, capture=None, layer=None, vector=None):
             return act
 
         hooks.append((act_name("resid_pre", layer), put))
+    extra = {k: v[:, real] if k == "token_type_ids" else v for k, v in row.model_inputs().items()}
     with torch.no_grad():
-        logits = model.run_with_hooks(row.tokens[:, real], pixel_values=row.pixel_values, fwd_hooks=hooks)[0, -1]
+        logits = model.run_with_hooks(row.tokens[:, real], fwd_hooks=hooks, **extra)[0, -1]
     return logits.double(), seen.get("x")
 
 

@@ -40,7 +40,7 @@ index −1 of the left-padded :class:`~tvlens.inputs.text.PromptBatch`) is chang
 from __future__ import annotations
 
 from ..tasks import task_name as _task_name
-from ..engine.plan import RowsBatch, gather_inputs, merge_batches, pad_id_of, pad_left, row_inputs, rows_of
+from ..engine.plan import RowsBatch, gather_inputs, merge_batches, pad_id_of, pad_inputs, pad_left, row_inputs, rows_of
 from ..inputs.text import prompt_options, prompt_record
 from ..metrics import FINAL_POSITION, accepted_ids, accepted_metric, cat_accepted
 from ..results import LayerHeadGrid
@@ -233,37 +233,6 @@ def _context_stats(model: Any, given: Sequence[_Given]) -> Any:
     return compute(model, named, positions="separator")
 
 
-def _position_keys(batch: Any) -> set[str]:
-    """The extra model inputs of ``batch`` laid out along its positions (``[batch, pos]``, as Gemma 3's
-    ``token_type_ids``): they are trimmed and left-padded with the tokens."""
-    from ..engine.batch import as_batch
-
-    eb = as_batch(batch, "prompts")
-    return {k for k, v in eb.extra.items() if k != "image_grid_thw" and tuple(v.shape) == tuple(eb.tokens.shape)}
-
-
-def _pad_positions(v: Int[Tensor, "batch pos"], width: int) -> Int[Tensor, "batch width"]:
-    """A row's ``[1, pos]`` input left-padded with zeros to ``width`` (as :func:`~tvlens.engine.plan.pad_left` pads the mask)."""
-    return torch.cat([v.new_zeros((v.shape[0], width - v.shape[1])), v], 1) if v.shape[1] < width else v
-
-
-@dataclass
-class _Rows(RowsBatch):
-    """Rows re-padded into one batch whose :meth:`select` keeps each row's own images with it
-    (rows may hold different numbers of images, so ``pixel_values`` is not row-aligned)."""
-
-    rows: Sequence[Mapping[str, Tensor]] = ()
-
-    def __post_init__(self) -> None:
-        self.inputs = gather_inputs(list(self.rows), range(len(self.rows))) if self.rows else {}
-
-    def select(self, index: Any) -> "_Rows":
-        idx = torch.as_tensor(index, dtype=torch.long).reshape(-1).cpu()
-        pick = idx.tolist()
-        return _Rows(self.tokens[idx], self.attention_mask[idx], None if self.answer_ids is None else self.answer_ids[idx.to(
-            self.answer_ids.device)], rows=[self.rows[i] for i in pick])
-
-
 # ==============================================================================================
 # the batched masked forward
 # ==============================================================================================
@@ -392,20 +361,14 @@ class PatchObjective:
         (:func:`_ready_prompts`)."""
         rows: list[Tensor] = []
         inputs: list[dict[str, Tensor]] = []
-        along: list[set[str]] = []  # per row: its inputs laid out along the positions
         owners: list[int] = []
         for t, b in enumerate(batches):
             own = rows_of(b)
             rows.extend(own)
             owners.extend([t] * len(own))
-            keys = _position_keys(b)
-            real = b.attention_mask.bool()
-            for i, extra in enumerate(row_inputs(b)):
-                inputs.append({k: v[:, real[i].to(v.device)] if k in keys else v for k, v in extra.items()})
-                along.append(keys)
+            inputs.extend(row_inputs(b))
         tokens, mask = pad_left(rows, pad_id_of(model))
-        inputs = [{k: _pad_positions(v, tokens.shape[1]) if k in keys else v for k, v in extra.items()}
-                  for extra, keys in zip(inputs, along)]
+        inputs = [pad_inputs(extra, tokens.shape[1]) for extra in inputs]
         accepted = cat_accepted([accepted_ids(b) for b in batches])
         return cls(model, tokens, mask, accepted[:, 0], torch.as_tensor(owners, dtype=torch.long), means,
                    task_names=task_names, max_memory=max_memory, fast=fast, accepted=accepted, inputs=inputs)
@@ -441,7 +404,7 @@ class PatchObjective:
             if self.inputs is None:
                 target = SimpleNamespace(tokens=self.tokens, attention_mask=self.attention_mask, answer_ids=self.answer_ids)
             else:  # rows with their own images, also in a subset of rows (soft selection's minibatches)
-                target = _Rows(self.tokens, self.attention_mask, self.answer_ids, rows=self.inputs)
+                target = RowsBatch(self.tokens, self.attention_mask, self.answer_ids, rows=self.inputs)
             with torch.no_grad():
                 self._runner = PatchRunner(self.model, target, fast=self.fast)
         return self._runner

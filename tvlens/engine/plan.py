@@ -17,7 +17,8 @@ from torch import Tensor
 from .. import hooks as _hooks
 
 __all__ = ["CPU_BUDGET", "DEFAULT_BATCH", "MAX_TOKENS", "memory_budget", "bytes_per_row", "rows_per_run",
-           "length_buckets", "pad_left", "rows_of", "row_inputs", "gather_inputs", "RowsBatch", "pad_id_of",
+           "length_buckets", "pad_left", "rows_of", "row_inputs", "pad_inputs", "gather_inputs", "RowsBatch",
+           "POSITION_INPUTS", "pad_id_of",
            "merge_batches"]
 
 CPU_BUDGET = 512 << 20  # bytes of transient activations per chunk on CPU
@@ -79,34 +80,76 @@ def rows_of(batch: Any) -> list[Tensor]:
     return [batch.tokens[i][mask[i]] for i in range(batch.tokens.shape[0])]
 
 
+#: extra model inputs laid out along the positions (``[batch, pos]``, as Gemma 3's ``token_type_ids``):
+#: a row's are cut to its real positions with its tokens and left-padded with zeros like its mask
+POSITION_INPUTS = frozenset({"token_type_ids", "mm_token_type_ids"})
+
+
 def row_inputs(batch: Any) -> list[dict[str, Tensor]]:
-    """Each row's extra model inputs (``pixel_values`` ...), in row order; empty dicts for a text batch."""
+    """Each row's extra model inputs (``pixel_values`` ...), in row order, its :data:`POSITION_INPUTS`
+    cut to its real positions as :func:`rows_of` cuts its tokens; empty dicts for a text batch."""
     from .batch import as_batch
 
     eb = as_batch(batch, "prompts")
     if not eb.extra:
         return [{} for _ in range(len(eb))]
-    return [eb.take(torch.tensor([i])).extra for i in range(len(eb))]
+    real = eb.mask.bool()
+    rows = [eb.take(torch.tensor([i])).extra for i in range(len(eb))]
+    return [{k: v[:, real[i].to(v.device)] if k in POSITION_INPUTS else v for k, v in r.items()}
+            for i, r in enumerate(rows)]
 
 
-def gather_inputs(inputs: Sequence[dict[str, Tensor]] | None, idx: Sequence[int]) -> dict[str, Tensor]:
-    """The extra inputs of rows ``idx`` as one batch's (concatenated in row order, as their images are)."""
+def pad_inputs(extra: dict[str, Tensor], width: int) -> dict[str, Tensor]:
+    """One row's extra inputs with its :data:`POSITION_INPUTS` left-padded (zeros) to ``width`` positions."""
+    def pad(v: Tensor) -> Tensor:
+        return torch.cat([v.new_zeros((v.shape[0], width - v.shape[1])), v], 1) if v.shape[1] < width else v
+
+    return {k: pad(v) if k in POSITION_INPUTS else v for k, v in extra.items()}
+
+
+def gather_inputs(inputs: Sequence[dict[str, Tensor]] | None, idx: Sequence[int], width: int | None = None
+                  ) -> dict[str, Tensor]:
+    """The extra inputs of rows ``idx`` as one batch's (concatenated in row order, as their images are;
+    :data:`POSITION_INPUTS` left-padded to ``width``, by default the longest row's, as :func:`pad_left` pads)."""
+    idx = list(idx)
     if not inputs or not inputs[idx[0]]:
         return {}
-    return {k: torch.cat([inputs[i][k] for i in idx]) for k in inputs[idx[0]]}
+    keys = inputs[idx[0]]
+    if width is None:
+        width = max([int(inputs[i][k].shape[1]) for i in idx for k in keys if k in POSITION_INPUTS], default=0)
+    rows = [pad_inputs(inputs[i], width) for i in idx]
+    return {k: torch.cat([r[k] for r in rows]) for k in keys}
 
 
 @dataclass
 class RowsBatch:
-    """Rows re-padded into one left-padded batch with their extra model inputs (the engine's inputs protocol)."""
+    """Rows re-padded into one left-padded batch with their extra model inputs (the engine's inputs protocol).
+
+    ``rows``: each row's own extra inputs (:func:`row_inputs`); given, ``inputs`` is gathered from
+    them and :meth:`select` keeps every row's images with it (rows may hold different numbers of
+    images, so ``pixel_values`` is not row-aligned and cannot be cut by row index)."""
 
     tokens: Tensor
     attention_mask: Tensor
     answer_ids: Tensor | None = None
     inputs: dict[str, Tensor] = field(default_factory=dict)
+    rows: Sequence[dict[str, Tensor]] = ()
+
+    def __post_init__(self) -> None:
+        if self.rows and not self.inputs:
+            self.inputs = gather_inputs(list(self.rows), range(len(self.rows)), int(self.tokens.shape[1]))
 
     def model_inputs(self) -> dict[str, Tensor]:
         return self.inputs
+
+    def select(self, index: Any) -> "RowsBatch":
+        """Rows ``index`` with their own extra inputs (needs ``rows`` when there are any)."""
+        idx = torch.as_tensor(index, dtype=torch.long).reshape(-1).cpu()
+        if self.inputs and not self.rows:
+            raise ValueError("this RowsBatch has extra inputs but not each row's own (rows=): build it with "
+                             "rows=row_inputs(...) so its rows can be taken with their images")
+        ans = None if self.answer_ids is None else self.answer_ids[idx.to(self.answer_ids.device)]
+        return RowsBatch(self.tokens[idx], self.attention_mask[idx], ans, rows=[self.rows[i] for i in idx.tolist()])
 
 
 def length_buckets(lengths: Sequence[int], batch_size: int, *, exact: bool = False) -> list[list[int]]:

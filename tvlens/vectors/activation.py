@@ -64,7 +64,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .. import hooks as _hooks
-from ..engine.plan import DEFAULT_BATCH, RowsBatch, gather_inputs, length_buckets, pad_id_of, pad_left, row_inputs, rows_of
+from ..engine.plan import DEFAULT_BATCH, RowsBatch, length_buckets, pad_id_of, pad_left, row_inputs, rows_of
 from ..engine.readout import run_rows, run_shared, tree_mask_ok
 from ..inputs.text import prompt_options, prompt_record
 from ..metrics import accepted_ids, accepted_metric, cat_accepted
@@ -923,7 +923,7 @@ def _grid_eval(
     for idx in length_buckets([int(r.shape[0]) for r in rows], rows_per_group, exact=True):
         it = torch.as_tensor(idx)
         tokens, mask = pad_left([rows[i] for i in idx], pad)
-        target = RowsBatch(tokens, mask, acc_all[it, 0], gather_inputs(inputs, idx))
+        target = RowsBatch(tokens, mask, acc_all[it, 0], rows=[inputs[i] for i in idx])
         runner = PatchRunner(model, target)
         edits = []
         for l, cols in by_layer.items():
