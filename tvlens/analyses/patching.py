@@ -705,28 +705,13 @@ def attribution_patch_heads(
     ``correlation`` between estimate and exact effect over those sites.  The metric must be
     differentiable (``accuracy`` is not).
     """
-    from ..models import ModelInfo
-
-    info = ModelInfo.of(model)
-    positions = _final_alias(positions)
-    _check_choice("positions", positions, ("final", "all", "each"))
-    _check_choice("component", component, ("z", "q", "k", "v"))
     if metric == "accuracy":
         raise ValueError("attribution patching needs a differentiable metric; 'accuracy' is not — use 'logit_diff', "
                          "'logprob' or 'prob' (confirm with patch_heads(metric='accuracy'))")
-    if isinstance(metric, str):
-        _check_choice("metric", metric, METRICS)
-    n_units = info.n_kv_heads if component in ("k", "v") else info.n_heads
-    tgt = as_batch(target, "target")
-    _check_vocab(tgt, "target", info)
-    means = _means_tensor(source, component, info, positions)
-    src = None if means is not None else _validate_source(tgt, source, positions != "final")
-    if src is not None:
-        _check_vocab(src, "source", info)
-    if normalize and src is None:
-        raise ValueError("normalize=True needs a source prompt batch; with task-mean activations leave normalize=False")
-    if means is not None and not bool(torch.isfinite(means).all()):
-        raise ValueError("attribution patching needs means for every layer; compute head_means with layers=None")
+    # the same checks as patch_heads over every head (the gradient covers all of them at once)
+    sw = _HeadSweep.check(model, target, source, positions=positions, metric=metric, component=component,
+                          layers=None, heads=None, sites=None, normalize=normalize)
+    info, positions, n_units, tgt, src, means = sw.info, sw.positions, sw.n_units, sw.tgt, sw.src, sw.means
     t0 = time.perf_counter()
     L, P = info.n_layers, tgt.n_pos
     dev = _hooks.device_of(model)
