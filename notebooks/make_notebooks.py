@@ -482,7 +482,7 @@ NOTEBOOKS["09_crossmodal"] = [
 Luo, Darrell & Bar (2024) take a task vector from **text** examples (`france → paris`) in a VLM and patch it
 into the last position of an **image** query (a flag, no context): the model does the task on the image —
 better than with the same text examples in the image query's context (*xPatch* vs *xBase*). `organism-vlm` is a
-LLaVA-shaped model (a CLIP tower on the frozen text organism) trained only on image prompts, so every cross-modal
+LLaVA-shaped model (a CLIP tower on the text organism) trained only on image prompts, so every cross-modal
 number below is a measurement. Small counts here; `tvlens xmodal` runs the whole study.
 
 {cite("luo", "hendel")}"""),

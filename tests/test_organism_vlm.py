@@ -182,7 +182,8 @@ def test_left_padded_batch_equals_single_rows(loaded):
         for i, p in enumerate(prompts):
             t1, m1, pv1, _, _ = collate([p], codec.pad, proc, left=True)
             single = bridge(t1, pixel_values=pv1, attention_mask=m1)[:, -1]
-            assert (batch[i] - single[0]).abs().max().item() < 1e-5
+            # 1e-5 relative to the logits' scale: float32 rounding of logits up to ~20, padding errors are O(1)
+            assert (batch[i] - single[0]).abs().max().item() < 1e-5 * max(1.0, single.abs().max().item())
 
 
 def test_image_count_must_match_placeholders(loaded):

@@ -583,8 +583,8 @@ def test_reinforce_on_image_prompts_of_organism_vlm(vlm_model):
                             {sp: mm.image_query_prompts(model, t, n_prompts=16, seed=1, split=sp) for sp in ("train", "test")})
                for t in tasks]
     stats = tvlens.head_means(model, [p.context for p in prompts])
-    sel = reinforce_select(model, prompts, head_means=stats, steps=12, samples_per_step=8, progress=False)
-    assert sel.tasks == tuple(tasks) and sel.rewards.numel() == 12 and len(sel) >= 1
+    sel = reinforce_select(model, prompts, head_means=stats, steps=30, samples_per_step=16, progress=False)
+    assert sel.tasks == tuple(tasks) and sel.rewards.numel() == 30 and len(sel) >= 1
     acc = evaluate_heads(model, prompts, torch.stack([torch.zeros_like(sel.weights), sel.weights]), head_means=stats)
     print(f"\nno-context image queries (test), zero heads {acc[0].tolist()} vs {len(sel)} selected heads "
           f"{sel.heads()} {acc[1].tolist()}; reward {sel.rewards[0]:.3f} -> {sel.rewards[-1]:.3f}")
