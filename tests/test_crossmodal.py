@@ -24,6 +24,7 @@ import tvlens  # noqa: E402
 from tvlens.analyses import crossmodal as xm  # noqa: E402
 from tvlens.inputs import multimodal as mm  # noqa: E402
 from tvlens.inputs.text import TokenClass  # noqa: E402
+from conftest import Forwards, build_tiny_vlm, padded_image_batch  # noqa: E402
 
 TASKS = ["country_capital", "country_currency"]
 
@@ -32,18 +33,17 @@ def _installed() -> dict[str, str]:
     return {d.metadata["Name"].lower(): d.version for d in md.distributions()}
 
 
-class _Forwards:
-    """Counts forward passes of a model (to show that bad input is refused before any)."""
 
-    def __init__(self, model):
-        self.n = 0
-        self.handle = model.register_forward_pre_hook(self._count)
 
-    def _count(self, *_):
-        self.n += 1
-
-    def close(self):
-        self.handle.remove()
+def _left_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of different lengths left-padded with 0 into one batch, and their attention mask."""
+    width = max(map(len, rows))
+    tokens = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros_like(tokens)
+    for r, t in enumerate(rows):
+        tokens[r, width - len(t):] = torch.tensor(t)
+        mask[r, width - len(t):] = 1
+    return tokens, mask
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,66 +68,12 @@ def hf_vlm():
     return LlavaForConditionalGeneration.from_pretrained(organism_path("organism-vlm"), attn_implementation="eager").eval()
 
 
-def _tokenizer(specials):
-    from conftest import vocabulary
-
-    from tvlens.organisms.text.tokenizer import build_tokenizer
-
-    tok = build_tokenizer(vocabulary())
-    tok.add_special_tokens({"additional_special_tokens": specials})
-    return tok, {s: tok.convert_tokens_to_ids(s) for s in specials}
-
-
-def _text_config(tok, **kw):
-    return dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
-                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kw)
-
-
-def _build_tiny(kind, out):
-    """A tiny random VLM of ``kind`` saved with save_pretrained (no processor files: tvlens expands placeholders)."""
-    torch.manual_seed(0)
-    if kind == "llava":
-        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-        tok, ids = _tokenizer(["<image>"])
-        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                  image_size=16, patch_size=8, projection_dim=32)
-        model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=LlamaConfig(**_text_config(tok)),
-                                                          image_token_id=ids["<image>"], vision_feature_layer=-1,
-                                                          image_seq_length=4))
-    elif kind == "gemma3":
-        from transformers import Gemma3Config, Gemma3ForConditionalGeneration
-
-        tok, ids = _tokenizer(["<start_of_image>", "<end_of_image>", "<image_soft_token>"])
-        model = Gemma3ForConditionalGeneration(Gemma3Config(
-            text_config=_text_config(tok, head_dim=16, sliding_window=64),
-            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                               image_size=16, patch_size=4),
-            mm_tokens_per_image=4, boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"],
-            image_token_index=ids["<image_soft_token>"]))
-    else:
-        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-        names = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-        tok, ids = _tokenizer(names)
-        rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
-        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
-            text_config=_text_config(tok, rope_parameters=rope),
-            vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
-                               spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64, window_size=8,
-                               fullatt_block_indexes=[1]),
-            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"]))
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
 def tiny_vlm_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_vlm")
-    return {k: _build_tiny(k, root / k) for k in ("llava", "gemma3", "qwen2_5_vl")}
+    return {k: build_tiny_vlm(k, root / k) for k in ("llava", "gemma3", "qwen2_5_vl")}
 
 
 def _torchvision() -> bool:
@@ -196,12 +142,7 @@ def test_qwen_patches_slice_by_image_grid_offsets():
         pass  # the numpy patchify is still checked against the layout by the slicing below
     runs = [spec.run(h, w) for h, w in ((16, 16), (8, 16), (16, 8), (8, 8))]
     rows = [[1, *runs[0], 5, *runs[1], 6], [1, *runs[2], 6], [1, *runs[3], 6]]
-    width = max(map(len, rows))
-    tokens = torch.zeros((3, width), dtype=torch.long)
-    mask = torch.zeros_like(tokens)
-    for r, t in enumerate(rows):
-        tokens[r, width - len(t):] = torch.tensor(t)
-        mask[r, width - len(t):] = 1
+    tokens, mask = _left_padded(rows)
     b = mm.MultimodalBatch(tokens=tokens, attention_mask=mask, token_class=mask.clone(), answer_ids=torch.zeros(3, dtype=torch.long),
                            answer_tokens=((0,),) * 3, queries=("a", "b", "c"), answers=("x",) * 3, task="t", n_shots=0, seed=0,
                            image_token_id=9, n_images=torch.tensor([2, 1, 1]), pixel_values=pix["pixel_values"],
@@ -232,22 +173,13 @@ def _hf_last(hf, tokens, pixel_values, layer=None, value=None):
             h.remove()
 
 
-def _padded_batch(model):
-    """Rows of different lengths and image counts, left-padded into one batch."""
-    from tvlens.organisms.vlm.images import render
-
-    mark = mm.vision_spec(model).marker
-    texts = [f"{mark} → 5\n{mark} → 8\n{mark} →", f"{mark} →", f"three → four\n{mark} →"]
-    images = [[render("digits", "4", 10**6), render("digits", "7", 10**6 + 1), render("digits", "12", 10**6 + 2)],
-              [render("glyph", "b", 10**6 + 3)], [render("digits", "9", 10**6 + 4)]]
-    return mm.prompts_from_images(model, texts, images, ["13", "c", "10"])
 
 
 def test_left_padded_batch_equals_single_rows_and_last_position_patch_is_local(vlm, hf_vlm):
     from tvlens.engine import PatchRunner, replace_resid
     from tvlens.hooks import act_name, run
 
-    both = _padded_batch(vlm)
+    both = padded_image_batch(vlm, middle=("glyph", "b", "c"))
     assert bool((both.attention_mask == 0).any())
     runner = PatchRunner(vlm, both)
     # realistic patches: means of the prompts' final-position states (as a task vector is), no row's own state
@@ -322,12 +254,7 @@ def _flat_batch():
     """Three rows holding 2, 1 and 1 images of 16, 8, 8 and 4 patches, Qwen-style."""
     runs = {16: [9] * 4, 8: [9] * 2, 4: [9]}
     rows = [[1, *runs[16], 5, *runs[8], 6], [1, *runs[8], 6], [1, *runs[4], 6]]
-    width = max(map(len, rows))
-    tokens = torch.zeros((3, width), dtype=torch.long)
-    mask = torch.zeros_like(tokens)
-    for r, t in enumerate(rows):
-        tokens[r, width - len(t):] = torch.tensor(t)
-        mask[r, width - len(t):] = 1
+    tokens, mask = _left_padded(rows)
     grid = torch.tensor([[1, 4, 4], [1, 2, 4], [1, 4, 2], [1, 2, 2]])
     pix = torch.arange(36 * 48, dtype=torch.float32).reshape(36, 48).remainder(7) + torch.arange(36.0)[:, None]
     return mm.MultimodalBatch(tokens=tokens, attention_mask=mask, token_class=mask.clone(), answer_ids=torch.zeros(3, dtype=torch.long),
@@ -349,7 +276,7 @@ def test_final_logits_cuts_chunks_by_the_batchs_own_rows(vlm, hf_vlm):
     for bs in (1, 2):
         assert torch.allclose(final_logits(model, flat, batch_size=bs), whole, atol=1e-6)
     # the loose tensors cannot be cut by rows: refused before any forward (v[rows] would pair rows with others' images)
-    counter = _Forwards(model)
+    counter = Forwards(model)
     try:
         with pytest.raises(ValueError, match="not row-aligned"):
             final_logits(model, flat.tokens, flat.attention_mask, batch_size=2, **flat.model_inputs())
@@ -359,7 +286,7 @@ def test_final_logits_cuts_chunks_by_the_batchs_own_rows(vlm, hf_vlm):
     finally:
         counter.close()
     # the organism: rows of 3, 1 and 1 images, left-padded, against the raw HF model one unpadded row at a time
-    b = _padded_batch(vlm)
+    b = padded_image_batch(vlm, middle=("glyph", "b", "c"))
     refs = []
     for r in range(len(b)):
         row = b.select([r])
@@ -470,7 +397,7 @@ def test_table_runs_on_tiny_vlms_and_fast_path_matches_run_with_hooks_per_row(ti
 
     kind, model = tiny_vlm
     spec = mm.vision_spec(model)
-    b = _padded_batch(model)
+    b = padded_image_batch(model, middle=("glyph", "b", "c"))
     assert bool((b.attention_mask == 0).any())
     if kind == "gemma3":
         assert torch.equal(b.token_type_ids.bool(), b.image_positions)
@@ -529,7 +456,7 @@ def test_load_model_organism_vlm_registers_its_processor_first():
 
 def test_bad_input_is_refused_before_any_forward(vlm, organism, tmp_path):
     b = mm.image_query_prompts(vlm, "country_capital", n_prompts=2)
-    counter = _Forwards(vlm)
+    counter = Forwards(vlm)
     try:
         with pytest.raises(ValueError, match="no pixel_values|no images"):
             dataclasses.replace(b, pixel_values=None)
@@ -558,7 +485,7 @@ def test_bad_input_is_refused_before_any_forward(vlm, organism, tmp_path):
         assert counter.n == 0
     finally:
         counter.close()
-    tcount = _Forwards(organism)
+    tcount = Forwards(organism)
     try:
         with pytest.raises(ValueError, match="text-only"):
             mm.image_query_prompts(organism, "country_capital", n_prompts=1)

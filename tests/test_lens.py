@@ -386,9 +386,9 @@ def vlm_and_hf(request, tmp_path_factory):
         model = tvlens.load_model("organism-vlm", device="cpu")
         task = "country_capital"
     else:
-        from test_crossmodal import _build_tiny
+        from conftest import build_tiny_vlm
 
-        path = _build_tiny("llava", tmp_path_factory.mktemp("lens_llava"))
+        path = build_tiny_vlm("llava", tmp_path_factory.mktemp("lens_llava"))
         model = tvlens.load_model(path, device="cpu", require_processor=False)
         task = "next_letter"
     hf = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()

@@ -15,6 +15,7 @@ import tvlens
 from tvlens.analyses import selection as sel_mod
 from tvlens.hooks import act_name, hook_count, run
 from tvlens.analyses.selection import PatchObjective, Selection, compare_selections, evaluate_heads, reinforce_select, soft_select
+from conftest import Forwards, build_tiny_vlm, padded_image_batch
 
 TASKS = ["antonym", "country_capital"]
 SMALL = dict(n_prompts=4, n_mean_prompts=4, n_shots=2, progress=False)
@@ -394,49 +395,6 @@ def test_objective_scores_any_accepted_answer(organism):
 # ready prompts: image queries of a VLM (Luo et al. 2024) with image-ICL head means
 
 
-@pytest.fixture(scope="module", params=["organism-vlm", "tiny-llava", "tiny-gemma3"])
-def vlm_model(request, tmp_path_factory):
-    import os
-
-    os.environ.setdefault("PIP_NO_INDEX", "1")  # a VLM's bridge may shell out to pip: never let it reach an index
-    if request.param == "organism-vlm":
-        from tvlens.models import organism_path
-
-        if not (organism_path("organism-vlm") / "config.json").exists():
-            pytest.skip("organism-vlm checkpoint not shipped")
-        return tvlens.load_model("organism-vlm", device="cpu")
-    from test_crossmodal import _build_tiny  # a tiny random LLaVA (CLIP tower + Llama), saved without a processor
-
-    kind = request.param.split("-")[1]  # Gemma 3: token_type_ids along the positions, bidirectional image attention
-    return tvlens.load_model(_build_tiny(kind, tmp_path_factory.mktemp(kind) / "m"), device="cpu", require_processor=False)
-
-
-class _Forwards:
-    """Counts forward passes of a model (bad input must be refused before any)."""
-
-    def __init__(self, model):
-        self.n = 0
-        self.handle = model.register_forward_pre_hook(self._count)
-
-    def _count(self, *_):
-        self.n += 1
-
-    def close(self):
-        self.handle.remove()
-
-
-def _mixed_image_batch(model):
-    """Queries with 3, 1 and 1 images and different lengths, left-padded into one batch."""
-    from tvlens.inputs import multimodal as mm
-    from tvlens.organisms.vlm.images import render
-
-    mark = mm.vision_spec(model).marker
-    texts = [f"{mark} → 5\n{mark} → 8\n{mark} →", f"{mark} →", f"three → four\n{mark} →"]
-    images = [[render("digits", "4", 10**6), render("digits", "7", 10**6 + 1), render("digits", "12", 10**6 + 2)],
-              [render("digits", "2", 10**6 + 3)], [render("digits", "9", 10**6 + 4)]]
-    return mm.prompts_from_images(model, texts, images, ["13", "3", "10"], task="custom")
-
-
 def _image_row(model, batch, r, layer_heads=None, mean=None, images=True):
     """Row ``r`` alone through the bridge's own run_with_hooks (its images passed by hand), the heads
     ``layer_heads[l]``' hook_z at the final position replaced by ``mean[l, h]``: (best accepted answer's
@@ -481,7 +439,7 @@ def test_objective_on_image_prompts_equals_run_with_hooks_per_row(vlm_model, fas
     model = vlm_model
     L, H = model.cfg.n_layers, model.cfg.n_heads
     ctx = [mm.image_icl_prompts(model, t, n_prompts=3, n_shots=2, seed=0, split="train") for t in ("successor", "predecessor")]
-    queries = [mm.image_query_prompts(model, "successor", n_prompts=3, seed=1, split="train"), _mixed_image_batch(model)]
+    queries = [mm.image_query_prompts(model, "successor", n_prompts=3, seed=1, split="train"), padded_image_batch(model, task="custom")]
     assert bool((queries[1].attention_mask == 0).any()) and queries[1].n_images.tolist() == [3, 1, 1]
     stats = [tvlens.head_means(model, [c]) for c in ctx]
     means = torch.stack([st.mean(st.tasks[0]) for st in stats])  # [task, layer, head, d_head]
@@ -510,7 +468,6 @@ def test_objective_on_image_prompts_equals_run_with_hooks_per_row(vlm_model, fas
 def test_image_prompts_bad_input_is_refused_before_any_forward(vlm_model, organism, tmp_path):
     import dataclasses
 
-    from test_crossmodal import _build_tiny
     from tvlens.inputs import multimodal as mm
     from tvlens.vectors.activation import SweepPrompts
 
@@ -520,7 +477,7 @@ def test_image_prompts_bad_input_is_refused_before_any_forward(vlm_model, organi
     ctx = mm.image_icl_prompts(model, "successor", n_prompts=2, n_shots=2, seed=0, split="train")
     means = torch.zeros(1, L, H, model.cfg.d_head)
     w = torch.ones(1, L, H)
-    counter = _Forwards(model)
+    counter = Forwards(model)
     try:
         with pytest.raises(ValueError, match="no head means for the ready prompts of successor"):
             evaluate_heads(model, [q], w)
@@ -550,7 +507,7 @@ def test_image_prompts_bad_input_is_refused_before_any_forward(vlm_model, organi
         assert counter.n == 0
     finally:
         counter.close()
-    text = _Forwards(organism)
+    text = Forwards(organism)
     try:
         with pytest.raises(ValueError, match="carry images but model .* is text-only"):
             reinforce_select(organism, [q], head_means=torch.zeros(1, 4, 8, organism.cfg.d_head), progress=False)
@@ -558,8 +515,8 @@ def test_image_prompts_bad_input_is_refused_before_any_forward(vlm_model, organi
     finally:
         text.close()
     kind = "llava" if "gemma" in mm.vision_spec(model).kind else "gemma3"
-    vlm2 = tvlens.load_model(_build_tiny(kind, tmp_path / kind), device="cpu", require_processor=False)
-    other = _Forwards(vlm2)
+    vlm2 = tvlens.load_model(build_tiny_vlm(kind, tmp_path / kind), device="cpu", require_processor=False)
+    other = Forwards(vlm2)
     try:
         with pytest.raises(ValueError, match="image token is id"):  # an image batch built for another VLM
             evaluate_heads(vlm2, [q], torch.ones(1, vlm2.cfg.n_layers, vlm2.cfg.n_heads),

@@ -9,6 +9,7 @@ import tvlens
 from tvlens.vectors import activation as V
 from tvlens.hooks import act_name, hook_count
 from tvlens.inputs.text import icl_prompts
+from conftest import padded_image_batch
 
 TASK = "country_capital"
 TASKS = ["country_capital", "antonym"]
@@ -527,47 +528,6 @@ def test_sweep_counts_any_accepted_answer(tiny_model):
 # multimodal prompts (Luo et al. 2024): vectors from image-ICL prompts, patched into image queries
 
 
-def _tiny_llava(out):
-    """A tiny random LLaVA (CLIP tower + Llama) over the organism's word vocabulary, saved without a processor."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    from conftest import vocabulary
-    from tvlens.organisms.text.tokenizer import build_tokenizer
-
-    tok = build_tokenizer(vocabulary())
-    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    torch.manual_seed(0)
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=16,
-                              patch_size=8, projection_dim=32)
-    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-1,
-                                                      image_token_id=tok.convert_tokens_to_ids("<image>"), image_seq_length=4))
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module", params=["organism-vlm", "tiny-llava", "tiny-gemma3"])
-def vlm_model(request, tmp_path_factory):
-    import os
-
-    os.environ.setdefault("PIP_NO_INDEX", "1")  # a VLM's bridge may shell out to pip: never let it reach an index
-    if request.param == "organism-vlm":
-        from tvlens.models import organism_path
-
-        if not (organism_path("organism-vlm") / "config.json").exists():
-            pytest.skip("organism-vlm checkpoint not shipped")
-        return tvlens.load_model("organism-vlm", device="cpu")
-    if request.param == "tiny-gemma3":  # token_type_ids laid out along the positions: cut and padded with the tokens
-        from test_crossmodal import _build_tiny
-
-        return tvlens.load_model(_build_tiny("gemma3", tmp_path_factory.mktemp("gemma3") / "m"), device="cpu",
-                                 require_processor=False)
-    return tvlens.load_model(_tiny_llava(tmp_path_factory.mktemp("llava") / "m"), device="cpu", require_processor=False)
-
-
 def _mm_row(model, batch, r, *, capture=None, layer=None, vector=None):
     """Row ``r`` alone through the bridge's own run_with_hooks, its images passed by hand: the final logits
     [d_vocab] and (``capture``) the final residual entering block ``capture``."""
@@ -593,18 +553,6 @@ def _mm_row(model, batch, r, *, capture=None, layer=None, vector=None):
     return logits.double(), seen.get("x")
 
 
-def _padded_image_batch(model):
-    """Rows with different numbers of images, left-padded into one batch."""
-    from tvlens.inputs import multimodal as mm
-    from tvlens.organisms.vlm.images import render
-
-    mark = mm.vision_spec(model).marker
-    texts = [f"{mark} → 5\n{mark} → 8\n{mark} →", f"{mark} →", f"three → four\n{mark} →"]
-    images = [[render("digits", "4", 10**6), render("digits", "7", 10**6 + 1), render("digits", "12", 10**6 + 2)],
-              [render("digits", "2", 10**6 + 3)], [render("digits", "9", 10**6 + 4)]]
-    return mm.prompts_from_images(model, texts, images, ["13", "3", "10"])
-
-
 def test_task_vector_from_image_prompts_equals_run_with_hooks_per_row(vlm_model):
     """task_vector / evaluate_vector / layer_sweep on multimodal batches: the vector is the mean of each image-ICL
     row's own final residual, and patching it into image queries without context gives, row by row, what the
@@ -614,7 +562,7 @@ def test_task_vector_from_image_prompts_equals_run_with_hooks_per_row(vlm_model)
     model = vlm_model
     task = mm_task()
     ctx = mm.image_icl_prompts(model, task, n_prompts=3, n_shots=2, seed=0)
-    padded = _padded_image_batch(model)
+    padded = padded_image_batch(model)
     assert bool((padded.attention_mask == 0).any())
     q = {sp: mm.image_query_prompts(model, task, n_prompts=3, seed=1, split=sp) for sp in ("dev", "test")}
     icl = mm.image_icl_prompts(model, task, n_shots=2, seed=0, queries=list(zip(q["test"].queries, q["test"].answers)))
