@@ -160,7 +160,6 @@ def _ready_prompts(model: Any, tasks: Any, split: str, prompt_kw: Mapping[str, A
     prompt options (they apply when prompts are built), a batch without answers, tokens outside the
     model's vocabulary, and what :func:`tvlens.inputs.multimodal.check_inputs` refuses (images for a
     text-only model, image tokens without images, images another model's vision tower takes)."""
-    from ..inputs.multimodal import check_inputs
     from ..vectors.activation import SweepPrompts, _given_batch, _is_batch
 
     ready = lambda t: isinstance(t, SweepPrompts) or _is_batch(t)  # noqa: E731
@@ -197,8 +196,7 @@ def _ready_prompts(model: Any, tasks: Any, split: str, prompt_kw: Mapping[str, A
             if what == "queries" and getattr(b, "answer_ids", None) is None:
                 raise ValueError(f"{label} carry no answers (answer_ids): the objective scores each query's accepted "
                                  "answers; build them with tvlens.icl_prompts or tvlens.inputs.multimodal, which record them")
-            _given_batch(model, b, prompt_kw, where)  # left padding, images fit for this model, no prompt options
-            check_inputs(model, b, label)  # also a batch without model_inputs(): image tokens need their images
+            _given_batch(model, b, prompt_kw, where, label)  # left padding, images fit for this model, no prompt options
             real = b.tokens[b.attention_mask.bool()]
             ids = torch.cat([real.reshape(-1), accepted_ids(b).reshape(-1)]) if what == "queries" else real
             if bool((ids < 0).any()) or bool((ids >= n_vocab).any()):

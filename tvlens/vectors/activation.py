@@ -630,8 +630,9 @@ def task_vectors_all_layers(
     ]
 
 
-def _given_batch(model: Any, batch: Any, prompt_kw: Mapping[str, Any], where: str) -> Any:
-    """A ready batch (text or multimodal), checked against the model before any forward."""
+def _given_batch(model: Any, batch: Any, prompt_kw: Mapping[str, Any], where: str, what: str = "prompts") -> Any:
+    """A ready batch (text or multimodal), checked against the model before any forward (``what``
+    names it in the messages)."""
     if prompt_kw:
         raise ValueError(f"{where}: prompt options {sorted(prompt_kw)} only apply when a task is given; build the batch "
                          "with them instead")
@@ -641,7 +642,7 @@ def _given_batch(model: Any, batch: Any, prompt_kw: Mapping[str, Any], where: st
 
     as_batch(batch, "prompts")  # left padding, shapes
     # every batch: a text batch holding a VLM's image placeholders would run on placeholder embeddings
-    check_inputs(model, batch)
+    check_inputs(model, batch, what)
     return batch
 
 
