@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -67,8 +67,7 @@ class ResultMeta:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ResultMeta":
         """Read :meth:`to_dict`'s form; keys that are not fields (older flat files) land in ``extra``."""
-        fields = ("model", "config_hash", "tasks", "seed", "tvlens_version", "extra")
-        rest = {k: v for k, v in d.items() if k not in fields}
+        rest = {k: v for k, v in d.items() if k not in _META_FIELDS and k != "extra"}
         return cls(
             model=d.get("model", "unknown"),
             config_hash=d.get("config_hash", ""),
@@ -95,7 +94,7 @@ class ResultMeta:
         return key in _META_FIELDS or key in self.extra
 
 
-_META_FIELDS = ("model", "config_hash", "tasks", "seed", "tvlens_version")
+_META_FIELDS = tuple(f.name for f in fields(ResultMeta) if f.name != "extra")
 
 
 class LayerHeadGrid:

@@ -40,7 +40,7 @@ index −1 of the left-padded :class:`~tvlens.inputs.text.PromptBatch`) is chang
 from __future__ import annotations
 
 from ..tasks import task_name as _task_name
-from ..engine.plan import RowsBatch, gather_inputs, merge_batches, pad_id_of, pad_inputs, pad_left, row_inputs, rows_of
+from ..engine.plan import RowsBatch, gather_inputs, merge_batches, pad_id_of, pad_left, row_inputs, rows_of
 from ..inputs.text import prompt_options, prompt_record
 from ..metrics import FINAL_POSITION, accepted_ids, accepted_metric, cat_accepted
 from ..results import LayerHeadGrid
@@ -365,8 +365,7 @@ class PatchObjective:
             rows.extend(own)
             owners.extend([t] * len(own))
             inputs.extend(row_inputs(b))
-        tokens, mask = pad_left(rows, pad_id_of(model))
-        inputs = [pad_inputs(extra, tokens.shape[1]) for extra in inputs]
+        tokens, mask = pad_left(rows, pad_id_of(model))  # each row's inputs are padded with it when gathered
         accepted = cat_accepted([accepted_ids(b) for b in batches])
         return cls(model, tokens, mask, accepted[:, 0], torch.as_tensor(owners, dtype=torch.long), means,
                    task_names=task_names, max_memory=max_memory, fast=fast, accepted=accepted, inputs=inputs)
