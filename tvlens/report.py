@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .results import ResultMeta, WithMeta
+
 __all__ = ["build_report", "Report", "Section", "DEFAULT_TASKS", "DEFAULT_N_PROMPTS", "SECTIONS", "render_html"]
 
 #: Two tasks per family; the pairs share an input domain (countries, english words, letters), so
@@ -103,14 +105,14 @@ class Section:
 
 
 @dataclass(frozen=True, eq=False)
-class Report:
+class Report(WithMeta):
     """What :func:`build_report` wrote: the page, every file, each section's summary and result."""
 
     path: Path
     files: tuple[Path, ...]
     sections: tuple[Section, ...]
     seconds: float
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: ResultMeta = field(default_factory=ResultMeta)
 
     def __getitem__(self, key: str) -> Section:
         for s in self.sections:

@@ -8,13 +8,15 @@ interrupted write never leaves a half-written file under the final name.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -22,6 +24,7 @@ from torch import Tensor
 __all__ = [
     "ResultMeta",
     "LayerHeadGrid",
+    "WithMeta",
     "atomic_write_text",
     "atomic_write_bytes",
     "save_tensors",
@@ -41,8 +44,13 @@ def version() -> str:
 
 
 @dataclass(frozen=True)
-class ResultMeta:
-    """Where a result came from: enough to refuse mixing results of different models."""
+class ResultMeta(Mapping):
+    """Where a result came from: enough to refuse mixing results of different models.
+
+    Read-only and a :class:`~collections.abc.Mapping`: ``meta["executor"]``, ``meta.get(...)``,
+    ``dict(meta)`` and ``{**meta}`` read a field first, then ``extra`` (where each analysis records
+    how it was run), so every result's ``meta`` reads the same way.
+    """
 
     model: str = "unknown"
     config_hash: str = ""
@@ -77,24 +85,45 @@ class ResultMeta:
             extra={**rest, **dict(d.get("extra", {}))},
         )
 
-    # Read access by key, so ``result.meta["executor"]`` reads the same on every result: a field first,
-    # then ``extra`` (where each analysis records how it was run).
+    @classmethod
+    def of(cls, meta: "ResultMeta | Mapping[str, Any] | None") -> "ResultMeta":
+        """``meta`` as a ResultMeta: itself, or a mapping read as :meth:`from_dict` reads it."""
+        if isinstance(meta, ResultMeta):
+            return meta
+        return cls.from_dict(meta or {})
+
+    def replace(self, **kw: Any) -> "ResultMeta":
+        """A copy with fields or ``extra`` keys set (a ``None`` value keeps the key, as ``None``)."""
+        own = {k: v for k, v in kw.items() if k in _META_FIELDS}
+        rest = {k: v for k, v in kw.items() if k not in _META_FIELDS}
+        return dataclasses.replace(self, **own, extra={**self.extra, **rest})
+
     def __getitem__(self, key: str) -> Any:
         if key in _META_FIELDS:
             return getattr(self, key)
         return self.extra[key]
 
-    def get(self, key: str, default: Any = None) -> Any:
-        try:
-            return self[key]
-        except KeyError:
-            return default
+    def __iter__(self) -> Iterator[str]:
+        yield from _META_FIELDS
+        yield from (k for k in self.extra if k not in _META_FIELDS)
+
+    def __len__(self) -> int:
+        return len(_META_FIELDS) + sum(k not in _META_FIELDS for k in self.extra)
 
     def __contains__(self, key: object) -> bool:
         return key in _META_FIELDS or key in self.extra
 
 
 _META_FIELDS = tuple(f.name for f in fields(ResultMeta) if f.name != "extra")
+
+
+class WithMeta:
+    """Base of result dataclasses with a ``meta`` field: it is always a :class:`ResultMeta` (a plain
+    mapping, from an older file or a hand-made result, is read as one), so every result's meta reads
+    the same way."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "meta", ResultMeta.of(getattr(self, "meta", None)))
 
 
 class LayerHeadGrid:

@@ -32,8 +32,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ..checks import check_int as _check_int
 from ..engine.batch import rows_inputs
-from ..results import LayerHeadGrid
+from ..results import LayerHeadGrid, ResultMeta, WithMeta
 from ..tasks import task_name as _task_name
 
 __all__ = [
@@ -128,7 +129,7 @@ class _Moments:
 
 
 @dataclass(frozen=True, eq=False)
-class HeadStats(LayerHeadGrid):
+class HeadStats(WithMeta, LayerHeadGrid):
     """Per task, per layer, per head: mean, population variance and count of ``hook_z``.
 
     Shapes (``pos`` only when ``per_position``; ``pos`` is right-aligned: index ``-1`` is the last
@@ -154,7 +155,7 @@ class HeadStats(LayerHeadGrid):
     layers: tuple[int, ...] = ()
     out_mean: Tensor | None = None
     out_var: Tensor | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: ResultMeta = field(default_factory=ResultMeta)
 
     # ---- shape helpers ----
     @property
@@ -244,7 +245,7 @@ class HeadStats(LayerHeadGrid):
         return HeadStats(
             tasks=tuple(self.tasks[i] for i in idx), z_mean=pick(self.z_mean), z_var=pick(self.z_var),
             count=pick(self.count), positions=self.positions, layers=self.layers, out_mean=pick(self.out_mean),
-            out_var=pick(self.out_var), meta=dict(self.meta),
+            out_var=pick(self.out_var), meta=self.meta,
         )
 
     def at_position(self, pos: int = -1) -> "HeadStats":
@@ -258,7 +259,7 @@ class HeadStats(LayerHeadGrid):
         pick = lambda x: None if x is None else x[:, :, :, pos]  # noqa: E731
         label = "separator" if (pos in (-1, self.n_positions - 1) and self.positions == ALL) else f"{self.positions}[{pos}]"
         return HeadStats(self.tasks, pick(self.z_mean), pick(self.z_var), self.count[:, pos], label, self.layers,
-                         pick(self.out_mean), pick(self.out_var), dict(self.meta))
+                         pick(self.out_mean), pick(self.out_var), self.meta)
 
     def pooled(self) -> "HeadStats":
         """Per-position stats pooled over all positions (every selected token one sample), exactly."""
@@ -276,7 +277,7 @@ class HeadStats(LayerHeadGrid):
         zm, zv = pool(self.z_mean, self.z_var)
         om, ov = (None, None) if self.out_mean is None else pool(self.out_mean, self.out_var)
         return HeadStats(self.tasks, zm, zv, self.count.sum(1), f"{self.positions} (pooled)", self.layers, om, ov,
-                         dict(self.meta))
+                         self.meta)
 
     def merge(self, other: "HeadStats") -> "HeadStats":
         """Combine with stats of more prompts (Chan's parallel update, exact): tasks present in both
@@ -321,9 +322,7 @@ class HeadStats(LayerHeadGrid):
                     v = getattr(src, k)
                     if v is not None:
                         outs[k].append(v[i])
-        meta = dict(a.meta)
-        meta["n_prompts"] = None
-        meta["merged_from"] = [a.meta.get("seed"), b.meta.get("seed")]
+        meta = a.meta.replace(n_prompts=None, merged_from=[a.meta.get("seed"), b.meta.get("seed")])
         stack = lambda k: torch.stack(outs[k]) if outs[k] else None  # noqa: E731
         return HeadStats(tuple(tasks), stack("z_mean"), stack("z_var"), stack("count"), a.positions, a.layers,
                          stack("out_mean"), stack("out_var"), meta)
@@ -342,7 +341,7 @@ class HeadStats(LayerHeadGrid):
 
         count = torch.cat([self.count.new_zeros(self.count.shape[0], extra), self.count], dim=1)
         return HeadStats(self.tasks, pad(self.z_mean), pad(self.z_var), count, self.positions, self.layers,
-                         pad(self.out_mean), pad(self.out_var), dict(self.meta))
+                         pad(self.out_mean), pad(self.out_var), self.meta)
 
     # ---- storage ----
     def save(self, path: str | Path) -> Path:
@@ -353,7 +352,7 @@ class HeadStats(LayerHeadGrid):
         if self.out_mean is not None:
             tensors.update(out_mean=self.out_mean, out_var=self.out_var)
         meta = {"kind": "HeadStats", "tasks": list(self.tasks), "positions": self.positions, "layers": list(self.layers),
-                "meta": self.meta}
+                "meta": self.meta.to_dict()}
         return save_tensors(path, tensors, meta)
 
     @classmethod
@@ -450,13 +449,6 @@ def _resolve_positions(positions: Any) -> tuple[str, int | None]:
         return SEPARATOR, None
     return cls.name.lower(), int(cls)
 
-
-def _check_int(name: str, value: Any, lo: int, why: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < lo:
-        raise ValueError(f"{name}={value} is too small: {why}; use {name} >= {lo}")
-    return value
 
 
 def _prompt_chunks(model: Any, task: Any, *, n_prompts: int, n_shots: int, seed: int, prompt_kw: dict) -> Iterator[Any]:
@@ -760,7 +752,7 @@ def rho_token(
 
 
 @dataclass(frozen=True, eq=False)
-class Taskness(LayerHeadGrid):
+class Taskness(WithMeta, LayerHeadGrid):
     """ρ_token taskness (Hojel et al. 2024) per layer × head, and per position when collected.
 
     - ``scores``: ``[layer, head]`` float64 — the head score (mean of its token scores when
@@ -782,7 +774,7 @@ class Taskness(LayerHeadGrid):
     degenerate: Tensor
     per_position: Tensor | None = None
     pos_index: tuple[int, ...] = ()
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: ResultMeta = field(default_factory=ResultMeta)
 
     @property
     def grid(self) -> Tensor:
@@ -876,7 +868,7 @@ class Taskness(LayerHeadGrid):
         if self.per_position is not None:
             tensors["per_position"] = self.per_position
         meta = {"kind": "Taskness", "tasks": list(self.tasks), "layers": list(self.layers), "positions": self.positions,
-                "pos_index": list(self.pos_index), "meta": self.meta}
+                "pos_index": list(self.pos_index), "meta": self.meta.to_dict()}
         return save_tensors(path, tensors, meta)
 
     @classmethod
@@ -957,7 +949,7 @@ def taskness_from_stats(stats: HeadStats, *, eps: float = DEFAULT_EPS) -> Taskne
 
 
 @dataclass(frozen=True, eq=False)
-class TasknessValidation:
+class TasknessValidation(WithMeta):
     """Zero-shot accuracy after patching task-mean head outputs at the final position.
 
     ``top_acc[task, k]``: top-k ρ heads patched; ``random_acc[task, k, draw]``: k random heads;
@@ -970,7 +962,7 @@ class TasknessValidation:
     random_acc: Tensor
     zero_shot: Tensor
     icl: Tensor
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: ResultMeta = field(default_factory=ResultMeta)
 
     def summary(self) -> str:
         lines = [f"{'k':>4} {'top-k ρ':>9} {'random (mean±sd over draws)':>30}"]

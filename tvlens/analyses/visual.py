@@ -47,7 +47,7 @@ from torch import Tensor
 from ..inputs.canvas import CanvasBatch, canvases, changed_accuracy, concat, predicted_codes, score_cells
 from ..organisms.visual.images import TASKS as VISUAL_TASKS
 from ..organisms.visual.images import apply_task
-from ..results import LayerHeadGrid
+from ..results import LayerHeadGrid, ResultMeta, WithMeta
 from .taskness import HeadStats, Taskness, head_means, taskness_from_stats
 
 __all__ = [
@@ -115,7 +115,7 @@ def canvas_means(model: Any, tasks: Any = None, *, n: int = 32, seed: int = 0, s
 
 
 @dataclass(frozen=True, eq=False)
-class VisualTaskness(LayerHeadGrid):
+class VisualTaskness(WithMeta, LayerHeadGrid):
     """ρ_token per (layer, head, position) of a canvas, and per head (the mean over positions).
 
     ``per_position`` ``[layer, head, pos]`` (raster positions of the canvas), ``scores``
@@ -130,7 +130,7 @@ class VisualTaskness(LayerHeadGrid):
     rows: int
     cell_side: int
     taskness: Taskness
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: ResultMeta = field(default_factory=ResultMeta)
 
     @property
     def grid(self) -> Tensor:
@@ -468,7 +468,7 @@ def random_pairs(shape: tuple[int, int, int], k: int, n: int, *, seed: int = 0) 
 
 
 @dataclass(frozen=True, eq=False)
-class PairSelection:
+class PairSelection(WithMeta):
     """A set of (layer, head, position) pairs chosen by ``method``, and what it cost.
 
     ``weights`` ``[layer, head, pos]``: what is patched (α for ``soft``, 0/1 otherwise);
@@ -483,7 +483,7 @@ class PairSelection:
     evaluations: int
     tasks: tuple[str, ...]
     seconds: float = 0.0
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: ResultMeta = field(default_factory=ResultMeta)
 
     @property
     def mask(self) -> Tensor:
@@ -686,7 +686,7 @@ def grs_pairs(obj: CanvasPatch, *, candidates: Tensor | None = None, budget: int
 
 
 @dataclass(frozen=True, eq=False)
-class TopkCurve:
+class TopkCurve(WithMeta):
     """No-example canvases patched at the top-k ρ pairs, at k random pairs (mean of draws) and at the
     top-k pairs with another task's means, per k, per task and metric (Hojel et al. 2024, §4.2); with
     the unpatched baseline, 1-shot ICL, and the share of the ICL − baseline gap each recovers.
@@ -702,7 +702,7 @@ class TopkCurve:
     values: dict[str, dict[str, Tensor]]
     base: dict[str, Tensor]
     icl_scores: dict[str, Tensor] | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: ResultMeta = field(default_factory=ResultMeta)
 
     @property
     def top(self) -> Tensor:
