@@ -39,6 +39,7 @@ index −1 of the left-padded :class:`~tvlens.inputs.text.PromptBatch`) is chang
 
 from __future__ import annotations
 
+from ..checks import check_int as _check_int
 from ..tasks import task_name as _task_name
 from ..engine.plan import RowsBatch, gather_inputs, merge_batches, pad_id_of, pad_left, row_inputs, rows_of
 from ..inputs.text import prompt_options, prompt_record
@@ -82,13 +83,6 @@ BASELINES = ("mean", "loo", "ema", "none")
 # helpers
 # ==============================================================================================
 
-
-def _check_int(name: str, value: Any, lo: int, why: str = "") -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < lo:
-        raise ValueError(f"{name}={value} is too small: it must be >= {lo}{'; ' + why if why else ''}")
-    return int(value)
 
 
 def _check_float(name: str, value: Any, *, lo: float | None = None, strict: bool = False) -> float:

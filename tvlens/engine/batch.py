@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
-__all__ = ["Inputs", "EngineBatch", "as_batch", "rows_inputs"]
+__all__ = ["Inputs", "EngineBatch", "RowSlicing", "as_batch", "rows_inputs"]
 
 class Inputs(Protocol):
     """What the engine needs from a batch (a :class:`tvlens.PromptBatch`, a canvas or multimodal batch).
@@ -30,6 +31,28 @@ class Inputs(Protocol):
     """
 
     tokens: Int[Tensor, "batch pos"]
+
+
+class RowSlicing:
+    """Slices and chunks of a batch class that defines ``__len__`` and ``select(rows)`` (text,
+    multimodal): every way of taking rows goes through its one ``select``."""
+
+    def slice(self, start: int, stop: int | None = None) -> Any:
+        """Rows ``start:stop`` (padding width unchanged, so results of chunks concatenate along pos)."""
+        return self.select(range(len(self))[start:stop])
+
+    def __getitem__(self, item: slice) -> Any:
+        if not isinstance(item, slice):
+            name = type(self).__name__
+            raise TypeError(f"index a {name} with a slice (batch[2:5]) or use batch.select([...])")
+        return self.select(range(len(self))[item])
+
+    def chunks(self, batch_size: int) -> Iterator[Any]:
+        """Consecutive sub-batches of at most ``batch_size`` rows, in order."""
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        for i in range(0, len(self), batch_size):
+            yield self.slice(i, i + batch_size)
 
 
 @dataclass(frozen=True)

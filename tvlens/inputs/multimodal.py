@@ -53,6 +53,7 @@ import torch
 from jaxtyping import Bool, Int, UInt8
 from torch import Tensor
 
+from ..engine.batch import RowSlicing
 from .text import PromptBatch, TokenClass, _build, _Layout, icl_prompts
 
 __all__ = [
@@ -227,7 +228,7 @@ def vision_spec(model: Any) -> VisionSpec:
 
 
 @dataclass(frozen=True, eq=False)
-class MultimodalBatch:
+class MultimodalBatch(RowSlicing):
     """A left-padded batch of ICL prompts whose inputs may be images (Luo, Darrell & Bar 2024, §3).
 
     The text fields mean what they mean in :class:`~tvlens.inputs.text.PromptBatch` (``queries`` are
@@ -396,19 +397,6 @@ class MultimodalBatch:
             image_items=tuple(self.image_items[k] for k in imgs) if self.image_items else (),
         )
 
-    def slice(self, start: int, stop: int | None = None) -> "MultimodalBatch":
-        return self.select(range(len(self))[start:stop])
-
-    def __getitem__(self, item: slice) -> "MultimodalBatch":
-        if not isinstance(item, slice):
-            raise TypeError("index a MultimodalBatch with a slice (batch[2:5]) or use batch.select([...])")
-        return self.select(range(len(self))[item])
-
-    def chunks(self, batch_size: int) -> Iterator["MultimodalBatch"]:
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        for i in range(0, len(self), batch_size):
-            yield self.slice(i, i + batch_size)
 
     def to(self, device: str | torch.device) -> "MultimodalBatch":
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from ..checks import check_int as _check_int
 from ..results import ResultMeta
 from .weights import WeightVector, _figure_page, apply, weights_digest
 
@@ -159,13 +160,6 @@ def lora_layers(pm: Any) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 # checks and data
 
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def _check_float(name: str, value: Any, *, positive: bool = False) -> float:
