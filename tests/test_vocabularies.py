@@ -95,6 +95,42 @@ def test_prompts_are_the_whole_text_and_each_part_tokenizes_in_context(name, tok
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_batch_tokenization_and_class_assignment_equal_the_row_by_row_path(name, tokenizers):
+    """The Rust tokenizer called directly == the HF call (ids and offsets), and the numpy assignment of
+    token classes over a whole batch == the row-by-row one, on every prompt variant."""
+    from tvlens.inputs import text as T
+
+    tok = tokenizers[name]
+    for task in TASKS:
+        for kw in VARIANTS:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", TokenCollisionWarning)
+                batch = icl_prompts(tok, task, n_prompts=4, seed=2, **kw)
+            texts = list(batch.texts)
+            ids, offs = T._encode_texts(tok, texts)
+            enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+            assert ids == enc["input_ids"] and [list(map(tuple, o)) for o in enc["offset_mapping"]] == [list(o) for o in offs]
+            layouts = [_layout_of(batch, r) for r in range(len(batch))]
+            fast = T._assign_all(layouts, offs)
+            slow = T._assign_each(tok, layouts, ids, offs, "test", batch.options["separator"],
+                                  {"separator": str, "example_sep": str, "": ""})
+            assert fast == slow, (task, kw)
+
+
+def _layout_of(batch, r: int):
+    """Row ``r``'s text as parts of their classes (a space before a separator or an output is a gap)."""
+    from tvlens.inputs import text as T
+
+    parts = []
+    for c, p in _parts(batch, r):
+        if p.startswith(" ") and c in (TokenClass.DEMO_SEP, TokenClass.DEMO_OUTPUT, TokenClass.FINAL_SEP):
+            parts += [(" ", None, -1), (p[1:], c, -1)]
+        else:
+            parts.append((p, c, -1))
+    return T._Layout.of(parts)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_answers_carry_the_leading_space_form(name, tokenizers):
     tok = tokenizers[name]
     mark = SPACE_MARK[name]

@@ -54,6 +54,7 @@ instruction only (Luo et al.), shuffled labels (Todd et al. 2024), dummy query (
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import difflib
 import re
@@ -66,6 +67,9 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+
+from ..checks import check_int as _check_int
+from ..engine.batch import RowSlicing
 
 __all__ = [
     "TokenClass",
@@ -116,7 +120,7 @@ class TokenClass(IntEnum):
 
 
 @dataclass(frozen=True, eq=False)
-class PromptBatch:
+class PromptBatch(RowSlicing):
     """A batch of left-padded ICL prompts for one task.
 
     Tensors live on the CPU unless :meth:`to` moved them. Per-row string fields are tuples aligned
@@ -271,21 +275,6 @@ class PromptBatch:
             other_answer_tokens=pick(self.other_answer_tokens),
         )
 
-    def slice(self, start: int, stop: int | None = None) -> "PromptBatch":
-        """Rows ``start:stop`` (padding width unchanged, so results of chunks concatenate along pos)."""
-        return self.select(range(len(self))[start:stop])
-
-    def __getitem__(self, item: slice) -> "PromptBatch":
-        if not isinstance(item, slice):
-            raise TypeError("index a PromptBatch with a slice (batch[2:5]) or use batch.select([...])")
-        return self.select(range(len(self))[item])
-
-    def chunks(self, batch_size: int) -> Iterator["PromptBatch"]:
-        """Consecutive sub-batches of at most ``batch_size`` rows, in order."""
-        _check_int("batch_size", batch_size, minimum=1)
-        for i in range(0, len(self), batch_size):
-            yield self.slice(i, i + batch_size)
-
     def trimmed(self) -> "PromptBatch":
         """The same prompts without the leading columns that are padding in every row."""
         real = self.attention_mask.bool().any(0)
@@ -311,13 +300,6 @@ class PromptBatch:
 # ----------------------------------------------------------------------------------------------
 # building prompts
 
-
-def _check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def _resolve_task(task: Any) -> Any:
@@ -509,6 +491,17 @@ class _Layout:
             self.spans.append((len(self.text), len(self.text) + len(s), int(cls), demo))
         self.text += s
 
+    @classmethod
+    def of(cls, parts: Sequence[tuple[str, int | None, int]]) -> "_Layout":
+        """The layout of ``(text, class or None for a gap, demo index)`` parts, in order (what
+        :meth:`add` does part by part, with one join)."""
+        spans, at = [], 0
+        for s, c, demo in parts:
+            if c is not None and s:
+                spans.append((at, at + len(s), int(c), demo))
+            at += len(s)
+        return cls("".join(s for s, _, _ in parts), spans)
+
 
 _CLASS_WORDS = {
     TokenClass.INSTRUCTION: "the instruction",
@@ -528,10 +521,26 @@ def _encode_texts(tokenizer: Any, texts: Sequence[str]) -> tuple[list[list[int]]
             f"{type(tokenizer).__name__} is a slow (Python) tokenizer, which gives no character offsets; tvlens finds "
             "token classes and answer tokens from offsets: load the model's fast tokenizer (use_fast=True, the default)"
         )
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if _backend_as_called(tokenizer, backend):  # what the call below computes, without its per-text wrapping
+        encs = backend.encode_batch(list(texts), add_special_tokens=False)
+        return [e.ids for e in encs], [e.offsets for e in encs]
     enc = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
     ids = [[int(i) for i in row] for row in enc["input_ids"]]
     offs = [[(int(a), int(b)) for a, b in row] for row in enc["offset_mapping"]]
     return ids, offs
+
+
+def _backend_as_called(tokenizer: Any, backend: Any) -> bool:
+    """Whether the Rust tokenizer under a fast HF tokenizer, called directly, encodes as
+    ``tokenizer(texts, add_special_tokens=False)`` does: no truncation or padding left set on it and
+    special tokens treated as the wrapper would (the wrapper sets these before every call)."""
+    try:
+        return (backend is not None and hasattr(backend, "encode_batch") and backend.truncation is None
+                and backend.padding is None
+                and bool(backend.encode_special_tokens) == bool(getattr(tokenizer, "split_special_tokens", False)))
+    except AttributeError:
+        return False
 
 
 def _context(tokenizer: Any, ids: Sequence[int], at: int, width: int = 4) -> str:
@@ -549,15 +558,20 @@ def _assign(tokenizer: Any, lay: _Layout, ids: Sequence[int], offsets: Sequence[
     separate tokens in this text: refused, with the tokens seen in context.
     """
     n = len(lay.text)
-    owner = [-1] * n
-    for k, (s, e, _, _) in enumerate(lay.spans):
-        for c in range(s, e):
-            owner[c] = k
+    # parts are added in text order and never overlap, so the parts a token touches are a run found by bisection
+    starts = [sp[0] for sp in lay.spans]
+    ends = [sp[1] for sp in lay.spans]
     span_of: list[int] = []
     for t, (s, e) in enumerate(offsets):
-        ks = sorted({owner[c] for c in range(max(0, s), min(e, n)) if owner[c] >= 0})
-        classes = list(dict.fromkeys(TokenClass(lay.spans[k][2]) for k in ks))
+        lo, hi = max(0, s), min(e, n)
+        ks: list[int] = []
+        k = bisect.bisect_right(ends, lo)
+        while lo < hi and k < len(starts) and starts[k] < hi:
+            ks.append(k)
+            k += 1
+        classes = list(dict.fromkeys(lay.spans[k][2] for k in ks))
         if len(classes) > 1:
+            classes = [TokenClass(c) for c in classes]
             key = ("example_sep" if TokenClass.DEMO_NEWLINE in classes else
                    "separator" if {TokenClass.DEMO_SEP, TokenClass.FINAL_SEP} & set(classes) else "")
             hint = fix.get(key) or fix.get("")
@@ -585,32 +599,12 @@ def _assign(tokenizer: Any, lay: _Layout, ids: Sequence[int], offsets: Sequence[
     return [lay.spans[k][2] if k >= 0 else int(TokenClass.PAD) for k in span_of], span_of
 
 
-def _build(
-    tokenizer: Any,
-    layouts: Sequence[_Layout],
-    answers: Sequence[Sequence[str]],
-    *,
-    names: str,
-    separator: str,
-    example_sep: str,
-    use_bos: bool,
-    n_ctx: int | None,
-    real: Sequence[tuple[str, Sequence[str]]] | None = None,
-) -> dict[str, Any]:
-    """Tokenize whole prompt texts; classes from offsets; answers as they follow each prompt.
-
-    ``answers[i]``: accepted answers of row ``i`` (the first one is scored by the metrics).
-    Returns the tensors and the per-row answer tokens, or raises before any forward.
-    """
-    texts = [lay.text for lay in layouts]
-    ids_all, offs_all = _encode_texts(tokenizer, texts)
-    def sep_fix(lay: _Layout) -> str:  # computed only for an error, in that prompt's context
-        return _separator_hint(tokenizer, separator, lay)
-
-    def ex_fix(lay: _Layout) -> str:
-        return _example_sep_hint(tokenizer, example_sep, lay)
-
-    fix = {"separator": sep_fix, "example_sep": ex_fix, "": "put spaces around that part, or change the data"}
+def _assign_each(tokenizer: Any, layouts: Sequence[_Layout], ids_all: Sequence[Sequence[int]],
+                 offs_all: Sequence[Sequence[tuple[int, int]]], names: str, separator: str,
+                 fix: Mapping[str, Any]) -> tuple[list[list[int]], list[list[int]]]:
+    """Classes and part indices of every row's tokens, row by row; raises on the first row whose parts
+    are not exact tokens, with the tokens seen in context."""
+    sep_fix, ex_fix = fix["separator"], fix["example_sep"]
     classes_all, spans_all = [], []
     for r, (lay, ids, offs) in enumerate(zip(layouts, ids_all, offs_all)):
         where = f"prompt {r} of {names}"
@@ -641,6 +635,92 @@ def _build(
                              f"{_context(tokenizer, ids, len(ids) - 1)}); end each prompt with the separator {separator!r}")
         classes_all.append(cls)
         spans_all.append(span_of)
+    return classes_all, spans_all
+
+
+def _assign_all(layouts: Sequence[_Layout],
+                offs_all: Sequence[Sequence[tuple[int, int]]]) -> tuple[list[list[int]], list[list[int]]] | None:
+    """What :func:`_assign_each` computes, for every row at once (numpy over the batch's tokens), or
+    ``None`` when some row has a problem (a token over two parts, a part without a token of its own,
+    a separator of several tokens, a last token that is not the final separator): then the
+    row-by-row path raises, naming it."""
+    R = len(layouts)
+    n_tok = np.fromiter((len(o) for o in offs_all), np.int64, R)
+    n_sp = np.fromiter((len(lay.spans) for lay in layouts), np.int64, R)
+    if R == 0 or int(n_tok.min()) == 0 or int(n_sp.sum()) == 0:
+        return None
+    # rows laid end to end (one character apart), so one sorted array of part bounds serves them all
+    lens = np.fromiter((len(lay.text) for lay in layouts), np.int64, R)
+    base = np.concatenate([[0], np.cumsum(lens + 1)[:-1]])
+    sp = np.array([x for lay in layouts for span in lay.spans for x in span], dtype=np.int64).reshape(-1, 4)
+    sp_row = np.repeat(np.arange(R), n_sp)
+    starts, ends, cls = sp[:, 0] + base[sp_row], sp[:, 1] + base[sp_row], sp[:, 2]
+    off = np.array([x for row in offs_all for pair in row for x in pair], dtype=np.int64).reshape(-1, 2)
+    tok_row = np.repeat(np.arange(R), n_tok)
+    lo = np.maximum(off[:, 0], 0)
+    hi = np.minimum(off[:, 1], lens[tok_row])
+    lo_g, hi_g = lo + base[tok_row], hi + base[tok_row]
+    n_parts = len(starts)
+    k = np.searchsorted(ends, lo_g, side="right")  # the first part ending after the token starts
+    kk = np.minimum(k, n_parts - 1)
+    touch = (lo < hi) & (k < n_parts) & (starts[kk] < hi_g)
+    j, more = k + 1, touch.copy()
+    while more.any():  # the further parts a token covers: any of another class is a problem
+        jj = np.minimum(j, n_parts - 1)
+        more &= (j < n_parts) & (starts[jj] < hi_g)
+        if (more & (cls[jj] != cls[kk])).any():
+            return None
+        j += 1
+    # a token of gap characters only joins the next part of its row, a trailing one the part before it
+    pos = np.arange(len(off))
+    big = len(off)
+    nxt = np.minimum.accumulate(np.where(touch, pos, big)[::-1])[::-1]
+    prv = np.maximum.accumulate(np.where(touch, pos, -1))
+    nxt_ok = (nxt < big) & (tok_row[np.minimum(nxt, big - 1)] == tok_row)
+    prv_ok = (prv >= 0) & (tok_row[np.maximum(prv, 0)] == tok_row)
+    part = np.where(touch, kk, np.where(nxt_ok, kk[np.minimum(nxt, big - 1)], np.where(prv_ok, kk[np.maximum(prv, 0)], -1)))
+    counts = np.bincount(part[part >= 0], minlength=n_parts)
+    seps = (cls == int(TokenClass.FINAL_SEP)) | (cls == int(TokenClass.DEMO_SEP))
+    tok_cls = np.where(part >= 0, cls[np.maximum(part, 0)], int(TokenClass.PAD))
+    last = np.cumsum(n_tok) - 1
+    if (counts == 0).any() or (seps & (counts > 1)).any() or (tok_cls[last] != int(TokenClass.FINAL_SEP)).any():
+        return None
+    local = np.where(part >= 0, part - (np.cumsum(n_sp) - n_sp)[tok_row], -1)
+    cuts = np.cumsum(n_tok)[:-1]
+    return ([c.tolist() for c in np.split(tok_cls, cuts)], [c.tolist() for c in np.split(local, cuts)])
+
+
+def _build(
+    tokenizer: Any,
+    layouts: Sequence[_Layout],
+    answers: Sequence[Sequence[str]],
+    *,
+    names: str,
+    separator: str,
+    example_sep: str,
+    use_bos: bool,
+    n_ctx: int | None,
+    real: Sequence[tuple[str, Sequence[str]]] | None = None,
+) -> dict[str, Any]:
+    """Tokenize whole prompt texts; classes from offsets; answers as they follow each prompt.
+
+    ``answers[i]``: accepted answers of row ``i`` (the first one is scored by the metrics).
+    Returns the tensors and the per-row answer tokens, or raises before any forward.
+    """
+    texts = [lay.text for lay in layouts]
+    ids_all, offs_all = _encode_texts(tokenizer, texts)
+    def sep_fix(lay: _Layout) -> str:  # computed only for an error, in that prompt's context
+        return _separator_hint(tokenizer, separator, lay)
+
+    def ex_fix(lay: _Layout) -> str:
+        return _example_sep_hint(tokenizer, example_sep, lay)
+
+    fix = {"separator": sep_fix, "example_sep": ex_fix, "": "put spaces around that part, or change the data"}
+    # every row at once; only a batch with a problem takes the row-by-row path, which names it exactly
+    checked = _assign_all(layouts, offs_all)
+    if checked is None:
+        checked = _assign_each(tokenizer, layouts, ids_all, offs_all, names, separator, fix)
+    classes_all, spans_all = checked
 
     # ---- unknown words (word-level vocabularies) -------------------------------------------------
     unk = getattr(tokenizer, "unk_token_id", None)
@@ -715,17 +795,12 @@ def _build(
     bos_id = getattr(tokenizer, "bos_token_id", None)
     width = max(lengths)
     pad = _pad_id(tokenizer)
-    b = len(layouts)
-    tokens = torch.full((b, width), pad, dtype=torch.long)
-    mask = torch.zeros((b, width), dtype=torch.long)
-    classes = torch.full((b, width), int(TokenClass.PAD), dtype=torch.long)
-    for r, (ids, cls) in enumerate(zip(ids_all, classes_all)):
-        row = ([int(bos_id)] if use_bos else []) + list(ids)
-        rc = ([int(TokenClass.BOS)] if use_bos else []) + list(cls)
-        n = len(row)
-        tokens[r, width - n:] = torch.tensor(row, dtype=torch.long)
-        classes[r, width - n:] = torch.tensor(rc, dtype=torch.long)
-        mask[r, width - n:] = 1
+    head_id, head_cls = ([int(bos_id)], [int(TokenClass.BOS)]) if use_bos else ([], [])
+    # one tensor per field from padded Python rows (a copy per row would cost more than the rows)
+    tokens = torch.tensor([[pad] * (width - n) + head_id + list(ids) for ids, n in zip(ids_all, lengths)], dtype=torch.long)
+    classes = torch.tensor([[int(TokenClass.PAD)] * (width - n) + head_cls + list(c) for c, n in zip(classes_all, lengths)],
+                           dtype=torch.long)
+    mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths], dtype=torch.long)
     return dict(tokens=tokens, mask=mask, classes=classes, answer_tokens=answer_tokens, real_tokens=real_tokens, pad=pad)
 
 
@@ -1022,12 +1097,14 @@ def _draw_demos(task: Any, accepted: Mapping[str, tuple[str, ...]], qrows: Seque
     used_pairs = [(q, a) for q, acc in qrows for a in acc] + (list(train) if need else [])
     _check_pair_text(task.name, used_pairs, separator, example_sep)
     rows: list[dict[str, Any]] = []
+    where = {x: k for k, (x, _) in enumerate(train)}  # train is one pair per input
     for i, (q, acc) in enumerate(qrows):
         demos: list[Pair] = []
         real = (q, acc)
         shown = (q, acc)
         if need:
-            pool = [p for p in train if p[0] != q]
+            k = where.get(q)
+            pool = train if k is None else train[:k] + train[k + 1:]
             perm = np.random.default_rng([seed, 1, i]).permutation(len(pool))
             demos = [pool[k] for k in perm[:n_shots]]
             if dummy_query:
@@ -1042,20 +1119,14 @@ def _draw_demos(task: Any, accepted: Mapping[str, tuple[str, ...]], qrows: Seque
 
 def _icl_layout(demos: Sequence[Pair], query: str, instr_text: str | None, separator: str, example_sep: str) -> _Layout:
     """The text of one prompt and where its parts are (the format of Hendel et al. 2023, §2)."""
-    lay = _Layout()
+    parts: list[tuple[str, int | None, int]] = []
     if instr_text is not None:
-        lay.add(instr_text + "\n", TokenClass.INSTRUCTION)  # its newline may merge with its last word
+        parts.append((instr_text + "\n", TokenClass.INSTRUCTION, -1))  # its newline may merge with its last word
     for k, (x, y) in enumerate(demos):
-        lay.add(x, TokenClass.DEMO_INPUT, k)
-        lay.add(" ")
-        lay.add(separator, TokenClass.DEMO_SEP, k)
-        lay.add(" ")
-        lay.add(y, TokenClass.DEMO_OUTPUT, k)
-        lay.add(example_sep, TokenClass.DEMO_NEWLINE, k)
-    lay.add(query, TokenClass.QUERY_INPUT)
-    lay.add(" ")
-    lay.add(separator, TokenClass.FINAL_SEP)
-    return lay
+        parts += [(x, TokenClass.DEMO_INPUT, k), (" ", None, -1), (separator, TokenClass.DEMO_SEP, k), (" ", None, -1),
+                  (y, TokenClass.DEMO_OUTPUT, k), (example_sep, TokenClass.DEMO_NEWLINE, k)]
+    parts += [(query, TokenClass.QUERY_INPUT, -1), (" ", None, -1), (separator, TokenClass.FINAL_SEP, -1)]
+    return _Layout.of(parts)
 
 
 def _use_bos(model: Any, tokenizer: Any, prepend_bos: bool | None) -> bool:
