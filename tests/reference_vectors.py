@@ -65,10 +65,26 @@ def naive_scores(model: Any, batch: Any, batch_size: int = 64) -> torch.Tensor:
     return torch.cat(out)
 
 
+def naive_sweep_prompts(model: Any, task: Any, *, n_prompts: int, n_shots: int, seed: int,
+                        splits: Sequence[str]) -> tuple[Any, list[Any], Any]:
+    """Hendel's prompts for one task: dummy-query extraction prompts, zero-shot prompts per split,
+    and ICL prompts on the last split's zero-shot queries."""
+    ext = icl_prompts(model, task, n_prompts=n_prompts, n_shots=n_shots, seed=seed, dummy_query=True, split="test")
+    zs = []
+    for sp in splits:
+        n = min(n_prompts, len({x for x, _ in task.split(sp)}))
+        zs.append(icl_prompts(model, task, n_prompts=n, n_shots=0, seed=seed, split=sp))
+    icl = icl_prompts(model, task, queries=list(zip(zs[-1].queries, zs[-1].answers)), n_shots=n_shots, seed=seed)
+    return ext, zs, icl
+
+
 @torch.no_grad()
 def naive_layer_sweep(model: Any, tasks: Any, *, n_prompts: int, n_shots: int = 5, mode: str = "replace",
                       alpha: float = 1.0, seed: int = 0, splits: Sequence[str] = ("dev", "test"),
-                      layers: Sequence[int] | None = None, batch_size: int = 64) -> dict[str, torch.Tensor]:
+                      layers: Sequence[int] | None = None, batch_size: int = 64,
+                      prompts: Sequence[Any] | None = None) -> dict[str, torch.Tensor]:
+    """``prompts``: per task, ready ``(extraction, [zero-shot per split], icl)`` batches, as
+    :func:`naive_sweep_prompts` builds them (default: built here)."""
     task_list = resolve_tasks(tasks)
     n_layers = model.cfg.n_layers
     layers = list(range(n_layers)) if layers is None else list(layers)
@@ -81,12 +97,8 @@ def naive_layer_sweep(model: Any, tasks: Any, *, n_prompts: int, n_shots: int = 
     icl_lp = torch.zeros(T)
     vectors = torch.zeros(T, J, model.cfg.d_model)
     for t, task in enumerate(task_list):
-        ext = icl_prompts(model, task, n_prompts=n_prompts, n_shots=n_shots, seed=seed, dummy_query=True, split="test")
-        zs = []
-        for sp in splits:
-            n = min(n_prompts, len({x for x, _ in task.split(sp)}))
-            zs.append(icl_prompts(model, task, n_prompts=n, n_shots=0, seed=seed, split=sp))
-        icl = icl_prompts(model, task, queries=list(zip(zs[-1].queries, zs[-1].answers)), n_shots=n_shots, seed=seed)
+        ext, zs, icl = (prompts[t] if prompts is not None else
+                        naive_sweep_prompts(model, task, n_prompts=n_prompts, n_shots=n_shots, seed=seed, splits=splits))
         for j, layer in enumerate(layers):
             tv = naive_task_vector(model, ext, layer, batch_size)
             vectors[t, j] = tv

@@ -64,6 +64,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .. import hooks as _hooks
+from ..checks import check_int as _check_int
 from ..engine.plan import DEFAULT_BATCH, RowsBatch, length_buckets, pad_id_of, pad_left, row_inputs, rows_of
 from ..engine.readout import run_rows, run_shared, tree_mask_ok
 from ..inputs.text import prompt_options, prompt_record
@@ -467,13 +468,6 @@ def _check_mode(mode: str | None, vector: TaskVector | None, alpha: float) -> st
                          "use mode='add' or scale the vector itself (2 * tv)")
     return mode
 
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def _check_layers(model: Any, layers: Sequence[int] | None) -> list[int]:
@@ -1405,12 +1399,14 @@ def _sweep_vectors_and_icl(model: Any, plan: _SweepPlan, idx: list[int], ls: Seq
         fvs = [function_vector(model, plan.tasks[t], **function_kw) for t in idx]
         v = torch.stack([fv.vector for fv in fvs])[:, None].expand(n, L, -1).contiguous()
         icl_logits, _ = run_rows(model, icl_rows(), batch_size=batch_size, inputs=icl_inputs())
-    elif plan.given:  # ready prompts: their rows are not known to share demos, so nothing is packed
+    elif plan.given and not (len(with_icl) == n and all(len(plan.icl[t]) <= len(plan.context[t]) for t in idx)):
+        # ready prompts without an ICL batch for every task (or with more ICL rows than context rows):
+        # nothing to pack them with
         v = _vectors_from_batches(model, [plan.context[t] for t in idx], ls, batch_size)
         icl_logits = run_rows(model, icl_rows(), batch_size=batch_size, inputs=icl_inputs())[0] if with_icl else None
     else:
-        # one pass: every layer's vector, and the ICL prompts packed with the extraction prompts
-        # they share their demos with
+        # one pass: every layer's vector, and ICL prompt i packed with context prompt i (exact for any two
+        # rows: the packed forward shares only their common token prefix, which Hendel's prompts make the demos)
         both, icl_logits = _extract_with_icl(model, [plan.context[t] for t in idx] if plan.context else [], sub_icl, ls,
                                              batch_size, extra=[plan.instruction[t] for t in idx] if plan.instruction else [])
         v = both if kind in ("task", "instruction") else (both[:n].double() + both[n:].double()).div(2).float()
