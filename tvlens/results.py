@@ -125,6 +125,16 @@ class WithMeta:
     def __post_init__(self) -> None:
         object.__setattr__(self, "meta", ResultMeta.of(getattr(self, "meta", None)))
 
+    @property
+    def model(self) -> str:
+        """The name of the model the result was computed on."""
+        return self.meta.model
+
+    @property
+    def config_hash(self) -> str:
+        """The fingerprint of that model's config (results of other models are refused)."""
+        return self.meta.config_hash
+
 
 class LayerHeadGrid:
     """``n_layers`` / ``n_heads`` for a result whose :attr:`grid` tensor is laid out ``[layer, head, ...]``."""

@@ -69,7 +69,7 @@ from ..engine.plan import DEFAULT_BATCH, RowsBatch, length_buckets, pad_id_of, p
 from ..engine.readout import run_rows, run_shared, tree_mask_ok
 from ..inputs.text import prompt_options, prompt_record
 from ..metrics import accepted_ids, accepted_metric, cat_accepted
-from ..results import ResultMeta, check_same_model, load_result, load_tensors, save_tensors
+from ..results import ResultMeta, WithMeta, check_same_model, load_result, load_tensors, save_tensors
 
 __all__ = [
     "TaskVector",
@@ -105,7 +105,7 @@ _LABEL = {"task": "TV", "instruction": "IV", "ensemble": "TV+IV", "function": "F
 
 
 @dataclass(frozen=True, eq=False)
-class TaskVector:
+class TaskVector(WithMeta):
     """A vector in the residual stream at one layer, applied at the final separator.
 
     Attributes:
@@ -128,6 +128,7 @@ class TaskVector:
     position: str = POSITION_RULE
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         v = self.vector
         if not isinstance(v, Tensor):
             raise TypeError(f"vector must be a torch.Tensor of shape [d_model], got {type(v).__name__}")
@@ -155,14 +156,6 @@ class TaskVector:
     @property
     def d_model(self) -> int:
         return int(self.vector.shape[0])
-
-    @property
-    def model(self) -> str:
-        return self.meta.model
-
-    @property
-    def config_hash(self) -> str:
-        return self.meta.config_hash
 
     @property
     def hook_name(self) -> str:

@@ -44,7 +44,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..results import ResultMeta, atomic_write_text, check_same_model, load_result, save_tensors
+from ..results import ResultMeta, WithMeta, atomic_write_text, check_same_model, load_result, save_tensors
 
 __all__ = [
     "WeightVector",
@@ -153,7 +153,7 @@ def _model_params(model: Any) -> dict[str, Tensor]:
 
 
 @dataclass(frozen=True, eq=False)
-class WeightVector:
+class WeightVector(WithMeta):
     """A weight-space task vector (Ilharco et al. 2023, §2): per-parameter deltas ``θ_ft − θ_base``.
 
     Attributes:
@@ -177,6 +177,7 @@ class WeightVector:
     base_digests: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not isinstance(self.deltas, Mapping) or not self.deltas:
             raise ValueError("deltas must be a non-empty {parameter name: tensor} mapping; "
                              "build a WeightVector with WeightVector.between(base, finetuned) or tvlens.finetune")
@@ -238,14 +239,6 @@ class WeightVector:
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(self.deltas)
-
-    @property
-    def model(self) -> str:
-        return self.meta.model
-
-    @property
-    def config_hash(self) -> str:
-        return self.meta.config_hash
 
     @property
     def n_params(self) -> int:
