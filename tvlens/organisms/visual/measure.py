@@ -12,6 +12,9 @@ Parts (``--parts``, comma-separated), each written as Markdown (``measured_<part
   and greedy random search at equal budgets of mask evaluations, each beside the top-k by ρ of the
   k it chose (§3.2, the paper's comparison table);
 - ``tasks`` — the same per task (one mask per task);
+- ``floor`` — no model: what a no-example prediction can score at best on the held-out images,
+  per task (copying the query; the per-cell majority of the 8 tasks' outputs, the Bayes-optimal
+  code accuracy without knowing the task), beside the model's no-example baseline;
 - ``figures`` — from the files the other parts wrote (``--masks`` of ``multi``): ρ maps, the top-k
   curves, ρ per head beside its effect, canvases as each method fills them (Figs. 3–4), vector
   arithmetic, and the study page ``visual.html``, into ``--figures``.
@@ -57,6 +60,28 @@ def _select(V, obj, space, method: str, budget: int, args) -> object:
                        init_p=0.5)
 
 
+def no_example_floor(n: int, seed: int) -> dict[str, dict[str, float]]:
+    """Per task, over ``n`` held-out images: the code accuracy of copying the query and of the per-cell
+    majority of all tasks' outputs (ties: the lowest code) — the best any prediction can do on
+    average when the task is not shown (uniform prior over the tasks)."""
+    import numpy as np
+
+    from .images import TASKS, apply_task, random_codes
+
+    rng = np.random.default_rng(seed)
+    copy = {t: 0.0 for t in TASKS}
+    bayes = {t: 0.0 for t in TASKS}
+    for _ in range(n):
+        x = random_codes(rng, split="test")
+        outs = np.stack([apply_task(t, x) for t in TASKS])  # [task, 6, 6]
+        votes = np.stack([(outs == c).sum(0) for c in range(int(outs.max()) + 1)])  # [code, 6, 6]
+        guess = votes.argmax(0)
+        for t, o in zip(TASKS, outs):
+            copy[t] += float((o == x).mean()) / n
+            bayes[t] += float((o == guess).mean()) / n
+    return {t: {"copy_query": copy[t], "majority": bayes[t]} for t in TASKS}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--parts", default="topk,multi,tasks")
@@ -75,6 +100,7 @@ def main(argv=None) -> None:
     ap.add_argument("--gap-metric", default="changed", choices=("accuracy", "exact", "changed"),
                     help="the metric whose gap picks k* (the card: code accuracy is floored by the background)")
     ap.add_argument("--noise", type=int, default=4, help="corrupted codes per example output for the harder ICL")
+    ap.add_argument("--floor-images", type=int, default=2000, help="held-out images for the floor part")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(HERE))
@@ -261,6 +287,23 @@ def main(argv=None) -> None:
         if args.masks:  # the selected masks, e.g. for pictures
             torch.save({g: {m: s.weights.bool() for m, s in f.items()} for g, f in found_all.items()}, args.masks)
         finish(part, md, {"rows": rows})
+
+    if "floor" in parts:
+        floor = no_example_floor(args.floor_images, args.seed + 2000)
+        base = json.loads((HERE / "checkpoint" / "metrics.json").read_text())["per_task"]
+        rows = [[t, f"{f['copy_query']:.3f}", f"{f['majority']:.3f}", f"{base[t]['masked_acc']:.3f}",
+                 f"{base[t]['blank_acc']:.3f}"] for t, f in floor.items()]
+        mean = lambda key: sum(f[key] for f in floor.values()) / len(floor)  # noqa: E731
+        bmean = lambda key: sum(base[t][key] for t in floor) / len(floor)  # noqa: E731
+        rows.append(["**mean**", f"{mean('copy_query'):.3f}", f"{mean('majority'):.3f}", f"{bmean('masked_acc'):.3f}",
+                     f"{bmean('blank_acc'):.3f}"])
+        md = ["### How low can a no-example baseline be? (no model)",
+              f"Code accuracy on {args.floor_images} held-out images per task of two predictions that do not know the "
+              "task: copying the query, and the per-cell majority of the 8 tasks' outputs (the best code accuracy "
+              "on average over a uniform task prior); beside them organism-visual's no-example baselines "
+              "(`checkpoint/metrics.json`: example row `[MASK]` / drawn black).",
+              _md(["task", "copy the query", "majority of the 8 outputs", "model, masked row", "model, black row"], rows)]
+        finish("floor", md, {"floor": floor})
 
     if "figures" in parts:
         figures(model, V, stats, rho, ev, obj_ev, args, t0)
