@@ -192,6 +192,7 @@ def main() -> None:
 
     load0 = _load()
     model = tvlens.load_model(args.model, device=args.device)
+    _ready_prompts(model, args)  # first-call costs (tokenizer, per-task answer tables), as the warm-up below
     ready, t_prompts, c_prompts = timed(lambda: _ready_prompts(model, args), model)
     sides = _sides(model, args, ready)
     # warm-up (first-call costs: tokenizer caches, lazy imports), not timed
