@@ -53,8 +53,7 @@ import torch
 from jaxtyping import Bool, Int, UInt8
 from torch import Tensor
 
-from ..engine.batch import RowSlicing
-from .text import PromptBatch, TokenClass, _build, _Layout, icl_prompts
+from .text import PromptBatch, PromptRows, TokenClass, _build, _Layout, icl_prompts
 
 __all__ = [
     "VisionSpec",
@@ -228,10 +227,11 @@ def vision_spec(model: Any) -> VisionSpec:
 
 
 @dataclass(frozen=True, eq=False)
-class MultimodalBatch(RowSlicing):
+class MultimodalBatch(PromptRows):
     """A left-padded batch of ICL prompts whose inputs may be images (Luo, Darrell & Bar 2024, §3).
 
-    The text fields mean what they mean in :class:`~tvlens.inputs.text.PromptBatch` (``queries`` are
+    The fields of :class:`~tvlens.inputs.text.PromptRows` come first and mean what they mean in
+    :class:`~tvlens.inputs.text.PromptBatch` (``queries`` are
     the items the query image shows, ``answers`` what the model should say). ``pixel_values`` holds
     the images of all rows in row-major order of their placeholders (``[image, channel, height,
     width]``; Qwen2.5-VL: its flattened patches ``[patch, patch_dim]`` with ``image_grid_thw``
@@ -240,13 +240,6 @@ class MultimodalBatch(RowSlicing):
     ``"instruction"``, ``"none"``).
     """
 
-    tokens: Int[Tensor, "batch pos"]
-    attention_mask: Int[Tensor, "batch pos"]
-    token_class: Int[Tensor, "batch pos"]
-    answer_ids: Int[Tensor, " batch"]
-    answer_tokens: tuple[tuple[int, ...], ...]
-    queries: tuple[str, ...]
-    answers: tuple[str, ...]
     task: str
     n_shots: int
     seed: int

@@ -73,6 +73,7 @@ from ..engine.batch import RowSlicing
 
 __all__ = [
     "TokenClass",
+    "PromptRows",
     "PromptBatch",
     "TokenCollisionWarning",
     "PROMPT_OPTIONS",
@@ -120,7 +121,23 @@ class TokenClass(IntEnum):
 
 
 @dataclass(frozen=True, eq=False)
-class PromptBatch(RowSlicing):
+class PromptRows(RowSlicing):
+    """The fields every batch of ICL prompts has, text or multimodal: left-padded ``tokens``, their
+    ``attention_mask`` and ``token_class`` (:class:`TokenClass`), and per row the answer's first token,
+    all its tokens, the query and the answer (Hendel et al. 2023, §2; Luo et al. 2024, §3)."""
+
+    tokens: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"]
+    token_class: Int[Tensor, "batch pos"]
+    #: first token of each answer (as it follows the final separator)
+    answer_ids: Int[Tensor, " batch"]
+    answer_tokens: tuple[tuple[int, ...], ...]
+    queries: tuple[str, ...]
+    answers: tuple[str, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class PromptBatch(PromptRows):
     """A batch of left-padded ICL prompts for one task.
 
     Tensors live on the CPU unless :meth:`to` moved them. Per-row string fields are tuples aligned
@@ -134,14 +151,6 @@ class PromptBatch(RowSlicing):
     outputs).
     """
 
-    tokens: Int[Tensor, "batch pos"]
-    attention_mask: Int[Tensor, "batch pos"]
-    token_class: Int[Tensor, "batch pos"]
-    #: first token of each answer (as it follows the final separator)
-    answer_ids: Int[Tensor, " batch"]
-    answer_tokens: tuple[tuple[int, ...], ...]
-    queries: tuple[str, ...]
-    answers: tuple[str, ...]
     #: the prompt text of each row, without BOS and padding: its whole-text tokenization is the row's tokens
     texts: tuple[str, ...]
     task: str
