@@ -52,6 +52,49 @@ def test_default_tokenizer_covers_the_suite():
         assert unk not in tok(text, add_special_tokens=False)["input_ids"], name
 
 
+def test_one_step_per_capital_normalizes_as_one_step_per_word():
+    """The shipped case rule (one alternation per capital) gives every text what one Replace step per
+    capital of each protected word, in word order, gives (an independent construction of the parking
+    steps), on the suite's words in every case, glued to separators and newlines."""
+    import random
+    import re
+
+    from tokenizers import Regex, normalizers
+
+    from tvlens.organisms.text.tokenizer import (SEPARATOR, _parked, _phrase_steps, organism_lower_phrases,
+                                                 organism_vocabulary)
+    from tvlens.tasks import list_tasks, load_task
+
+    tasks = [load_task(n) for n in list_tasks()]
+    words = sorted({w for w in organism_vocabulary(tasks) if w != w.lower()})
+    steps = _phrase_steps(words, organism_lower_phrases(tasks))
+    for w in words:
+        lit = lambda s: "".join(f"[{re.escape(c)}{_parked(c)}]" if c != c.lower() else re.escape(c) for c in s)  # noqa: E731
+        for i, c in enumerate(w):
+            if c != c.lower():
+                pre, post = lit(w[:i]), lit(w[i + 1:])
+                steps.append(normalizers.Replace(Regex(f"(?<=^{pre}|\\s{pre}|{SEPARATOR}{pre})" + re.escape(c)
+                                                       + f"(?={post}(?:$|\\s|{SEPARATOR}))"), _parked(c)))
+    steps.append(normalizers.Lowercase())
+    steps += [normalizers.Replace(_parked(c), c) for c in sorted({c for w in words for c in w if c != c.lower()})]
+    by_word = normalizers.Sequence(steps)
+    built = default_organism_tokenizer()._tokenizer
+    shipped = built.normalizer
+    from tvlens.models import organism_path
+
+    for name in ("organism", "organism-natural", "organism-vlm"):  # the checkpoints carry the rule built here
+        on_disk = json.loads((organism_path(name) / "tokenizer.json").read_text(encoding="utf-8"))["normalizer"]
+        assert on_disk == json.loads(built.to_str())["normalizer"], name
+    rng = random.Random(0)
+    vocab = sorted({w for t in tasks for x, y in t.pairs for w in (*x.split(), *y.split())})
+    texts = list(organism_lower_phrases(tasks)) + [" ".join(vocab[i:i + 7]) for i in range(0, len(vocab), 7)]
+    for _ in range(3000):
+        ws = [rng.choice([w, w.upper(), w.lower(), w.capitalize()]) for w in rng.choices(vocab, k=rng.randint(1, 5))]
+        texts.append("".join(w + rng.choice([" ", " → ", "\n", "→", "  "]) for w in ws))
+    for text in texts:
+        assert shipped.normalize_str(text) == by_word.normalize_str(text), text
+
+
 # ---------------------------------------------------------------------------------------------
 # training script (micro config: seconds)
 

@@ -31,7 +31,7 @@ Design notes (why, not what):
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
@@ -79,17 +79,9 @@ def _parked(c: str) -> str:
     return chr(_PARK + ord(c))
 
 
-def case_normalizer(cased_words: Iterable[str], lower_phrases: Iterable[str] = ()) -> normalizers.Normalizer:
-    """Lowercase everything except the whole words ``cased_words`` (see the module docstring).
-
-    ``lower_phrases``: several-word strings in which a cased word is an ordinary word and is
-    lowercased all the same (``"Santa Fe"``: ``fe``, not the symbol of iron ``Fe``).
-    """
-    words = sorted({w for w in cased_words if w != w.lower()})
-    bad = [w for w in words if any(ord(c) >= 0x10000 for c in w) or not words_of(w) == [w]]
-    if bad:
-        raise ValueError(f"cannot keep the case of {bad[:3]!r}: a protected word must be one word of the Basic "
-                         "Multilingual Plane; remove it from the vocabulary or build the tokenizer with case_fold=False")
+def _phrase_steps(words: Sequence[str], lower_phrases: Iterable[str]) -> list[Any]:
+    """The first steps of :func:`case_normalizer`: the capitals of protected ``words`` inside
+    ``lower_phrases`` lowercased, before any capital is parked."""
     steps: list[Any] = []
     protected = set(words)
     for phrase in sorted(set(lower_phrases)):
@@ -105,8 +97,27 @@ def case_normalizer(cased_words: Iterable[str], lower_phrases: Iterable[str] = (
                 behind = f"(?<=^{pre}|\\s{pre}|{SEPARATOR}{pre})"
                 ahead = f"(?={post}(?:$|\\s|{SEPARATOR}))"
                 steps.append(normalizers.Replace(Regex(behind + re.escape(c) + ahead), c.lower()))
+    return steps
+
+
+def case_normalizer(cased_words: Iterable[str], lower_phrases: Iterable[str] = ()) -> normalizers.Normalizer:
+    """Lowercase everything except the whole words ``cased_words`` (see the module docstring).
+
+    ``lower_phrases``: several-word strings in which a cased word is an ordinary word and is
+    lowercased all the same (``"Santa Fe"``: ``fe``, not the symbol of iron ``Fe``).
+    """
+    words = sorted({w for w in cased_words if w != w.lower()})
+    bad = [w for w in words if any(ord(c) >= 0x10000 for c in w) or not words_of(w) == [w]]
+    if bad:
+        raise ValueError(f"cannot keep the case of {bad[:3]!r}: a protected word must be one word of the Basic "
+                         "Multilingual Plane; remove it from the vocabulary or build the tokenizer with case_fold=False")
+    steps: list[Any] = _phrase_steps(words, lower_phrases)
+    # One step per capital: the alternation of that capital's place in every protected word. Parking is
+    # order-free (a pattern reads a capital of its word parked or not, and each match is that one
+    # character), so one pass per capital parks what the word-by-word steps would.
+    park: dict[str, list[str]] = {}
     for w in words:
-        def lit(s: str) -> str:  # a capital may already be parked by an earlier step of the same word
+        def lit(s: str) -> str:  # a capital may already be parked by an earlier step
             return "".join(f"[{re.escape(c)}{_parked(c)}]" if c != c.lower() else re.escape(c) for c in s)
 
         for i, c in enumerate(w):
@@ -115,7 +126,9 @@ def case_normalizer(cased_words: Iterable[str], lower_phrases: Iterable[str] = (
             pre, post = lit(w[:i]), lit(w[i + 1:])
             behind = f"(?<=^{pre}|\\s{pre}|{SEPARATOR}{pre})"
             ahead = f"(?={post}(?:$|\\s|{SEPARATOR}))"
-            steps.append(normalizers.Replace(Regex(behind + re.escape(c) + ahead), _parked(c)))
+            park.setdefault(c, []).append(behind + re.escape(c) + ahead)
+    for c, patterns in park.items():
+        steps.append(normalizers.Replace(Regex("|".join(f"(?:{x})" for x in patterns)), _parked(c)))
     steps.append(normalizers.Lowercase())
     for c in sorted({c for w in words for c in w if c != c.lower()}):
         steps.append(normalizers.Replace(_parked(c), c))
