@@ -22,19 +22,20 @@ import torch
 from torch import Tensor
 
 from .. import hooks as _hooks
+from ..results import ResultMeta, WithMeta
 
 __all__ = ["AttentionPatterns", "attention_patterns"]
 
 
 @dataclass(frozen=True, eq=False)
-class AttentionPatterns:
+class AttentionPatterns(WithMeta):
     """``patterns`` ``[head, query, key]`` (softmaxed attention of each chosen head on one prompt,
     padding removed), ``heads`` their ``(layer, head)``, ``tokens`` the prompt's tokens."""
 
     patterns: Tensor
     heads: tuple[tuple[int, int], ...]
     tokens: tuple[str, ...]
-    meta: dict = field(default_factory=dict)
+    meta: ResultMeta = field(default_factory=ResultMeta)
 
     @property
     def names(self) -> list[str]:
