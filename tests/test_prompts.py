@@ -405,6 +405,11 @@ def test_prompt_batch_container(word_model):
     assert moved is not batch and torch.equal(moved.tokens, batch.tokens)
     parts = list(batch.chunks(3))
     assert [len(p) for p in parts] == [3, 3, 1]
+    assert [len(p) for p in batch.chunks(np.int64(4))] == [4, 3]  # a numpy int is an int
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        next(batch.chunks(0))
+    with pytest.raises(TypeError, match="batch_size must be an int"):
+        next(batch.chunks(2.5))
     assert torch.equal(torch.cat([p.tokens for p in parts]), batch.tokens)
     assert sum((p.real_queries for p in parts), ()) == batch.real_queries
     assert batch[2:4].texts == batch.texts[2:4] and batch.slice(2, 4).demos == batch.demos[2:4]

@@ -84,7 +84,6 @@ BASELINES = ("mean", "loo", "ema", "none")
 # ==============================================================================================
 
 
-
 def _check_float(name: str, value: Any, *, lo: float | None = None, strict: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
         raise TypeError(f"{name} must be a finite number, got {value!r}")

@@ -450,7 +450,6 @@ def _resolve_positions(positions: Any) -> tuple[str, int | None]:
     return cls.name.lower(), int(cls)
 
 
-
 def _prompt_chunks(model: Any, task: Any, *, n_prompts: int, n_shots: int, seed: int, prompt_kw: dict) -> Iterator[Any]:
     """The prompts ``head_means`` uses for ``task``, generated ``_PROMPT_CHUNK`` at a time."""
     if _is_prompt_batch(task):

@@ -7,14 +7,16 @@ and returns an :class:`EngineBatch`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
+
+from ..checks import check_int
 
 __all__ = ["Inputs", "EngineBatch", "RowSlicing", "as_batch", "rows_inputs"]
 
@@ -49,8 +51,7 @@ class RowSlicing:
 
     def chunks(self, batch_size: int) -> Iterator[Any]:
         """Consecutive sub-batches of at most ``batch_size`` rows, in order."""
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        batch_size = check_int("batch_size", batch_size, 1)
         for i in range(0, len(self), batch_size):
             yield self.slice(i, i + batch_size)
 

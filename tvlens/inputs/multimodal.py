@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -389,7 +389,6 @@ class MultimodalBatch(PromptRows):
             images=None if self.images is None else self.images[it],
             image_items=tuple(self.image_items[k] for k in imgs) if self.image_items else (),
         )
-
 
     def to(self, device: str | torch.device) -> "MultimodalBatch":
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731

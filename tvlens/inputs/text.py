@@ -61,7 +61,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -308,7 +308,6 @@ class PromptBatch(PromptRows):
 
 # ----------------------------------------------------------------------------------------------
 # building prompts
-
 
 
 def _resolve_task(task: Any) -> Any:

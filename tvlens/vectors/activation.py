@@ -462,7 +462,6 @@ def _check_mode(mode: str | None, vector: TaskVector | None, alpha: float) -> st
     return mode
 
 
-
 def _check_layers(model: Any, layers: Sequence[int] | None) -> list[int]:
     from ..models import ModelInfo
 

@@ -161,7 +161,6 @@ def lora_layers(pm: Any) -> dict[str, Any]:
 # checks and data
 
 
-
 def _check_float(name: str, value: Any, *, positive: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
