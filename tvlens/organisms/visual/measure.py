@@ -122,15 +122,7 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     load0 = os.getloadavg()
     say = lambda m: print(f"[measure {time.perf_counter() - t0:.0f}s] {m}", flush=True)  # noqa: E731
-    model = tvlens.load_model("organism-visual", device="cpu")
-    names = list(V.VISUAL_TASKS)
-    stats = V.canvas_means(model, names, n=args.n_means, seed=args.seed)
-    rho = V.visual_taskness(stats)
-    ev = {v: concat([canvases(t, args.n_eval, examples=v, seed=args.seed + 1000) for t in names]) for v in ("shown", "masked")}
-    obj_ev = V.CanvasPatch(model, ev["masked"], stats)
-    say("means, rho, held-out canvases")
     command = "python -m tvlens.organisms.visual.measure " + " ".join(argv if argv is not None else os.sys.argv[1:])
-    space = rho.top_pairs(args.candidates)
 
     def finish(part: str, md: list[str], data: dict) -> None:
         secs = time.perf_counter() - t0
@@ -141,6 +133,34 @@ def main(argv=None) -> None:
         Path(args.out, f"measured_{part}.json").write_text(json.dumps({**data, "command": command, "seconds": secs,
                                                                        "settings": vars(args)}, indent=1))
         say(f"wrote measured_{part}.md")
+
+    if "floor" in parts:
+        floor = no_example_floor(args.floor_images, args.seed + 2000)
+        base = json.loads((HERE / "checkpoint" / "metrics.json").read_text())["per_task"]
+        rows = [[t, f"{f['copy_query']:.3f}", f"{f['majority']:.3f}", f"{base[t]['masked_acc']:.3f}",
+                 f"{base[t]['blank_acc']:.3f}"] for t, f in floor.items()]
+        mean = lambda key: sum(f[key] for f in floor.values()) / len(floor)  # noqa: E731
+        bmean = lambda key: sum(base[t][key] for t in floor) / len(floor)  # noqa: E731
+        rows.append(["**mean**", f"{mean('copy_query'):.3f}", f"{mean('majority'):.3f}", f"{bmean('masked_acc'):.3f}",
+                     f"{bmean('blank_acc'):.3f}"])
+        md = ["### How low can a no-example baseline be? (no model)",
+              f"Code accuracy on {args.floor_images} held-out images per task of two predictions that do not know the "
+              "task: copying the query, and the per-cell majority of the 8 tasks' outputs (the best code accuracy "
+              "on average over a uniform task prior); beside them organism-visual's no-example baselines "
+              "(`checkpoint/metrics.json`: example row `[MASK]` / drawn black).",
+              _md(["task", "copy the query", "majority of the 8 outputs", "model, masked row", "model, black row"], rows)]
+        finish("floor", md, {"floor": floor})
+
+    if not set(parts) - {"floor"}:  # the floor needs no model
+        return
+    model = tvlens.load_model("organism-visual", device="cpu")
+    names = list(V.VISUAL_TASKS)
+    stats = V.canvas_means(model, names, n=args.n_means, seed=args.seed)
+    rho = V.visual_taskness(stats)
+    ev = {v: concat([canvases(t, args.n_eval, examples=v, seed=args.seed + 1000) for t in names]) for v in ("shown", "masked")}
+    obj_ev = V.CanvasPatch(model, ev["masked"], stats)
+    say("means, rho, held-out canvases")
+    space = rho.top_pairs(args.candidates)
 
     if "topk" in parts:
         ks = [int(k) for k in args.ks.split(",")]
@@ -287,23 +307,6 @@ def main(argv=None) -> None:
         if args.masks:  # the selected masks, e.g. for pictures
             torch.save({g: {m: s.weights.bool() for m, s in f.items()} for g, f in found_all.items()}, args.masks)
         finish(part, md, {"rows": rows})
-
-    if "floor" in parts:
-        floor = no_example_floor(args.floor_images, args.seed + 2000)
-        base = json.loads((HERE / "checkpoint" / "metrics.json").read_text())["per_task"]
-        rows = [[t, f"{f['copy_query']:.3f}", f"{f['majority']:.3f}", f"{base[t]['masked_acc']:.3f}",
-                 f"{base[t]['blank_acc']:.3f}"] for t, f in floor.items()]
-        mean = lambda key: sum(f[key] for f in floor.values()) / len(floor)  # noqa: E731
-        bmean = lambda key: sum(base[t][key] for t in floor) / len(floor)  # noqa: E731
-        rows.append(["**mean**", f"{mean('copy_query'):.3f}", f"{mean('majority'):.3f}", f"{bmean('masked_acc'):.3f}",
-                     f"{bmean('blank_acc'):.3f}"])
-        md = ["### How low can a no-example baseline be? (no model)",
-              f"Code accuracy on {args.floor_images} held-out images per task of two predictions that do not know the "
-              "task: copying the query, and the per-cell majority of the 8 tasks' outputs (the best code accuracy "
-              "on average over a uniform task prior); beside them organism-visual's no-example baselines "
-              "(`checkpoint/metrics.json`: example row `[MASK]` / drawn black).",
-              _md(["task", "copy the query", "majority of the 8 outputs", "model, masked row", "model, black row"], rows)]
-        finish("floor", md, {"floor": floor})
 
     if "figures" in parts:
         figures(model, V, stats, rho, ev, obj_ev, args, t0)
