@@ -2,7 +2,7 @@
 
     python benchmarks/bench_vectors.py [--model organism|PATH] [--tasks all] [--n-prompts 50] [--n-shots 5] [--repeats 3]
 
-(about 3 minutes on one idle CPU core for the whole suite on the organism)
+(about 6 minutes with --repeats 2 on one idle CPU core for the whole suite on the organism)
 
 naive  = tests/reference_vectors.naive_layer_sweep: for every task and layer, one ``run_with_hooks``
          per prompt batch to extract the vector (full forward), one per batch and split to
@@ -99,7 +99,8 @@ def _sides(model, args, ready=None):
 
     kw = dict(n_prompts=args.n_prompts, n_shots=args.n_shots, seed=0, splits=("dev", "test"), batch_size=args.batch_size)
     task_list = resolve_tasks(args.tasks)
-    zs = [[V._zero_shot_prompts(model, t, sp, args.n_prompts, 0) for sp in ("dev", "test")] for t in task_list]
+    zs = ([z for _, z, _ in ready] if ready else  # the evaluation stage's zero-shot prompts, built once
+          [[V._zero_shot_prompts(model, t, sp, args.n_prompts, 0) for sp in ("dev", "test")] for t in task_list])
     given = [V.SweepPrompts(task=t.name, context=ext, queries={"dev": z[0], "test": z[1]}, icl=icl)
              for t, (ext, z, icl) in zip(task_list, ready or [])]
     dev = next(model.parameters()).device
