@@ -61,6 +61,7 @@ def test_one_step_per_capital_normalizes_as_one_step_per_word():
 
     from tokenizers import Regex, normalizers
 
+    from tvlens.models import organism_path
     from tvlens.organisms.text.tokenizer import (SEPARATOR, _parked, _phrase_steps, organism_lower_phrases,
                                                  organism_vocabulary)
     from tvlens.tasks import list_tasks, load_task
@@ -80,11 +81,10 @@ def test_one_step_per_capital_normalizes_as_one_step_per_word():
     by_word = normalizers.Sequence(steps)
     built = default_organism_tokenizer()._tokenizer
     shipped = built.normalizer
-    from tvlens.models import organism_path
-
+    rule = json.loads(built.to_str())["normalizer"]
     for name in ("organism", "organism-natural", "organism-vlm"):  # the checkpoints carry the rule built here
         on_disk = json.loads((organism_path(name) / "tokenizer.json").read_text(encoding="utf-8"))["normalizer"]
-        assert on_disk == json.loads(built.to_str())["normalizer"], name
+        assert on_disk == rule, name
     rng = random.Random(0)
     vocab = sorted({w for t in tasks for x, y in t.pairs for w in (*x.split(), *y.split())})
     texts = list(organism_lower_phrases(tasks)) + [" ".join(vocab[i:i + 7]) for i in range(0, len(vocab), 7)]
