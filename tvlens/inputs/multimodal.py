@@ -307,18 +307,6 @@ class MultimodalBatch(PromptRows):
 
     # -- protocol --------------------------------------------------------------------------------
 
-    def __len__(self) -> int:
-        return int(self.tokens.shape[0])
-
-    @property
-    def separator_index(self) -> int:
-        """Position of the final separator in every row: always -1 (left padding)."""
-        return -1
-
-    @property
-    def lengths(self) -> Int[Tensor, " batch"]:
-        return self.attention_mask.sum(-1)
-
     @property
     def real_queries(self) -> tuple[str, ...]:
         return self.queries
@@ -328,21 +316,9 @@ class MultimodalBatch(PromptRows):
         return self.answers
 
     @property
-    def accepted_answer_tokens(self) -> tuple[tuple[tuple[int, ...], ...], ...]:
-        return tuple((tuple(a), *o) for a, o in zip(self.answer_tokens, self.other_answer_tokens))
-
-    @property
     def image_positions(self) -> Bool[Tensor, "batch pos"]:
         """Where image tokens are (the placeholders the vision features replace)."""
         return (self.tokens == self.image_token_id) & self.attention_mask.bool()
-
-    def positions_of(self, *classes: TokenClass | int) -> Bool[Tensor, "batch pos"]:
-        if not classes:
-            raise ValueError("positions_of needs at least one TokenClass, e.g. batch.positions_of(TokenClass.QUERY_INPUT)")
-        out = torch.zeros_like(self.token_class, dtype=torch.bool)
-        for c in classes:
-            out |= self.token_class == int(TokenClass(c))
-        return out
 
     def model_inputs(self) -> dict[str, Tensor]:
         """The forward's extra inputs: ``pixel_values`` (+ ``image_grid_thw`` / ``token_type_ids``)."""

@@ -135,6 +135,44 @@ class PromptRows(RowSlicing):
     queries: tuple[str, ...]
     answers: tuple[str, ...]
 
+    # -- shape and positions (subclasses hold other_answers / other_answer_tokens) -------------
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.tokens.device
+
+    @property
+    def separator_index(self) -> int:
+        """Position of the final separator in every row: always -1 (batches are left-padded)."""
+        return -1
+
+    @property
+    def lengths(self) -> Int[Tensor, " batch"]:
+        """Number of real (non-pad) tokens per row."""
+        return self.attention_mask.sum(-1)
+
+    def positions_of(self, *classes: TokenClass | int) -> Bool[Tensor, "batch pos"]:
+        """Boolean mask of the positions whose class is any of ``classes``."""
+        if not classes:
+            raise ValueError("positions_of needs at least one TokenClass, e.g. batch.positions_of(TokenClass.DEMO_SEP)")
+        mask = torch.zeros_like(self.token_class, dtype=torch.bool)
+        for c in classes:
+            mask |= self.token_class == int(TokenClass(c))
+        return mask
+
+    @property
+    def accepted_answers(self) -> tuple[tuple[str, ...], ...]:
+        """Every accepted answer of each row: ``answers[i]`` first, then ``other_answers[i]``."""
+        return tuple((a, *o) for a, o in zip(self.answers, self.other_answers))  # type: ignore[attr-defined]
+
+    @property
+    def accepted_answer_tokens(self) -> tuple[tuple[tuple[int, ...], ...], ...]:
+        """Their tokens, as they follow each prompt: ``answer_tokens[i]`` first."""
+        return tuple((tuple(a), *o) for a, o in zip(self.answer_tokens, self.other_answer_tokens))  # type: ignore[attr-defined]
+
 
 @dataclass(frozen=True, eq=False)
 class PromptBatch(PromptRows):
@@ -200,44 +238,6 @@ class PromptBatch(PromptRows):
             allowed = (0, b) if name == "demos" else (b,)  # demos may be left out by hand-made batches
             if n not in allowed:
                 raise ValueError(f"{name} must have {b} rows, got {n}")
-
-    # -- shape and positions --------------------------------------------------------------------
-
-    @property
-    def accepted_answers(self) -> tuple[tuple[str, ...], ...]:
-        """Every accepted answer of each row: ``answers[i]`` first, then ``other_answers[i]``."""
-        return tuple((a, *o) for a, o in zip(self.answers, self.other_answers))
-
-    @property
-    def accepted_answer_tokens(self) -> tuple[tuple[tuple[int, ...], ...], ...]:
-        """Their tokens, as they follow each prompt: ``answer_tokens[i]`` first."""
-        return tuple((tuple(a), *o) for a, o in zip(self.answer_tokens, self.other_answer_tokens))
-
-    @property
-    def separator_index(self) -> int:
-        """Position of the final separator in every row: always -1 (batches are left-padded)."""
-        return -1
-
-    def __len__(self) -> int:
-        return int(self.tokens.shape[0])
-
-    @property
-    def device(self) -> torch.device:
-        return self.tokens.device
-
-    def positions_of(self, *classes: TokenClass | int) -> Bool[Tensor, "batch pos"]:
-        """Boolean mask of the positions whose class is any of ``classes``."""
-        if not classes:
-            raise ValueError("positions_of needs at least one TokenClass, e.g. batch.positions_of(TokenClass.DEMO_SEP)")
-        mask = torch.zeros_like(self.token_class, dtype=torch.bool)
-        for c in classes:
-            mask |= self.token_class == int(TokenClass(c))
-        return mask
-
-    @property
-    def lengths(self) -> Int[Tensor, " batch"]:
-        """Number of real (non-pad) tokens per row."""
-        return self.attention_mask.sum(-1)
 
     # -- copies ---------------------------------------------------------------------------------
 
