@@ -275,6 +275,11 @@ def test_experiments_run_and_round_trip(model, taus, tmp_path):
     assert add.normalized.shape == (2, 2) and add.lams[0] in (0.5, 1.0)
     assert torch.allclose(add.normalized, add.merged / add.finetuned)
     assert len(add.to_frame()) == 6
+    # the table without pandas: one dict per row, the frame's rows; a task's row holds its values
+    rows, frame = add.rows(), add.to_frame()
+    assert len(rows) == len(frame) and list(frame.columns) == list(dict.fromkeys(k for r in rows for k in r))
+    first = next(r for r in rows if r["task"] == "antonym")
+    assert first["method"] == "task_arithmetic" and first["merged"] == float(add.merged[0, 1])
     # which task's answer the merged model gives: its own answer's share is its accuracy on the same queries
     assert add.answer_tasks[:2] == ("country_capital", "antonym") and "country_currency" in add.answer_tasks
     assert torch.allclose(add.answered_as[:, [0, 1], [0, 1]], add.merged)

@@ -24,6 +24,7 @@ from torch import Tensor
 __all__ = [
     "ResultMeta",
     "LayerHeadGrid",
+    "Tabular",
     "WithMeta",
     "atomic_write_text",
     "atomic_write_bytes",
@@ -134,6 +135,19 @@ class WithMeta:
     def config_hash(self) -> str:
         """The fingerprint of that model's config (results of other models are refused)."""
         return self.meta.config_hash
+
+
+class Tabular:
+    """A result that reads as a table: :meth:`rows` gives it as plain dicts, one per row, and
+    :meth:`to_frame` as a pandas ``DataFrame`` of those rows."""
+
+    def rows(self) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def to_frame(self) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame(self.rows())
 
 
 class LayerHeadGrid:

@@ -41,7 +41,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..results import ResultMeta, load_result, save_tensors
+from ..results import ResultMeta, Tabular, load_result, save_tensors
 from ..vectors.weights import WeightVector, _figure_page, applied, merge, weighted_sum
 
 __all__ = [
@@ -79,8 +79,9 @@ _WEIGHT_LAMS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 
 
 @dataclass(frozen=True, eq=False)
-class _Result:
-    """Generic storage for the results below: tensor fields in safetensors, the rest in JSON."""
+class _Result(Tabular):
+    """Generic storage for the results below: tensor fields in safetensors, the rest in JSON; each
+    result's table is its :meth:`rows` (:meth:`to_frame` as a DataFrame)."""
 
     def _title(self) -> str:
         return type(self).__name__
@@ -246,9 +247,7 @@ class AdditionResult(_Result):
                if k != j and not math.isnan(v)]
         return (max(row)[1], max(row)[0]) if row and max(row)[0] > 0 else ("", 0.0)
 
-    def to_frame(self) -> Any:
-        import pandas as pd
-
+    def rows(self) -> list[dict[str, Any]]:
         rows = []
         for i, m in enumerate(self.methods):
             for j, t in enumerate(self.tasks):
@@ -260,7 +259,7 @@ class AdditionResult(_Result):
                              finetuned=float(self.finetuned.mean()), merged=float(self.merged[i].mean()),
                              normalized=float(self.normalized[i].mean()),
                              answered_as=f"capped mean {float(self.normalized_capped[i].mean()):.3f}"))
-        return pd.DataFrame(rows)
+        return rows
 
     def plot(self, *, title: str | None = None) -> Any:
         from ..plot import bar_plot
@@ -427,9 +426,7 @@ class NegationResult(_Result):
                     drop=float(self.drop.mean()), control_before=float(self.control_before.mean()),
                     control_after=float(self.control_after.mean()), kept=float(self.kept.mean()))
 
-    def to_frame(self) -> Any:
-        import pandas as pd
-
+    def rows(self) -> list[dict[str, Any]]:
         rows = [dict(task=t, family=self.families[i], lam=self.lams[i], target_before=float(self.target_before[i]),
                      target_after=float(self.target_after[i]), drop=float(self.drop[i]),
                      control_before=float(self.control_before[i]), control_after=float(self.control_after[i]),
@@ -441,7 +438,7 @@ class NegationResult(_Result):
                     ("target_before", "target_after", "drop", "control_before", "control_after", "kept")},
                          shared_before=float(self.shared_before.nanmean()), shared_after=float(self.shared_after.nanmean()),
                          n_controls=float("nan")))
-        return pd.DataFrame(rows)
+        return rows
 
     def plot(self, *, title: str | None = None) -> Any:
         from ..plot import bar_plot
@@ -548,9 +545,7 @@ class AnalogyResult(_Result):
     def _title(self) -> str:
         return f"Task analogies for composed tasks ({self.meta.model})"
 
-    def to_frame(self) -> Any:
-        import pandas as pd
-
+    def rows(self) -> list[dict[str, Any]]:
         rows = []
         for i, t in enumerate(self.tasks):
             row: dict[str, Any] = dict(task=t, first_task=self.parts[i][0], second_task=self.parts[i][1],
@@ -560,7 +555,7 @@ class AnalogyResult(_Result):
                 row[f"lam_{c}"] = self.lams[i][j]
                 row[f"cos_{c}"] = float(self.cosine[i, j])
             rows.append(row)
-        return pd.DataFrame(rows)
+        return rows
 
     def plot(self, *, title: str | None = None) -> Any:
         from ..plot import bar_plot
@@ -689,9 +684,7 @@ class WeightsVsActivations(_Result):
     def _title(self) -> str:
         return f"Weight vs activation task vectors ({self.meta.model})"
 
-    def to_frame(self) -> Any:
-        import pandas as pd
-
+    def rows(self) -> list[dict[str, Any]]:
         rows = []
         for i, t in enumerate(self.tasks):
             row: dict[str, Any] = dict(task=t, family=self.families[i], lam=self.lams[i], tv_layer=self.tv_layers[i],
@@ -701,7 +694,7 @@ class WeightsVsActivations(_Result):
             rows.append(row)
         mean = dict(task="mean", family="", lam=float("nan"), tv_layer=float("nan"), fv_layer=float("nan"))
         mean.update({c: float(getattr(self, c).mean()) for c in (*self._COLUMNS, "tv_cosine", "tv_norm_ratio")})
-        return pd.DataFrame([*rows, mean])
+        return [*rows, mean]
 
     def plot(self, *, title: str | None = None) -> Any:
         from ..plot import bar_plot
@@ -798,16 +791,14 @@ class PeftComparison(_Result):
     def _title(self) -> str:
         return f"Task vectors as parameter-efficient fine-tuning ({self.meta.model})"
 
-    def to_frame(self) -> Any:
-        import pandas as pd
-
+    def rows(self) -> list[dict[str, Any]]:
         rows = []
         for i, m in enumerate(self.methods):
             row: dict[str, Any] = dict(method=m, n_trained=int(self.n_trained[i]), mean=float(self.accuracy[i].mean()),
                                        seconds_per_task=float(self.seconds[i]))
             row.update({t: float(self.accuracy[i, j]) for j, t in enumerate(self.tasks)})
             rows.append(row)
-        return pd.DataFrame(rows)
+        return rows
 
     def plot(self, *, title: str | None = None) -> Any:
         """Mean zero-shot accuracy against trained parameters (log axis; 0 drawn at 1)."""
