@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from .. import hooks as _hooks
@@ -32,7 +33,7 @@ class AttentionPatterns(WithMeta):
     """``patterns`` ``[head, query, key]`` (softmaxed attention of each chosen head on one prompt,
     padding removed), ``heads`` their ``(layer, head)``, ``tokens`` the prompt's tokens."""
 
-    patterns: Tensor
+    patterns: Float[Tensor, "head query_pos key_pos"]
     heads: tuple[tuple[int, int], ...]
     tokens: tuple[str, ...]
     meta: ResultMeta = field(default_factory=ResultMeta)

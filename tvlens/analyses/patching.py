@@ -128,15 +128,15 @@ class PatchResult:
     where they were confirmed (NaN elsewhere) and ``correlation`` their Pearson correlation.
     """
 
-    values: Tensor
+    values: Float[Tensor, "*dims"]
     dims: tuple[str, ...]
     metric: str
     target_value: float
     source_value: float | None
     normalized: bool
-    per_prompt: Tensor | None = None
+    per_prompt: Float[Tensor, "prompt *dims"] | None = None
     method: str = "exact"
-    exact: Tensor | None = None
+    exact: Float[Tensor, "*dims"] | None = None
     correlation: float | None = None
     pos_labels: tuple[str, ...] | None = None
     meta: ResultMeta = field(default_factory=ResultMeta)

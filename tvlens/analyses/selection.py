@@ -1242,9 +1242,9 @@ class Comparison:
     tasks: tuple[str, ...]
     families: tuple[str, ...]
     methods: tuple[str, ...]
-    accuracy: Tensor
-    random_std: Tensor
-    n_selected: Tensor
+    accuracy: Float[Tensor, "task method"]
+    random_std: Float[Tensor, " task"]
+    n_selected: Float[Tensor, "task method"]
     selections: Mapping[str, Mapping[str, Selection]]
     k: Mapping[str, int]
     per: str

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..checks import check_int as _check_int
@@ -148,13 +148,13 @@ class HeadStats(WithMeta, LayerHeadGrid):
     """
 
     tasks: tuple[str, ...]
-    z_mean: Tensor
-    z_var: Tensor
-    count: Tensor
+    z_mean: Float[Tensor, "task layer head *pos d_head"]
+    z_var: Float[Tensor, "task layer head *pos d_head"]
+    count: Int[Tensor, "task *pos"]
     positions: str = SEPARATOR
     layers: tuple[int, ...] = ()
-    out_mean: Tensor | None = None
-    out_var: Tensor | None = None
+    out_mean: Float[Tensor, "task layer head *pos d_model"] | None = None
+    out_var: Float[Tensor, "task layer head *pos d_model"] | None = None
     meta: ResultMeta = field(default_factory=ResultMeta)
 
     # ---- shape helpers ----
@@ -764,14 +764,14 @@ class Taskness(WithMeta, LayerHeadGrid):
       (score saturated, see :func:`rho_token`).
     """
 
-    scores: Tensor
+    scores: Float[Tensor, "layer head"]
     tasks: tuple[str, ...]
     layers: tuple[int, ...]
     positions: str
-    total_var: Tensor
-    within_var: Tensor
-    degenerate: Tensor
-    per_position: Tensor | None = None
+    total_var: Float[Tensor, "layer head *pos"]
+    within_var: Float[Tensor, "layer head *pos"]
+    degenerate: Bool[Tensor, "layer head"]
+    per_position: Float[Tensor, "layer head pos"] | None = None
     pos_index: tuple[int, ...] = ()
     meta: ResultMeta = field(default_factory=ResultMeta)
 
@@ -957,10 +957,10 @@ class TasknessValidation(WithMeta):
 
     ks: tuple[int, ...]
     tasks: tuple[str, ...]
-    top_acc: Tensor
-    random_acc: Tensor
-    zero_shot: Tensor
-    icl: Tensor
+    top_acc: Float[Tensor, "task k"]
+    random_acc: Float[Tensor, "task k draw"]
+    zero_shot: Float[Tensor, " task"]
+    icl: Float[Tensor, " task"]
     meta: ResultMeta = field(default_factory=ResultMeta)
 
     def summary(self) -> str:

@@ -60,7 +60,7 @@ from types import SimpleNamespace
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from .. import hooks as _hooks
@@ -335,9 +335,9 @@ class FunctionVector(TaskVector):
     layer (``apply_vector(..., layer=l)``): it is a sum of head outputs, not a state.
     """
 
-    cie: Tensor | None = None
+    cie: Float[Tensor, "layer head"] | None = None
     top_heads: tuple[tuple[int, int], ...] = ()
-    mean_head_outputs: Tensor | None = None
+    mean_head_outputs: Float[Tensor, "k d_model"] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -954,7 +954,7 @@ class SweepResult:
     accuracy: Float[Tensor, "task split layer"]
     zero_shot: Float[Tensor, "task split"]
     icl: Float[Tensor, " task"]
-    n_eval: Tensor
+    n_eval: Int[Tensor, "task split"]
     vectors: Float[Tensor, "task layer d_model"]
     logprob: Float[Tensor, "task split layer"] | None = None
     zero_shot_logprob: Float[Tensor, "task split"] | None = None
