@@ -95,6 +95,34 @@ def test_one_step_per_capital_normalizes_as_one_step_per_word():
         assert shipped.normalize_str(text) == by_word.normalize_str(text), text
 
 
+def test_one_split_pieces_text_as_isolating_then_splitting():
+    """The shipped pre-tokenizer (one Split that keeps newlines, arrows and words) pieces every text as
+    the two-pass construction does (isolate ``\\n`` and ``→``, then remove runs of ``[^\\S\\n]``):
+    every character below U+3100 and the other white space, alone and among words, arrows and
+    newlines; and every shipped tokenizer.json carries the one-pass rule."""
+    import random
+
+    from tokenizers import Regex, pre_tokenizers
+
+    from tvlens.models import organism_path
+    from tvlens.organisms.text.tokenizer import pre_tokenizer
+
+    two_pass = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex("\n|→"), behavior="isolated"),
+                                        pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed")])
+    one_pass = pre_tokenizer()
+    chars = [chr(c) for c in (*range(0x3100), 0x3000, 0x205F, 0x202F, 0x180E, 0x200B, 0xFEFF, 0x1F600)]
+    texts = [f"a{c}b {c}{c}\n{c}→{c}" for c in chars]
+    rng = random.Random(0)
+    pool = ["word", "Fe", "→", "\n", " ", "\t", "\u00a0", "\u2003", "\r\n", "é"]
+    texts += ["".join(rng.choices(pool, k=rng.randint(0, 12))) for _ in range(3000)]
+    for text in texts:
+        assert one_pass.pre_tokenize_str(text) == two_pass.pre_tokenize_str(text), repr(text)
+    rule = json.loads(default_organism_tokenizer()._tokenizer.to_str())["pre_tokenizer"]
+    for name in ("organism", "organism-natural", "organism-vlm"):
+        on_disk = json.loads((organism_path(name) / "tokenizer.json").read_text(encoding="utf-8"))["pre_tokenizer"]
+        assert on_disk == rule, name
+
+
 # ---------------------------------------------------------------------------------------------
 # training script (micro config: seconds)
 
