@@ -117,6 +117,26 @@ def test_batch_tokenization_and_class_assignment_equal_the_row_by_row_path(name,
             assert fast == slow, (task, kw)
 
 
+
+@pytest.mark.parametrize("name", NAMES)
+def test_context_prompts_are_the_icl_prompts_without_their_answers(name, tokenizers):
+    """What task vectors read (context_prompts) is exactly what icl_prompts builds for the same
+    arguments: tokens, mask, classes, texts, demos, the query shown and the options."""
+    from tvlens.inputs.text import context_prompts
+
+    tok = tokenizers[name]
+    for task in TASKS:
+        for dummy in (True, False):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", TokenCollisionWarning)
+                full = icl_prompts(tok, task, n_prompts=5, n_shots=2, seed=4, dummy_query=dummy)
+            ctx = context_prompts(tok, task, n_prompts=5, n_shots=2, seed=4, dummy_query=dummy)
+            for f in ("tokens", "attention_mask", "token_class"):
+                assert torch.equal(getattr(ctx, f), getattr(full, f)), (task, dummy, f)
+            assert (ctx.texts, ctx.demos, ctx.queries, dict(ctx.options)) == (
+                full.texts, full.demos, full.queries, dict(full.options)), (task, dummy)
+            assert len(ctx) == len(full) == 5 and not hasattr(ctx, "answer_ids")
+
 def _layout_of(batch, r: int):
     """Row ``r``'s text as parts of their classes (a space before a separator or an output is a gap)."""
     from tvlens.inputs import text as T
@@ -285,18 +305,21 @@ TWO = ["antonym", "country_capital"]
 
 @pytest.fixture()
 def built(monkeypatch):
-    """Every PromptBatch tvlens.icl_prompts builds during the test (functions import it when called)."""
+    """Every batch tvlens.icl_prompts and tvlens.inputs.text.context_prompts build during the test
+    (functions import them when called)."""
     import tvlens.inputs.text as T
 
     seen: list = []
-    real = T.icl_prompts
 
-    def spy(*a, **k):
-        batch = real(*a, **k)
-        seen.append(batch)
-        return batch
+    def spy(real):
+        def build(*a, **k):
+            batch = real(*a, **k)
+            seen.append(batch)
+            return batch
+        return build
 
-    monkeypatch.setattr(T, "icl_prompts", spy)
+    for name in ("icl_prompts", "context_prompts"):
+        monkeypatch.setattr(T, name, spy(getattr(T, name)))
     return seen
 
 

@@ -75,6 +75,8 @@ __all__ = [
     "TokenClass",
     "PromptRows",
     "PromptBatch",
+    "ContextPrompts",
+    "context_prompts",
     "TokenCollisionWarning",
     "PROMPT_OPTIONS",
     "prompt_options",
@@ -305,6 +307,27 @@ class PromptBatch(PromptRows):
             f"pos={self.tokens.shape[1]}{', ' + opts if opts else ''})"
         )
 
+
+@dataclass(frozen=True, eq=False)
+class ContextPrompts:
+    """ICL prompts that are read and never scored (:func:`context_prompts`): Hendel et al. 2023's
+    context prompts (§3.1), whose final-position residual is the task vector. ``tokens``,
+    ``attention_mask``, ``token_class``, ``texts``, ``demos`` and ``queries`` (the query in each prompt)
+    are what :class:`PromptBatch` would hold for the same arguments; there are no answer tokens."""
+
+    tokens: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"]
+    token_class: Int[Tensor, "batch pos"]
+    texts: tuple[str, ...]
+    queries: tuple[str, ...]
+    task: str
+    n_shots: int
+    seed: int
+    options: Mapping[str, Any] = field(default_factory=dict)
+    demos: tuple[tuple[Pair, ...], ...] = ()
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
 
 # ----------------------------------------------------------------------------------------------
 # building prompts
@@ -701,7 +724,7 @@ def _assign_all(layouts: Sequence[_Layout],
 def _build(
     tokenizer: Any,
     layouts: Sequence[_Layout],
-    answers: Sequence[Sequence[str]],
+    answers: Sequence[Sequence[str]] | None,
     *,
     names: str,
     separator: str,
@@ -712,8 +735,9 @@ def _build(
 ) -> dict[str, Any]:
     """Tokenize whole prompt texts; classes from offsets; answers as they follow each prompt.
 
-    ``answers[i]``: accepted answers of row ``i`` (the first one is scored by the metrics).
-    Returns the tensors and the per-row answer tokens, or raises before any forward.
+    ``answers[i]``: accepted answers of row ``i`` (the first one is scored by the metrics); None for
+    prompts that are only read (no answer tokens). Returns the tensors and the per-row answer tokens,
+    or raises before any forward.
     """
     texts = [lay.text for lay in layouts]
     ids_all, offs_all = _encode_texts(tokenizer, texts)
@@ -744,7 +768,7 @@ def _build(
                                          f"{tokenizer.unk_token!r}); {hint}")
                     if lay.text[s:e] not in missing:
                         missing.append(lay.text[s:e])
-        ans_words = sorted({a for acc in answers for a in acc})
+        ans_words = sorted({a for acc in answers or () for a in acc})
         ans_ids = _encode_all(tokenizer, [" " + a for a in ans_words])
         missing += [a for a in ans_words if unk in ans_ids[" " + a] and a not in missing]
         if missing:
@@ -771,7 +795,7 @@ def _build(
             out[r].append(tuple(ids[len(p):]))
         return [tuple(o) for o in out]
 
-    answer_tokens = continuations(texts, ids_all, answers, range(len(layouts)))
+    answer_tokens = None if answers is None else continuations(texts, ids_all, answers, range(len(layouts)))
     real_tokens = None
     if real is not None:
         rtexts = [f"{q} {separator}" for q, _ in real]
@@ -1002,7 +1026,66 @@ def icl_prompts(
     Raises:
         KeyError / ValueError / TypeError before any forward, with the fix in the message.
     """
-    # argument checks (cheap, before touching the tokenizer), then every step is a function below
+    d = _drawn(model, task, n_prompts=n_prompts, n_shots=n_shots, seed=seed, separator=separator, example_sep=example_sep,
+               queries=queries, dummy_query=dummy_query, shuffle_labels=shuffle_labels, instruction=instruction,
+               split=split, prepend_bos=prepend_bos)
+    built = _build(
+        d.tokenizer, d.layouts, [r["query"][1] for r in d.rows], names=f"task {d.task.name!r}", separator=separator,
+        example_sep=example_sep, use_bos=d.use_bos, n_ctx=_n_ctx_of(model, d.tokenizer),
+        real=[r["real"] for r in d.rows] if dummy_query else None,
+    )
+    _warn_collisions(d.tokenizer, d.task, separator)
+    return _prompt_batch(built, d.layouts, [r["query"] for r in d.rows], task=str(d.task.name), n_shots=d.n_shots,
+                         seed=d.seed, options={**d.options, "pad_token_id": built["pad"]},
+                         demos=[r["demos"] for r in d.rows], real=[r["real"] for r in d.rows] if dummy_query else None)
+
+
+def context_prompts(
+    model: Any,
+    task: Any,
+    *,
+    n_prompts: int,
+    n_shots: int,
+    seed: int = 0,
+    dummy_query: bool = True,
+    split: str = "test",
+    separator: str = "→",
+    example_sep: str = "\n",
+    prepend_bos: bool | None = None,
+) -> ContextPrompts:
+    """The prompts :func:`icl_prompts` builds with these arguments, for reading only: Hendel et al.
+    2023's context prompts (§3.1, a dummy query by default), whose final-position residual is the
+    task vector. Tokens, mask and token classes are those of ``icl_prompts``; the answers are not
+    tokenized (nothing here is scored), which is most of the tokenizer's work for these prompts."""
+    d = _drawn(model, task, n_prompts=n_prompts, n_shots=n_shots, seed=seed, separator=separator, example_sep=example_sep,
+               queries=None, dummy_query=dummy_query, shuffle_labels=False, instruction=False, split=split,
+               prepend_bos=prepend_bos)
+    built = _build(d.tokenizer, d.layouts, None, names=f"task {d.task.name!r}", separator=separator,
+                   example_sep=example_sep, use_bos=d.use_bos, n_ctx=_n_ctx_of(model, d.tokenizer))
+    return ContextPrompts(tokens=built["tokens"], attention_mask=built["mask"], token_class=built["classes"],
+                          texts=tuple(lay.text for lay in d.layouts), queries=tuple(r["query"][0] for r in d.rows),
+                          task=str(d.task.name), n_shots=d.n_shots, seed=d.seed,
+                          options={**d.options, "pad_token_id": built["pad"]},
+                          demos=tuple(tuple(r["demos"]) for r in d.rows))
+
+
+@dataclass(frozen=True)
+class _Drawn:
+    """A prompt build's checked arguments, drawn rows (demos, query shown, real query) and their layouts."""
+
+    task: Any
+    tokenizer: Any
+    n_shots: int
+    seed: int
+    rows: list[dict[str, Any]]
+    layouts: list[_Layout]
+    use_bos: bool
+    options: dict[str, Any]
+
+
+def _drawn(model: Any, task: Any, *, n_prompts: Any, n_shots: Any, seed: Any, separator: Any, example_sep: Any,
+           queries: Any, dummy_query: Any, shuffle_labels: Any, instruction: Any, split: Any, prepend_bos: Any) -> _Drawn:
+    """Every step of a prompt build before tokenization (argument checks first, cheap, before the tokenizer)."""
     n_prompts, n_shots, seed = _check_icl_args(n_prompts=n_prompts, n_shots=n_shots, seed=seed, separator=separator,
                                                example_sep=example_sep, dummy_query=dummy_query,
                                                shuffle_labels=shuffle_labels, instruction=instruction, split=split,
@@ -1016,18 +1099,9 @@ def icl_prompts(
                        shuffle_labels=shuffle_labels, separator=separator, example_sep=example_sep)
     layouts = [_icl_layout(r["demos"], r["query"][0], instr_text, separator, example_sep) for r in rows]
     use_bos = _use_bos(model, tokenizer, prepend_bos)
-    built = _build(
-        tokenizer, layouts, [r["query"][1] for r in rows], names=f"task {task.name!r}", separator=separator,
-        example_sep=example_sep, use_bos=use_bos, n_ctx=_n_ctx_of(model, tokenizer),
-        real=[r["real"] for r in rows] if dummy_query else None,
-    )
-    _warn_collisions(tokenizer, task, separator)
     options = dict(separator=separator, example_sep=example_sep, split=split, dummy_query=bool(dummy_query),
-                   shuffle_labels=bool(shuffle_labels), instruction=instruction, prepend_bos=use_bos,
-                   pad_token_id=built["pad"])
-    return _prompt_batch(built, layouts, [r["query"] for r in rows], task=str(task.name), n_shots=n_shots, seed=seed,
-                         options=options, demos=[r["demos"] for r in rows],
-                         real=[r["real"] for r in rows] if dummy_query else None)
+                   shuffle_labels=bool(shuffle_labels), instruction=instruction, prepend_bos=use_bos)
+    return _Drawn(task, tokenizer, n_shots, seed, rows, layouts, use_bos, options)
 
 
 def _check_icl_args(*, n_prompts: Any, n_shots: Any, seed: Any, separator: Any, example_sep: Any, dummy_query: Any,

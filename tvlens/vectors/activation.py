@@ -496,12 +496,13 @@ def _extraction_prompts(model: Any, task: Any, *, n_prompts: int, n_shots: int, 
     """Hendel et al. 2023: few-shot prompts whose final query is a dummy from the train split.
 
     The demos of prompt ``i`` are those the ICL baseline's prompt ``i`` (same seed, test split)
-    shows; only the query differs (a dummy instead of the test query).
+    shows; only the query differs (a dummy instead of the test query). Only read, never scored: no
+    answer tokens are built.
     """
-    from ..inputs.text import icl_prompts
+    from ..inputs.text import context_prompts
 
-    return icl_prompts(model, task, n_prompts=n_prompts, n_shots=n_shots, seed=seed, dummy_query=dummy_query, split="test",
-                       **prompt_kw)
+    return context_prompts(model, task, n_prompts=n_prompts, n_shots=n_shots, seed=seed, dummy_query=dummy_query,
+                           split="test", **prompt_kw)
 
 
 def _means_by_owner(caps: dict[int, Tensor], layers: Sequence[int], owner: Tensor, n: int) -> Tensor:
