@@ -57,6 +57,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import difflib
+import functools
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -476,6 +477,13 @@ def _contains(text: str, mark: str) -> bool:
     return mark in text
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _marks(text: str, separator: str, example_sep: str) -> tuple[bool, bool]:
+    """Whether one input/output contains the separator, the example separator (cached: every prompt
+    build of a task checks the same train pairs)."""
+    return _contains(text, separator), _contains(text, example_sep)
+
+
 def _check_pair_text(task_name: str, pairs: Sequence[Pair], separator: str, example_sep: str) -> None:
     """Refuse pairs that would make the prompt ambiguous, with the fix (checked on every pair used)."""
     hits_sep: list[str] = []
@@ -484,9 +492,10 @@ def _check_pair_text(task_name: str, pairs: Sequence[Pair], separator: str, exam
         for s in (x, y):
             if not s.strip():
                 raise ValueError(f"task {task_name!r} has an empty input or output in pair {(x, y)!r}; remove it from the data")
-            if _contains(s, separator):
+            has_sep, has_ex = _marks(s, separator, example_sep)
+            if has_sep:
                 hits_sep.append(s)
-            elif _contains(s, example_sep):
+            elif has_ex:
                 hits_ex.append(s)
     if hits_sep:
         raise ValueError(
@@ -1157,6 +1166,15 @@ def _draw_queries(task: Any, accepted: Mapping[str, tuple[str, ...]], *, queries
     return [(qsplit[k][0], accepted[qsplit[k][0]]) for k in order[:n_prompts]]
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _demo_order(seed: int, i: int, n: int) -> np.ndarray:
+    """The seeded order of a pool of ``n`` demonstrations for prompt ``i`` (read-only; cached, since the
+    context and ICL prompts of a sweep draw the same demos)."""
+    perm = np.random.default_rng([seed, 1, i]).permutation(n)
+    perm.setflags(write=False)
+    return perm
+
+
 def _draw_demos(task: Any, accepted: Mapping[str, tuple[str, ...]], qrows: Sequence[tuple[str, tuple[str, ...]]], *,
                 n_shots: int, seed: int, dummy_query: bool, shuffle_labels: bool, separator: str,
                 example_sep: str) -> list[dict[str, Any]]:
@@ -1187,7 +1205,7 @@ def _draw_demos(task: Any, accepted: Mapping[str, tuple[str, ...]], qrows: Seque
         if need:
             k = where.get(q)
             pool = train if k is None else train[:k] + train[k + 1:]
-            perm = np.random.default_rng([seed, 1, i]).permutation(len(pool))
+            perm = _demo_order(seed, i, len(pool))
             demos = [pool[k] for k in perm[:n_shots]]
             if dummy_query:
                 d = pool[perm[-1]][0]
