@@ -1197,3 +1197,20 @@ def test_layer_sweep_checkpoint(env, tmp_path, monkeypatch):
     _assert_same(resumed, full, exact=False, what="layer_sweep resumed vs uninterrupted")
     with pytest.raises(ValueError, match="different configuration"):
         vectors.layer_sweep(m, TASKS, checkpoint=path, **{**kw, "seed": 1})
+
+
+def test_check_float_takes_finite_numbers_and_bounds_them():
+    """The one float check every public function uses: a bool, NaN or a string is a TypeError naming the
+    argument; a bound is >= by default and > with strict."""
+    import numpy as np
+
+    from tvlens.checks import check_float
+
+    assert check_float("lr", 1) == 1.0 and check_float("lr", np.float32(0.5), 0.5) == 0.5
+    for bad in (True, float("nan"), float("inf"), "0.1", None):
+        with pytest.raises(TypeError, match="lr must be a finite number"):
+            check_float("lr", bad)
+    with pytest.raises(ValueError, match=r"lr=0.0 must be > 0.0"):
+        check_float("lr", 0, 0.0, strict=True)
+    with pytest.raises(ValueError, match=r"l1=-0.1 must be >= 0.0"):
+        check_float("l1", -0.1, 0.0)

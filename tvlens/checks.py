@@ -3,11 +3,12 @@ argument, what it got and what it takes."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 
-__all__ = ["check_int"]
+__all__ = ["check_int", "check_float"]
 
 
 def check_int(name: str, value: Any, minimum: int | None = None, why: str = "") -> int:
@@ -18,3 +19,15 @@ def check_int(name: str, value: Any, minimum: int | None = None, why: str = "") 
     if minimum is not None and value < minimum:
         raise ValueError(f"{name}={value} is too small: {name} must be >= {minimum}" + (f" ({why})" if why else ""))
     return int(value)
+
+
+def check_float(name: str, value: Any, minimum: float | None = None, *, strict: bool = False) -> float:
+    """``value`` as a finite float (an int or a numpy number too, never a bool) that is at least
+    ``minimum`` (``strict``: greater than it)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or \
+            not math.isfinite(float(value)):
+        raise TypeError(f"{name} must be a finite number, got {value!r}")
+    value = float(value)
+    if minimum is not None and (value <= minimum if strict else value < minimum):
+        raise ValueError(f"{name}={value} must be {'>' if strict else '>='} {minimum}")
+    return value

@@ -39,7 +39,7 @@ index −1 of the left-padded :class:`~tvlens.inputs.text.PromptBatch`) is chang
 
 from __future__ import annotations
 
-from ..checks import check_int as _check_int
+from ..checks import check_float, check_int as _check_int
 from ..tasks import task_name as _task_name
 from ..engine.plan import RowsBatch, gather_inputs, merge_batches, pad_id_of, pad_left, row_inputs, rows_of
 from ..inputs.text import prompt_options, prompt_record
@@ -82,17 +82,6 @@ BASELINES = ("mean", "loo", "ema", "none")
 # ==============================================================================================
 # helpers
 # ==============================================================================================
-
-
-def _check_float(name: str, value: Any, *, lo: float | None = None, strict: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-        raise TypeError(f"{name} must be a finite number, got {value!r}")
-    value = float(value)
-    if lo is not None and (value <= lo if strict else value < lo):
-        raise ValueError(f"{name}={value} must be {'>' if strict else '>='} {lo}")
-    return value
-
-
 
 
 def _resolve_tasks(tasks: Any) -> list[Any]:
@@ -907,10 +896,10 @@ def reinforce_select(
     steps = _check_int("steps", steps, 1)
     samples_per_step = _check_int("samples_per_step", samples_per_step, 2 if baseline == "loo" else 1,
                                   "the leave-one-out baseline needs at least two samples per step")
-    lr = _check_float("lr", lr, lo=0.0, strict=True)
-    init_logit = _check_float("init_logit", init_logit)
-    sparsity = _check_float("sparsity", sparsity, lo=0.0)
-    threshold = _check_float("threshold", threshold)
+    lr = check_float("lr", lr, 0.0, strict=True)
+    init_logit = check_float("init_logit", init_logit)
+    sparsity = check_float("sparsity", sparsity, 0.0)
+    threshold = check_float("threshold", threshold)
     seed = _check_int("seed", seed, 0)
     checkpoint_every = _check_int("checkpoint_every", checkpoint_every, 1)
     if baseline not in BASELINES:
@@ -1051,10 +1040,10 @@ def soft_select(
 
     info = ModelInfo.of(model)
     steps = _check_int("steps", steps, 1)
-    lr = _check_float("lr", lr, lo=0.0, strict=True)
-    l1 = _check_float("l1", l1, lo=0.0)
-    init_logit = _check_float("init_logit", init_logit)
-    threshold = _check_float("threshold", threshold)
+    lr = check_float("lr", lr, 0.0, strict=True)
+    l1 = check_float("l1", l1, 0.0)
+    init_logit = check_float("init_logit", init_logit)
+    threshold = check_float("threshold", threshold)
     seed = _check_int("seed", seed, 0)
     _check_int("n_prompts", n_prompts, 1)
     checkpoint_every = _check_int("checkpoint_every", checkpoint_every, 1)

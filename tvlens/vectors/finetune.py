@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from ..checks import check_int as _check_int
+from ..checks import check_float, check_int as _check_int
 from ..results import ResultMeta
 from .weights import WeightVector, _figure_page, apply, weights_digest
 
@@ -161,14 +160,6 @@ def lora_layers(pm: Any) -> dict[str, Any]:
 # checks and data
 
 
-def _check_float(name: str, value: Any, *, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if positive and float(value) <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    return float(value)
-
-
 def _check_tasks(task_list: Sequence[Any], shots: Sequence[int], min_train_pairs: int) -> None:
     for t in task_list:
         n = len({x for x, _ in t.split("train")})
@@ -265,9 +256,9 @@ def finetune(
     n_eval_prompts = _check_int("n_eval_prompts", n_eval_prompts, 1)
     min_train_pairs = _check_int("min_train_pairs", min_train_pairs, 1)
     eval_every = steps if eval_every is None else _check_int("eval_every", eval_every, 1)
-    lr = _check_float("lr", (3e-4 if method == "full" else 3e-3) if lr is None else lr, positive=True)
-    weight_decay = _check_float("weight_decay", weight_decay)
-    alpha = _check_float("lora_alpha", 2.0 * rank if lora_alpha is None else lora_alpha, positive=True)
+    lr = check_float("lr", (3e-4 if method == "full" else 3e-3) if lr is None else lr, 0.0, strict=True)
+    weight_decay = check_float("weight_decay", weight_decay)
+    alpha = check_float("lora_alpha", 2.0 * rank if lora_alpha is None else lora_alpha, 0.0, strict=True)
     shots = [n_shots] if isinstance(n_shots, int) else list(n_shots)
     if not shots:
         raise ValueError("n_shots is empty; pass 0 (zero-shot prompts), 5, or a list such as (0, 5)")
