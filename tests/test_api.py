@@ -29,3 +29,28 @@ def test_type_checkers_see_every_export():
     block = next(n for n in tree.body if isinstance(n, ast.If) and getattr(n.test, "id", "") == "TYPE_CHECKING")
     seen = {(a.asname or a.name, node.module) for node in block.body if isinstance(node, ast.ImportFrom) for a in node.names}
     assert seen == {(name, module) for name, module in tvlens._EXPORTS.items()}
+
+
+def test_every_table_comes_from_records():
+    """A result that reads as a table gives it one way: ``records()`` (plain dicts, one per row), of which
+    ``to_frame()`` is the DataFrame (``tvlens.results.Tabular``); a ``to_frame`` of its own is only for a
+    table with options (``Comparison.to_frame(by=...)``)."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    from tvlens.results import Tabular
+
+    classes = set()
+    for info in pkgutil.walk_packages(tvlens.__path__, "tvlens."):
+        if ".organisms." in info.name or info.name.endswith("__main__"):
+            continue  # training scripts and entry points hold no results
+        mod = importlib.import_module(info.name)
+        classes |= {c for c in vars(mod).values() if inspect.isclass(c) and c.__module__ == info.name}
+    framed = [c for c in classes if callable(getattr(c, "to_frame", None))]
+    # (the bases: Tabular itself and the private ones results share)
+    plain = [c for c in framed if list(inspect.signature(c.to_frame).parameters) == ["self"]
+             and c is not Tabular and not c.__name__.startswith("_")]
+    odd = sorted(c.__name__ for c in plain
+                 if not issubclass(c, Tabular) or getattr(c, "records", Tabular.records) is Tabular.records)
+    assert len(plain) >= 20 and not odd, odd

@@ -276,7 +276,7 @@ def test_experiments_run_and_round_trip(model, taus, tmp_path):
     assert torch.allclose(add.normalized, add.merged / add.finetuned)
     assert len(add.to_frame()) == 6
     # the table without pandas: one dict per row, the frame's rows; a task's row holds its values
-    rows, frame = add.rows(), add.to_frame()
+    rows, frame = add.records(), add.to_frame()
     assert len(rows) == len(frame) and list(frame.columns) == list(dict.fromkeys(k for r in rows for k in r))
     first = next(r for r in rows if r["task"] == "antonym")
     assert first["method"] == "task_arithmetic" and first["merged"] == float(add.merged[0, 1])

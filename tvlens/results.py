@@ -138,16 +138,16 @@ class WithMeta:
 
 
 class Tabular:
-    """A result that reads as a table: :meth:`rows` gives it as plain dicts, one per row, and
-    :meth:`to_frame` as a pandas ``DataFrame`` of those rows."""
+    """A result that reads as a table: :meth:`records` gives it as plain dicts, one per row (pandas'
+    ``orient="records"``), and :meth:`to_frame` as a pandas ``DataFrame`` of those rows."""
 
-    def rows(self) -> list[dict[str, Any]]:
+    def records(self) -> list[dict[str, Any]]:
         raise NotImplementedError
 
     def to_frame(self) -> Any:
         import pandas as pd
 
-        return pd.DataFrame(self.rows())
+        return pd.DataFrame(self.records())
 
 
 class LayerHeadGrid:

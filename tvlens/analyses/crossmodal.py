@@ -48,7 +48,7 @@ from ..engine.readout import read
 from ..hooks import device_of, resid_name
 from ..inputs import multimodal as mm
 from ..inputs.text import icl_prompts
-from ..results import ResultMeta, load_result, save_tensors
+from ..results import ResultMeta, Tabular, load_result, save_tensors
 
 __all__ = [
     "CONDITIONS",
@@ -285,7 +285,7 @@ def _layers(model: Any, layers: Sequence[int] | None) -> list[int]:
 # result plumbing
 
 
-class _Saved:
+class _Saved(Tabular):
     """save / load / to_html shared by the results of this module (safetensors + JSON, refused for another model)."""
 
     KIND: ClassVar[str] = ""
@@ -366,10 +366,8 @@ class CrossModalTable(_Saved):
         i = [tuple(p) for p in PAIRS].index((patched, base))
         return dict(zip(("mean", "se", "z", "p"), (float(x) for x in self.paired[i])))
 
-    def to_frame(self) -> Any:
+    def records(self) -> list[dict[str, Any]]:
         """Long frame: one row per (condition, task) and per condition's mean ('mean'), with SE and layer."""
-        import pandas as pd
-
         rows = []
         for c, cond in enumerate(self.conditions):
             layer = self.layers.get(cond)
@@ -378,7 +376,7 @@ class CrossModalTable(_Saved):
                 rows.append(dict(condition=cond, task=task, accuracy=acc, se=se, n_items=int(self.n_items[t]), layer=layer))
             rows.append(dict(condition=cond, task="mean", accuracy=float(self.mean[c]), se=float(self.se[c]),
                              n_items=int(self.n_items.sum()), layer=layer))
-        return pd.DataFrame(rows)
+        return rows
 
     def markdown(self) -> str:
         """The table as markdown: means with SE and layers, the paired tests, control, per task."""
@@ -742,11 +740,9 @@ class TaskSimilarity(_Saved):
     settings: Mapping[str, Any]
     meta: ResultMeta = field(default_factory=ResultMeta)
 
-    def to_frame(self) -> Any:
+    def records(self) -> list[dict[str, Any]]:
         """One row per (model, cosine kind): same-task, other-task, nearest-is-same."""
-        import pandas as pd
-
-        return pd.DataFrame([dict(model=w, cosine=k, **v) for w, ks in self.summary.items() for k, v in ks.items()])
+        return [dict(model=w, cosine=k, **v) for w, ks in self.summary.items() for k, v in ks.items()]
 
     def markdown(self) -> str:
         lines = [f"| text vs image task vectors (L{self.layer}) | same task | other tasks | nearest is the same task |",
@@ -945,12 +941,10 @@ class LlmVlmTransfer(_Saved):
     settings: Mapping[str, Any]
     meta: ResultMeta = field(default_factory=ResultMeta)
 
-    def to_frame(self) -> Any:
-        import pandas as pd
-
+    def records(self) -> list[dict[str, Any]]:
         li = self.layers.index(self.layer)
-        return pd.DataFrame([dict(task=t, cosine=float(self.cosine[li, i]), vlm_vlm_xpatch=float(self.xpatch[0, i]),
-                                  llm_vlm_xpatch=float(self.xpatch[1, i])) for i, t in enumerate(self.tasks)])
+        return [dict(task=t, cosine=float(self.cosine[li, i]), vlm_vlm_xpatch=float(self.xpatch[0, i]),
+                     llm_vlm_xpatch=float(self.xpatch[1, i])) for i, t in enumerate(self.tasks)]
 
     def markdown(self) -> str:
         li = self.layers.index(self.layer)
@@ -1080,9 +1074,7 @@ class CrossModalLens(_Saved):
     settings: Mapping[str, Any]
     meta: ResultMeta = field(default_factory=ResultMeta)
 
-    def to_frame(self) -> Any:
-        import pandas as pd
-
+    def records(self) -> list[dict[str, Any]]:
         from .lens import CATEGORIES
 
         rows = []
@@ -1092,7 +1084,7 @@ class CrossModalLens(_Saved):
                     for li, layer in enumerate(self.layers):
                         rows.append(dict(modality=mod, task=task, category=cat, layer=layer,
                                          prob=float(self.prob[m, t, c, li]), geo_rank=float(self.geo_rank[m, t, c, li])))
-        return pd.DataFrame(rows)
+        return rows
 
     def markdown(self) -> str:
         lines = ["| | input | task | answer | ordered |", "|---|---|---|---|---|"]
@@ -1305,10 +1297,8 @@ class CrossModalExamples(_Saved):
     layer: int
     meta: ResultMeta = field(default_factory=ResultMeta)
 
-    def to_frame(self) -> Any:
-        import pandas as pd
-
-        return pd.DataFrame([dict(task=t, query=q, truth=y, **a) for t, q, y, a in zip(self.tasks, self.queries, self.truths, self.answers)])
+    def records(self) -> list[dict[str, Any]]:
+        return [dict(task=t, query=q, truth=y, **a) for t, q, y, a in zip(self.tasks, self.queries, self.truths, self.answers)]
 
     def markdown(self) -> str:
         conds = list(self.answers[0]) if self.answers else []

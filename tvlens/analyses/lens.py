@@ -43,6 +43,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ..results import Tabular
+
 __all__ = [
     "LensResult",
     "LensSummary",
@@ -347,7 +349,7 @@ def _runs(leader: Sequence[str], layers: Sequence[int], category: str) -> tuple[
 
 
 @dataclass(frozen=True, eq=False, repr=False)
-class LensResult:
+class LensResult(Tabular):
     """The logit lens at one position of a batch of ICL prompts (Luo et al. 2024, §4).
 
     Rows are residual indices ``layers`` (``l`` = ``blocks.l.hook_resid_pre``, so ``0`` is the
@@ -503,12 +505,8 @@ class LensResult:
             lines.append("| " + " | ".join([*(s.replace("|", "\\|") for s in row), *extra]) + " |")
         return "\n".join(lines)
 
-    def to_frame(self):
-        """One row per layer: label, top-k tokens and probabilities, answer/input/task mean prob and rank. Needs pandas."""
-        try:
-            import pandas as pd
-        except ImportError as err:  # pragma: no cover - pandas is an optional extra
-            raise ImportError("to_frame() needs pandas; pip install pandas, or use .table() for plain rows") from err
+    def records(self) -> list[dict[str, Any]]:
+        """One row per layer: label, top-k tokens and probabilities, answer/input/task mean prob and rank."""
         k = self.top_ids.shape[1]
         data: dict[str, Any] = {"layer": list(self.layers), "label": self.layer_labels}
         for i in range(k):
@@ -518,7 +516,7 @@ class LensResult:
             data[f"{c}_prob"] = self.curve(c, "prob").tolist()
             data[f"{c}_rank"] = self.curve(c, "rank").tolist()
             data[f"{c}_geo_rank"] = self.curve(c, "geo_rank").tolist()
-        return pd.DataFrame(data)
+        return [dict(zip(data, row)) for row in zip(*data.values())]
 
     def __str__(self) -> str:
         head = f"LensResult(task={self.task!r}, position={self.position}, lens={self.lens}, prompts={self.n_prompts})"

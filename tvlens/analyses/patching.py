@@ -40,7 +40,7 @@ from ..engine.runner import PatchRunner
 from ..engine.sites import Edit, unit_shape
 from ..hooks import act_name
 from ..metrics import FINAL_POSITION, METRICS, MetricFn, metric_name, resolve_metric
-from ..results import ResultMeta
+from ..results import ResultMeta, Tabular
 from ..results import tensor_digest as _digest
 
 __all__ = ["PatchResult", "patch_heads", "patch_positions", "attribution_patch_heads"]
@@ -109,7 +109,7 @@ def _means_tensor(source: Any, kind: str, info: Any, positions: str = "final") -
 
 
 @dataclass(frozen=True)
-class PatchResult:
+class PatchResult(Tabular):
     """A patching sweep: ``values`` over sites, the metric averaged over prompts.
 
     Two views of every site: ``values`` — what was measured (the **patched metric itself**, e.g.
@@ -219,17 +219,15 @@ class PatchResult:
                    pos_labels=None if meta["pos_labels"] is None else tuple(meta["pos_labels"]),
                    meta=ResultMeta.from_dict(meta["meta"]))
 
-    def to_frame(self) -> Any:
-        """A pandas DataFrame with one row per site: its indices, ``value`` (the raw patched metric, or
-        the normalised / attribution value, as :attr:`values`) and ``effect`` (the change the patch
-        causes, as :attr:`effect` and the CLI print)."""
-        import pandas as pd
-
+    def records(self) -> list[dict[str, Any]]:
+        """One row per site: its indices, ``value`` (the raw patched metric, or the normalised /
+        attribution value, as :attr:`values`) and ``effect`` (the change the patch causes, as
+        :attr:`effect` and the CLI print)."""
         rows = []
         vals, eff = self.values, self.effect
         for idx in torch.cartesian_prod(*[torch.arange(n) for n in vals.shape]).reshape(-1, vals.ndim).tolist():
             rows.append({**dict(zip(self.dims, idx)), "value": float(vals[tuple(idx)]), "effect": float(eff[tuple(idx)])})
-        return pd.DataFrame(rows)
+        return rows
 
 
 # ----------------------------------------------------------------------------------------------

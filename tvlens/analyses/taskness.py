@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ..checks import check_int as _check_int
 from ..engine.batch import rows_inputs
-from ..results import LayerHeadGrid, ResultMeta, WithMeta
+from ..results import LayerHeadGrid, ResultMeta, Tabular, WithMeta
 from ..tasks import task_name as _task_name
 
 __all__ = [
@@ -129,7 +129,7 @@ class _Moments:
 
 
 @dataclass(frozen=True, eq=False)
-class HeadStats(WithMeta, LayerHeadGrid):
+class HeadStats(WithMeta, LayerHeadGrid, Tabular):
     """Per task, per layer, per head: mean, population variance and count of ``hook_z``.
 
     Shapes (``pos`` only when ``per_position``; ``pos`` is right-aligned: index ``-1`` is the last
@@ -206,13 +206,10 @@ class HeadStats(WithMeta, LayerHeadGrid):
             f"model={self.meta.get('model', '?')!r})"
         )
 
-    def to_frame(self):
-        """A pandas DataFrame, one row per (task, layer, head[, pos]): ``count`` (samples),
-        ``mean_norm`` (‖z̄‖ of the task-mean ``hook_z``), ``var`` (its variance, averaged over d_head)
-        and, with ``include_output``, ``out_norm`` (‖z̄ @ W_O‖). The vectors themselves stay in
-        ``z_mean`` / ``mean(task)``."""
-        import pandas as pd
-
+    def records(self) -> list[dict[str, Any]]:
+        """One row per (task, layer, head[, pos]): ``count`` (samples), ``mean_norm`` (‖z̄‖ of the
+        task-mean ``hook_z``), ``var`` (its variance, averaged over d_head) and, with ``include_output``,
+        ``out_norm`` (‖z̄ @ W_O‖). The vectors themselves stay in ``z_mean`` / ``mean(task)``."""
         norm = self.z_mean.norm(dim=-1)  # [task, layer, head(, pos)]
         var = self.z_var.mean(-1)
         out = None if self.out_mean is None else self.out_mean.norm(dim=-1)
@@ -231,7 +228,7 @@ class HeadStats(WithMeta, LayerHeadGrid):
                         if out is not None:
                             row["out_norm"] = float(out[ti, li, h] if pos is None else out[ti, li, h, k])
                         rows.append(row)
-        return pd.DataFrame(rows)
+        return rows
 
     # ---- transformations ----
     def select(self, tasks: Sequence[Any]) -> "HeadStats":
@@ -751,7 +748,7 @@ def rho_token(
 
 
 @dataclass(frozen=True, eq=False)
-class Taskness(WithMeta, LayerHeadGrid):
+class Taskness(WithMeta, LayerHeadGrid, Tabular):
     """ρ_token taskness (Hojel et al. 2024) per layer × head, and per position when collected.
 
     - ``scores``: ``[layer, head]`` float64 — the head score (mean of its token scores when
@@ -791,12 +788,8 @@ class Taskness(WithMeta, LayerHeadGrid):
         order = sorted(range(flat.numel()), key=lambda i: (-float(flat[i]), i))[:k]
         return [(self.layers[i // self.n_heads], i % self.n_heads, float(flat[i])) for i in order]
 
-    def to_frame(self):
-        """A pandas DataFrame with one row per head: layer, head, score, total_var, within_var, degenerate."""
-        try:
-            import pandas as pd
-        except ImportError as err:
-            raise ImportError("to_frame needs pandas; pip install pandas, or use .scores / .top(k)") from err
+    def records(self) -> list[dict[str, Any]]:
+        """One row per head: layer, head, score, total_var, within_var, degenerate."""
         rows = []
         tot = self.total_var if self.total_var.ndim == 2 else self.total_var.mean(-1)
         wit = self.within_var if self.within_var.ndim == 2 else self.within_var.mean(-1)
@@ -805,7 +798,7 @@ class Taskness(WithMeta, LayerHeadGrid):
                 rows.append({"layer": layer, "head": h, "score": float(self.scores[li, h]),
                              "total_var": float(tot[li, h]), "within_var": float(wit[li, h]),
                              "degenerate": bool(self.degenerate[li, h])})
-        return pd.DataFrame(rows)
+        return rows
 
     def _title(self) -> str:
         model = str(self.meta.get("model") or "model")

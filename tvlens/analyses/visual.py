@@ -47,7 +47,7 @@ from torch import Tensor
 from ..inputs.canvas import CanvasBatch, canvases, changed_accuracy, concat, predicted_codes, score_cells
 from ..organisms.visual.images import TASKS as VISUAL_TASKS
 from ..organisms.visual.images import apply_task
-from ..results import LayerHeadGrid, ResultMeta, WithMeta
+from ..results import LayerHeadGrid, ResultMeta, Tabular, WithMeta
 from .taskness import HeadStats, Taskness, head_means, taskness_from_stats
 
 __all__ = [
@@ -115,7 +115,7 @@ def canvas_means(model: Any, tasks: Any = None, *, n: int = 32, seed: int = 0, s
 
 
 @dataclass(frozen=True, eq=False)
-class VisualTaskness(WithMeta, LayerHeadGrid):
+class VisualTaskness(WithMeta, LayerHeadGrid, Tabular):
     """ρ_token per (layer, head, position) of a canvas, and per head (the mean over positions).
 
     ``per_position`` ``[layer, head, pos]`` (raster positions of the canvas), ``scores``
@@ -203,13 +203,11 @@ class VisualTaskness(WithMeta, LayerHeadGrid):
                           title="ρ_token over the canvas, mean over each layer's heads", width=230 * L + 120, height=330)
         return fig
 
-    def to_frame(self):
-        import pandas as pd
-
+    def records(self) -> list[dict[str, Any]]:
+        """One row per (layer, head, canvas position): its ρ."""
         L, H, P = self.per_position.shape
-        ll, hh, pp = np.meshgrid(range(L), range(H), range(P), indexing="ij")
-        return pd.DataFrame({"layer": ll.ravel(), "head": hh.ravel(), "pos": pp.ravel(),
-                             "rho": self.per_position.numpy().ravel()})
+        rho = self.per_position.tolist()
+        return [{"layer": l, "head": h, "pos": p, "rho": rho[l][h][p]} for l in range(L) for h in range(H) for p in range(P)]
 
 
 def visual_taskness(model_or_stats: Any, tasks: Any = None, **kw: Any) -> VisualTaskness:

@@ -81,7 +81,7 @@ _WEIGHT_LAMS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 @dataclass(frozen=True, eq=False)
 class _Result(Tabular):
     """Generic storage for the results below: tensor fields in safetensors, the rest in JSON; each
-    result's table is its :meth:`rows` (:meth:`to_frame` as a DataFrame)."""
+    result's table is its :meth:`records` (:meth:`to_frame` as a DataFrame)."""
 
     def _title(self) -> str:
         return type(self).__name__
@@ -247,7 +247,7 @@ class AdditionResult(_Result):
                if k != j and not math.isnan(v)]
         return (max(row)[1], max(row)[0]) if row and max(row)[0] > 0 else ("", 0.0)
 
-    def rows(self) -> list[dict[str, Any]]:
+    def records(self) -> list[dict[str, Any]]:
         rows = []
         for i, m in enumerate(self.methods):
             for j, t in enumerate(self.tasks):
@@ -426,7 +426,7 @@ class NegationResult(_Result):
                     drop=float(self.drop.mean()), control_before=float(self.control_before.mean()),
                     control_after=float(self.control_after.mean()), kept=float(self.kept.mean()))
 
-    def rows(self) -> list[dict[str, Any]]:
+    def records(self) -> list[dict[str, Any]]:
         rows = [dict(task=t, family=self.families[i], lam=self.lams[i], target_before=float(self.target_before[i]),
                      target_after=float(self.target_after[i]), drop=float(self.drop[i]),
                      control_before=float(self.control_before[i]), control_after=float(self.control_after[i]),
@@ -545,7 +545,7 @@ class AnalogyResult(_Result):
     def _title(self) -> str:
         return f"Task analogies for composed tasks ({self.meta.model})"
 
-    def rows(self) -> list[dict[str, Any]]:
+    def records(self) -> list[dict[str, Any]]:
         rows = []
         for i, t in enumerate(self.tasks):
             row: dict[str, Any] = dict(task=t, first_task=self.parts[i][0], second_task=self.parts[i][1],
@@ -684,7 +684,7 @@ class WeightsVsActivations(_Result):
     def _title(self) -> str:
         return f"Weight vs activation task vectors ({self.meta.model})"
 
-    def rows(self) -> list[dict[str, Any]]:
+    def records(self) -> list[dict[str, Any]]:
         rows = []
         for i, t in enumerate(self.tasks):
             row: dict[str, Any] = dict(task=t, family=self.families[i], lam=self.lams[i], tv_layer=self.tv_layers[i],
@@ -791,7 +791,7 @@ class PeftComparison(_Result):
     def _title(self) -> str:
         return f"Task vectors as parameter-efficient fine-tuning ({self.meta.model})"
 
-    def rows(self) -> list[dict[str, Any]]:
+    def records(self) -> list[dict[str, Any]]:
         rows = []
         for i, m in enumerate(self.methods):
             row: dict[str, Any] = dict(method=m, n_trained=int(self.n_trained[i]), mean=float(self.accuracy[i].mean()),

@@ -69,7 +69,7 @@ from ..engine.plan import DEFAULT_BATCH, RowsBatch, length_buckets, pad_id_of, p
 from ..engine.readout import run_rows, run_shared, tree_mask_ok
 from ..inputs.text import prompt_options, prompt_record
 from ..metrics import accepted_ids, accepted_metric, cat_accepted
-from ..results import ResultMeta, WithMeta, check_same_model, load_result, load_tensors, save_tensors
+from ..results import ResultMeta, Tabular, WithMeta, check_same_model, load_result, load_tensors, save_tensors
 
 __all__ = [
     "TaskVector",
@@ -105,7 +105,7 @@ _LABEL = {"task": "TV", "instruction": "IV", "ensemble": "TV+IV", "function": "F
 
 
 @dataclass(frozen=True, eq=False)
-class TaskVector(WithMeta):
+class TaskVector(WithMeta, Tabular):
     """A vector in the residual stream at one layer, applied at the final separator.
 
     Attributes:
@@ -175,16 +175,14 @@ class TaskVector(WithMeta):
         return (f"{type(self).__name__}(task={self.task!r}, kind={self.kind!r}, layer={self.layer}, "
                 f"model={self.model!r}, d_model={self.d_model}, norm={self.norm:.4g})")
 
-    def to_frame(self) -> Any:
-        """A one-row pandas DataFrame: task, kind, layer, norm, d_model, model and how it was made
-        (the scalar settings of ``meta.extra``); ``pd.concat`` the frames of several vectors to
-        compare them. The vector itself is ``.vector``."""
-        import pandas as pd
-
+    def records(self) -> list[dict[str, Any]]:
+        """One row: task, kind, layer, norm, d_model, model and how it was made (the scalar settings
+        of ``meta.extra``); ``pd.concat`` the frames of several vectors to compare them. The vector
+        itself is ``.vector``."""
         row = {"task": self.task, "kind": self.kind, "layer": self.layer, "norm": self.norm, "d_model": self.d_model,
                "model": self.model}
         row.update({k: v for k, v in self.meta.extra.items() if isinstance(v, (int, float, str, bool)) and k not in row})
-        return pd.DataFrame([row])
+        return [row]
 
     @classmethod
     def from_tensor(cls, model: Any, vector: Tensor, *, layer: int, task: str = "custom", kind: str = "custom",
@@ -376,12 +374,10 @@ class FunctionVector(TaskVector):
 
         return _plot.save_figure(self.plot(), path, png=False)[0]
 
-    def to_frame(self) -> Any:
-        """A pandas DataFrame, one row per head: layer, head, ``cie`` (causal indirect effect, NaN
-        without a CIE map), ``rank`` in :attr:`top_heads` (1 = best; NaN if not summed) and
-        ``out_norm`` (‖z̄ @ W_O‖ of the summed heads). The vector's own summary: ``TaskVector.to_frame``."""
-        import pandas as pd
-
+    def records(self) -> list[dict[str, Any]]:
+        """One row per head: layer, head, ``cie`` (causal indirect effect, NaN without a CIE map),
+        ``rank`` in :attr:`top_heads` (1 = best; NaN if not summed) and ``out_norm`` (‖z̄ @ W_O‖ of the
+        summed heads). The vector's own summary: ``TaskVector.records``."""
         ranks = {tuple(h): i + 1 for i, h in enumerate(self.top_heads)}
         norms = {} if self.mean_head_outputs is None else {
             tuple(h): float(v.norm()) for h, v in zip(self.top_heads, self.mean_head_outputs)}
@@ -390,9 +386,8 @@ class FunctionVector(TaskVector):
         else:
             heads = [tuple(h) for h in self.top_heads]
         nan = float("nan")
-        return pd.DataFrame([{"task": self.task, "layer": l, "head": h,
-                              "cie": float(self.cie[l, h]) if self.cie is not None else nan,
-                              "rank": ranks.get((l, h), nan), "out_norm": norms.get((l, h), nan)} for l, h in heads])
+        return [{"task": self.task, "layer": l, "head": h, "cie": float(self.cie[l, h]) if self.cie is not None else nan,
+                 "rank": ranks.get((l, h), nan), "out_norm": norms.get((l, h), nan)} for l, h in heads]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -934,7 +929,7 @@ def _grid_eval(
 
 
 @dataclass(frozen=True, eq=False)
-class SweepResult:
+class SweepResult(Tabular):
     """Accuracy of task vectors per task and layer, with the baselines of the same run.
 
     ``accuracy[t, s, j]``: first-token accuracy on zero-shot prompts of task ``tasks[t]`` with
@@ -1095,10 +1090,8 @@ class SweepResult:
             p = p.with_suffix(".html")
         return _plot.html_page(p, [_plot.figure_div(self.plot()), f"<pre>{text}</pre>"], title="tvlens layer sweep")
 
-    def to_frame(self) -> Any:
-        """A pandas DataFrame, one row per (task, split, layer) (requires pandas)."""
-        import pandas as pd
-
+    def records(self) -> list[dict[str, Any]]:
+        """One row per (task, split, layer)."""
         rows = []
         for t, name in enumerate(self.tasks):
             for s, sp in enumerate(self.splits):
@@ -1106,7 +1099,7 @@ class SweepResult:
                     rows.append({"task": name, "family": self.families[t], "split": sp, "layer": l,
                                  "accuracy": float(self.accuracy[t, s, j]), "zero_shot": float(self.zero_shot[t, s]),
                                  "icl": float(self.icl[t])})
-        return pd.DataFrame(rows)
+        return rows
 
     def save(self, path: str | Path) -> Path:
         tensors = {"accuracy": self.accuracy, "zero_shot": self.zero_shot, "icl": self.icl, "n_eval": self.n_eval,

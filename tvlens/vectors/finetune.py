@@ -41,7 +41,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..checks import check_float, check_int as _check_int
-from ..results import ResultMeta
+from ..results import ResultMeta, Tabular
 from .weights import WeightVector, _figure_page, apply, weights_digest
 
 __all__ = ["FineTuned", "finetune", "peft_model", "lora_layers", "lora_targets", "METHODS", "LOSSES"]
@@ -53,7 +53,7 @@ _NOT_ADAPTED = ("lm_head", "embed", "wte", "wpe", "unembed")
 
 
 @dataclass(frozen=True, eq=False)
-class FineTuned:
+class FineTuned(Tabular):
     """A fine-tuned copy of a model and its weight task vector.
 
     - ``model``: the fine-tuned model (a new object; for LoRA the base with the adapter merged);
@@ -79,12 +79,10 @@ class FineTuned:
         return (f"FineTuned(tasks={list(self.tasks)}, method={self.meta.extra.get('method')!r}, steps={len(self.loss)}, "
                 f"n_trained={self.n_trained}, dev zero-shot: {zs}, {self.seconds:.1f}s)")
 
-    def to_frame(self) -> Any:
+    def records(self) -> list[dict[str, Any]]:
         """One row per (eval step, task): dev zero-shot and ICL accuracy."""
-        import pandas as pd
-
-        return pd.DataFrame([dict(step=s, task=t, zero_shot=float(self.zero_shot[i, j]), icl=float(self.icl[i, j]))
-                             for i, s in enumerate(self.eval_steps) for j, t in enumerate(self.tasks)])
+        return [dict(step=s, task=t, zero_shot=float(self.zero_shot[i, j]), icl=float(self.icl[i, j]))
+                for i, s in enumerate(self.eval_steps) for j, t in enumerate(self.tasks)]
 
     def plot(self, *, title: str | None = None) -> Any:
         """Training loss and dev accuracy (zero-shot solid, ICL dashed) against the step."""

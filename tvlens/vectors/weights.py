@@ -44,7 +44,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..results import ResultMeta, WithMeta, atomic_write_text, check_same_model, load_result, save_tensors
+from ..results import ResultMeta, Tabular, WithMeta, atomic_write_text, check_same_model, load_result, save_tensors
 
 __all__ = [
     "WeightVector",
@@ -495,7 +495,7 @@ def apply(model: Any, tau: WeightVector, lam: float = 1.0) -> Any:
 
 
 @dataclass(frozen=True, eq=False)
-class WeightGeometry:
+class WeightGeometry(Tabular):
     """Norms and pairwise cosines of weight vectors per parameter group.
 
     - ``norms``: ``[group, vector]`` L2 norm of each vector's deltas in the group;
@@ -510,17 +510,15 @@ class WeightGeometry:
     cosines: Float[Tensor, "group vector vector2"]
     meta: ResultMeta = field(default_factory=ResultMeta)
 
-    def to_frame(self) -> Any:
+    def records(self) -> list[dict[str, Any]]:
         """Long table: one row per (group, vector), with its norm and its cosine to every other vector."""
-        import pandas as pd
-
         rows = []
         for g, group in enumerate(self.groups):
             for i, v in enumerate(self.vectors):
                 row = {"group": group, "vector": v, "norm": float(self.norms[g, i])}
                 row.update({f"cos({w})": float(self.cosines[g, i, j]) for j, w in enumerate(self.vectors) if j != i})
                 rows.append(row)
-        return pd.DataFrame(rows)
+        return rows
 
     def plot(self, *, title: str | None = None) -> Any:
         """Norms per group (bars, one per vector) and, for ≥ 2 vectors, the cosine of each pair per group."""
