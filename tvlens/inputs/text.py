@@ -383,7 +383,8 @@ def _encode_all(tokenizer: Any, pieces: Sequence[str]) -> dict[str, tuple[int, .
     uniq = sorted(set(pieces))
     if not uniq:
         return {}
-    ids = tokenizer(uniq, add_special_tokens=False)["input_ids"]
+    ids = _encode_texts(tokenizer, uniq)[0] if getattr(tokenizer, "is_fast", False) else \
+        tokenizer(uniq, add_special_tokens=False)["input_ids"]
     return {s: tuple(int(i) for i in t) for s, t in zip(uniq, ids)}
 
 
@@ -540,7 +541,7 @@ class _Layout:
             if c is not None and s:
                 spans.append((at, at + len(s), int(c), demo))
             at += len(s)
-        return cls("".join(s for s, _, _ in parts), spans)
+        return cls("".join([p[0] for p in parts]), spans)
 
 
 _CLASS_WORDS = {
@@ -768,6 +769,8 @@ def _build(
     if unk is not None and unk not in (getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
         missing: list[str] = []
         for lay, ids, span_of in zip(layouts, ids_all, spans_all):
+            if unk not in ids:  # most rows: no unknown word, nothing to look up
+                continue
             for i, k in zip(ids, span_of):
                 if i == unk and k >= 0:
                     s, e, c, _ = lay.spans[k]
