@@ -136,6 +136,11 @@ def test_context_prompts_are_the_icl_prompts_without_their_answers(name, tokeniz
             assert (ctx.texts, ctx.demos, ctx.queries, dict(ctx.options)) == (
                 full.texts, full.demos, full.queries, dict(full.options)), (task, dummy)
             assert len(ctx) == len(full) == 5 and not hasattr(ctx, "answer_ids")
+            # rows taken as from the full batch: the same rows, fields aligned
+            part, ref = ctx.select([3, 1]), full.select([3, 1])
+            assert torch.equal(part.tokens, ref.tokens) and (part.texts, part.queries, part.demos) == (
+                ref.texts, ref.queries, ref.demos)
+            assert torch.equal(ctx[1:4].token_class, full[1:4].token_class) and repr(ctx).startswith("ContextPrompts(")
 
 def _layout_of(batch, r: int):
     """Row ``r``'s text as parts of their classes (a space before a separator or an output is a gap)."""

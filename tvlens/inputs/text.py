@@ -256,14 +256,7 @@ class PromptBatch(PromptRows):
 
     def select(self, index: Sequence[int] | Tensor) -> "PromptBatch":
         """The rows ``index`` (a list of row numbers or a boolean mask), padding width unchanged."""
-        if isinstance(index, Tensor):
-            idx = index.nonzero().flatten().tolist() if index.dtype == torch.bool else index.flatten().tolist()
-        else:
-            idx = [int(i) for i in index]
-        n = len(self)
-        for i in idx:
-            if not -n <= i < n:
-                raise IndexError(f"row {i} out of range for a batch of {n} prompts")
+        idx = _row_index(index, len(self))
         t = torch.as_tensor(idx, dtype=torch.long, device=self.tokens.device)
 
         def pick(xs: tuple) -> tuple:
@@ -309,8 +302,20 @@ class PromptBatch(PromptRows):
         )
 
 
+def _row_index(index: Sequence[int] | Tensor, n: int) -> list[int]:
+    """The row numbers ``index`` names (a list of row numbers or a boolean mask), each checked against ``n`` rows."""
+    if isinstance(index, Tensor):
+        idx = index.nonzero().flatten().tolist() if index.dtype == torch.bool else index.flatten().tolist()
+    else:
+        idx = [int(i) for i in index]
+    for i in idx:
+        if not -n <= i < n:
+            raise IndexError(f"row {i} out of range for a batch of {n} prompts")
+    return idx
+
+
 @dataclass(frozen=True, eq=False)
-class ContextPrompts:
+class ContextPrompts(RowSlicing):
     """ICL prompts that are read and never scored (:func:`context_prompts`): Hendel et al. 2023's
     context prompts (§3.1), whose final-position residual is the task vector. ``tokens``,
     ``attention_mask``, ``token_class``, ``texts``, ``demos`` and ``queries`` (the query in each prompt)
@@ -329,6 +334,19 @@ class ContextPrompts:
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
+
+    def select(self, index: Sequence[int] | Tensor) -> "ContextPrompts":
+        """The rows ``index`` (a list of row numbers or a boolean mask), padding width unchanged."""
+        idx = _row_index(index, len(self))
+        t = torch.as_tensor(idx, dtype=torch.long, device=self.tokens.device)
+        pick = lambda xs: tuple(xs[i] for i in idx) if xs else xs  # noqa: E731
+        return dataclasses.replace(self, tokens=self.tokens[t], attention_mask=self.attention_mask[t],
+                                   token_class=self.token_class[t], texts=pick(self.texts),
+                                   queries=pick(self.queries), demos=pick(self.demos))
+
+    def __repr__(self) -> str:
+        return (f"ContextPrompts(task={self.task!r}, n_prompts={len(self)}, n_shots={self.n_shots}, seed={self.seed}, "
+                f"pos={self.tokens.shape[1]})")
 
 # ----------------------------------------------------------------------------------------------
 # building prompts
