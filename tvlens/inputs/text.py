@@ -1059,15 +1059,11 @@ def icl_prompts(
     d = _drawn(model, task, n_prompts=n_prompts, n_shots=n_shots, seed=seed, separator=separator, example_sep=example_sep,
                queries=queries, dummy_query=dummy_query, shuffle_labels=shuffle_labels, instruction=instruction,
                split=split, prepend_bos=prepend_bos)
-    built = _build(
-        d.tokenizer, d.layouts, [r["query"][1] for r in d.rows], names=f"task {d.task.name!r}", separator=separator,
-        example_sep=example_sep, use_bos=d.use_bos, n_ctx=_n_ctx_of(model, d.tokenizer),
-        real=[r["real"] for r in d.rows] if dummy_query else None,
-    )
+    real = [r["real"] for r in d.rows] if dummy_query else None
+    built = d.tokenized([r["query"][1] for r in d.rows], real=real)
     _warn_collisions(d.tokenizer, d.task, separator)
     return _prompt_batch(built, d.layouts, [r["query"] for r in d.rows], task=str(d.task.name), n_shots=d.n_shots,
-                         seed=d.seed, options={**d.options, "pad_token_id": built["pad"]},
-                         demos=[r["demos"] for r in d.rows], real=[r["real"] for r in d.rows] if dummy_query else None)
+                         seed=d.seed, options=d.options, demos=[r["demos"] for r in d.rows], real=real)
 
 
 def context_prompts(
@@ -1090,12 +1086,10 @@ def context_prompts(
     d = _drawn(model, task, n_prompts=n_prompts, n_shots=n_shots, seed=seed, separator=separator, example_sep=example_sep,
                queries=None, dummy_query=dummy_query, shuffle_labels=False, instruction=False, split=split,
                prepend_bos=prepend_bos)
-    built = _build(d.tokenizer, d.layouts, None, names=f"task {d.task.name!r}", separator=separator,
-                   example_sep=example_sep, use_bos=d.use_bos, n_ctx=_n_ctx_of(model, d.tokenizer))
+    built = d.tokenized(None)
     return ContextPrompts(tokens=built["tokens"], attention_mask=built["mask"], token_class=built["classes"],
                           texts=tuple(lay.text for lay in d.layouts), queries=tuple(r["query"][0] for r in d.rows),
-                          task=str(d.task.name), n_shots=d.n_shots, seed=d.seed,
-                          options={**d.options, "pad_token_id": built["pad"]},
+                          task=str(d.task.name), n_shots=d.n_shots, seed=d.seed, options=d.options,
                           demos=tuple(tuple(r["demos"]) for r in d.rows))
 
 
@@ -1110,7 +1104,17 @@ class _Drawn:
     rows: list[dict[str, Any]]
     layouts: list[_Layout]
     use_bos: bool
+    n_ctx: int | None
+    #: the build options a batch records (separator, example_sep, ..., prepend_bos, pad_token_id)
     options: dict[str, Any]
+
+    def tokenized(self, answers: Sequence[Sequence[str]] | None,
+                  real: Sequence[tuple[str, Sequence[str]]] | None = None) -> dict[str, Any]:
+        """:func:`_build` over these layouts: ``answers`` per row (None: no answer tokens), ``real`` the
+        queries dummy queries stand for."""
+        return _build(self.tokenizer, self.layouts, answers, names=f"task {self.task.name!r}",
+                      separator=self.options["separator"], example_sep=self.options["example_sep"],
+                      use_bos=self.use_bos, n_ctx=self.n_ctx, real=real)
 
 
 def _drawn(model: Any, task: Any, *, n_prompts: Any, n_shots: Any, seed: Any, separator: Any, example_sep: Any,
@@ -1130,8 +1134,9 @@ def _drawn(model: Any, task: Any, *, n_prompts: Any, n_shots: Any, seed: Any, se
     layouts = [_icl_layout(r["demos"], r["query"][0], instr_text, separator, example_sep) for r in rows]
     use_bos = _use_bos(model, tokenizer, prepend_bos)
     options = dict(separator=separator, example_sep=example_sep, split=split, dummy_query=bool(dummy_query),
-                   shuffle_labels=bool(shuffle_labels), instruction=instruction, prepend_bos=use_bos)
-    return _Drawn(task, tokenizer, n_shots, seed, rows, layouts, use_bos, options)
+                   shuffle_labels=bool(shuffle_labels), instruction=instruction, prepend_bos=use_bos,
+                   pad_token_id=_pad_id(tokenizer))  # the padding _build pads with
+    return _Drawn(task, tokenizer, n_shots, seed, rows, layouts, use_bos, _n_ctx_of(model, tokenizer), options)
 
 
 def _check_icl_args(*, n_prompts: Any, n_shots: Any, seed: Any, separator: Any, example_sep: Any, dummy_query: Any,
