@@ -134,7 +134,7 @@ def organism_case(args: argparse.Namespace) -> Case:
 
     model = tvlens.load_model("organism", device="cpu")
     batch = tvlens.icl_prompts(model, "antonym", n_prompts=8, n_shots=0)
-    stats = tvlens.head_means(model, "antonym")
+    stats = tvlens.head_means(model, "antonym", n_prompts=100, progress=False)
     vectors = torch.stack([tv.vector for tv in tvlens.task_vectors_all_layers(model, "antonym")]).float()
     L = model.cfg.n_layers
     return Case("organism", model, plain_hf(model), batch, stats, stats.z_mean[0].float(), vectors,

@@ -130,7 +130,7 @@ task means into zero-shot prompts should restore more accuracy than patching k r
     ("code", SETUP),
     ("code", """\
 tasks = tvlens.resolve_tasks("country_capital,country_language,country_currency,antonym,english_french,english_german")
-stats = tvlens.head_means(model, tasks, n_prompts=24, n_shots=5, positions="separator")
+stats = tvlens.head_means(model, tasks, n_prompts=24, n_shots=5, positions="final")
 stats"""),
     ("code", """\
 rho = tvlens.taskness(stats)

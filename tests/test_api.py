@@ -54,3 +54,85 @@ def test_every_table_comes_from_records():
     odd = sorted(c.__name__ for c in plain
                  if not issubclass(c, Tabular) or getattr(c, "records", Tabular.records) is Tabular.records)
     assert len(plain) >= 20 and not odd, odd
+
+
+#: parameters of the shared names that mean something else, each with the reason its function gives
+_OTHER_MEANINGS = {
+    ("finetune", "batch_size"): "the training minibatch (examples per AdamW step)",
+    ("finetune", "n_prompts"): "the training examples per task",
+    ("soft_select", "batch_size"): "the training minibatch (None: every prompt each step)",
+    ("soft_select", "n_prompts"): "the zero-shot prompts the weights are trained on",
+    
+    ("reinforce_select", "n_prompts"): "the zero-shot prompts each REINFORCE step scores",
+    ("icl_prompts", "n_prompts"): "None: one prompt per query of the split",
+    ("multimodal_prompts", "n_prompts"): "None: one prompt per query of the split, as icl_prompts",
+    ("evaluate_heads", "n_prompts"): "None: every test query",
+    ("Selection.evaluate", "n_prompts"): "None: every test query",
+    ("compare_selections", "n_prompts"): "None: every test query",
+    ("build_report", "n_prompts"): "None: each section's own count (tvlens.report.DEFAULT_N_PROMPTS)",
+}
+
+
+def _public_callables():
+    """Every public function and public method of a public class in the analyses' modules (the
+    engine, runs and organisms take what the analyses resolved)."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    out = {}
+    for info in pkgutil.walk_packages(tvlens.__path__, "tvlens."):
+        if any(part in info.name for part in (".organisms", ".engine", ".runs", "__main__", ".cli")):
+            continue
+        mod = importlib.import_module(info.name)
+        for name in getattr(mod, "__all__", ()):
+            obj = getattr(mod, name)
+            if inspect.isfunction(obj):
+                out[name] = obj
+            elif inspect.isclass(obj):
+                out.update({f"{name}.{m}": f for m, f in vars(obj).items()
+                            if inspect.isfunction(f) and not m.startswith("_")})
+    return out
+
+
+def test_one_vocabulary_of_shared_parameters():
+    """positions, n_prompts, batch_size and progress: one default each wherever they are taken
+    (tvlens.vocabulary), and every exception is listed above with what it means there instead."""
+    import inspect
+
+    from tvlens import vocabulary as V
+
+    want = {"positions": V.FINAL, "position": V.FINAL, "n_prompts": V.N_PROMPTS, "batch_size": V.BATCH_SIZE,
+            "progress": V.PROGRESS}
+    seen, odd, excused = 0, [], set()
+    for name, fn in _public_callables().items():
+        for p in inspect.signature(fn).parameters.values():
+            if p.name not in want or p.default is inspect.Parameter.empty:
+                continue
+            seen += 1
+            if (name, p.name) in _OTHER_MEANINGS:
+                excused.add((name, p.name))
+            elif p.default != want[p.name]:
+                odd.append(f"{name}({p.name}={p.default!r})")
+    assert seen >= 60 and not odd, odd
+    assert excused == set(_OTHER_MEANINGS), f"listed but not found: {sorted(set(_OTHER_MEANINGS) - excused)}"
+
+
+def test_the_last_position_has_one_name(tiny_llama, tmp_path):
+    """Every word for the last position is read as "final", and results name it so (a file written
+    with the old word loads with the new one)."""
+    import json
+
+    from tvlens.vocabulary import FINAL, final_alias
+
+    assert [final_alias(w) for w in ("final", "separator", "LAST", "all", 3)] == [FINAL, FINAL, FINAL, "all", 3]
+    stats = tvlens.head_means(tiny_llama, ["country_capital"], n_prompts=2, n_shots=1, positions="separator",
+                              progress=False)
+    assert stats.positions == FINAL
+    lens = tvlens.logit_lens(tiny_llama, "country_capital", n_prompts=2, n_shots=1, position="last")
+    assert lens.position == FINAL
+    path = stats.save(tmp_path / "stats")
+    side = path.with_suffix(".json")
+    meta = json.loads(side.read_text())
+    side.write_text(json.dumps({**meta, "positions": "separator"}))  # as files written before "final"
+    assert tvlens.HeadStats.load(path).positions == FINAL

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .vocabulary import FINAL, FINAL_POSITION
+
 __all__ = ["main", "build_parser", "CliError", "DEFAULT_TASKS"]
 
 #: Default task sets per command: small, one or two per family, sharing input domains so the
@@ -240,14 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("taskness")
     _common(p, "taskness", n_prompts=50, n_shots=5)
-    p.add_argument("--positions", default="separator",
-                   help="separator (final ->), all (every token, right-aligned) or a token class (query_input, demo_sep, ...)")
+    p.add_argument("--positions", default=FINAL,
+                   help="final (the final separator ->), all (every token, right-aligned) or a token class (query_input, demo_sep, ...)")
     p.add_argument("--transpose", action="store_true", help="blocks on x and heads on y (Hojel et al.'s orientation)")
     p.add_argument("--top", type=_int_at_least(1), default=10, help="print this many top heads")
 
     p = add("lens")
     _common(p, "lens", n_prompts=50, n_shots=5)
-    p.add_argument("--position", default="separator", help="separator, a token class (query_input, ...) or an int index")
+    p.add_argument("--position", default=FINAL, help="final (the final separator ->), a token class (query_input, ...) or an int index")
     p.add_argument("--top-k", type=_int_at_least(1), default=10, help="decoded tokens kept per layer")
     p.add_argument("--task-words", type=_words, default=None, metavar="W1,W2",
                    help="words tracked as the task category (default: the words of each task's instruction)")
@@ -534,8 +536,8 @@ def cmd_lens(args: argparse.Namespace) -> None:
     out = _check_out(args)
     tasks = _resolve_tasks(args.tasks)
     position = int(args.position) if args.position.lstrip("-").isdigit() else args.position
-    if isinstance(position, str) and position.lower() != "separator" and position.upper() not in TokenClass.__members__:
-        raise CliError(f"unknown --position {position!r}; use 'separator', an integer index, or a token class: "
+    if isinstance(position, str) and position.lower() not in FINAL_POSITION and position.upper() not in TokenClass.__members__:
+        raise CliError(f"unknown --position {position!r}; use 'final' (the final separator), an integer index, or a token class: "
                        f"{', '.join(c.name.lower() for c in TokenClass if c.name != 'PAD')}")
     kw = _prompt_kw(args)
     _check_prompts(args, tasks, (args.n_shots,), position=position)

@@ -29,6 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .vocabulary import BATCH_SIZE
+
 if TYPE_CHECKING:  # imported inside the functions: ``import tvlens`` binds this module's function eagerly
     import torch
     from jaxtyping import Bool, Int
@@ -150,7 +152,7 @@ def generate(
     vector_at: str = "final",
     attention_mask: Tensor | None = None,
     prepend_bos: bool | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = BATCH_SIZE,
 ) -> Generation:
     """Continue each prompt by up to ``max_new_tokens`` tokens (see the module docstring).
 
@@ -170,7 +172,7 @@ def generate(
             ``alpha × vector`` — Todd et al. 2024; default by the vector's kind).
         vector_at: ``"final"`` (the prompt's last position), ``"prompt"`` (every real prompt
             position) or ``"every"`` (those and every generated position).
-        batch_size: rows per forward.
+        batch_size: rows per forward (``None``: the engine's plan decides).
 
     Returns:
         A :class:`Generation` (CPU tensors).
@@ -178,12 +180,13 @@ def generate(
     import torch
 
     from . import hooks as _hooks
+    from .engine.plan import DEFAULT_BATCH
     from .inputs.text import _pad_id, _tokenizer_of
     from .models import require_compatible
 
     require_compatible(model)
     max_new_tokens = _check_number("max_new_tokens", max_new_tokens, minimum=1, integer=True)
-    batch_size = _check_number("batch_size", batch_size, minimum=1, integer=True)
+    batch_size = DEFAULT_BATCH if batch_size is None else _check_number("batch_size", batch_size, minimum=1, integer=True)
     seed = _check_number("seed", seed, minimum=0, integer=True)
     if not isinstance(do_sample, bool) or not isinstance(stop_at_eos, bool):
         raise TypeError("do_sample and stop_at_eos must be True or False")

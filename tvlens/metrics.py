@@ -23,13 +23,12 @@ from jaxtyping import Int
 from torch import Tensor
 
 from .engine.batch import EngineBatch
+from .vocabulary import FINAL_POSITION
 
 __all__ = ["FINAL_POSITION", "METRICS", "MetricFn", "resolve_metric", "metric_name", "check_metric_output", "answer_metric",
            "accepted_metric", "accepted_ids", "cat_accepted"]
 
 #: Built-in metrics of the final-position logits (per prompt, higher = more of the answer).
-#: the words for "the last position" (the final separator of a text ICL prompt), accepted everywhere
-FINAL_POSITION = ("final", "separator", "last")
 
 METRICS = ("logit_diff", "prob", "logprob", "accuracy")
 

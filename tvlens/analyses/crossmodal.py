@@ -44,11 +44,13 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..engine import PatchRunner, replace_resid
+from ..engine.plan import rows_per_forward
 from ..engine.readout import read
 from ..hooks import device_of, resid_name
 from ..inputs import multimodal as mm
 from ..inputs.text import icl_prompts
 from ..results import ResultMeta, Tabular, load_result, save_tensors
+from ..vocabulary import BATCH_SIZE, N_PROMPTS
 
 __all__ = [
     "CONDITIONS",
@@ -157,6 +159,7 @@ def _final_states(model: Any, batch: Any, layers: Sequence[int], batch_size: int
     n_layers = ModelInfo.of(model).n_layers
     names = [resid_name(l, n_layers) for l in layers]
     out = []
+    batch_size = rows_per_forward(batch_size)
     for i in range(0, len(batch), batch_size):
         sub = _rows(batch, i, i + batch_size)
         acts, _ = read(model, sub.tokens, sub.attention_mask, names, last=True, cast=torch.float32, **_inputs(sub, model))
@@ -176,6 +179,7 @@ def _inputs(batch: Any, model: Any) -> dict[str, Tensor]:
 def _predict(model: Any, batch: Any, batch_size: int) -> Int[Tensor, " batch"]:
     """Argmax at the final separator of each prompt (no edit)."""
     out = []
+    batch_size = rows_per_forward(batch_size)
     for i in range(0, len(batch), batch_size):
         sub = _rows(batch, i, i + batch_size)
         _, logits = read(model, sub.tokens, sub.attention_mask, [], **_inputs(sub, model))
@@ -190,6 +194,7 @@ def _patched_predictions(model: Any, batch: Any, columns: Sequence[tuple[int, Te
     block ``layer_c`` (Hendel et al. 2023, §3; Luo et al. 2024, §4): one :class:`PatchRunner` per chunk."""
     clean, patched = [], []
     edits = [replace_resid(layer, vec, columns=c) for c, (layer, vec) in enumerate(columns)]
+    batch_size = rows_per_forward(batch_size)
     for i in range(0, len(batch), batch_size):
         runner = PatchRunner(model, _rows(batch, i, i + batch_size))
         clean.append(runner.clean_logits.argmax(-1).cpu())
@@ -200,7 +205,7 @@ def _patched_predictions(model: Any, batch: Any, columns: Sequence[tuple[int, Te
     return torch.cat(clean), torch.cat(patched)
 
 
-def patch_vector(model: Any, batch: Any, vector: Any, *, batch_size: int = 64) -> Int[Tensor, " batch"]:
+def patch_vector(model: Any, batch: Any, vector: Any, *, batch_size: int | None = BATCH_SIZE) -> Int[Tensor, " batch"]:
     """Argmax at the final separator with a :class:`~tvlens.TaskVector` replacing the residual there (Luo §4 xPatch).
 
     Refuses, before any forward, a vector made with another model (config hash, width, layer) and a
@@ -250,7 +255,7 @@ class CrossModalVectors:
 
 
 def crossmodal_vectors(model: Any, tasks: Sequence[Any] | None = None, *, n_contexts: int = 32, n_shots: int = 5,
-                       layers: Sequence[int] | None = None, seed: int = 0, batch_size: int = 64,
+                       layers: Sequence[int] | None = None, seed: int = 0, batch_size: int | None = BATCH_SIZE,
                        picture: Callable | None = None) -> CrossModalVectors:
     """Task vectors from text ICL, image ICL and instructions for each task (Luo et al. 2024, §4)."""
     from ..models import ModelInfo
@@ -518,7 +523,7 @@ def crossmodal_table(
     n_contexts: int = 32,
     layers: Sequence[int] | None = None,
     seed: int = 0,
-    batch_size: int = 64,
+    batch_size: int | None = BATCH_SIZE,
     control: bool = True,
     text_query: bool = True,
     conflict: bool = True,
@@ -849,7 +854,7 @@ def task_similarity(
     n_shots: int = 5,
     seed: int = 0,
     baseline: Any = "untrained",
-    batch_size: int = 64,
+    batch_size: int | None = BATCH_SIZE,
     picture: Callable | None = None,
 ) -> TaskSimilarity:
     """How alike are task vectors from text ICL and image ICL (Luo et al. 2024, §5)?
@@ -985,7 +990,7 @@ def llm_to_vlm(
     n_shots: int = 5,
     renderings: int = 3,
     seed: int = 0,
-    batch_size: int = 64,
+    batch_size: int | None = BATCH_SIZE,
     picture: Callable | None = None,
 ) -> LlmVlmTransfer:
     """Luo et al. 2024 (§5): do the LLM and the VLM built on it make the same task vectors from text?
@@ -1156,12 +1161,12 @@ def crossmodal_lens(
     model: Any,
     tasks: Sequence[Any] | None = None,
     *,
-    n_prompts: int = 32,
+    n_prompts: int = N_PROMPTS,
     n_shots: int = 5,
     task_words: Mapping[str, Sequence[str]] | Sequence[str] | None = None,
     metric: str = "rank",
     seed: int = 0,
-    batch_size: int = 64,
+    batch_size: int | None = BATCH_SIZE,
     top_k: int = 5,
     picture: Callable | None = None,
 ) -> CrossModalLens:

@@ -43,7 +43,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ..engine.plan import rows_per_forward
 from ..results import Tabular
+from ..vocabulary import BATCH_SIZE, FINAL, N_PROMPTS
 
 __all__ = [
     "LensResult",
@@ -545,7 +547,7 @@ class LensResult(Tabular):
         labels = self.layer_labels
         fig = make_subplots(
             rows=1, cols=2, shared_yaxes=True, column_widths=[0.7, 0.3], horizontal_spacing=0.02,
-            subplot_titles=(f"top-{k} tokens at {self.position} (mean probability)",
+            subplot_titles=(f"top-{k} tokens at {_shown(self.position)} (mean probability)",
                             "answer / input / task word" + (" (geo-mean rank)" if metric == "rank" else "")),
         )
         # plotly renders cell text as HTML: escape "<bos>"-like tokens
@@ -681,6 +683,11 @@ def _check_top_k(top_k: Any, d_vocab: int) -> int:
     return top_k
 
 
+def _shown(position: str) -> str:
+    """How a result names its position in a sentence ("the final position", "the query_input")."""
+    return "final position" if position == FINAL else position
+
+
 def _positions(batch: Any, position: Any) -> tuple[Tensor, str]:
     """Per-row position index [batch] (non-negative) and a label; raises before any forward."""
     from ..inputs.text import TokenClass
@@ -698,7 +705,7 @@ def _positions(batch: Any, position: Any) -> tuple[Tensor, str]:
             cls = aliases.get(key, names.get(key))
             if cls is None:
                 raise ValueError(
-                    f"unknown position {position!r}; use 'separator', a token class ({', '.join(names)}) or an int index "
+                    f"unknown position {position!r}; use 'final' (the final separator; 'separator' says the same), a token class ({', '.join(names)}) or an int index "
                     "(negative counts from the final separator at -1)"
                 )
         else:
@@ -709,13 +716,13 @@ def _positions(batch: Any, position: Any) -> tuple[Tensor, str]:
             present = sorted({TokenClass(int(v)).name.lower() for v in tc[mask.bool()].unique().tolist()})
             raise ValueError(
                 f"position class {cls.name.lower()!r} is not in {len(missing)} of {n_rows} prompts (e.g. row {missing[0]}); "
-                f"these prompts contain {', '.join(present)}; choose one of those (e.g. position='separator')"
+                f"these prompts contain {', '.join(present)}; choose one of those (e.g. position='final', the final separator)"
                 + (" or build prompts with instruction=True" if cls == TokenClass.INSTRUCTION else "")
             )
         # the last occurrence in each row: the one closest to the separator (the query's own, for query classes)
         ar = torch.arange(n_pos).expand(n_rows, n_pos)
         idx = torch.where(hit, ar, torch.full_like(ar, -1)).max(1).values
-        return idx, "separator" if cls == TokenClass.FINAL_SEP else cls.name.lower()
+        return idx, FINAL if cls == TokenClass.FINAL_SEP else cls.name.lower()
     if isinstance(position, (int,)) and not isinstance(position, bool):
         if not -n_pos <= position < n_pos:
             raise ValueError(f"position {position} is out of range for prompts of {n_pos} tokens; use -{n_pos}..{n_pos - 1} (-1 = final separator)")
@@ -727,7 +734,7 @@ def _positions(batch: Any, position: Any) -> tuple[Tensor, str]:
                 "so count from the end (-1 = final separator, -2 = the token before it) or use a token class name"
             )
         return torch.full((n_rows,), p, dtype=torch.long), f"pos {position}"
-    raise TypeError(f"position must be 'separator', a token class name or an int, got {type(position).__name__}")
+    raise TypeError(f"position must be 'final' (the final separator), a token class name or an int, got {type(position).__name__}")
 
 
 def _task_word_ids(model: Any, words: Sequence[str], *, user: bool) -> tuple[list[str], list[int], list[int]]:
@@ -842,15 +849,15 @@ def logit_lens(
     model: Any,
     prompts_or_task: Any,
     *,
-    position: Any = "separator",
+    position: Any = FINAL,
     layers: Sequence[int] | int | None = None,
     top_k: int = 10,
     task_words: Sequence[str] | None = None,
-    n_prompts: int = 50,
+    n_prompts: int = N_PROMPTS,
     n_shots: int = 5,
     seed: int = 0,
     lens: str | Decoder = "logit",
-    batch_size: int = 32,
+    batch_size: int | None = BATCH_SIZE,
     keep_distribution: bool = True,
     **prompt_kw: Any,
 ) -> LensResult:
@@ -866,7 +873,7 @@ def logit_lens(
         prompts_or_task: a :class:`~tvlens.inputs.text.PromptBatch`, a
             :class:`~tvlens.inputs.multimodal.MultimodalBatch`, a :class:`~tvlens.tasks.Task` or a
             task name (then ``icl_prompts(model, task, n_prompts=, n_shots=, seed=, **prompt_kw)``).
-        position: ``"separator"`` (the final ``→``, index -1), a token class name (``"query_input"``,
+        position: ``"final"`` (the final separator ``→``, index -1; ``"separator"`` says the same), a token class name (``"query_input"``,
             ``"demo_sep"``, ... — its last occurrence in each prompt) or an int index (negative from
             the end; prompts are left-padded).
         layers: residual indices to read (``l`` = ``blocks.l.hook_resid_pre``, ``n_layers`` = final
@@ -893,8 +900,7 @@ def logit_lens(
         task_words = _word_list(task_words)
         if len(task_words) == 0 or not any(str(w).strip() for w in task_words):
             raise ValueError("task_words is empty; pass at least one word (e.g. task_words=['capital', 'city']) or None for the instruction's words")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    batch_size = rows_per_forward(batch_size)
     batch, task = _prepare(model, prompts_or_task, n_prompts=n_prompts, n_shots=n_shots, seed=seed, prompt_kw=prompt_kw)
     check_inputs(model, batch, "the logit lens's prompts")  # images and model agree, before any forward
     pos_idx, pos_label = _positions(batch, position)
@@ -1105,7 +1111,7 @@ class LensSummary:
             return "—" if x is None else (f"L{x[0]}" if x[0] == x[1] else f"L{x[0]}–{x[1]}")
 
         lines = [
-            f"Logit lens at the {self.results[0].position} ({len(self.results)} tasks, {self.results[0].n_prompts} prompts each):",
+            f"Logit lens at the {_shown(self.results[0].position)} ({len(self.results)} tasks, {self.results[0].n_prompts} prompts each):",
             "",
             "| task | family | input | task words | answer | 3 phases in order | top words (task phase) |",
             "|---|---|---|---|---|---|---|",
@@ -1174,16 +1180,16 @@ def lens_summary(
     tasks: Any,
     *,
     out: str | Path | None = None,
-    position: Any = "separator",
+    position: Any = FINAL,
     top_k: int = 10,
     task_words: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
-    n_prompts: int = 50,
+    n_prompts: int = N_PROMPTS,
     n_shots: int = 5,
     seed: int = 0,
     lens: str | Decoder = "logit",
     metric: str = "rank",
     k_words: int = 5,
-    batch_size: int = 32,
+    batch_size: int | None = BATCH_SIZE,
     **prompt_kw: Any,
 ) -> LensSummary:
     """Logit lens for each task and one standalone HTML page (the "logit-lens task summary").
@@ -1202,6 +1208,7 @@ def lens_summary(
     info = ModelInfo.of(model)
     top_k = _check_top_k(top_k, info.d_vocab)
     _check_lens(lens)
+    batch_size = rows_per_forward(batch_size)
     if out is not None:
         check_writable(out)
     task_list = resolve_tasks(tasks)

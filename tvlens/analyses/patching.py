@@ -39,7 +39,8 @@ from ..engine.readout import capture_acts
 from ..engine.runner import PatchRunner
 from ..engine.sites import Edit, unit_shape
 from ..hooks import act_name
-from ..metrics import FINAL_POSITION, METRICS, MetricFn, metric_name, resolve_metric
+from ..metrics import METRICS, MetricFn, metric_name, resolve_metric
+from ..vocabulary import FINAL, final_alias
 from ..results import ResultMeta, Tabular
 from ..results import tensor_digest as _digest
 
@@ -234,11 +235,6 @@ class PatchResult(Tabular):
 # sweeps
 
 
-def _final_alias(positions: Any) -> Any:
-    """One word for the last position across tvlens: "separator" and "last" mean "final" here too."""
-    return "final" if positions in FINAL_POSITION else positions
-
-
 def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; use one of {', '.join(map(repr, choices))}")
@@ -364,7 +360,7 @@ def patch_heads(
     target: Any,
     source: Any,
     *,
-    positions: Positions = "final",
+    positions: Positions = FINAL,
     metric: str | MetricFn = "logit_diff",
     component: Literal["z", "q", "k", "v"] = "z",
     layers: Sequence[int] | None = None,
@@ -487,7 +483,7 @@ class _HeadSweep:
         from ..models import ModelInfo
 
         info = ModelInfo.of(model)
-        positions = _final_alias(positions)
+        positions = final_alias(positions)
         _check_choice("positions", positions, ("final", "all", "each"))
         _check_choice("component", component, ("z", "q", "k", "v"))
         if not (isinstance(metric, str) or callable(metric)):
@@ -683,7 +679,7 @@ def attribution_patch_heads(
     source: Any,
     *,
     metric: str | MetricFn = "logit_diff",
-    positions: Positions = "final",
+    positions: Positions = FINAL,
     component: Literal["z", "q", "k", "v"] = "z",
     confirm_top: int | Literal["all"] = 0,
     normalize: bool = False,

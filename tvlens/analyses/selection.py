@@ -44,6 +44,7 @@ from ..tasks import task_name as _task_name
 from ..engine.plan import RowsBatch, gather_inputs, merge_batches, pad_id_of, pad_left, row_inputs, rows_of
 from ..inputs.text import prompt_options, prompt_record
 from ..metrics import FINAL_POSITION, accepted_ids, accepted_metric, cat_accepted
+from ..vocabulary import FINAL, final_alias
 from ..results import LayerHeadGrid
 from ..results import tensor_digest as _tensor_digest
 import hashlib
@@ -210,7 +211,7 @@ def _context_stats(model: Any, given: Sequence[_Given]) -> Any:
 
     named = [dataclasses.replace(g.context, task=g.name) if dataclasses.is_dataclass(g.context) and
              getattr(g.context, "task", g.name) != g.name else g.context for g in given]
-    return compute(model, named, positions="separator")
+    return compute(model, named, positions=FINAL, progress=False)
 
 
 # ==============================================================================================
@@ -630,8 +631,8 @@ def _means_for(model: Any, tasks: Sequence[Any], head_means: Any, *, n_prompts: 
         from .taskness import head_means as compute
 
         # queries from the train split, so the held-out test queries never feed the means
-        head_means = compute(model, list(tasks), n_prompts=n_prompts, n_shots=n_shots, positions="separator", seed=seed,
-                             split="train", **dict(prompt_kw or {}))
+        head_means = compute(model, list(tasks), n_prompts=n_prompts, n_shots=n_shots, positions=FINAL, seed=seed,
+                             split="train", progress=False, **dict(prompt_kw or {}))
     if isinstance(head_means, Tensor):
         means = head_means
         if means.ndim == 3:
@@ -649,9 +650,9 @@ def _means_for(model: Any, tasks: Sequence[Any], head_means: Any, *, n_prompts: 
                              "tvlens.head_means(model, tasks)")
         if getattr(stats, "per_position", False):
             stats = stats.at_position(-1)
-        elif getattr(stats, "positions", "separator") not in ("separator",):
+        elif final_alias(getattr(stats, "positions", FINAL)) != FINAL:
             raise ValueError(f"selection patches the final separator, but these head means were taken at positions="
-                             f"{stats.positions!r}; compute them with positions='separator' (or 'all')")
+                             f"{stats.positions!r}; compute them with positions='final' (the separator) or 'all'")
         missing = [n for n in names if n not in stats.tasks]
         if missing:
             raise ValueError(f"head means lack task(s) {', '.join(missing)} (they hold {', '.join(stats.tasks)}); compute "
@@ -834,7 +835,7 @@ def reinforce_select(
     split: str = "train",
     n_mean_prompts: int = 32,
     n_shots: int = 5,
-    positions: str = "separator",
+    positions: str = FINAL,
     patience: int | None = 10,
     tol: float = 1e-3,
     threshold: float = 0.5,
@@ -1147,7 +1148,7 @@ def select_restarts(
         from .taskness import head_means as compute
 
         given = compute(model, task_list, n_prompts=kw.get("n_mean_prompts", 100), n_shots=kw.get("n_shots", 5),
-                        positions="separator", seed=seed, split="train", executor=executor, **prompt_kw)
+                        positions=FINAL, seed=seed, split="train", progress=False, executor=executor, **prompt_kw)
     means = _means_for(model, task_list, given, n_prompts=kw.get("n_mean_prompts", 100), n_shots=kw.get("n_shots", 5),
                        seed=seed, prompt_kw=prompt_kw)
     runs = distributed.restarts(model, task_list, method=method, seeds=range(seed, seed + n_restarts),
@@ -1511,7 +1512,7 @@ def compare_selections(
     elif stats is None:
         from .taskness import head_means as compute
 
-        stats = compute(model, task_list, n_prompts=n_mean_prompts, n_shots=n_shots, positions="separator", seed=seed,
+        stats = compute(model, task_list, n_prompts=n_mean_prompts, n_shots=n_shots, positions=FINAL, seed=seed,
                         split="train", progress=progress, **prompt_kw)
     means = _means_for(model, task_list, stats, n_prompts=n_mean_prompts, n_shots=n_shots, seed=seed, prompt_kw=prompt_kw)
     name_index = {t.name: i for i, t in enumerate(task_list)}

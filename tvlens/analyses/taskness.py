@@ -34,8 +34,10 @@ from torch import Tensor
 
 from ..checks import check_int as _check_int
 from ..engine.batch import rows_inputs
+from ..engine.plan import rows_per_forward
 from ..results import LayerHeadGrid, ResultMeta, Tabular, WithMeta
 from ..tasks import task_name as _task_name
+from ..vocabulary import BATCH_SIZE, FINAL, FINAL_POSITION, N_PROMPTS, PROGRESS, final_alias
 
 __all__ = [
     "HeadStats",
@@ -57,7 +59,6 @@ DEFAULT_EPS = 1e-6
 _PROMPT_CHUNK = 1024
 _SEED_STRIDE = 1_000_003
 
-SEPARATOR = "separator"
 ALL = "all"
 
 
@@ -151,7 +152,7 @@ class HeadStats(WithMeta, LayerHeadGrid, Tabular):
     z_mean: Float[Tensor, "task layer head *pos d_head"]
     z_var: Float[Tensor, "task layer head *pos d_head"]
     count: Int[Tensor, "task *pos"]
-    positions: str = SEPARATOR
+    positions: str = FINAL
     layers: tuple[int, ...] = ()
     out_mean: Float[Tensor, "task layer head *pos d_model"] | None = None
     out_var: Float[Tensor, "task layer head *pos d_model"] | None = None
@@ -254,7 +255,7 @@ class HeadStats(WithMeta, LayerHeadGrid, Tabular):
         if not -self.n_positions <= pos < self.n_positions:
             raise ValueError(f"position {pos} is out of range: these stats hold {self.n_positions} positions (-{self.n_positions}..-1)")
         pick = lambda x: None if x is None else x[:, :, :, pos]  # noqa: E731
-        label = "separator" if (pos in (-1, self.n_positions - 1) and self.positions == ALL) else f"{self.positions}[{pos}]"
+        label = FINAL if (pos in (-1, self.n_positions - 1) and self.positions == ALL) else f"{self.positions}[{pos}]"
         return HeadStats(self.tasks, pick(self.z_mean), pick(self.z_var), self.count[:, pos], label, self.layers,
                          pick(self.out_mean), pick(self.out_var), self.meta)
 
@@ -359,7 +360,7 @@ class HeadStats(WithMeta, LayerHeadGrid, Tabular):
 
         tensors, meta = load_result(path, "HeadStats", model=model, what="HeadStats file")
         inner = dict(meta.get("meta", {}))
-        return cls(tuple(meta["tasks"]), tensors["z_mean"], tensors["z_var"], tensors["count"], meta["positions"],
+        return cls(tuple(meta["tasks"]), tensors["z_mean"], tensors["z_var"], tensors["count"], final_alias(meta["positions"]),
                    tuple(meta.get("layers", ())), tensors.get("out_mean"), tensors.get("out_var"), inner)
 
 
@@ -420,9 +421,10 @@ def _resolve_task_list(tasks: Any) -> list[Any]:
 
 
 def _resolve_positions(positions: Any) -> tuple[str, int | None]:
-    """-> (label, token class value or None). "separator" and the FINAL_SEP class are the same thing."""
-    if isinstance(positions, str) and positions.lower() in (SEPARATOR, "final", "last"):
-        return SEPARATOR, None
+    """-> (label, token class value or None). "final" (or "separator", "last") and the FINAL_SEP class
+    are the same thing."""
+    if isinstance(positions, str) and positions.lower() in FINAL_POSITION:
+        return FINAL, None
     if isinstance(positions, str) and positions.lower() == ALL:
         return ALL, None
     try:
@@ -437,13 +439,13 @@ def _resolve_positions(positions: Any) -> tuple[str, int | None]:
         cls = TokenClass[positions.upper()]
     if cls is None:
         raise ValueError(
-            f"unknown positions {positions!r}; use 'separator' (final separator only), 'all' (every non-pad token, "
+            f"unknown positions {positions!r}; use 'final' (the final separator only; 'separator' says the same), 'all' (every non-pad token, "
             f"right-aligned) or a token class: {', '.join(n.lower() for n in names if n != 'PAD')}"
         )
     if cls.name == "PAD":
         raise ValueError("positions='pad' selects padding, which carries no activations; choose another token class")
     if cls.name == "FINAL_SEP":
-        return SEPARATOR, None
+        return FINAL, None
     return cls.name.lower(), int(cls)
 
 
@@ -463,7 +465,7 @@ def _prompt_chunks(model: Any, task: Any, *, n_prompts: int, n_shots: int, seed:
 
 
 def _selection(mask: Tensor, token_class: Tensor, mode: str, cls: int | None) -> Tensor:
-    if mode == SEPARATOR:
+    if mode == FINAL:
         sel = torch.zeros_like(mask, dtype=torch.bool)
         sel[:, -1] = True
         return sel
@@ -476,14 +478,14 @@ def head_means(
     model: Any,
     tasks: Any,
     *,
-    n_prompts: int = 100,
+    n_prompts: int = N_PROMPTS,
     n_shots: int = 5,
-    positions: Any = SEPARATOR,
-    batch_size: int = 32,
+    positions: Any = FINAL,
+    batch_size: int | None = BATCH_SIZE,
     seed: int = 0,
     include_output: bool = False,
     layers: Sequence[int] | None = None,
-    progress: bool = False,
+    progress: bool = PROGRESS,
     executor: Any = None,
     **prompt_kw: Any,
 ) -> HeadStats:
@@ -499,12 +501,13 @@ def head_means(
             ``seed`` then do not apply).
         n_prompts: prompts per task (>= 2, a variance needs two samples).
         n_shots: demonstrations per prompt.
-        positions: ``"separator"`` — the final separator (``→``) only, the position task vectors
+        positions: ``"final"`` (or ``"separator"``) — the final separator (``→``) only, the position task vectors
             live at; ``"all"`` — every non-pad token, **aligned from the right** (index ``-1`` is the
             final separator, ``-2`` the query's last token, ...; a prompt shorter than a position
             does not count there); or a ``TokenClass`` name (``"demo_sep"``, ``"query_input"``, ...)
             — the tokens of that class, aligned by occurrence from the right (``-1`` = last one).
-        batch_size: prompts per forward pass (results do not depend on it beyond float rounding).
+        batch_size: prompts per forward pass (``None``: the engine's plan decides; results do not
+            depend on it beyond float rounding).
         seed: prompt sampling seed (prompt chunk ``i`` of 1024 uses ``seed + i * 1000003``).
         include_output: also accumulate the moments of each head's residual contribution
             ``z @ W_O`` (``[d_model]``).
@@ -527,7 +530,7 @@ def head_means(
     task_list = _resolve_task_list(tasks)
     _check_int("n_prompts", n_prompts, 2, "a variance needs at least two prompts per task")
     _check_int("n_shots", n_shots, 0, "the number of demonstrations cannot be negative")
-    _check_int("batch_size", batch_size, 1, "a batch holds at least one prompt")
+    batch_size = rows_per_forward(batch_size)
     mode, cls = _resolve_positions(positions)
     from ..inputs.text import PROMPT_OPTIONS, prompt_options
 
@@ -582,15 +585,15 @@ def head_means(
                     bar.update(min(batch_size, len(batch) - i))
             del batch  # free this prompt chunk before the next one is built
         names.append(_task_name(task))
-        zm, zv, c = _finish(acc_z, (n_l, n_h, d_h), per_position=mode != SEPARATOR)
+        zm, zv, c = _finish(acc_z, (n_l, n_h, d_h), per_position=mode != FINAL)
         z_means.append(zm), z_vars.append(zv), counts.append(c)
         if acc_o is not None:
-            om, ov, _ = _finish(acc_o, (n_l, n_h, d_m), per_position=mode != SEPARATOR)
+            om, ov, _ = _finish(acc_o, (n_l, n_h, d_m), per_position=mode != FINAL)
             o_means.append(om), o_vars.append(ov)
     if bar is not None:
         bar.close()
 
-    if mode != SEPARATOR:  # right-aligned position axes may differ per task: pad on the left
+    if mode != FINAL:  # right-aligned position axes may differ per task: pad on the left
         p = max(z.shape[2] for z in z_means)
         if p == 0:
             raise ValueError(f"no token of class {positions!r} in any prompt; choose a class these prompts contain")
@@ -809,7 +812,7 @@ class Taskness(WithMeta, LayerHeadGrid, Tabular):
                 break
             shown.append(t)
         tasks = ", ".join(shown) + (", …" if len(shown) < len(self.tasks) else "")
-        where = "final separator" if self.positions == SEPARATOR else f"positions: {self.positions}"
+        where = "final separator" if self.positions == FINAL else f"positions: {self.positions}"
         return f"ρ_token taskness — {model}<br><sup>{where} · {len(self.tasks)} tasks: {tasks}</sup>"
 
     def plot(self, transpose: bool = False):
@@ -870,7 +873,7 @@ class Taskness(WithMeta, LayerHeadGrid, Tabular):
         t, meta = load_tensors(path)
         if meta.get("kind") != "Taskness":
             raise ValueError(f"{str(path)!r} holds a {meta.get('kind', 'unknown')!r} result, not Taskness")
-        return cls(t["scores"], tuple(meta["tasks"]), tuple(meta["layers"]), meta["positions"], t["total_var"],
+        return cls(t["scores"], tuple(meta["tasks"]), tuple(meta["layers"]), final_alias(meta["positions"]), t["total_var"],
                    t["within_var"], t["degenerate"].bool(), t.get("per_position"), tuple(meta.get("pos_index", ())),
                    dict(meta.get("meta", {})))
 
@@ -996,7 +999,7 @@ def validate_taskness(
     n_random: int = 10,
     n_prompts: int = 50,
     seed: int = 0,
-    batch_size: int = 64,
+    batch_size: int | None = BATCH_SIZE,
     fast: bool = True,
     **prompt_kw: Any,
 ) -> TasknessValidation:
@@ -1023,7 +1026,7 @@ def validate_taskness(
         raise ValueError("these HeadStats come from another model; recompute them with head_means(model, ...)")
     task_list = _resolve_task_list(tasks if tasks is not None else list(stats.tasks))
     final = stats if not stats.per_position else stats.at_position(-1)
-    if final.positions not in (SEPARATOR,) and not stats.positions == ALL:
+    if final.positions not in (FINAL,) and not stats.positions == ALL:
         raise ValueError(f"validation patches the final separator, but these stats hold positions={stats.positions!r}; "
                          "compute head_means with positions='separator' or 'all'")
     n_cells = scores.n_layers * scores.n_heads

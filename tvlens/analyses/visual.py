@@ -48,6 +48,7 @@ from ..inputs.canvas import CanvasBatch, canvases, changed_accuracy, concat, pre
 from ..organisms.visual.images import TASKS as VISUAL_TASKS
 from ..organisms.visual.images import apply_task
 from ..results import LayerHeadGrid, ResultMeta, Tabular, WithMeta
+from ..vocabulary import BATCH_SIZE, PROGRESS
 from .taskness import HeadStats, Taskness, head_means, taskness_from_stats
 
 __all__ = [
@@ -97,7 +98,7 @@ def _resolve_visual_tasks(tasks: Any) -> list[str]:
 
 
 def canvas_means(model: Any, tasks: Any = None, *, n: int = 32, seed: int = 0, shots: int = 1, noise: int = 0,
-                 split: str = "train", batch_size: int = 32) -> HeadStats:
+                 split: str = "train", batch_size: int | None = BATCH_SIZE) -> HeadStats:
     """Per-task mean and variance of every head's ``hook_z`` at every canvas position (Hojel et al. 2024, §3).
 
     ``n`` 1-shot canvases per task (training-split images by default, so held-out evaluation canvases
@@ -108,7 +109,7 @@ def canvas_means(model: Any, tasks: Any = None, *, n: int = 32, seed: int = 0, s
     names = _resolve_visual_tasks(tasks)
     batches = [canvases(t, n, shots=shots, seed=seed, split=split, noise=noise) for t in names]
     batches[0].check_model(model)
-    stats = head_means(model, batches, positions="all", batch_size=batch_size)
+    stats = head_means(model, batches, positions="all", batch_size=batch_size, progress=False)
     layout = batches[0].layout
     meta = {**stats.meta, "canvas_layout": layout.key, "n_canvases": n, "noise": noise, "split": split, "shots": shots}
     return replace(stats, meta=meta)
@@ -542,7 +543,7 @@ def _finish(method: str, weights: Tensor, probs: Tensor, curve: list[float], eva
 
 def reinforce_pairs(obj: CanvasPatch, *, candidates: Tensor | None = None, steps: int = 60, samples: int = 8,
                     lr: float = 0.1, init_logit: float = -1.0, sparsity: float = 0.0, metric: str = "logprob",
-                    seed: int = 0, progress: bool = False) -> PairSelection:
+                    seed: int = 0, progress: bool = PROGRESS) -> PairSelection:
     """REINFORCE over (layer, head, position) pairs (Hojel et al. 2024, §3.2).
 
     One Bernoulli per candidate pair, ``p = sigmoid(θ)`` (θ from ``init_logit``); each step samples
@@ -574,7 +575,7 @@ def reinforce_pairs(obj: CanvasPatch, *, candidates: Tensor | None = None, steps
 
 
 def soft_pairs(obj: CanvasPatch, *, candidates: Tensor | None = None, steps: int = 40, lr: float = 0.1,
-               init_logit: float = -1.0, l1: float = 0.0, seed: int = 0, progress: bool = False) -> PairSelection:
+               init_logit: float = -1.0, l1: float = 0.0, seed: int = 0, progress: bool = PROGRESS) -> PairSelection:
     """A soft weight α = sigmoid(θ) per pair, ``z ← lerp(z, mean, α)``, trained by gradient descent on
     ``−mean log p(target codes) + l1 · Σ α`` through the frozen model (a relaxation of Hojel et al.'s
     binary masks).  Each step is one forward and one backward (counted as 3 evaluations)."""
@@ -598,7 +599,7 @@ def soft_pairs(obj: CanvasPatch, *, candidates: Tensor | None = None, steps: int
 
 def cma_pairs(obj: CanvasPatch, *, candidates: Tensor | None = None, budget: int = 480, popsize: int = 8,
               sigma0: float = 0.5, x0: float = 0.0, sparsity: float = 0.0, metric: str = "logprob", seed: int = 0,
-              diagonal: bool | None = None, progress: bool = False) -> PairSelection:
+              diagonal: bool | None = None, progress: bool = PROGRESS) -> PairSelection:
     """CMA-ES (the ``cma`` package) over one real number per candidate pair, the mask being ``x > 0``
     (Hojel et al. 2024's CMA baseline); fitness = reward − ``sparsity`` · |mask|, each generation's
     ``popsize`` masks evaluated in one batched forward; ``budget`` evaluations in all.  ``diagonal``
@@ -649,7 +650,7 @@ def _cma_search(obj: CanvasPatch, space: Tensor, cma: Any, *, budget: int, popsi
 
 def grs_pairs(obj: CanvasPatch, *, candidates: Tensor | None = None, budget: int = 480, samples: int = 8,
               flip: float = 0.02, init_p: float = 0.27, sparsity: float = 0.0, metric: str = "logprob",
-              seed: int = 0, progress: bool = False) -> PairSelection:
+              seed: int = 0, progress: bool = PROGRESS) -> PairSelection:
     """Greedy random search (Hojel et al. 2024's GRS baseline): from a random mask (``init_p`` per
     pair, the REINFORCE start ``sigmoid(−1)``), each step proposes ``samples`` masks that flip a random
     ``flip`` fraction of the pairs, evaluates them in one batched forward and moves to the best if it
@@ -1110,7 +1111,7 @@ def visual_study(
     noise: int = 4,
     arithmetic: Sequence[tuple[str, str, str]] = (("hflip", "invert", "gray"), ("recolor", "segment", "gray")),
     seed: int = 0,
-    progress: bool = False,
+    progress: bool = PROGRESS,
 ) -> VisualStudy:
     """Hojel et al. 2024 end to end on a canvas model, through tvlens's API.
 

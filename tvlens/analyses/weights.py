@@ -42,6 +42,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..results import ResultMeta, Tabular, load_result, save_tensors
+from ..vocabulary import N_PROMPTS
 from ..vectors.weights import WeightVector, _figure_page, applied, merge, weighted_sum
 
 __all__ = [
@@ -474,7 +475,7 @@ def weight_negation(
     lams: Sequence[float] | None = None,
     keep: float = 0.95,
     n_shots: int = 5,
-    n_prompts: int = 32,
+    n_prompts: int = N_PROMPTS,
     seed: int = 0,
     progress: bool = True,
     finetune_kw: Mapping[str, Any] | None = None,

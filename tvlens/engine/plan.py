@@ -15,10 +15,11 @@ import torch
 from torch import Tensor
 
 from .. import hooks as _hooks
+from ..checks import check_int
 
 __all__ = ["CPU_BUDGET", "DEFAULT_BATCH", "MAX_TOKENS", "memory_budget", "bytes_per_row", "rows_per_run",
            "length_buckets", "pad_left", "rows_of", "row_inputs", "pad_inputs", "gather_inputs", "RowsBatch",
-           "POSITION_INPUTS", "pad_id_of",
+           "POSITION_INPUTS", "pad_id_of", "rows_per_forward",
            "merge_batches"]
 
 CPU_BUDGET = 512 << 20  # bytes of transient activations per chunk on CPU
@@ -72,6 +73,15 @@ DEFAULT_BATCH = 64
 
 
 MAX_TOKENS = 4096
+
+
+def rows_per_forward(batch_size: int | None) -> int:
+    """Prompts per forward for a ``batch_size`` argument: ``None`` (the vocabulary's default) lets the
+    plan decide (:data:`DEFAULT_BATCH`, and :func:`length_buckets` keeps rows x tokens under
+    :data:`MAX_TOKENS`); an int (>= 1) caps it."""
+    if batch_size is None:
+        return DEFAULT_BATCH
+    return check_int("batch_size", batch_size, 1, "a batch holds at least one prompt")
 
 
 def rows_of(batch: Any) -> list[Tensor]:

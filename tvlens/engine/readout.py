@@ -21,7 +21,7 @@ from .. import hooks as _hooks
 from ..hooks import act_name, resid_name
 from . import capabilities
 from .batch import EngineBatch, as_batch
-from .plan import DEFAULT_BATCH, gather_inputs, length_buckets, pad_id_of, pad_left
+from .plan import gather_inputs, length_buckets, pad_id_of, pad_left, rows_per_forward
 
 __all__ = ["read", "all_logits", "final_logits", "forward_last", "run_rows", "run_shared", "capture_acts", "last_token_only", "pack", "packed_chunk",
            "common_prefix"]
@@ -84,7 +84,7 @@ def run_rows(
     patch_layer: int | None = None,
     patch_value: Tensor | None = None,
     patch_mode: str = "replace",
-    batch_size: int = DEFAULT_BATCH,
+    batch_size: int | None = None,
     inputs: Sequence[dict[str, Tensor]] | None = None,
 ) -> tuple[Tensor | None, dict[int, Tensor]]:
     """Run prompts (unpadded rows) in length-sorted chunks; read the final position.
@@ -108,7 +108,7 @@ def run_rows(
     # the last block the pass runs is needed at the final position only: its MLP runs there only
     last = info.n_layers - 1 if stop is None else stop - 1
     cut = [(act_name("ln2_in", last), last_token_only)] if last >= 0 and final_only_ok(model) else []
-    for idx in length_buckets([int(r.shape[0]) for r in rows], batch_size):
+    for idx in length_buckets([int(r.shape[0]) for r in rows], rows_per_forward(batch_size)):
         tokens, mask = pad_left([rows[i] for i in idx], pad)
         it = torch.as_tensor(idx)
         fwd: list = []
@@ -231,7 +231,7 @@ def run_shared(model: Any, pairs: Sequence[tuple[Tensor, Tensor]], layers: Seque
     caps = {int(l): torch.empty((n, info.d_model), dtype=torch.float32) for l in layers}
     logits = torch.empty((n, info.d_vocab), dtype=torch.float32)
     cut = [(act_name("ln2_in", info.n_layers - 1), last_token_only)] if final_only_ok(model) else []
-    for idx in length_buckets([int(pk[0].shape[0]) for pk in packs], batch_size):
+    for idx in length_buckets([int(pk[0].shape[0]) for pk in packs], rows_per_forward(batch_size)):
         it = torch.as_tensor(idx)
         tokens, pos, mask, a_end = packed_chunk(model, [packs[i] for i in idx], pad, dtype, device)
         rows = torch.arange(len(idx))
@@ -256,7 +256,7 @@ def all_logits(model: Any, tokens: Int[Tensor, "batch pos"], mask: Int[Tensor, "
 
 @torch.no_grad()
 def final_logits(model: Any, batch: Any, mask: Int[Tensor, "batch pos"] | None = None, *,
-                 batch_size: int = DEFAULT_BATCH, **model_inputs: Tensor) -> Float[Tensor, "batch d_vocab"]:
+                 batch_size: int | None = None, **model_inputs: Tensor) -> Float[Tensor, "batch d_vocab"]:
     """Final-position logits of a left-padded batch, ``batch_size`` rows per forward (float32, CPU).
 
     ``batch`` is a prompt batch (:class:`tvlens.PromptBatch`, a multimodal batch, anything
@@ -277,8 +277,7 @@ def final_logits(model: Any, batch: Any, mask: Int[Tensor, "batch pos"] | None =
             raise TypeError("final_logits takes either a batch object alone (its mask and model inputs are its own) or "
                             "tokens with mask= and model inputs; got a batch and extra arguments")
         eb = as_batch(batch, "prompts")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    batch_size = rows_per_forward(batch_size)
     n = len(eb)
     # every chunk is cut before the first forward, so a batch that cannot be cut is refused up front
     chunks = [eb] if n <= batch_size else [eb.slice(i, i + batch_size) for i in range(0, n, batch_size)]

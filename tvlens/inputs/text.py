@@ -71,6 +71,8 @@ from torch import Tensor
 
 from ..checks import check_int as _check_int
 from ..engine.batch import RowSlicing
+from ..engine.plan import rows_per_forward
+from ..vocabulary import BATCH_SIZE, N_PROMPTS
 
 __all__ = [
     "TokenClass",
@@ -1503,9 +1505,9 @@ def answer_logprob(logits_last: Float[Tensor, "batch d_vocab"], batch: PromptBat
     return accepted_metric(logits_last.float(), accepted_ids(batch).to(logits_last.device), "logprob")
 
 
-def final_logits(model: Any, batch: PromptBatch, *, batch_size: int = 32) -> Float[Tensor, "batch d_vocab"]:
+def final_logits(model: Any, batch: PromptBatch, *, batch_size: int | None = BATCH_SIZE) -> Float[Tensor, "batch d_vocab"]:
     """Logits at the final separator (position -1) of every prompt, on the CPU in float32."""
-    _check_int("batch_size", batch_size, minimum=1)
+    batch_size = rows_per_forward(batch_size)
     _tokenizer_of(model)
     out = []
     with torch.no_grad():
@@ -1557,7 +1559,7 @@ def _evaluate_chunk(model: Any, chunk: PromptBatch) -> tuple[Tensor, Tensor]:
     return first, full
 
 
-def full_answer_match(model: Any, batch: PromptBatch, *, batch_size: int = 32) -> Bool[Tensor, " batch"]:
+def full_answer_match(model: Any, batch: PromptBatch, *, batch_size: int | None = BATCH_SIZE) -> Bool[Tensor, " batch"]:
     """Whether greedy decoding from each prompt emits exactly the answer's tokens.
 
     Computed with one teacher-forced forward per chunk: greedy decoding reproduces the answer iff
@@ -1568,7 +1570,7 @@ def full_answer_match(model: Any, batch: PromptBatch, *, batch_size: int = 32) -
     return evaluate_prompts(model, batch, batch_size=batch_size).full_answer_correct
 
 
-def evaluate_prompts(model: Any, batch: PromptBatch, *, batch_size: int = 32) -> IclAccuracy:
+def evaluate_prompts(model: Any, batch: PromptBatch, *, batch_size: int | None = BATCH_SIZE) -> IclAccuracy:
     """First-token and full-answer accuracy of ``model`` on ``batch`` (batched, left-padded, no grad).
 
     The answers compared against are ``batch.accepted_answer_tokens`` (those of the query in the
@@ -1576,7 +1578,7 @@ def evaluate_prompts(model: Any, batch: PromptBatch, *, batch_size: int = 32) ->
     """
     if not isinstance(batch, PromptBatch):
         raise TypeError(f"batch must be a PromptBatch (from tvlens.icl_prompts), got {type(batch).__name__}")
-    _check_int("batch_size", batch_size, minimum=1)
+    batch_size = rows_per_forward(batch_size)
     _tokenizer_of(model)
     firsts, fulls = [], []
     with torch.no_grad():
@@ -1600,9 +1602,9 @@ def evaluate_icl(
     task: Any,
     n_shots: int,
     *,
-    n_prompts: int = 50,
+    n_prompts: int = N_PROMPTS,
     seed: int = 0,
-    batch_size: int = 32,
+    batch_size: int | None = BATCH_SIZE,
     **prompt_kw: Any,
 ) -> IclAccuracy:
     """ICL accuracy of ``model`` on ``task`` with ``n_shots`` demonstrations.

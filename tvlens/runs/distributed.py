@@ -91,10 +91,10 @@ def _head_means_unit(model: Any, task: Any, n: int, n_shots: int, seed: int, r0:
     stop_at = layer_ids[-1] + 1 if layer_ids[-1] + 1 < info.n_layers else None
     tk._accumulate_batch(model, batch.tokens, batch.attention_mask, batch.token_class, mode=mode, cls=cls,
                          layer_ids=layer_ids, acc_z=acc_z, acc_o=acc_o, w_o=w_o, stop_at=stop_at)
-    zm, zv, c = tk._finish(acc_z, (len(layer_ids), info.n_heads, info.d_head), per_position=mode != tk.SEPARATOR)
+    zm, zv, c = tk._finish(acc_z, (len(layer_ids), info.n_heads, info.d_head), per_position=mode != tk.FINAL)
     out = {"z_mean": zm, "z_var": zv, "count": c}
     if acc_o is not None:
-        om, ov, _ = tk._finish(acc_o, (len(layer_ids), info.n_heads, info.d_model), per_position=mode != tk.SEPARATOR)
+        om, ov, _ = tk._finish(acc_o, (len(layer_ids), info.n_heads, info.d_model), per_position=mode != tk.FINAL)
         out.update(out_mean=om, out_var=ov)
     return out
 
@@ -114,7 +114,8 @@ def head_means(model: Any, task_list: Sequence[Any], *, executor: Any, n_prompts
         if not tk._is_prompt_batch(task):
             icl_prompts(model, task, n_prompts=2, n_shots=n_shots, seed=seed, **prompt_kw)
     ex.prepare(model)
-    opts = dict(positions=positions, batch_size=batch_size, include_output=include_output, layers=list(layer_ids))
+    opts = dict(positions=positions, batch_size=batch_size, include_output=include_output, layers=list(layer_ids),
+                progress=False)
     units: list[Unit] = []
     for ti, task in enumerate(task_list):
         if tk._is_prompt_batch(task):
@@ -132,7 +133,7 @@ def head_means(model: Any, task_list: Sequence[Any], *, executor: Any, n_prompts
             i += 1
     results = ex.run(model, units, desc="head_means", progress=progress)
     merged = None
-    per = mode != tk.SEPARATOR
+    per = mode != tk.FINAL
     for u in units:  # in order: task by task, chunk by chunk, so tasks keep their order
         r = results[u.key if not isinstance(u.key, list) else tuple(u.key)]
         name = tk._task_name(task_list[u.key[1]])

@@ -65,7 +65,8 @@ from torch import Tensor
 
 from .. import hooks as _hooks
 from ..checks import check_int as _check_int
-from ..engine.plan import DEFAULT_BATCH, RowsBatch, length_buckets, pad_id_of, pad_left, row_inputs, rows_of
+from ..vocabulary import BATCH_SIZE, N_PROMPTS
+from ..engine.plan import RowsBatch, rows_per_forward, length_buckets, pad_id_of, pad_left, row_inputs, rows_of
 from ..engine.readout import run_rows, run_shared, tree_mask_ok
 from ..inputs.text import prompt_options, prompt_record
 from ..metrics import accepted_ids, accepted_metric, cat_accepted
@@ -580,7 +581,7 @@ def task_vectors_all_layers(
     n_shots: int = 5,
     dummy_query: bool = True,
     seed: int = 0,
-    batch_size: int = DEFAULT_BATCH,
+    batch_size: int | None = BATCH_SIZE,
     **prompt_kw: Any,
 ) -> list[TaskVector]:
     """Task vectors of ``task`` at every layer in ``layers`` (default all), from ONE pass of hooks.
@@ -591,7 +592,7 @@ def task_vectors_all_layers(
     """
     n_prompts = _check_int("n_prompts", n_prompts, 1)
     n_shots = _check_int("n_shots", n_shots, 0)
-    batch_size = _check_int("batch_size", batch_size, 1)
+    batch_size = rows_per_forward(batch_size)
     ls = _check_layers(model, layers)
     prompt_kw = prompt_options("task_vector", prompt_kw)
     if _is_batch(task):
@@ -637,7 +638,7 @@ def task_vector(
     n_shots: int = 5,
     dummy_query: bool = True,
     seed: int = 0,
-    batch_size: int = DEFAULT_BATCH,
+    batch_size: int | None = BATCH_SIZE,
     **prompt_kw: Any,
 ) -> TaskVector:
     """Hendel et al. 2023's task vector (§3.1): the residual entering block ``layer`` at the final
@@ -666,7 +667,7 @@ def instruction_vector(
     layer: int,
     n_prompts: int = 50,
     seed: int = 0,
-    batch_size: int = DEFAULT_BATCH,
+    batch_size: int | None = BATCH_SIZE,
     **prompt_kw: Any,
 ) -> TaskVector:
     """Luo et al. 2024's instruction-based vector (§4.2): the residual entering block ``layer`` at the
@@ -759,7 +760,7 @@ def apply_vector(
     alpha: float = 1.0,
     layer: int | None = None,
     attention_mask: Tensor | None = None,
-    batch_size: int = DEFAULT_BATCH,
+    batch_size: int | None = BATCH_SIZE,
 ) -> Float[Tensor, "batch d_vocab"]:
     """Run ``prompts`` with ``vector`` at the final position; return the final-position logits (float32 CPU).
 
@@ -773,7 +774,7 @@ def apply_vector(
         raise TypeError(f"vector must be a TaskVector, got {type(vector).__name__}")
     mode = _check_mode(mode, vector, alpha)
     target = vector.check_model(model, layer=layer)
-    batch_size = _check_int("batch_size", batch_size, 1)
+    batch_size = rows_per_forward(batch_size)
     rows, inputs = _as_rows(prompts, attention_mask)
     value = vector.vector * float(alpha) if mode == "add" else vector.vector
     logits, _ = run_rows(model, rows, patch_layer=target, patch_value=value, patch_mode=mode, batch_size=batch_size,
@@ -821,7 +822,7 @@ def evaluate_vector(
     mode: str | None = None,
     alpha: float = 1.0,
     layer: int | None = None,
-    batch_size: int = DEFAULT_BATCH,
+    batch_size: int | None = BATCH_SIZE,
     **prompt_kw: Any,
 ) -> float:
     """First-token accuracy of zero-shot prompts ``"x →"`` of ``task`` (up to ``n_prompts`` distinct
@@ -1178,7 +1179,7 @@ def layer_sweep(
     dummy_query: bool = True,
     center: bool = False,
     function_kw: Mapping[str, Any] | None = None,
-    batch_size: int = DEFAULT_BATCH,
+    batch_size: int | None = BATCH_SIZE,
     checkpoint: str | Path | None = None,
     executor: Any = None,
     **prompt_kw: Any,
@@ -1227,7 +1228,7 @@ def layer_sweep(
     t0 = time.perf_counter()
     n_prompts = _check_int("n_prompts", n_prompts, 1)
     n_shots = _check_int("n_shots", n_shots, 0)
-    batch_size = _check_int("batch_size", batch_size, 1)
+    batch_size = rows_per_forward(batch_size)
     if kind not in _SWEEP_KINDS:
         raise ValueError(f"unknown kind {kind!r} for a layer sweep; use one of {', '.join(map(repr, _SWEEP_KINDS))}")
     if mode is None:
@@ -1430,20 +1431,21 @@ def function_vector(
     task: Any,
     *,
     n_heads: int = 10,
-    n_prompts: int = 100,
+    n_prompts: int = N_PROMPTS,
     n_cie_prompts: int = 25,
     n_shots: int = 10,
     seed: int = 0,
     layer: int | None = None,
     heads: Sequence[tuple[int, int]] | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = BATCH_SIZE,
     executor: Any = None,
     **prompt_kw: Any,
 ) -> FunctionVector:
     """Todd et al. 2024's function vector of ``task``.
 
     1. Task-mean head outputs ``z̄[l, h]`` at the final separator over ``n_prompts`` clean
-       ``n_shots``-shot prompts (train-split queries), from :func:`tvlens.analyses.taskness.head_means`.
+       ``n_shots``-shot prompts (train-split queries), from :func:`tvlens.analyses.taskness.head_means`
+       (Todd et al. average over 100: pass ``n_prompts=100`` to follow them).
     2. CIE of each head: mean over ``n_cie_prompts`` shuffled-label ``n_shots``-shot prompts of
        ``p(answer | z̄[l, h] patched at the final position) - p(answer)``, by
        :func:`tvlens.analyses.patching.patch_heads` (exact, one target pass + final-token recompute).
@@ -1482,7 +1484,7 @@ def function_vector(
         corrupted = icl_prompts(model, task, n_prompts=n_cie_prompts, n_shots=n_shots, seed=seed + 1,
                                 shuffle_labels=True, split="train", **prompt_kw)
     stats = head_means(model, [task], n_prompts=n_prompts, n_shots=n_shots, seed=seed, batch_size=batch_size,
-                       split="train", executor=executor, **prompt_kw)
+                       split="train", progress=False, executor=executor, **prompt_kw)
     mean_z = stats.mean(task.name).to(torch.float32)  # [layer, head, d_head]
     if mean_z.ndim != 3:
         raise RuntimeError(f"head_means returned shape {tuple(mean_z.shape)}; expected [layer, head, d_head]")
