@@ -136,3 +136,31 @@ def test_the_last_position_has_one_name(tiny_llama, tmp_path):
     meta = json.loads(side.read_text())
     side.write_text(json.dumps({**meta, "positions": "separator"}))  # as files written before "final"
     assert tvlens.HeadStats.load(path).positions == FINAL
+
+
+def test_every_result_carries_one_meta_type():
+    """Every result's ``meta`` is a ResultMeta (typed so, and so by default where it has one)."""
+    import dataclasses
+    import importlib
+    import inspect
+    import pkgutil
+
+    from tvlens.results import ResultMeta
+
+    found, odd = 0, []
+    for info in pkgutil.walk_packages(tvlens.__path__, "tvlens."):
+        if ".organisms." in info.name or info.name.endswith("__main__"):
+            continue
+        mod = importlib.import_module(info.name)
+        for c in vars(mod).values():
+            if not (inspect.isclass(c) and c.__module__ == info.name and dataclasses.is_dataclass(c)):
+                continue
+            meta = {f.name: f for f in dataclasses.fields(c)}.get("meta")
+            if meta is None:
+                continue
+            found += 1
+            typed = meta.type in ("ResultMeta", ResultMeta)
+            default = meta.default_factory if meta.default_factory is not dataclasses.MISSING else None
+            if not typed or (meta.default is not dataclasses.MISSING) or default not in (None, ResultMeta):
+                odd.append(c.__name__)
+    assert found >= 25 and not odd, odd

@@ -44,7 +44,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..engine.plan import rows_per_forward
-from ..results import Tabular
+from ..results import ResultMeta, Tabular
 from ..vocabulary import BATCH_SIZE, FINAL, N_PROMPTS
 
 __all__ = [
@@ -382,7 +382,7 @@ class LensResult(Tabular):
     mean_probs: Float[Tensor, "layer d_vocab"] | None = None
     #: decoded strings of the tokens near the top of any layer (id -> string), for task_phase_words
     token_strings: Mapping[int, str] = field(default_factory=dict)
-    meta: Any = None
+    meta: ResultMeta = field(default_factory=ResultMeta)
 
     # -- summaries ------------------------------------------------------------------------------
     @property

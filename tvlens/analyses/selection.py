@@ -45,7 +45,7 @@ from ..engine.plan import RowsBatch, gather_inputs, merge_batches, pad_id_of, pa
 from ..inputs.text import prompt_options, prompt_record
 from ..metrics import FINAL_POSITION, accepted_ids, accepted_metric, cat_accepted
 from ..vocabulary import FINAL, final_alias
-from ..results import LayerHeadGrid
+from ..results import LayerHeadGrid, ResultMeta
 from ..results import tensor_digest as _tensor_digest
 import hashlib
 import io
@@ -473,7 +473,7 @@ class Selection(LayerHeadGrid):
     mask: Bool[Tensor, "layer head"]
     rewards: Float[Tensor, " step"]
     method: str
-    meta: Any
+    meta: ResultMeta
     tasks: tuple[str, ...] = ()
     head_means: Tensor | None = field(default=None, repr=False)
 
@@ -1239,7 +1239,7 @@ class Comparison:
     k: Mapping[str, int]
     per: str
     notes: tuple[str, ...]
-    meta: Any
+    meta: ResultMeta
 
     def label(self, method: str) -> str:
         return METHOD_LABELS.get(method, method)
