@@ -164,3 +164,15 @@ def test_every_result_carries_one_meta_type():
             if not typed or (meta.default is not dataclasses.MISSING) or default not in (None, ResultMeta):
                 odd.append(c.__name__)
     assert found >= 25 and not odd, odd
+
+
+def test_a_parameter_names_one_role():
+    """The model comes in as ``model`` (or the statistics computed from it, where a function takes
+    either) and prompts as ``task`` / ``tasks`` (a name, a Task, or a ready batch), never under a
+    name that lists alternatives (``prompts_or_task``, ``model_or_stats``). ``load_model``'s
+    ``name_or_path`` is Hugging Face's word for what it takes."""
+    import inspect
+
+    odd = [f"{name}({p})" for name, fn in _public_callables().items()
+           for p in inspect.signature(fn).parameters if "_or_" in p and (name, p) != ("load_model", "name_or_path")]
+    assert not odd, odd

@@ -787,13 +787,13 @@ def _resolve_task(task_or_name: Any) -> Any:
     if isinstance(texts, (list, tuple)) and texts and all(isinstance(t, str) for t in texts) \
             and (not isinstance(task_or_name, str) or any(c in task_or_name for c in "→\n")):
         raise TypeError(
-            f"prompts_or_task got prompt text ({texts[0][:40]!r}{' ...' if len(texts) > 1 else ''}), not a task name; to "
+            f"task got prompt text ({texts[0][:40]!r}{' ...' if len(texts) > 1 else ''}), not a task name; to "
             "read your own prompts build a batch first: logit_lens(model, tvlens.prompts_from_text(model, texts, answers)), "
             "e.g. prompts_from_text(model, ['France → Paris\\nJapan →'], ['Tokyo'])"
         )
     if not isinstance(task_or_name, str):
         raise TypeError(
-            f"prompts_or_task must be a PromptBatch, a Task or a task name, got {type(task_or_name).__name__}; "
+            f"task must be a task name, a Task or a PromptBatch, got {type(task_or_name).__name__}; "
             "e.g. logit_lens(model, 'country_capital') or logit_lens(model, icl_prompts(model, task, n_shots=5))"
         )
     found = resolve_tasks(task_or_name)
@@ -847,7 +847,7 @@ def _prepare(model: Any, prompts_or_task: Any, *, n_prompts: int, n_shots: int, 
 @torch.no_grad()
 def logit_lens(
     model: Any,
-    prompts_or_task: Any,
+    task: Any,
     *,
     position: Any = FINAL,
     layers: Sequence[int] | int | None = None,
@@ -870,9 +870,9 @@ def logit_lens(
     (the query item, ``batch.queries``), as a text prompt would have it.
 
     Args:
-        prompts_or_task: a :class:`~tvlens.inputs.text.PromptBatch`, a
-            :class:`~tvlens.inputs.multimodal.MultimodalBatch`, a :class:`~tvlens.tasks.Task` or a
-            task name (then ``icl_prompts(model, task, n_prompts=, n_shots=, seed=, **prompt_kw)``).
+        task: a task name or :class:`~tvlens.tasks.Task` (then ``icl_prompts(model, task, n_prompts=,
+            n_shots=, seed=, **prompt_kw)``), or a ready batch — a :class:`~tvlens.inputs.text.PromptBatch`
+            or a :class:`~tvlens.inputs.multimodal.MultimodalBatch` — read as it is.
         position: ``"final"`` (the final separator ``→``, index -1; ``"separator"`` says the same), a token class name (``"query_input"``,
             ``"demo_sep"``, ... — its last occurrence in each prompt) or an int index (negative from
             the end; prompts are left-padded).
@@ -901,7 +901,7 @@ def logit_lens(
         if len(task_words) == 0 or not any(str(w).strip() for w in task_words):
             raise ValueError("task_words is empty; pass at least one word (e.g. task_words=['capital', 'city']) or None for the instruction's words")
     batch_size = rows_per_forward(batch_size)
-    batch, task = _prepare(model, prompts_or_task, n_prompts=n_prompts, n_shots=n_shots, seed=seed, prompt_kw=prompt_kw)
+    batch, task = _prepare(model, task, n_prompts=n_prompts, n_shots=n_shots, seed=seed, prompt_kw=prompt_kw)
     check_inputs(model, batch, "the logit lens's prompts")  # images and model agree, before any forward
     pos_idx, pos_label = _positions(batch, position)
     if task_words is not None:

@@ -878,7 +878,7 @@ class Taskness(WithMeta, LayerHeadGrid, Tabular):
                    dict(meta.get("meta", {})))
 
 
-def taskness(model_or_stats: Any, tasks: Any = None, *, eps: float = DEFAULT_EPS, **kw: Any) -> Taskness:
+def taskness(model: Any, tasks: Any = None, *, eps: float = DEFAULT_EPS, **kw: Any) -> Taskness:
     """ρ_token taskness of every head (Hojel et al. 2024, "Finding Visual Task Vectors", §3).
 
     ``ρ(i) = Σ_e Var(h_all^i[e]) / ((1/n) Σ_j Σ_e Var(h_task_j^i[e]))`` — the variance of head
@@ -888,14 +888,14 @@ def taskness(model_or_stats: Any, tasks: Any = None, *, eps: float = DEFAULT_EPS
     position is scored separately and a head's score is the mean of its token scores, over the
     positions where every task has at least two samples.
 
-    ``model_or_stats``: a model (then ``head_means(model, tasks, **kw)`` is computed first; ``kw``
+    ``model``: a model (then ``head_means(model, tasks, **kw)`` is computed first; ``kw``
     takes its options, ``executor=`` among them) or a ``HeadStats`` (``tasks`` optionally selects a
     subset of its tasks). At least two tasks are needed.
     """
-    if isinstance(model_or_stats, HeadStats):
+    if isinstance(model, HeadStats):
         if kw:
             raise TypeError(f"taskness(HeadStats) takes no head_means options, got {', '.join(kw)}")
-        stats = model_or_stats if tasks is None else model_or_stats.select(_resolve_task_list(tasks))
+        stats = model if tasks is None else model.select(_resolve_task_list(tasks))
     else:
         task_list = _resolve_task_list(tasks)
         if len(task_list) < 2 and any(hasattr(t, "tokens") for t in task_list):
@@ -908,7 +908,7 @@ def taskness(model_or_stats: Any, tasks: Any = None, *, eps: float = DEFAULT_EPS
             raise ValueError(f"ρ_token compares tasks: it needs at least 2 tasks, got {len(task_list)}; pass more tasks")
         if not eps > 0:
             raise ValueError(f"eps={eps} must be > 0 (it floors a zero within-task variance); the default is {DEFAULT_EPS}")
-        stats = head_means(model_or_stats, task_list, **kw)
+        stats = head_means(model, task_list, **kw)
     return taskness_from_stats(stats, eps=eps)
 
 

@@ -211,13 +211,13 @@ class VisualTaskness(WithMeta, LayerHeadGrid, Tabular):
         return [{"layer": l, "head": h, "pos": p, "rho": rho[l][h][p]} for l in range(L) for h in range(H) for p in range(P)]
 
 
-def visual_taskness(model_or_stats: Any, tasks: Any = None, **kw: Any) -> VisualTaskness:
+def visual_taskness(model: Any, tasks: Any = None, **kw: Any) -> VisualTaskness:
     """ρ_token (Hojel et al. 2024, §3) of every (layer, head, canvas position), from :func:`canvas_means`.
 
-    ``model_or_stats``: a model (then ``canvas_means(model, tasks, **kw)`` runs first) or the
+    ``model``: a model (then ``canvas_means(model, tasks, **kw)`` runs first) or the
     :class:`HeadStats` it returned.
     """
-    stats = model_or_stats if isinstance(model_or_stats, HeadStats) else canvas_means(model_or_stats, tasks, **kw)
+    stats = model if isinstance(model, HeadStats) else canvas_means(model, tasks, **kw)
     if not stats.per_position or "canvas_layout" not in stats.meta:
         raise ValueError("these statistics are not per canvas position; compute them with "
                          "tvlens.analyses.visual.canvas_means(model, tasks)")
