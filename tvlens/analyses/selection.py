@@ -1468,22 +1468,11 @@ def compare_selections(
     where absent); CIE top-k is skipped (it builds its own text prompts), with a note.
     """
     from ..models import ModelInfo
-    from ..inputs.text import evaluate_prompts, icl_prompts
     from ..results import ResultMeta
 
     info = ModelInfo.of(model)
     prompt_kw = prompt_options("compare_selections", prompt_kw)
-    prompt_meta = prompt_record(prompt_kw)
-    given = _ready_prompts(model, tasks, "train", prompt_kw, "compare_selections")
-    if given is not None:
-        from ..vectors.activation import SweepPrompts
-
-        items = [tasks] if isinstance(tasks, SweepPrompts) else list(tasks)
-        if not all(isinstance(t, SweepPrompts) for t in items):
-            raise TypeError("compare_selections selects on train queries and scores on test queries: give ready prompts as "
-                            "SweepPrompts(task, context, {'train': ..., 'test': ...}), not bare batches")
-        tests = {g.name: g for g in _ready_prompts(model, items, "test", prompt_kw, "compare_selections")}
-        ready = {g.name: t for g, t in zip(given, items)}
+    given, tests, ready = _comparison_prompts(model, tasks, prompt_kw)
     task_list = given if given is not None else _resolve_tasks(tasks)
     methods = tuple(methods)
     unknown = [m for m in methods if m not in METHOD_LABELS]
@@ -1497,131 +1486,204 @@ def compare_selections(
     seed = _check_int("seed", seed, 0)
     groups = _groups(task_list, per)
     selections = dict(selections or {})
-    extra_methods = [m for m in selections if m not in METHOD_LABELS]
-    all_methods = (*methods, *extra_methods)
+    all_methods = (*methods, *[m for m in selections if m not in METHOD_LABELS])
     notes: list[str] = []
+    stats = _comparison_stats(model, task_list, given, head_means, n_mean_prompts=n_mean_prompts, n_shots=n_shots,
+                              seed=seed, progress=progress, prompt_kw=prompt_kw)
+    means = _means_for(model, task_list, stats, n_prompts=n_mean_prompts, n_shots=n_shots, seed=seed, prompt_kw=prompt_kw)
+    rho = _rho_scores(stats, task_list, notes) if "rho_topk" in methods else None
+    tally = _Tally.empty(task_list, all_methods)
+    gen = torch.Generator().manual_seed(seed)
+    chosen: dict[str, dict[str, Selection]] = {}
+    ks: dict[str, int] = {}
+    learn = dict(seed=seed, progress=progress, fast=fast, max_memory=max_memory, prompt_kw=prompt_kw,
+                 reinforce_kw=reinforce_kw, soft_kw=soft_kw, cie_kw=cie_kw)
+    for group, g_tasks in groups.items():
+        idx = [tally.index[t.name] for t in g_tasks]
+        fixed = _learnt_selections(model, group, g_tasks, means[idx], methods, selections, ready, **learn)
+        ks[group] = k_g = k if k is not None else (len(fixed["reinforce"]) if "reinforce" in fixed and len(fixed["reinforce"])
+                                                   else min(8, info.n_layers * info.n_heads))
+        fixed.update(_fixed_size_selections(model, g_tasks, k_g, methods, rho, given is not None, notes, seed=seed,
+                                            prompt_kw=prompt_kw, cie_kw=cie_kw))
+        rows = _weightings(info, fixed, methods, n_random, k_g, gen)
+        if given is None:
+            obj = PatchObjective.build(model, g_tasks, means[idx], n_prompts=n_prompts, split="test", seed=seed,
+                                       max_memory=max_memory, fast=fast, prompt_kw=prompt_kw)
+        else:
+            obj = PatchObjective.from_batches(model, [tests[t.name].queries for t in g_tasks], means[idx],
+                                              task_names=[t.name for t in g_tasks], max_memory=max_memory, fast=fast)
+        tally.record(idx, rows, obj.per_task(torch.stack([w for _, w in rows]), "accuracy").double(), k_g)
+        for method, sel in fixed.items():
+            chosen.setdefault(method, {})[group] = sel
+    if "icl" in methods:
+        _icl_column(model, task_list, tests, means, tally, notes, n_icl_prompts=n_icl_prompts, n_shots=n_shots, seed=seed,
+                    max_memory=max_memory, fast=fast, prompt_kw=prompt_kw)
+    meta = ResultMeta.for_model(model, tasks=[t.name for t in task_list], seed=seed, per=per, n_random=n_random, n_shots=n_shots,
+                                n_prompts=n_prompts, n_icl_prompts=n_icl_prompts, n_mean_prompts=n_mean_prompts,
+                                k=dict(ks), reinforce_kw=dict(reinforce_kw or {}), soft_kw=dict(soft_kw or {}),
+                                **prompt_record(prompt_kw))
+    return Comparison(tasks=tuple(t.name for t in task_list), families=tuple(t.family for t in task_list), methods=all_methods,
+                      accuracy=tally.acc.float(), random_std=tally.rnd_std.float(), n_selected=tally.n_sel.float(),
+                      selections=chosen, k=ks, per=per, notes=tuple(notes), meta=meta)
 
-    # task means, shared by every method (ρ needs the variances too)
-    stats = head_means
-    if stats is None and given is not None:
+
+# -- the steps of compare_selections ------------------------------------------------------------
+
+
+def _comparison_prompts(model: Any, tasks: Any, prompt_kw: Mapping[str, Any]) -> tuple[Any, dict, dict]:
+    """Ready prompts (SweepPrompts) as train-split tasks, their test queries and the SweepPrompts by
+    name; ``(None, {}, {})`` for task names, whose prompts each method builds."""
+    given = _ready_prompts(model, tasks, "train", prompt_kw, "compare_selections")
+    if given is None:
+        return None, {}, {}
+    from ..vectors.activation import SweepPrompts
+
+    items = [tasks] if isinstance(tasks, SweepPrompts) else list(tasks)
+    if not all(isinstance(t, SweepPrompts) for t in items):
+        raise TypeError("compare_selections selects on train queries and scores on test queries: give ready prompts as "
+                        "SweepPrompts(task, context, {'train': ..., 'test': ...}), not bare batches")
+    tests = {g.name: g for g in _ready_prompts(model, items, "test", prompt_kw, "compare_selections")}
+    return given, tests, {g.name: t for g, t in zip(given, items)}
+
+
+def _comparison_stats(model: Any, task_list: Sequence[Any], given: Any, head_means: Any, *, n_mean_prompts: int,
+                      n_shots: int, seed: int, progress: bool, prompt_kw: Mapping[str, Any]) -> Any:
+    """The task means every method shares (a HeadStats, so ρ has its variances), unless given."""
+    if head_means is not None:
+        return head_means
+    if given is not None:
         missing = [g.name for g in given if g.context is None]
         if missing:
             raise ValueError(f"no head means for the ready prompts of {', '.join(missing)}: pass head_means= or give "
                              "SweepPrompts with context prompts")
-        stats = _context_stats(model, given)
-    elif stats is None:
-        from .taskness import head_means as compute
+        return _context_stats(model, given)
+    from .taskness import head_means as compute
 
-        stats = compute(model, task_list, n_prompts=n_mean_prompts, n_shots=n_shots, positions=FINAL, seed=seed,
-                        split="train", progress=progress, **prompt_kw)
-    means = _means_for(model, task_list, stats, n_prompts=n_mean_prompts, n_shots=n_shots, seed=seed, prompt_kw=prompt_kw)
-    name_index = {t.name: i for i, t in enumerate(task_list)}
+    return compute(model, task_list, n_prompts=n_mean_prompts, n_shots=n_shots, positions=FINAL, seed=seed,
+                   split="train", progress=progress, **prompt_kw)
 
-    rho = None
-    if "rho_topk" in methods:
-        if isinstance(stats, Tensor):
-            notes.append("ρ top-k skipped: head_means was given as a tensor (ρ needs the variances of a HeadStats)")
-        elif len(task_list) < 2:
-            notes.append("ρ top-k skipped: ρ_token compares tasks and needs at least 2")
-        else:
-            from .taskness import taskness
 
-            rho = taskness(stats.select([t.name for t in task_list]) if hasattr(stats, "select") else stats).scores.float()
+def _rho_scores(stats: Any, task_list: Sequence[Any], notes: list[str]) -> Tensor | None:
+    """ρ_token ``[layer, head]`` over all the tasks (Hojel et al. 2024, §3), or None with a note why not."""
+    if isinstance(stats, Tensor):
+        notes.append("ρ top-k skipped: head_means was given as a tensor (ρ needs the variances of a HeadStats)")
+        return None
+    if len(task_list) < 2:
+        notes.append("ρ top-k skipped: ρ_token compares tasks and needs at least 2")
+        return None
+    from .taskness import taskness
 
-    acc = torch.full((len(task_list), len(all_methods)), float("nan"), dtype=torch.float64)
-    n_sel = torch.full_like(acc, float("nan"))
-    rnd_std = torch.full((len(task_list),), float("nan"), dtype=torch.float64)
-    chosen: dict[str, dict[str, Selection]] = {}
-    ks: dict[str, int] = {}
-    gen = torch.Generator().manual_seed(seed)
-    col = {m: j for j, m in enumerate(all_methods)}
-    cie_failed = False
+    return taskness(stats.select([t.name for t in task_list]) if hasattr(stats, "select") else stats).scores.float()
 
-    for group, g_tasks in groups.items():
-        idx = [name_index[t.name] for t in g_tasks]
-        g_means = means[idx]
-        fixed: dict[str, Selection] = {}
-        # learnt selections
-        for method, fn, kw in (("reinforce", reinforce_select, reinforce_kw), ("soft", soft_select, soft_kw)):
-            if method not in methods and method not in selections:
-                continue
-            sel = _given_selection(selections.get(method), group, g_tasks)
-            if sel is None:
-                sel = fn(model, g_tasks if given is None else [ready[t.name] for t in g_tasks], head_means=g_means, seed=seed,
-                         progress=progress,
-                         **{"fast": fast, "max_memory": max_memory, **prompt_kw, **dict(kw or {})})
-            fixed[method] = sel
-        for method in extra_methods:
-            if method not in ("reinforce", "soft"):
-                fixed[method] = _given_selection(selections[method], group, g_tasks)
-        k_g = k if k is not None else (len(fixed["reinforce"]) if "reinforce" in fixed and len(fixed["reinforce"])
-                                       else min(8, info.n_layers * info.n_heads))
-        ks[group] = k_g
-        names = [t.name for t in g_tasks]
-        if rho is not None:
-            fixed["rho_topk"] = Selection.from_heads(model, _topk_heads(rho, k_g), method="rho_topk", tasks=names, k=k_g)
-        if "cie_topk" in methods and given is not None:
-            if not cie_failed:
-                notes.append("CIE top-k skipped: ready prompts have no task whose text prompts function_vector would build")
-            cie_failed = True
-        if "cie_topk" in methods and not cie_failed:
-            try:
-                cie = torch.stack([_cie_scores(model, t, seed=seed, k=k_g, **{**prompt_kw, **dict(cie_kw or {})})
-                                   for t in g_tasks]).mean(0)
-                fixed["cie_topk"] = Selection.from_heads(model, _topk_heads(cie, k_g), method="cie_topk", tasks=names, k=k_g)
-            except (ImportError, AttributeError) as err:
-                cie_failed = True
-                notes.append(f"CIE top-k skipped: {type(err).__name__}: {err}")
-        # one batched evaluation of every weighting for this group
-        rows: list[tuple[str, Tensor]] = []
-        if "zero_shot" in methods:
-            rows.append(("zero_shot", torch.zeros(info.n_layers, info.n_heads)))
-        for method, sel in fixed.items():
-            rows.append((method, sel.weights.float()))
-        if "random_k" in methods:
-            for _ in range(n_random):
-                perm = torch.randperm(info.n_layers * info.n_heads, generator=gen)[:k_g]
-                w = torch.zeros(info.n_layers * info.n_heads)
-                w[perm] = 1.0
-                rows.append(("random_k", w.reshape(info.n_layers, info.n_heads)))
-        if given is None:
-            obj = PatchObjective.build(model, g_tasks, g_means, n_prompts=n_prompts, split="test", seed=seed,
-                                       max_memory=max_memory, fast=fast, prompt_kw=prompt_kw)
-        else:
-            obj = PatchObjective.from_batches(model, [tests[t.name].queries for t in g_tasks], g_means, task_names=names,
-                                              max_memory=max_memory, fast=fast)
-        scores = obj.per_task(torch.stack([w for _, w in rows]), "accuracy").double()  # [row, task]
+
+def _learnt_selections(model: Any, group: str, g_tasks: Sequence[Any], g_means: Tensor, methods: Sequence[str],
+                       selections: Mapping[str, Any], ready: Mapping[str, Any], *, seed: int, progress: bool, fast: Any,
+                       max_memory: int | None, prompt_kw: Mapping[str, Any], reinforce_kw: Any, soft_kw: Any,
+                       cie_kw: Any) -> dict[str, Selection]:
+    """REINFORCE and soft selections learnt on the group's train queries (or given), then the user's own."""
+    fixed: dict[str, Selection] = {}
+    for method, fn, kw in (("reinforce", reinforce_select, reinforce_kw), ("soft", soft_select, soft_kw)):
+        if method not in methods and method not in selections:
+            continue
+        sel = _given_selection(selections.get(method), group, g_tasks)
+        if sel is None:
+            sel = fn(model, [ready[t.name] for t in g_tasks] if ready else g_tasks, head_means=g_means, seed=seed,
+                     progress=progress, **{"fast": fast, "max_memory": max_memory, **prompt_kw, **dict(kw or {})})
+        fixed[method] = sel
+    for method in selections:
+        if method not in METHOD_LABELS:
+            fixed[method] = _given_selection(selections[method], group, g_tasks)
+    return fixed
+
+
+def _fixed_size_selections(model: Any, g_tasks: Sequence[Any], k: int, methods: Sequence[str], rho: Tensor | None,
+                           ready: bool, notes: list[str], *, seed: int, prompt_kw: Mapping[str, Any],
+                           cie_kw: Any) -> dict[str, Selection]:
+    """The top-``k`` heads by ρ (over all tasks) and by CIE (Todd et al. 2024, averaged over the group)."""
+    names = [t.name for t in g_tasks]
+    out: dict[str, Selection] = {}
+    if rho is not None:
+        out["rho_topk"] = Selection.from_heads(model, _topk_heads(rho, k), method="rho_topk", tasks=names, k=k)
+    if "cie_topk" not in methods or any(n.startswith("CIE top-k skipped") for n in notes):
+        return out
+    if ready:
+        notes.append("CIE top-k skipped: ready prompts have no task whose text prompts function_vector would build")
+        return out
+    try:
+        cie = torch.stack([_cie_scores(model, t, seed=seed, k=k, **{**prompt_kw, **dict(cie_kw or {})})
+                           for t in g_tasks]).mean(0)
+        out["cie_topk"] = Selection.from_heads(model, _topk_heads(cie, k), method="cie_topk", tasks=names, k=k)
+    except (ImportError, AttributeError) as err:
+        notes.append(f"CIE top-k skipped: {type(err).__name__}: {err}")
+    return out
+
+
+def _weightings(info: Any, fixed: Mapping[str, Selection], methods: Sequence[str], n_random: int, k: int,
+                gen: torch.Generator) -> list[tuple[str, Float[Tensor, "layer head"]]]:
+    """Every (method, per-head weight) row one group is scored on: nothing, each selection, random-k draws."""
+    rows: list[tuple[str, Tensor]] = []
+    if "zero_shot" in methods:
+        rows.append(("zero_shot", torch.zeros(info.n_layers, info.n_heads)))
+    rows += [(method, sel.weights.float()) for method, sel in fixed.items()]
+    if "random_k" in methods:
+        for _ in range(n_random):
+            perm = torch.randperm(info.n_layers * info.n_heads, generator=gen)[:k]
+            w = torch.zeros(info.n_layers * info.n_heads)
+            w[perm] = 1.0
+            rows.append(("random_k", w.reshape(info.n_layers, info.n_heads)))
+    return rows
+
+
+@dataclass
+class _Tally:
+    """The comparison's table as it fills: accuracy and heads patched ``[task, method]``, random-k's spread."""
+
+    index: dict[str, int]
+    col: dict[str, int]
+    acc: Float[Tensor, "task method"]
+    n_sel: Float[Tensor, "task method"]
+    rnd_std: Float[Tensor, " task"]
+
+    @classmethod
+    def empty(cls, task_list: Sequence[Any], methods: Sequence[str]) -> "_Tally":
+        acc = torch.full((len(task_list), len(methods)), float("nan"), dtype=torch.float64)
+        return cls({t.name: i for i, t in enumerate(task_list)}, {m: j for j, m in enumerate(methods)}, acc,
+                   torch.full_like(acc, float("nan")), torch.full((len(task_list),), float("nan"), dtype=torch.float64))
+
+    def record(self, idx: list[int], rows: Sequence[tuple[str, Tensor]], scores: Tensor, k: int) -> None:
+        """One group's scores ``[row, task]``: each method's row, random-k as the mean over its draws."""
         for r, (method, w) in enumerate(rows):
             if method == "random_k":
                 continue
-            acc[idx, col[method]] = scores[r]
+            self.acc[idx, self.col[method]] = scores[r]
             if method != "zero_shot":
-                n_sel[idx, col[method]] = float((w > 0.5).sum())
-        if "random_k" in methods:
-            rr = torch.stack([scores[r] for r, (m, _) in enumerate(rows) if m == "random_k"])  # [draw, task]
-            acc[idx, col["random_k"]] = rr.mean(0)
-            rnd_std[idx] = rr.std(0, unbiased=False)
-            n_sel[idx, col["random_k"]] = float(k_g)
-        for method, sel in fixed.items():
-            chosen.setdefault(method, {})[group] = sel
+                self.n_sel[idx, self.col[method]] = float((w > 0.5).sum())
+        draws = [scores[r] for r, (m, _) in enumerate(rows) if m == "random_k"]
+        if draws:
+            rr = torch.stack(draws)  # [draw, task]
+            self.acc[idx, self.col["random_k"]] = rr.mean(0)
+            self.rnd_std[idx] = rr.std(0, unbiased=False)
+            self.n_sel[idx, self.col["random_k"]] = float(k)
 
-    if "icl" in methods and given is not None:  # each task's ICL prompts as given (images ride with their rows)
-        zero = torch.zeros(1, info.n_layers, info.n_heads)
-        for t in task_list:
-            if tests[t.name].icl is None:
-                continue
-            icl_obj = PatchObjective.from_batches(model, [tests[t.name].icl], means[name_index[t.name]][None],
-                                                  max_memory=max_memory, fast=fast)
-            acc[name_index[t.name], col["icl"]] = icl_obj.per_task(zero, "accuracy")[0, 0].double()
-        if any(tests[t.name].icl is None for t in task_list):
-            notes.append("ICL: NaN for tasks whose SweepPrompts carry no icl prompts")
-    elif "icl" in methods:
+
+def _icl_column(model: Any, task_list: Sequence[Any], tests: Mapping[str, Any], means: Tensor, tally: _Tally,
+                notes: list[str], *, n_icl_prompts: int, n_shots: int, seed: int, max_memory: int | None, fast: Any,
+                prompt_kw: Mapping[str, Any]) -> None:
+    """ICL accuracy, nothing patched: each task's given ICL prompts (images ride with their rows), or
+    ``n_icl_prompts`` ``n_shots``-shot prompts on the test split."""
+    from ..inputs.text import evaluate_prompts, icl_prompts
+
+    if not tests:
         for t in task_list:
             batch = icl_prompts(model, t, n_prompts=n_icl_prompts, n_shots=n_shots, seed=seed, split="test", **prompt_kw)
-            acc[name_index[t.name], col["icl"]] = evaluate_prompts(model, batch).first_token
-    meta = ResultMeta.for_model(model, tasks=[t.name for t in task_list], seed=seed, per=per, n_random=n_random, n_shots=n_shots,
-                                n_prompts=n_prompts, n_icl_prompts=n_icl_prompts, n_mean_prompts=n_mean_prompts,
-                                k=dict(ks), reinforce_kw=dict(reinforce_kw or {}), soft_kw=dict(soft_kw or {}), **prompt_meta)
-    return Comparison(tasks=tuple(t.name for t in task_list), families=tuple(t.family for t in task_list), methods=all_methods,
-                      accuracy=acc.float(), random_std=rnd_std.float(), n_selected=n_sel.float(), selections=chosen, k=ks,
-                      per=per, notes=tuple(notes), meta=meta)
+            tally.acc[tally.index[t.name], tally.col["icl"]] = evaluate_prompts(model, batch).first_token
+        return
+    zero = torch.zeros(1, *means.shape[1:3])
+    for t in task_list:
+        if tests[t.name].icl is None:
+            continue
+        i = tally.index[t.name]
+        icl_obj = PatchObjective.from_batches(model, [tests[t.name].icl], means[i][None], max_memory=max_memory, fast=fast)
+        tally.acc[i, tally.col["icl"]] = icl_obj.per_task(zero, "accuracy")[0, 0].double()
+    if any(tests[t.name].icl is None for t in task_list):
+        notes.append("ICL: NaN for tasks whose SweepPrompts carry no icl prompts")
