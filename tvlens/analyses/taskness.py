@@ -23,6 +23,7 @@ law of total variance (each task weighted by its sample count).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -523,7 +524,6 @@ def head_means(
     heads; moments are float64 and updated with Chan's parallel formula, so memory does not grow
     with ``n_prompts``.
     """
-    from ..hooks import check_layer, device_of
     from ..models import ModelInfo
 
     info = ModelInfo.of(model)
@@ -535,14 +535,7 @@ def head_means(
     from ..inputs.text import PROMPT_OPTIONS, prompt_options
 
     prompt_options("head_means", {k: v for k, v in prompt_kw.items() if k in PROMPT_OPTIONS})  # before any forward
-    if layers is None:
-        layer_ids = list(range(info.n_layers))
-    else:
-        if isinstance(layers, int):
-            layers = [layers]
-        layer_ids = sorted({check_layer(model, int(layer)) for layer in layers})
-        if not layer_ids:
-            raise ValueError("layers is empty; pass at least one layer or layers=None for all")
+    layer_ids = _layer_ids(model, info, layers)
     for t in task_list:
         if _is_prompt_batch(t) and len(t) < 2:
             raise ValueError(f"PromptBatch for task {_task_name(t)!r} has {len(t)} prompt(s); a variance needs at least two")
@@ -555,70 +548,100 @@ def head_means(
                                       mode=mode, positions=positions, batch_size=batch_size, seed=seed,
                                       include_output=include_output, layer_ids=layer_ids, progress=progress,
                                       prompt_kw=prompt_kw)
-
-    device = device_of(model)
-    n_l, n_h, d_h, d_m = len(layer_ids), info.n_heads, info.d_head, info.d_model
-    f_z = n_l * n_h * d_h
-    w_o = None
-    if include_output:
-        w_o = model.W_O.detach()[layer_ids].to(device=device, dtype=torch.float64)  # [layer, head, d_head, d_model]
-    stop_at = layer_ids[-1] + 1 if layer_ids[-1] + 1 < info.n_layers else None
-
-    names, z_means, z_vars, counts, o_means, o_vars = [], [], [], [], [], []
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        total = sum(len(t) if _is_prompt_batch(t) else n_prompts for t in task_list)
-        bar = tqdm(total=total, desc="head_means", unit="prompt")
-    for task in task_list:
-        acc_z = _Moments(f_z, device)
-        acc_o = _Moments(n_l * n_h * d_m, device) if include_output else None
-        for batch in _prompt_chunks(model, task, n_prompts=n_prompts, n_shots=n_shots, seed=seed, prompt_kw=prompt_kw):
-            for i in range(0, len(batch), batch_size):
-                _accumulate_batch(
-                    model, batch.tokens[i:i + batch_size], batch.attention_mask[i:i + batch_size],
-                    batch.token_class[i:i + batch_size], mode=mode, cls=cls, layer_ids=layer_ids,
-                    acc_z=acc_z, acc_o=acc_o, w_o=w_o, stop_at=stop_at, extra=rows_inputs(batch, i, i + batch_size),
-                )
-                if bar is not None:
-                    bar.update(min(batch_size, len(batch) - i))
-            del batch  # free this prompt chunk before the next one is built
-        names.append(_task_name(task))
-        zm, zv, c = _finish(acc_z, (n_l, n_h, d_h), per_position=mode != FINAL)
-        z_means.append(zm), z_vars.append(zv), counts.append(c)
-        if acc_o is not None:
-            om, ov, _ = _finish(acc_o, (n_l, n_h, d_m), per_position=mode != FINAL)
-            o_means.append(om), o_vars.append(ov)
-    if bar is not None:
-        bar.close()
-
+        bar = tqdm(total=sum(len(t) if _is_prompt_batch(t) else n_prompts for t in task_list), desc="head_means",
+                   unit="prompt")
+    reader = _MomentReader(model, info, layer_ids, mode, cls, include_output, batch_size, bar)
+    try:
+        per_task = [reader.task(task, n_prompts=n_prompts, n_shots=n_shots, seed=seed, prompt_kw=prompt_kw)
+                    for task in task_list]
+    finally:
+        if bar is not None:
+            bar.close()
+    # per task: z mean, z var, count, then the output moments when include_output
+    columns = [list(c) for c in zip(*per_task)]
     if mode != FINAL:  # right-aligned position axes may differ per task: pad on the left
-        p = max(z.shape[2] for z in z_means)
-        if p == 0:
-            raise ValueError(f"no token of class {positions!r} in any prompt; choose a class these prompts contain")
-
-        def lpad(x: Tensor, axis: int) -> Tensor:
-            extra = p - x.shape[axis]
-            if extra == 0:
-                return x
-            shape = list(x.shape)
-            shape[axis] = extra
-            return torch.cat([x.new_zeros(shape), x], dim=axis)
-
-        z_means = [lpad(x, 2) for x in z_means]
-        z_vars = [lpad(x, 2) for x in z_vars]
-        counts = [lpad(x, 0) for x in counts]
-        o_means = [lpad(x, 2) for x in o_means]
-        o_vars = [lpad(x, 2) for x in o_vars]
-
+        columns = _left_padded(columns, positions)
+    z_means, z_vars, counts, *outs = columns
+    o_means, o_vars = outs or ([], [])
     meta = stats_meta(info, task_list, n_prompts=n_prompts, n_shots=n_shots, seed=seed, batch_size=batch_size,
                       prompt_kw=prompt_kw, executor=executor_meta(executor))
     return HeadStats(
-        tasks=tuple(names), z_mean=torch.stack(z_means), z_var=torch.stack(z_vars), count=torch.stack(counts),
-        positions=mode, layers=tuple(layer_ids), out_mean=torch.stack(o_means) if o_means else None,
-        out_var=torch.stack(o_vars) if o_vars else None, meta=meta,
+        tasks=tuple(_task_name(t) for t in task_list), z_mean=torch.stack(z_means), z_var=torch.stack(z_vars),
+        count=torch.stack(counts), positions=mode, layers=tuple(layer_ids),
+        out_mean=torch.stack(o_means) if o_means else None, out_var=torch.stack(o_vars) if o_vars else None, meta=meta,
     )
+
+
+def _layer_ids(model: Any, info: Any, layers: Sequence[int] | int | None) -> list[int]:
+    """The layers to read, sorted and checked (all when ``None``)."""
+    from ..hooks import check_layer
+
+    if layers is None:
+        return list(range(info.n_layers))
+    layer_ids = sorted({check_layer(model, int(layer)) for layer in ([layers] if isinstance(layers, int) else layers)})
+    if not layer_ids:
+        raise ValueError("layers is empty; pass at least one layer or layers=None for all")
+    return layer_ids
+
+
+class _MomentReader:
+    """Streams one task's prompts through the model and returns the moments of its heads' ``hook_z``
+    (and of ``z @ W_O`` with ``include_output``): one forward per ``batch_size`` prompts, stopped
+    after the last layer read, prompts built a chunk at a time so memory stays flat."""
+
+    def __init__(self, model: Any, info: Any, layer_ids: list[int], mode: str, cls: int | None, include_output: bool,
+                 batch_size: int, bar: Any):
+        from ..hooks import device_of
+
+        self.model, self.layer_ids, self.mode, self.cls, self.batch_size, self.bar = model, layer_ids, mode, cls, batch_size, bar
+        self.device = device_of(model)
+        self.shape_z = (len(layer_ids), info.n_heads, info.d_head)
+        self.shape_o = (len(layer_ids), info.n_heads, info.d_model) if include_output else None
+        self.w_o = (model.W_O.detach()[layer_ids].to(device=self.device, dtype=torch.float64)  # [layer, head, d_head, d_model]
+                    if include_output else None)
+        self.stop_at = layer_ids[-1] + 1 if layer_ids[-1] + 1 < info.n_layers else None
+
+    def task(self, task: Any, *, n_prompts: int, n_shots: int, seed: int, prompt_kw: dict) -> tuple[Tensor, ...]:
+        acc_z = _Moments(math.prod(self.shape_z), self.device)
+        acc_o = _Moments(math.prod(self.shape_o), self.device) if self.shape_o else None
+        bs = self.batch_size
+        for batch in _prompt_chunks(self.model, task, n_prompts=n_prompts, n_shots=n_shots, seed=seed, prompt_kw=prompt_kw):
+            for i in range(0, len(batch), bs):
+                _accumulate_batch(
+                    self.model, batch.tokens[i:i + bs], batch.attention_mask[i:i + bs], batch.token_class[i:i + bs],
+                    mode=self.mode, cls=self.cls, layer_ids=self.layer_ids, acc_z=acc_z, acc_o=acc_o, w_o=self.w_o,
+                    stop_at=self.stop_at, extra=rows_inputs(batch, i, i + bs),
+                )
+                if self.bar is not None:
+                    self.bar.update(min(bs, len(batch) - i))
+            del batch  # free this prompt chunk before the next one is built
+        per_position = self.mode != FINAL
+        out = _finish(acc_z, self.shape_z, per_position=per_position)
+        if acc_o is not None:
+            out = (*out, *_finish(acc_o, self.shape_o, per_position=per_position)[:2])
+        return out
+
+
+def _left_padded(columns: list[list[Tensor]], positions: Any) -> list[list[Tensor]]:
+    """Per-task moments whose right-aligned position axes differ, zero-padded on the left to the longest
+    (z mean and var and the output moments along axis 2, counts along axis 0)."""
+    p = max(z.shape[2] for z in columns[0])
+    if p == 0:
+        raise ValueError(f"no token of class {positions!r} in any prompt; choose a class these prompts contain")
+
+    def lpad(x: Tensor, axis: int) -> Tensor:
+        extra = p - x.shape[axis]
+        if extra == 0:
+            return x
+        shape = list(x.shape)
+        shape[axis] = extra
+        return torch.cat([x.new_zeros(shape), x], dim=axis)
+
+    return [[lpad(x, 0 if j == 2 else 2) for x in col] for j, col in enumerate(columns)]
 
 
 @torch.no_grad()
