@@ -921,26 +921,9 @@ def reinforce_select(
     prompt_kw = prompt_options("reinforce_select", prompt_kw)
     prompt_meta = prompt_record(prompt_kw)
 
-    objective = None
-    task_names: tuple[str, ...] = ()
-    means = None
-    if reward_fn is None:
-        objective, means = _objective(model, tasks, head_means, "reinforce_select", split=split, n_prompts=n_prompts,
-                                      n_mean_prompts=n_mean_prompts, n_shots=n_shots, seed=seed, max_memory=max_memory,
-                                      fast=fast, prompt_kw=prompt_kw)
-        task_names = objective.task_names
-
-        def reward(masks: Tensor) -> Tensor:
-            return objective.reward(masks, metric)
-    else:
-        task_names = tuple(_task_name(t) for t in (tasks or ()))
-
-        def reward(masks: Tensor) -> Tensor:
-            r = torch.as_tensor(reward_fn(masks)).detach().float().cpu().reshape(-1)
-            if r.numel() != masks.shape[0]:
-                raise ValueError(f"reward_fn returned {r.numel()} rewards for {masks.shape[0]} masks; return one per mask")
-            return r
-
+    reward, objective, means, task_names = _reward_of(
+        model, tasks, head_means, reward_fn, metric, split=split, n_prompts=n_prompts, n_mean_prompts=n_mean_prompts,
+        n_shots=n_shots, seed=seed, max_memory=max_memory, fast=fast, prompt_kw=prompt_kw)
     config = dict(method="reinforce", tasks=list(task_names), samples_per_step=samples_per_step, lr=lr, init_logit=init_logit,
                   baseline=baseline, sparsity=sparsity, seed=seed, metric=metric, n_prompts=n_prompts, split=split,
                   n_mean_prompts=n_mean_prompts, n_shots=n_shots, threshold=threshold, **prompt_meta,
@@ -953,28 +936,7 @@ def reinforce_select(
                label="reward", threshold=threshold)
     try:
         while run.running:
-            with torch.no_grad():
-                p = torch.sigmoid(theta)
-                masks = torch.bernoulli(p.expand(samples_per_step, *shape), generator=run.gen).bool()
-            r = reward(masks)
-            if baseline == "mean":
-                b = r.mean()
-            elif baseline == "loo":
-                b = (r.sum() - r) / (r.numel() - 1)
-            elif baseline == "ema":
-                ema = run.ema_baseline
-                b = torch.tensor(r.mean().item() if ema is None else ema)
-                run.ema_baseline = r.mean().item() if ema is None else 0.9 * ema + 0.1 * r.mean().item()
-            else:
-                b = torch.zeros(())
-            advantage = (r - b).detach()
-            m = masks.float()
-            log_p = (m * F.logsigmoid(theta) + (1 - m) * F.logsigmoid(-theta)).sum((1, 2))  # [S]
-            loss = -(advantage * log_p).mean() + sparsity * torch.sigmoid(theta).sum()
-            run.opt.zero_grad()
-            loss.backward()
-            run.opt.step()
-            run.end_step(float(r.mean()))
+            _reinforce_step(theta, reward, run, samples_per_step=samples_per_step, baseline=baseline, sparsity=sparsity)
     finally:
         run.bar.close()
     curve = run.curve
@@ -986,6 +948,54 @@ def reinforce_select(
                                 steps_run=len(curve), stopped_early=len(curve) < steps, final_reward=final_reward)
     return Selection(probabilities=probs, mask=mask, rewards=torch.tensor(curve, dtype=torch.float32), method="reinforce",
                      meta=meta, tasks=task_names, head_means=means)
+
+
+def _reward_of(model: Any, tasks: Any, head_means: Any, reward_fn: Callable[[Tensor], Tensor] | None, metric: str, *,
+               split: str, n_prompts: int, n_mean_prompts: int, n_shots: int, seed: int, max_memory: int | None,
+               fast: Any, prompt_kw: Mapping[str, Any]) -> tuple[Callable[[Tensor], Tensor], Any, Any, tuple[str, ...]]:
+    """The reward of masks ``[S, layer, head] -> [S]``: the patched metric on the tasks' zero-shot
+    prompts (a :class:`PatchObjective`), or ``reward_fn``'s; with the objective, means and task names."""
+    if reward_fn is None:
+        objective, means = _objective(model, tasks, head_means, "reinforce_select", split=split, n_prompts=n_prompts,
+                                      n_mean_prompts=n_mean_prompts, n_shots=n_shots, seed=seed, max_memory=max_memory,
+                                      fast=fast, prompt_kw=prompt_kw)
+        return (lambda masks: objective.reward(masks, metric)), objective, means, objective.task_names
+
+    def reward(masks: Tensor) -> Tensor:
+        r = torch.as_tensor(reward_fn(masks)).detach().float().cpu().reshape(-1)
+        if r.numel() != masks.shape[0]:
+            raise ValueError(f"reward_fn returned {r.numel()} rewards for {masks.shape[0]} masks; return one per mask")
+        return r
+
+    return reward, None, None, tuple(_task_name(t) for t in (tasks or ()))
+
+
+def _reinforce_step(theta: Tensor, reward: Callable[[Tensor], Tensor], run: Any, *, samples_per_step: int,
+                    baseline: str, sparsity: float) -> None:
+    """One REINFORCE update of the Bernoulli logits ``theta`` (Hojel et al. 2024, §3.2; Williams 1992):
+    sample masks, score them, step along ``(r - b) ∇ log p(mask)`` with an L1 pull on ``sigmoid(θ)``."""
+    with torch.no_grad():
+        p = torch.sigmoid(theta)
+        masks = torch.bernoulli(p.expand(samples_per_step, *theta.shape), generator=run.gen).bool()
+    r = reward(masks)
+    if baseline == "mean":
+        b = r.mean()
+    elif baseline == "loo":
+        b = (r.sum() - r) / (r.numel() - 1)
+    elif baseline == "ema":
+        ema = run.ema_baseline
+        b = torch.tensor(r.mean().item() if ema is None else ema)
+        run.ema_baseline = r.mean().item() if ema is None else 0.9 * ema + 0.1 * r.mean().item()
+    else:
+        b = torch.zeros(())
+    advantage = (r - b).detach()
+    m = masks.float()
+    log_p = (m * F.logsigmoid(theta) + (1 - m) * F.logsigmoid(-theta)).sum((1, 2))  # [S]
+    loss = -(advantage * log_p).mean() + sparsity * torch.sigmoid(theta).sum()
+    run.opt.zero_grad()
+    loss.backward()
+    run.opt.step()
+    run.end_step(float(r.mean()))
 
 
 # ==============================================================================================
