@@ -74,7 +74,7 @@ def run_model(name: str, args: argparse.Namespace) -> None:
     for label, kind, mode in COLUMNS:
         t = time.perf_counter()
         sweeps[label] = V.layer_sweep(model, args.tasks, kind=kind, mode=mode,
-                                      function_kw=dict(n_heads=args.fv_heads, n_prompts=args.fv_prompts,
+                                      function_kw=dict(k=args.fv_heads, n_prompts=args.fv_prompts,
                                                        n_cie_prompts=args.cie_prompts), **common)
         print(f"  [{name}: {label} sweep {time.perf_counter() - t:.1f}s]", file=sys.stderr, flush=True)
     t = time.perf_counter()

@@ -231,7 +231,7 @@ for query, answer, pred in zip(batch.queries, batch.answers, logits.argmax(-1)):
     print(f"{query:>12} -> {model.tokenizer.decode([int(pred)]).strip():<12} (answer: {answer})")"""),
     ("md", "## Function vector"),
     ("code", """\
-fv = tvlens.function_vector(model, "country_capital", n_heads=6, n_prompts=24, n_cie_prompts=12, n_shots=5)
+fv = tvlens.function_vector(model, "country_capital", k=6, n_prompts=24, n_cie_prompts=12, n_shots=5)
 print("top heads:", fv.top_heads)
 fv.plot()"""),
     ("code", """\

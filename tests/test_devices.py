@@ -106,7 +106,7 @@ def test_patch_heads_and_positions_agree(models):
 def test_function_vector_agrees(models):
     from tvlens.vectors.activation import function_vector
 
-    a, b = (function_vector(m, "antonym", n_heads=4, n_prompts=8, n_cie_prompts=8, seed=0) for m in models)
+    a, b = (function_vector(m, "antonym", k=4, n_prompts=8, n_cie_prompts=8, seed=0) for m in models)
     _close(a.cie, b.cie, atol=2e-3, rtol=1e-3, what="cie")
     assert a.top_heads == b.top_heads
 

@@ -41,7 +41,7 @@ def test_task_and_function_vector_to_frame(tiny_llama):
     tv = tvlens.task_vector(tiny_llama, "antonym", layer=1, n_prompts=4, n_shots=2)
     df = tv.to_frame()
     assert len(df) == 1 and df.iloc[0]["layer"] == 1 and df.iloc[0]["norm"] == pytest.approx(tv.norm)
-    fv = tvlens.function_vector(tiny_llama, "antonym", n_heads=2, n_prompts=4, n_cie_prompts=2, n_shots=2)
+    fv = tvlens.function_vector(tiny_llama, "antonym", k=2, n_prompts=4, n_cie_prompts=2, n_shots=2)
     frame = fv.to_frame()
     info = tvlens.ModelInfo.of(tiny_llama)
     assert len(frame) == info.n_layers * info.n_heads

@@ -148,11 +148,11 @@ def test_speedups_are_exact_and_can_be_off(tiny_llama, monkeypatch):
 @pytest.mark.parametrize("kind", ["instruction", "ensemble", "function"])
 def test_sweep_of_other_vector_kinds(tiny_llama, kind):
     kw = dict(n_prompts=4, n_shots=2, seed=3)
-    res = V.layer_sweep(tiny_llama, TASKS, kind=kind, function_kw=dict(n_heads=2, n_prompts=4, n_cie_prompts=2), **kw)
+    res = V.layer_sweep(tiny_llama, TASKS, kind=kind, function_kw=dict(k=2, n_prompts=4, n_cie_prompts=2), **kw)
     assert res.kind == kind and res.mode == ("add" if kind == "function" else "replace")
     for t, task in enumerate(TASKS):
         if kind == "function":
-            fv = V.function_vector(tiny_llama, task, n_heads=2, n_prompts=4, n_cie_prompts=2, n_shots=2, seed=3)
+            fv = V.function_vector(tiny_llama, task, k=2, n_prompts=4, n_cie_prompts=2, n_shots=2, seed=3)
             want = [fv.vector] * tiny_llama.cfg.n_layers
         else:
             iv = [V.instruction_vector(tiny_llama, task, layer=l, n_prompts=4, seed=3).vector for l in res.layers]
@@ -199,7 +199,7 @@ def test_sweep_result_selection_and_outputs(tiny_llama, tmp_path):
 def test_function_vector_cie_matches_naive_loop(tiny_llama):
     from tvlens.analyses.taskness import head_means
 
-    fv = V.function_vector(tiny_llama, "antonym", n_heads=3, n_prompts=6, n_cie_prompts=4, n_shots=3, seed=0)
+    fv = V.function_vector(tiny_llama, "antonym", k=3, n_prompts=6, n_cie_prompts=4, n_shots=3, seed=0)
     info_l, info_h = tiny_llama.cfg.n_layers, tiny_llama.cfg.n_heads
     assert fv.cie.shape == (info_l, info_h) and len(fv.top_heads) == 3 and fv.kind == "function"
     assert fv.layer == tiny_llama.cfg.n_layers // 3
@@ -282,7 +282,7 @@ def test_save_load_round_trip(tiny_llama, tmp_path):
     assert type(back) is V.TaskVector and torch.equal(back.vector, tv.vector)
     assert (back.layer, back.task, back.kind, back.config_hash, back.meta.seed) == (1, TASK, "task", tv.config_hash, 4)
     assert back.meta.extra["n_shots"] == 2
-    fv = V.function_vector(tiny_llama, "antonym", n_heads=2, n_prompts=3, n_cie_prompts=2, n_shots=2)
+    fv = V.function_vector(tiny_llama, "antonym", k=2, n_prompts=3, n_cie_prompts=2, n_shots=2)
     fv.save(tmp_path / "fv")
     fback = V.TaskVector.load(tmp_path / "fv", model=tiny_llama)
     assert isinstance(fback, V.FunctionVector) and fback.top_heads == fv.top_heads
@@ -626,3 +626,10 @@ def test_multimodal_vectors_refuse_bad_input_before_any_forward(vlm_model, tiny_
 def mm_task():
     """A task with pictures (numbers: 7-segment digits)."""
     return "successor"
+
+
+def test_function_vector_names_its_head_count_k(tiny_llama):
+    """k is how many top-CIE heads are summed (n_heads is a model's head count everywhere else): the
+    old keyword is refused with the new one named, before any prompt or forward."""
+    with pytest.raises(TypeError, match=r"takes k="):
+        V.function_vector(tiny_llama, "antonym", n_heads=2, n_prompts=3, n_cie_prompts=2, n_shots=2)

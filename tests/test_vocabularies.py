@@ -282,7 +282,7 @@ def test_readme_calls_run(name, vocab_models):
         lens.table()
         sweep = tvlens.layer_sweep(model, tasks, n_shots=2, **small)
         tv = tvlens.task_vector(model, "country_capital", layer=sweep.best_layer, n_shots=2, **small)
-        fv = tvlens.function_vector(model, "country_capital", n_heads=2, n_shots=2, n_prompts=2, n_cie_prompts=2)
+        fv = tvlens.function_vector(model, "country_capital", k=2, n_shots=2, n_prompts=2, n_cie_prompts=2)
         zero_shot = tvlens.icl_prompts(model, "antonym", n_prompts=2, n_shots=0)
         means = tvlens.head_means(model, ["antonym", "country_capital"], n_shots=2, **small).select(["antonym"])
         res = tvlens.patch_heads(model, zero_shot, means, positions="final", progress=False)
@@ -378,8 +378,8 @@ def _calls():
         ("layer_sweep", lambda m: A.layer_sweep(m, TWO, **small, **OPTS), True),
         ("layer_sweep_ensemble", lambda m: A.layer_sweep(m, TWO, kind="ensemble", **small, **OPTS), True),
         ("layer_sweep_function", lambda m: A.layer_sweep(
-            m, ["antonym"], kind="function", function_kw=dict(n_heads=1, n_prompts=2, n_cie_prompts=2), **small, **OPTS), True),
-        ("function_vector", lambda m: A.function_vector(m, "antonym", n_heads=1, n_prompts=2, n_cie_prompts=2, n_shots=2,
+            m, ["antonym"], kind="function", function_kw=dict(k=1, n_prompts=2, n_cie_prompts=2), **small, **OPTS), True),
+        ("function_vector", lambda m: A.function_vector(m, "antonym", k=1, n_prompts=2, n_cie_prompts=2, n_shots=2,
                                                         **OPTS), True),
         ("head_means", lambda m: head_means(m, TWO, **small, **OPTS), True),
         ("taskness", lambda m: taskness(m, TWO, **small, **OPTS), True),

@@ -587,7 +587,7 @@ def cmd_fv(args: argparse.Namespace) -> None:
         raise CliError(f"--k {args.k} is more heads than the model has ({n_heads}); use --k 1..{n_heads}")
     written: list[Path] = []
     for t in tasks:
-        fv = function_vector(model, t, n_heads=args.k, n_prompts=args.n_prompts, n_cie_prompts=args.n_prompts,
+        fv = function_vector(model, t, k=args.k, n_prompts=args.n_prompts, n_cie_prompts=args.n_prompts,
                              n_shots=args.n_shots, seed=args.seed, layer=layer, **kw)
         name = f"function_vector_{t.name}"
         _save(fv.plot(), out, name, args, written)

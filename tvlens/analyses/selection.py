@@ -1412,7 +1412,7 @@ def _cie_scores(model: Any, task: Any, *, seed: int, k: int, **kw: Any) -> Tenso
     """CIE [layer, head] of Todd et al. 2024 from :func:`tvlens.vectors.activation.function_vector`."""
     from ..vectors.activation import function_vector
 
-    fv = function_vector(model, task, n_heads=k, seed=seed, **kw)
+    fv = function_vector(model, task, k=k, seed=seed, **kw)
     for attr in ("cie", "cie_scores", "indirect_effect"):
         val = getattr(fv, attr, None)
         if isinstance(val, Tensor):

@@ -1430,7 +1430,7 @@ def function_vector(
     model: Any,
     task: Any,
     *,
-    n_heads: int = 10,
+    k: int = 10,
     n_prompts: int = N_PROMPTS,
     n_cie_prompts: int = 25,
     n_shots: int = 10,
@@ -1449,7 +1449,7 @@ def function_vector(
     2. CIE of each head: mean over ``n_cie_prompts`` shuffled-label ``n_shots``-shot prompts of
        ``p(answer | z̄[l, h] patched at the final position) - p(answer)``, by
        :func:`tvlens.analyses.patching.patch_heads` (exact, one target pass + final-token recompute).
-    3. FV = ``sum over the top n_heads heads of z̄[l, h] @ W_O[l, h]`` (``heads`` skips 2 and uses
+    3. FV = ``sum over the top k heads of z̄[l, h] @ W_O[l, h]`` (``heads`` skips 2 and uses
        the given ``(layer, head)`` list, e.g. heads chosen by the average CIE over many tasks).
 
     ``layer`` (where the FV is added, ``mode="add"``) defaults to ``n_layers // 3`` — Todd et al.'s
@@ -1464,14 +1464,16 @@ def function_vector(
     from ..analyses.taskness import head_means
 
     info = ModelInfo.of(model)
-    n_heads = _check_int("n_heads", n_heads, 1)
+    if "n_heads" in prompt_kw:  # a model's head count everywhere else in tvlens
+        raise TypeError("function_vector takes k= (how many top-CIE heads are summed), not n_heads=")
+    k = _check_int("k", k, 1)
     n_prompts = _check_int("n_prompts", n_prompts, 2)
     n_cie_prompts = _check_int("n_cie_prompts", n_cie_prompts, 1)
     n_shots = _check_int("n_shots", n_shots, 1)
     total = info.n_layers * info.n_heads
-    if heads is None and n_heads > total:
-        raise ValueError(f"n_heads={n_heads} but the model has only {total} heads ({info.n_layers} layers x {info.n_heads}); "
-                         f"use n_heads <= {total}")
+    if heads is None and k > total:
+        raise ValueError(f"k={k} but the model has only {total} heads ({info.n_layers} layers x {info.n_heads}); "
+                         f"use k <= {total}")
     layer = _default_fv_layer(info.n_layers) if layer is None else _hooks.check_layer(model, layer)
     if heads is not None:
         heads = [(_hooks.check_layer(model, int(l)), _hooks.check_head(model, int(h))) for l, h in heads]
@@ -1492,7 +1494,7 @@ def function_vector(
     if heads is None:
         res = patch_heads(model, corrupted, mean_z, metric="prob", progress=False, batch_size=None, executor=executor)
         cie = (res.values - res.target_value).to(torch.float32)
-        order = torch.argsort(cie.reshape(-1), descending=True, stable=True)[:n_heads]
+        order = torch.argsort(cie.reshape(-1), descending=True, stable=True)[:k]
         heads = [(int(i) // info.n_heads, int(i) % info.n_heads) for i in order]
     W_O = model.W_O.detach().to("cpu", torch.float32)  # [layer, head, d_head, d_model]
     outs = torch.stack([mean_z[l, h] @ W_O[l, h] for l, h in heads])  # [k, d_model]
