@@ -176,3 +176,53 @@ def test_a_parameter_names_one_role():
     odd = [f"{name}({p})" for name, fn in _public_callables().items()
            for p in inspect.signature(fn).parameters if "_or_" in p and (name, p) != ("load_model", "name_or_path")]
     assert not odd, odd
+
+
+def _saved_examples():
+    import torch
+
+    from tvlens.analyses.attention import AttentionPatterns
+    from tvlens.analyses.taskness import TasknessValidation
+    from tvlens.analyses.visual import PairSelection, TopkCurve
+    from tvlens.results import ResultMeta
+    from tvlens.vectors.weights import WeightGeometry
+
+    g = torch.Generator().manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    meta = ResultMeta(model="m", config_hash="abc", tasks=("a", "b"), seed=3, extra={"k": 2})
+    return [
+        TasknessValidation(ks=(1, 2), tasks=("a", "b"), top_acc=r(2, 2), random_acc=r(2, 2, 3), zero_shot=r(2), icl=r(2),
+                           meta=meta),
+        WeightGeometry(vectors=("a", "b"), groups=("embed", "0"), by="layer", norms=r(2, 2), cosines=r(2, 2, 2), meta=meta),
+        TopkCurve(ks=(1, 4), tasks=("a", "b"), values={"rho": {"a": r(2), "b": r(2)}, "random": {"a": r(2), "b": r(2)}},
+                  base={"a": r(1), "b": r(1)}, icl_scores=None, meta=meta),
+        PairSelection(method="reinforce", weights=r(2, 3, 4), probabilities=r(2, 3, 4).sigmoid(), curve=r(5),
+                      evaluations=80, tasks=("a", "b"), seconds=1.5, meta=meta),
+        AttentionPatterns(patterns=r(2, 3, 3).softmax(-1), heads=((0, 1), (1, 2)), tokens=("<bos>", "x", "→"), meta=meta),
+    ]
+
+
+@pytest.mark.parametrize("result", _saved_examples(), ids=lambda r: type(r).__name__)
+def test_results_save_and_load_back_every_field(result, tmp_path):
+    """Results made of tensors and plain values save through one protocol (tvlens.results.Saved) and
+    load back equal in every field, tuples as tuples, nested mappings of tensors as mappings; a file
+    of another class is refused."""
+    import dataclasses
+
+    import torch
+
+    def same(a, b):
+        if isinstance(a, torch.Tensor):
+            return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+        if isinstance(a, dict):
+            return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        return type(a) is type(b) and a == b
+
+    cls = type(result)
+    back = cls.load(result.save(tmp_path / "r"))
+    diff = [f.name for f in dataclasses.fields(cls) if f.name != "meta" and not same(getattr(result, f.name), getattr(back, f.name))]
+    assert not diff, diff
+    assert back.meta.to_dict() == result.meta.to_dict()
+    other = next(type(x) for x in _saved_examples() if type(x) is not cls)
+    with pytest.raises(ValueError, match=f"not a {other.__name__}"):
+        other.load(tmp_path / "r")

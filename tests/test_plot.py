@@ -258,3 +258,21 @@ def test_lens_page_top_words_skip_special_tokens_and_show_small_probabilities(tm
     assert [w for w, _ in words] == [" paris", " city"]
     page = LensSummary(results=(r,)).to_html(tmp_path / "lens.html").read_text()
     assert "paris (3.0e-05)" in page and "(0.00)" not in page and "reserved_special" not in page.split("<h2")[0]
+
+
+def test_head_stats_and_task_vectors_plot_what_they_hold():
+    """HeadStats.plot draws ‖z̄‖ per (layer, head) (one task's, or the mean over tasks); TaskVector.plot
+    draws the vector's own components."""
+    from tvlens.analyses.taskness import HeadStats
+    from tvlens.vectors.activation import TaskVector
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64)  # [task, layer, head, d_head]
+    stats = HeadStats(("a", "b"), z, z.abs(), torch.full((2,), 7), "final", (0, 1, 2))
+    for task, want in ((None, z.norm(dim=-1).mean(0)), ("b", z[1].norm(dim=-1))):
+        fig = stats.plot(task)
+        for layer, head in ((0, 0), (2, 3), (1, 2)):
+            assert _cell(fig, layer, head)[0] == pytest.approx(float(want[layer, head]), rel=1e-6)
+    v = torch.randn(16, generator=g)
+    tv = TaskVector(v, layer=2, task="antonym")
+    assert np.allclose(np.asarray(tv.plot().data[0].y, dtype=float), v.numpy())

@@ -25,6 +25,7 @@ __all__ = [
     "ResultMeta",
     "LayerHeadGrid",
     "Tabular",
+    "Saved",
     "WithMeta",
     "atomic_write_text",
     "atomic_write_bytes",
@@ -148,6 +149,82 @@ class Tabular:
         import pandas as pd
 
         return pd.DataFrame(self.records())
+
+
+class Saved:
+    """``save()`` / ``load()`` for a result dataclass made of tensors and plain values: its tensors
+    (also inside ``{name: tensor}`` mappings, one level or two) go to ``<path>.safetensors``, its
+    strings, numbers and tuples of them to ``<path>.json`` beside its meta; ``load`` gives the fields
+    back with their tuples as tuples, refusing a file of another class or (with ``model``) another model."""
+
+    def save(self, path: str | os.PathLike) -> Path:
+        tensors: dict[str, Tensor] = {}
+        plain: dict[str, Any] = {}
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if f.name == "meta":
+                continue
+            flat = _flat_tensors(f.name, value)
+            if flat is None:
+                plain[f.name] = value
+            else:
+                tensors.update(flat)
+                plain[f.name] = {"tensors": sorted(flat)} if not isinstance(value, Tensor) else "tensor"
+        return save_tensors(path, tensors, {"kind": type(self).__name__, "fields": plain,
+                                            "meta": ResultMeta.of(getattr(self, "meta", None)).to_dict()})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: Any = None) -> Any:
+        tensors, saved = load_result(path, cls.__name__, model=model)
+        kw: dict[str, Any] = {}
+        for f in fields(cls):  # type: ignore[arg-type]
+            if f.name == "meta":
+                kw["meta"] = ResultMeta.of(saved.get("meta"))
+                continue
+            if f.name not in saved["fields"]:
+                continue  # a field added after the file was written: its default
+            value = saved["fields"][f.name]
+            if value == "tensor":
+                kw[f.name] = tensors[f.name]
+            elif isinstance(value, Mapping) and set(value) == {"tensors"}:
+                kw[f.name] = _nested_tensors(f.name, value["tensors"], tensors)
+            else:
+                kw[f.name] = _tuples(value) if str(f.type).startswith("tuple") else value
+        return cls(**kw)
+
+
+def _flat_tensors(name: str, value: Any) -> dict[str, Tensor] | None:
+    """``{key: tensor}`` of a tensor field (key ``name``) or of a mapping of tensors (keys
+    ``name/k`` or ``name/k1/k2``); ``None`` for a field that holds no tensor."""
+    if isinstance(value, Tensor):
+        return {name: value}
+    if not isinstance(value, Mapping) or not value:
+        return None
+    out: dict[str, Tensor] = {}
+    for k, v in value.items():
+        if "/" in str(k):
+            raise ValueError(f"cannot save {name}[{k!r}]: a key of a saved mapping may not hold '/'")
+        inner = _flat_tensors(f"{name}/{k}", v)
+        if inner is None:
+            return None
+        out.update(inner)
+    return out
+
+
+def _nested_tensors(name: str, keys: list[str], tensors: Mapping[str, Tensor]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in keys:
+        *path, last = key[len(name) + 1:].split("/")
+        node = out
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = tensors[key]
+    return out
+
+
+def _tuples(value: Any) -> Any:
+    """JSON lists back to the tuples they were (recursively)."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 class LayerHeadGrid:

@@ -23,13 +23,13 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .. import hooks as _hooks
-from ..results import ResultMeta, WithMeta
+from ..results import ResultMeta, Saved, WithMeta
 
 __all__ = ["AttentionPatterns", "attention_patterns"]
 
 
 @dataclass(frozen=True, eq=False)
-class AttentionPatterns(WithMeta):
+class AttentionPatterns(Saved, WithMeta):
     """``patterns`` ``[head, query, key]`` (softmaxed attention of each chosen head on one prompt,
     padding removed), ``heads`` their ``(layer, head)``, ``tokens`` the prompt's tokens."""
 

@@ -36,7 +36,7 @@ from torch import Tensor
 from ..checks import check_int as _check_int
 from ..engine.batch import rows_inputs
 from ..engine.plan import rows_per_forward
-from ..results import LayerHeadGrid, ResultMeta, Tabular, WithMeta
+from ..results import LayerHeadGrid, ResultMeta, Saved, Tabular, WithMeta
 from ..tasks import task_name as _task_name
 from ..vocabulary import BATCH_SIZE, FINAL, FINAL_POSITION, N_PROMPTS, PROGRESS, final_alias
 
@@ -199,6 +199,25 @@ class HeadStats(WithMeta, LayerHeadGrid, Tabular):
     def mean(self, task: Any) -> Tensor:
         """``z_mean`` of one task: ``[layer, head, (pos,) d_head]`` (the task-mean head outputs of Todd et al. 2024)."""
         return self.z_mean[self.task_index(task)]
+
+    def plot(self, task: Any = None, *, transpose: bool = False):
+        """Layers × heads heatmap of ‖z̄‖, the norm of each head's task-mean ``hook_z`` at the final
+        position (the vectors a function vector sums, Todd et al. 2024, §2.2): of ``task``, or the
+        mean over the tasks; per-position stats show their last position."""
+        from ..plot import layer_head_heatmap
+
+        z = self.z_mean if task is None else self.z_mean[self.task_index(task)][None]
+        norm = z.norm(dim=-1).float()  # [task, layer, head(, pos)]
+        norm = (norm[..., -1] if self.per_position else norm).mean(0)
+        what = f"task {task}" if task is not None else f"mean over {len(self.tasks)} tasks"
+        return layer_head_heatmap(norm, title=f"‖task-mean hook_z‖ per head<br><sup>{what} · {self.positions}</sup>",
+                                  zlabel="‖z̄‖", transpose=transpose, layers=self.layers or None)
+
+    def to_html(self, path: str | Path, task: Any = None) -> Path:
+        """Standalone HTML of :meth:`plot` (plotly.js embedded)."""
+        from ..plot import save_figure
+
+        return save_figure(self.plot(task), path, png=False)[0]
 
     def __repr__(self) -> str:
         pos = f", pos={self.n_positions}" if self.per_position else ""
@@ -967,7 +986,7 @@ def taskness_from_stats(stats: HeadStats, *, eps: float = DEFAULT_EPS) -> Taskne
 
 
 @dataclass(frozen=True, eq=False)
-class TasknessValidation(WithMeta):
+class TasknessValidation(Saved, WithMeta):
     """Zero-shot accuracy after patching task-mean head outputs at the final position.
 
     ``top_acc[task, k]``: top-k ρ heads patched; ``random_acc[task, k, draw]``: k random heads;

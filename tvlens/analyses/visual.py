@@ -47,7 +47,7 @@ from torch import Tensor
 from ..inputs.canvas import CanvasBatch, canvases, changed_accuracy, concat, predicted_codes, score_cells
 from ..organisms.visual.images import TASKS as VISUAL_TASKS
 from ..organisms.visual.images import apply_task
-from ..results import LayerHeadGrid, ResultMeta, Tabular, WithMeta
+from ..results import LayerHeadGrid, ResultMeta, Saved, Tabular, WithMeta
 from ..vocabulary import BATCH_SIZE, PROGRESS
 from .taskness import HeadStats, Taskness, head_means, taskness_from_stats
 
@@ -467,7 +467,7 @@ def random_pairs(shape: tuple[int, int, int], k: int, n: int, *, seed: int = 0) 
 
 
 @dataclass(frozen=True, eq=False)
-class PairSelection(WithMeta):
+class PairSelection(Saved, WithMeta):
     """A set of (layer, head, position) pairs chosen by ``method``, and what it cost.
 
     ``weights`` ``[layer, head, pos]``: what is patched (α for ``soft``, 0/1 otherwise);
@@ -685,7 +685,7 @@ def grs_pairs(obj: CanvasPatch, *, candidates: Tensor | None = None, budget: int
 
 
 @dataclass(frozen=True, eq=False)
-class TopkCurve(WithMeta):
+class TopkCurve(Saved, WithMeta):
     """No-example canvases patched at the top-k ρ pairs, at k random pairs (mean of draws) and at the
     top-k pairs with another task's means, per k, per task and metric (Hojel et al. 2024, §4.2); with
     the unpatched baseline, 1-shot ICL, and the share of the ICL − baseline gap each recovers.

@@ -176,6 +176,21 @@ class TaskVector(WithMeta, Tabular):
         return (f"{type(self).__name__}(task={self.task!r}, kind={self.kind!r}, layer={self.layer}, "
                 f"model={self.model!r}, d_model={self.d_model}, norm={self.norm:.4g})")
 
+    def plot(self, *, title: str | None = None) -> Any:
+        """The vector's ``d_model`` components, one line over the residual dimensions (a few large
+        dimensions stand out here before any decoding); its norm and layer in the title."""
+        from ..plot import line_plot
+
+        return line_plot(list(range(self.d_model)), {self.task: self.vector.float()}, xlabel="residual dimension",
+                         ylabel="component",
+                         title=title or f"{self.kind} vector — {self.task}<br><sup>layer {self.layer} · ‖v‖ {self.norm:.3g}</sup>")
+
+    def to_html(self, path: str | Path) -> Path:
+        """Standalone HTML of :meth:`plot` (plotly.js embedded)."""
+        from ..plot import save_figure
+
+        return save_figure(self.plot(), path, png=False)[0]
+
     def records(self) -> list[dict[str, Any]]:
         """One row: task, kind, layer, norm, d_model, model and how it was made (the scalar settings
         of ``meta.extra``); ``pd.concat`` the frames of several vectors to compare them. The vector

@@ -44,7 +44,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..results import ResultMeta, Tabular, WithMeta, atomic_write_text, check_same_model, load_result, save_tensors
+from ..results import ResultMeta, Saved, Tabular, WithMeta, atomic_write_text, check_same_model, load_result, save_tensors
 
 __all__ = [
     "WeightVector",
@@ -495,7 +495,7 @@ def apply(model: Any, tau: WeightVector, lam: float = 1.0) -> Any:
 
 
 @dataclass(frozen=True, eq=False)
-class WeightGeometry(Tabular):
+class WeightGeometry(Saved, Tabular):
     """Norms and pairwise cosines of weight vectors per parameter group.
 
     - ``norms``: ``[group, vector]`` L2 norm of each vector's deltas in the group;
