@@ -182,13 +182,15 @@ def _saved_examples():
     import torch
 
     from tvlens.analyses.attention import AttentionPatterns
-    from tvlens.analyses.taskness import TasknessValidation
-    from tvlens.analyses.visual import PairSelection, TopkCurve
+    from tvlens.analyses.selection import Comparison, Selection
+    from tvlens.analyses.taskness import Taskness, TasknessValidation
+    from tvlens.analyses.visual import PairSelection, TopkCurve, VisualTaskness
     from tvlens.results import ResultMeta
     from tvlens.vectors.weights import WeightGeometry
 
     g = torch.Generator().manual_seed(0)
     r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    p = r(2, 3).sigmoid()
     meta = ResultMeta(model="m", config_hash="abc", tasks=("a", "b"), seed=3, extra={"k": 2})
     return [
         TasknessValidation(ks=(1, 2), tasks=("a", "b"), top_acc=r(2, 2), random_acc=r(2, 2, 3), zero_shot=r(2), icl=r(2),
@@ -199,6 +201,13 @@ def _saved_examples():
         PairSelection(method="reinforce", weights=r(2, 3, 4), probabilities=r(2, 3, 4).sigmoid(), curve=r(5),
                       evaluations=80, tasks=("a", "b"), seconds=1.5, meta=meta),
         AttentionPatterns(patterns=r(2, 3, 3).softmax(-1), heads=((0, 1), (1, 2)), tokens=("<bos>", "x", "→"), meta=meta),
+        Comparison(tasks=("a", "b"), families=("f", "f"), methods=("zero_shot", "reinforce"), accuracy=r(2, 2),
+                   random_std=r(2), n_selected=r(2, 2), k={"f": 3}, per="family", notes=("a note",), meta=meta,
+                   selections={"reinforce": {"f": Selection(probabilities=p, mask=p > 0.5, rewards=r(4), method="reinforce",
+                                                            meta=meta, tasks=("a", "b"), head_means=r(2, 2, 3, 5))}}),
+        VisualTaskness(per_position=r(2, 3, 6), scores=r(2, 3), tasks=("a", "b"), layout_key="grid", rows=2, cell_side=3,
+                       taskness=Taskness(r(2, 3), ("a", "b"), (0, 1), "all", r(2, 3), r(2, 3), r(2, 3) > 1, r(2, 3, 6),
+                                         (-6, -5, -4, -3, -2, -1), meta=meta), meta=meta),
     ]
 
 
@@ -216,11 +225,13 @@ def test_results_save_and_load_back_every_field(result, tmp_path):
             return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
         if isinstance(a, dict):
             return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        if dataclasses.is_dataclass(a):
+            return type(a) is type(b) and all(same(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
         return type(a) is type(b) and a == b
 
     cls = type(result)
     back = cls.load(result.save(tmp_path / "r"))
-    diff = [f.name for f in dataclasses.fields(cls) if f.name != "meta" and not same(getattr(result, f.name), getattr(back, f.name))]
+    diff = [f.name for f in dataclasses.fields(cls) if not same(getattr(result, f.name), getattr(back, f.name))]
     assert not diff, diff
     assert back.meta.to_dict() == result.meta.to_dict()
     other = next(type(x) for x in _saved_examples() if type(x) is not cls)

@@ -152,79 +152,76 @@ class Tabular:
 
 
 class Saved:
-    """``save()`` / ``load()`` for a result dataclass made of tensors and plain values: its tensors
-    (also inside ``{name: tensor}`` mappings, one level or two) go to ``<path>.safetensors``, its
-    strings, numbers and tuples of them to ``<path>.json`` beside its meta; ``load`` gives the fields
-    back with their tuples as tuples, refusing a file of another class or (with ``model``) another model."""
+    """``save()`` / ``load()`` for a result dataclass of tensors, plain values and other results: its
+    tensors (wherever they sit: in fields, mappings, tuples or a nested result such as a
+    :class:`~tvlens.analyses.selection.Selection`) go to ``<path>.safetensors``, the rest to
+    ``<path>.json`` as a tree that says what each value was, so ``load`` gives back every field as it
+    was (tuples as tuples, nested results as their classes), refusing a file of another class or
+    (with ``model``) of another model."""
 
     def save(self, path: str | os.PathLike) -> Path:
         tensors: dict[str, Tensor] = {}
-        plain: dict[str, Any] = {}
-        for f in fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
-            if f.name == "meta":
-                continue
-            flat = _flat_tensors(f.name, value)
-            if flat is None:
-                plain[f.name] = value
-            else:
-                tensors.update(flat)
-                plain[f.name] = {"tensors": sorted(flat)} if not isinstance(value, Tensor) else "tensor"
-        return save_tensors(path, tensors, {"kind": type(self).__name__, "fields": plain,
+        tree = {f.name: _encode(getattr(self, f.name), f.name, tensors)
+                for f in fields(self) if f.name != "meta"}  # type: ignore[arg-type]
+        return save_tensors(path, tensors, {"kind": type(self).__name__, "fields": tree,
                                             "meta": ResultMeta.of(getattr(self, "meta", None)).to_dict()})
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: Any = None) -> Any:
         tensors, saved = load_result(path, cls.__name__, model=model)
-        kw: dict[str, Any] = {}
-        for f in fields(cls):  # type: ignore[arg-type]
-            if f.name == "meta":
-                kw["meta"] = ResultMeta.of(saved.get("meta"))
-                continue
-            if f.name not in saved["fields"]:
-                continue  # a field added after the file was written: its default
-            value = saved["fields"][f.name]
-            if value == "tensor":
-                kw[f.name] = tensors[f.name]
-            elif isinstance(value, Mapping) and set(value) == {"tensors"}:
-                kw[f.name] = _nested_tensors(f.name, value["tensors"], tensors)
-            else:
-                kw[f.name] = _tuples(value) if str(f.type).startswith("tuple") else value
+        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        kw = {k: _decode(v, tensors) for k, v in saved["fields"].items() if k in names}
+        if "meta" in names:
+            kw["meta"] = ResultMeta.of(saved.get("meta"))
         return cls(**kw)
 
 
-def _flat_tensors(name: str, value: Any) -> dict[str, Tensor] | None:
-    """``{key: tensor}`` of a tensor field (key ``name``) or of a mapping of tensors (keys
-    ``name/k`` or ``name/k1/k2``); ``None`` for a field that holds no tensor."""
+def _encode(value: Any, key: str, tensors: dict[str, Tensor]) -> Any:
+    """The JSON tree of ``value``; its tensors are put in ``tensors`` under ``key``-derived names."""
     if isinstance(value, Tensor):
-        return {name: value}
-    if not isinstance(value, Mapping) or not value:
-        return None
-    out: dict[str, Tensor] = {}
-    for k, v in value.items():
-        if "/" in str(k):
-            raise ValueError(f"cannot save {name}[{k!r}]: a key of a saved mapping may not hold '/'")
-        inner = _flat_tensors(f"{name}/{k}", v)
-        if inner is None:
-            return None
-        out.update(inner)
-    return out
+        tensors[key] = value
+        return {"tensor": key}
+    if isinstance(value, ResultMeta):
+        return {"meta": value.to_dict()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        cls = type(value)
+        return {"class": f"{cls.__module__}:{cls.__qualname__}",
+                "fields": {f.name: _encode(getattr(value, f.name), f"{key}/{f.name}", tensors) for f in fields(value)}}
+    if isinstance(value, Mapping):
+        bad = [k for k in value if not isinstance(k, str) or "/" in k]
+        if bad:
+            raise ValueError(f"cannot save {key}: its keys must be strings without '/', got {bad[:3]!r}")
+        return {"map": {k: _encode(v, f"{key}/{k}", tensors) for k, v in value.items()}}
+    if isinstance(value, (tuple, list)):
+        return {"tuple": [_encode(v, f"{key}/{i}", tensors) for i, v in enumerate(value)]}
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if hasattr(value, "item"):  # a numpy scalar
+        return value.item()
+    raise TypeError(f"cannot save {key}: a {type(value).__name__} is neither a tensor, a plain value nor a result")
 
 
-def _nested_tensors(name: str, keys: list[str], tensors: Mapping[str, Tensor]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key in keys:
-        *path, last = key[len(name) + 1:].split("/")
-        node = out
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = tensors[key]
-    return out
+def _decode(tree: Any, tensors: Mapping[str, Tensor]) -> Any:
+    """The value :func:`_encode` wrote as ``tree``."""
+    if not isinstance(tree, dict):
+        return tree
+    if "tensor" in tree:
+        return tensors[tree["tensor"]]
+    if "tuple" in tree:
+        return tuple(_decode(v, tensors) for v in tree["tuple"])
+    if "map" in tree:
+        return {k: _decode(v, tensors) for k, v in tree["map"].items()}
+    if "meta" in tree:
+        return ResultMeta.of(tree["meta"])
+    module, _, name = tree["class"].partition(":")
+    if not module.startswith("tvlens."):
+        raise ValueError(f"a saved result names the class {tree['class']!r}, which is not tvlens's; refusing to build it")
+    import importlib
 
-
-def _tuples(value: Any) -> Any:
-    """JSON lists back to the tuples they were (recursively)."""
-    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+    cls = importlib.import_module(module)
+    for part in name.split("."):
+        cls = getattr(cls, part)
+    return cls(**{k: _decode(v, tensors) for k, v in tree["fields"].items()})
 
 
 class LayerHeadGrid:

@@ -45,7 +45,7 @@ from ..engine.plan import RowsBatch, gather_inputs, merge_batches, pad_id_of, pa
 from ..inputs.text import prompt_options, prompt_record
 from ..metrics import FINAL_POSITION, accepted_ids, accepted_metric, cat_accepted
 from ..vocabulary import FINAL, final_alias
-from ..results import LayerHeadGrid, ResultMeta
+from ..results import LayerHeadGrid, ResultMeta, Saved
 from ..results import tensor_digest as _tensor_digest
 import hashlib
 import io
@@ -1228,7 +1228,7 @@ def evaluate_heads(
 
 
 @dataclass(frozen=True, eq=False)
-class Comparison:
+class Comparison(Saved):
     """Held-out accuracy of head-selection methods, per task and per family.
 
     - ``accuracy``: ``[task, method]`` first-token accuracy on the test split (NaN where a method

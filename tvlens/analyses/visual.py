@@ -116,7 +116,7 @@ def canvas_means(model: Any, tasks: Any = None, *, n: int = 32, seed: int = 0, s
 
 
 @dataclass(frozen=True, eq=False)
-class VisualTaskness(WithMeta, LayerHeadGrid, Tabular):
+class VisualTaskness(Saved, WithMeta, LayerHeadGrid, Tabular):
     """ρ_token per (layer, head, position) of a canvas, and per head (the mean over positions).
 
     ``per_position`` ``[layer, head, pos]`` (raster positions of the canvas), ``scores``
