@@ -196,8 +196,9 @@ def _saved_examples():
         TasknessValidation(ks=(1, 2), tasks=("a", "b"), top_acc=r(2, 2), random_acc=r(2, 2, 3), zero_shot=r(2), icl=r(2),
                            meta=meta),
         WeightGeometry(vectors=("a", "b"), groups=("embed", "0"), by="layer", norms=r(2, 2), cosines=r(2, 2, 2), meta=meta),
-        TopkCurve(ks=(1, 4), tasks=("a", "b"), values={"rho": {"a": r(2), "b": r(2)}, "random": {"a": r(2), "b": r(2)}},
-                  base={"a": r(1), "b": r(1)}, icl_scores=None, meta=meta),
+        TopkCurve(ks=(1, 4), tasks=("a", "mean"), values={kind: {"accuracy": r(2, 2), "exact": r(2, 2)}
+                                                          for kind in ("top", "random", "wrong")},
+                  base={"accuracy": r(2), "exact": r(2)}, icl_scores=None, meta=meta),
         PairSelection(method="reinforce", weights=r(2, 3, 4), probabilities=r(2, 3, 4).sigmoid(), curve=r(5),
                       evaluations=80, tasks=("a", "b"), seconds=1.5, meta=meta),
         AttentionPatterns(patterns=r(2, 3, 3).softmax(-1), heads=((0, 1), (1, 2)), tokens=("<bos>", "x", "→"), meta=meta),
@@ -237,3 +238,30 @@ def test_results_save_and_load_back_every_field(result, tmp_path):
     other = next(type(x) for x in _saved_examples() if type(x) is not cls)
     with pytest.raises(ValueError, match=f"not a {other.__name__}"):
         other.load(tmp_path / "r")
+
+
+def test_the_results_saved_above_read_as_tables_and_pages(tmp_path):
+    """Each of them also gives its table (``records()``, checked against its own tensors) and, where it
+    draws a figure, a standalone page (``to_html``)."""
+    for result in _saved_examples():
+        rows = result.records()
+        assert rows and all(isinstance(r, dict) for r in rows), type(result).__name__
+        name = type(result).__name__
+        if name == "TasknessValidation":
+            assert [r["top_acc"] for r in rows] == pytest.approx(result.top_acc.flatten().tolist())
+            assert rows[3]["random_acc"] == pytest.approx(float(result.random_acc[1, 1].mean()))
+        elif name == "AttentionPatterns":
+            assert [r["weight"] for r in rows] == pytest.approx(result.patterns.flatten().tolist())
+        elif name == "PairSelection":
+            assert len(rows) == int(result.mask.sum())
+        elif name == "Comparison":
+            assert [r["accuracy"] for r in rows] == pytest.approx(result.accuracy.flatten().tolist())
+        elif name == "TopkCurve":
+            assert len(rows) == 3 * 2 * len(result.tasks) * len(result.ks)
+            assert rows[5]["value"] == pytest.approx(float(result.values["top"]["exact"][0, 1]))
+        if callable(getattr(result, "plot", None)) and callable(getattr(result, "to_html", None)):
+            page = result.to_html(tmp_path / f"{name}.html")
+            assert page.exists() and page.stat().st_size > 1000
+    sel = _saved_examples()[5].selections["reinforce"]["f"]
+    assert sum(r["selected"] for r in sel.records()) == int(sel.mask.sum())
+    assert [r["probability"] for r in sel.records()] == pytest.approx(sel.probabilities.flatten().tolist())

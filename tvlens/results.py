@@ -26,6 +26,7 @@ __all__ = [
     "LayerHeadGrid",
     "Tabular",
     "Saved",
+    "Plotted",
     "WithMeta",
     "atomic_write_text",
     "atomic_write_bytes",
@@ -222,6 +223,15 @@ def _decode(tree: Any, tensors: Mapping[str, Tensor]) -> Any:
     for part in name.split("."):
         cls = getattr(cls, part)
     return cls(**{k: _decode(v, tensors) for k, v in tree["fields"].items()})
+
+
+class Plotted:
+    """``to_html(path)`` for a result with a ``plot()``: that figure as a standalone page (plotly.js embedded)."""
+
+    def to_html(self, path: str | os.PathLike, **plot_kw: Any) -> Path:
+        from .plot import save_figure
+
+        return save_figure(self.plot(**plot_kw), path, png=False)[0]  # type: ignore[attr-defined]
 
 
 class LayerHeadGrid:

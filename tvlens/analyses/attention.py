@@ -23,13 +23,13 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .. import hooks as _hooks
-from ..results import ResultMeta, Saved, WithMeta
+from ..results import ResultMeta, Saved, Tabular, WithMeta
 
 __all__ = ["AttentionPatterns", "attention_patterns"]
 
 
 @dataclass(frozen=True, eq=False)
-class AttentionPatterns(Saved, WithMeta):
+class AttentionPatterns(Saved, WithMeta, Tabular):
     """``patterns`` ``[head, query, key]`` (softmaxed attention of each chosen head on one prompt,
     padding removed), ``heads`` their ``(layer, head)``, ``tokens`` the prompt's tokens."""
 
@@ -41,6 +41,12 @@ class AttentionPatterns(Saved, WithMeta):
     @property
     def names(self) -> list[str]:
         return [f"L{l}H{h}" for l, h in self.heads]
+
+    def records(self) -> list[dict[str, Any]]:
+        """One row per (head, query, key): the attention weight, with both tokens."""
+        return [{"layer": l, "head": h, "query": q, "key": k, "query_token": self.tokens[q], "key_token": self.tokens[k],
+                 "weight": float(self.patterns[i, q, k])}
+                for i, (l, h) in enumerate(self.heads) for q in range(len(self.tokens)) for k in range(len(self.tokens))]
 
     def __repr__(self) -> str:
         return f"AttentionPatterns(heads={self.names}, tokens={len(self.tokens)})"

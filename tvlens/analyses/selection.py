@@ -45,7 +45,7 @@ from ..engine.plan import RowsBatch, gather_inputs, merge_batches, pad_id_of, pa
 from ..inputs.text import prompt_options, prompt_record
 from ..metrics import FINAL_POSITION, accepted_ids, accepted_metric, cat_accepted
 from ..vocabulary import FINAL, final_alias
-from ..results import LayerHeadGrid, ResultMeta, Saved
+from ..results import LayerHeadGrid, ResultMeta, Saved, Tabular
 from ..results import tensor_digest as _tensor_digest
 import hashlib
 import io
@@ -455,7 +455,7 @@ class PatchObjective:
 
 
 @dataclass(frozen=True, eq=False)
-class Selection(LayerHeadGrid):
+class Selection(LayerHeadGrid, Tabular):
     """A set of heads (and per-head weights) whose task means, patched in at the final position,
     make zero-shot prompts do the task.
 
@@ -516,6 +516,13 @@ class Selection(LayerHeadGrid):
         what = {"reinforce": "REINFORCE probability", "soft": "soft weight α"}.get(self.method, self.method)
         tasks = ", ".join(self.tasks[:4]) + (" ..." if len(self.tasks) > 4 else "")
         return f"{what} per head — {getattr(self.meta, 'model', '?')} ({tasks}); {len(self)} selected"
+
+    def records(self) -> list[dict[str, Any]]:
+        """One row per head: its probability (or α), weight and whether it is selected."""
+        w = self.weights
+        return [{"method": self.method, "layer": l, "head": h, "probability": float(self.probabilities[l, h]),
+                 "weight": float(w[l, h]), "selected": bool(self.mask[l, h])}
+                for l in range(self.n_layers) for h in range(self.n_heads)]
 
     def plot(self, transpose: bool = False):
         """Layers × heads heatmap of the probabilities / α; selected heads marked with ●."""
@@ -1228,7 +1235,7 @@ def evaluate_heads(
 
 
 @dataclass(frozen=True, eq=False)
-class Comparison(Saved):
+class Comparison(Saved, Tabular):
     """Held-out accuracy of head-selection methods, per task and per family.
 
     - ``accuracy``: ``[task, method]`` first-token accuracy on the test split (NaN where a method
@@ -1301,6 +1308,12 @@ class Comparison(Saved):
     def __repr__(self) -> str:
         return (f"Comparison(model={getattr(self.meta, 'model', '?')!r}, tasks={len(self.tasks)}, "
                 f"families={list(self.family_names)}, methods={list(self.methods)}, per={self.per!r})")
+
+    def records(self) -> list[dict[str, Any]]:
+        """One row per (task, method): held-out accuracy, heads patched, and random-k's spread."""
+        return [{"task": task, "family": self.families[t], "method": m, "accuracy": float(self.accuracy[t, j]),
+                 "n_selected": float(self.n_selected[t, j]), "random_std": float(self.random_std[t]) if m == "random_k" else None}
+                for t, task in enumerate(self.tasks) for j, m in enumerate(self.methods)]
 
     def to_frame(self, by: str = "family"):
         """A pandas DataFrame of :meth:`table`'s numbers (pandas must be installed)."""

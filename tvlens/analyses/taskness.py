@@ -986,7 +986,7 @@ def taskness_from_stats(stats: HeadStats, *, eps: float = DEFAULT_EPS) -> Taskne
 
 
 @dataclass(frozen=True, eq=False)
-class TasknessValidation(Saved, WithMeta):
+class TasknessValidation(Saved, WithMeta, Tabular):
     """Zero-shot accuracy after patching task-mean head outputs at the final position.
 
     ``top_acc[task, k]``: top-k ρ heads patched; ``random_acc[task, k, draw]``: k random heads;
@@ -1000,6 +1000,13 @@ class TasknessValidation(Saved, WithMeta):
     zero_shot: Float[Tensor, " task"]
     icl: Float[Tensor, " task"]
     meta: ResultMeta = field(default_factory=ResultMeta)
+
+    def records(self) -> list[dict[str, Any]]:
+        """One row per (task, k): top-k ρ accuracy, random-k's mean and spread over draws, and the task's
+        zero-shot and ICL accuracy."""
+        return [{"task": task, "k": k, "top_acc": float(self.top_acc[t, j]), "random_acc": float(self.random_acc[t, j].mean()),
+                 "random_std": float(self.random_acc[t, j].std(unbiased=False)), "zero_shot": float(self.zero_shot[t]),
+                 "icl": float(self.icl[t])} for t, task in enumerate(self.tasks) for j, k in enumerate(self.ks)]
 
     def summary(self) -> str:
         lines = [f"{'k':>4} {'top-k ρ':>9} {'random (mean±sd over draws)':>30}"]

@@ -47,7 +47,7 @@ from torch import Tensor
 from ..inputs.canvas import CanvasBatch, canvases, changed_accuracy, concat, predicted_codes, score_cells
 from ..organisms.visual.images import TASKS as VISUAL_TASKS
 from ..organisms.visual.images import apply_task
-from ..results import LayerHeadGrid, ResultMeta, Saved, Tabular, WithMeta
+from ..results import LayerHeadGrid, Plotted, ResultMeta, Saved, Tabular, WithMeta
 from ..vocabulary import BATCH_SIZE, PROGRESS
 from .taskness import HeadStats, Taskness, head_means, taskness_from_stats
 
@@ -116,7 +116,7 @@ def canvas_means(model: Any, tasks: Any = None, *, n: int = 32, seed: int = 0, s
 
 
 @dataclass(frozen=True, eq=False)
-class VisualTaskness(Saved, WithMeta, LayerHeadGrid, Tabular):
+class VisualTaskness(Saved, Plotted, WithMeta, LayerHeadGrid, Tabular):
     """ρ_token per (layer, head, position) of a canvas, and per head (the mean over positions).
 
     ``per_position`` ``[layer, head, pos]`` (raster positions of the canvas), ``scores``
@@ -467,7 +467,7 @@ def random_pairs(shape: tuple[int, int, int], k: int, n: int, *, seed: int = 0) 
 
 
 @dataclass(frozen=True, eq=False)
-class PairSelection(Saved, WithMeta):
+class PairSelection(Saved, Plotted, WithMeta, Tabular):
     """A set of (layer, head, position) pairs chosen by ``method``, and what it cost.
 
     ``weights`` ``[layer, head, pos]``: what is patched (α for ``soft``, 0/1 otherwise);
@@ -491,6 +491,12 @@ class PairSelection(Saved, WithMeta):
     @property
     def k(self) -> int:
         return int(self.mask.sum())
+
+    def records(self) -> list[dict[str, Any]]:
+        """One row per selected (layer, head, position) pair: its weight and probability."""
+        return [{"method": self.method, "layer": int(l), "head": int(h), "pos": int(q),
+                 "weight": float(self.weights[l, h, q]), "probability": float(self.probabilities[l, h, q])}
+                for l, h, q in self.mask.nonzero().tolist()]
 
     def __repr__(self) -> str:
         return (f"PairSelection(method={self.method!r}, k={self.k}, tasks={list(self.tasks)}, evaluations={self.evaluations}, "
@@ -685,7 +691,7 @@ def grs_pairs(obj: CanvasPatch, *, candidates: Tensor | None = None, budget: int
 
 
 @dataclass(frozen=True, eq=False)
-class TopkCurve(Saved, WithMeta):
+class TopkCurve(Saved, Plotted, WithMeta, Tabular):
     """No-example canvases patched at the top-k ρ pairs, at k random pairs (mean of draws) and at the
     top-k pairs with another task's means, per k, per task and metric (Hojel et al. 2024, §4.2); with
     the unpatched baseline, 1-shot ICL, and the share of the ICL − baseline gap each recovers.
@@ -702,6 +708,18 @@ class TopkCurve(Saved, WithMeta):
     base: dict[str, Tensor]
     icl_scores: dict[str, Tensor] | None = None
     meta: ResultMeta = field(default_factory=ResultMeta)
+
+    def records(self) -> list[dict[str, Any]]:
+        """One row per (kind, metric, task, k): the patched score, beside the task's baseline and ICL."""
+        rows = []
+        for kind, by_metric in self.values.items():
+            for metric, table in by_metric.items():
+                for t, task in enumerate(self.tasks):
+                    for j, k in enumerate(self.ks):
+                        rows.append({"kind": kind, "metric": metric, "task": task, "k": k, "value": float(table[t, j]),
+                                     "baseline": float(self.base[metric][t]),
+                                     "icl": float(self.icl_scores[metric][t]) if self.icl_scores else float("nan")})
+        return rows
 
     @property
     def top(self) -> Tensor:
