@@ -315,3 +315,24 @@ def test_answered_as_counts_every_accepted_answer(organism):
     assert all(ids[i] >= {pred[i]} for i in range(len(pred)))
     got = _answered_as(organism, [task], [task, both], seed=0, n_prompts=6)
     assert float(got[0, 1]) == 1.0 and float(got[0, 0]) < 1.0  # the first answer alone would not score 1
+
+
+def test_a_weight_vector_reads_as_a_table_and_a_figure(tmp_path):
+    """records(): one row per parameter with the norm of its delta; plot(): the norm per layer, whose
+    squares add up to the vector's squared norm."""
+    import numpy as np
+    import torch
+
+    from tvlens.vectors.weights import WeightVector
+
+    g = torch.Generator().manual_seed(0)
+    deltas = {"model.layers.0.self_attn.q_proj.weight": torch.randn(4, 4, generator=g),
+              "model.layers.0.mlp.up_proj.weight": torch.randn(8, 4, generator=g),
+              "model.layers.1.mlp.down_proj.weight": torch.randn(4, 8, generator=g)}
+    wv = WeightVector(deltas, task="t")
+    rows = wv.records()
+    assert {r["parameter"]: r["norm"] for r in rows} == pytest.approx({n: float(d.norm()) for n, d in deltas.items()}, rel=1e-6)
+    assert {r["parameter"]: r["layer"] for r in rows} == {n: n.split(".")[2] for n in deltas}
+    ys = np.concatenate([np.asarray(tr.y, dtype=float) for tr in wv.plot().data])
+    assert float((ys ** 2).sum()) == pytest.approx(wv.norm() ** 2, rel=1e-5)
+    assert wv.to_html(tmp_path / "wv.html").exists()

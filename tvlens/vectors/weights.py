@@ -153,7 +153,7 @@ def _model_params(model: Any) -> dict[str, Tensor]:
 
 
 @dataclass(frozen=True, eq=False)
-class WeightVector(WithMeta):
+class WeightVector(WithMeta, Tabular):
     """A weight-space task vector (Ilharco et al. 2023, §2): per-parameter deltas ``θ_ft − θ_base``.
 
     Attributes:
@@ -371,6 +371,18 @@ class WeightVector(WithMeta):
     def norms(self, by: str = "layer") -> "WeightGeometry":
         """Norm per layer / module kind / parameter (see :func:`geometry`)."""
         return geometry([self], by=by)
+
+    def plot(self, by: str = "layer") -> Any:
+        """The vector's norm per ``by`` group (layer, module kind, parameter; :func:`geometry`)."""
+        return self.norms(by).plot()
+
+    def to_html(self, path: str | Path, by: str = "layer") -> Path:
+        return self.norms(by).to_html(path)
+
+    def records(self) -> list[dict[str, Any]]:
+        """One row per parameter: its layer group, size and the norm of its delta."""
+        return [{"task": self.task, "parameter": n, "layer": parameter_group(n, "layer"), "numel": int(d.numel()),
+                 "norm": float(d.double().norm())} for n, d in self.deltas.items()]
 
     # -- storage -------------------------------------------------------------------------------
 
