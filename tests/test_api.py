@@ -265,3 +265,34 @@ def test_the_results_saved_above_read_as_tables_and_pages(tmp_path):
     sel = _saved_examples()[5].selections["reinforce"]["f"]
     assert sum(r["selected"] for r in sel.records()) == int(sel.mask.sum())
     assert [r["probability"] for r in sel.records()] == pytest.approx(sel.probabilities.flatten().tolist())
+
+
+#: results without some of the shared methods, and why
+_METHODS_THAT_MAKE_NO_SENSE = {
+    "Report": {"plot", "to_html", "save", "load", "to_frame"},  # it is the written page itself
+    "FineTuned": {"save", "load"},  # it holds the fine-tuned model; its .vector saves
+}
+
+
+def test_every_result_has_the_same_methods():
+    """plot, to_html, save, load and to_frame on every result dataclass (one with a ``meta``), but
+    where listed above."""
+    import dataclasses
+    import importlib
+    import inspect
+    import pkgutil
+
+    seen, odd = set(), {}
+    for info in pkgutil.walk_packages(tvlens.__path__, "tvlens."):
+        if ".organisms." in info.name or info.name.endswith("__main__"):
+            continue
+        mod = importlib.import_module(info.name)
+        for c in vars(mod).values():
+            if not (inspect.isclass(c) and c.__module__ == info.name and dataclasses.is_dataclass(c)
+                    and "meta" in {f.name for f in dataclasses.fields(c)}):
+                continue
+            seen.add(c.__name__)
+            missing = {m for m in ("plot", "to_html", "save", "load", "to_frame") if not callable(getattr(c, m, None))}
+            if missing != _METHODS_THAT_MAKE_NO_SENSE.get(c.__name__, set()):
+                odd[c.__name__] = sorted(missing)
+    assert len(seen) >= 25 and not odd, odd
