@@ -57,7 +57,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -1244,14 +1244,7 @@ def layer_sweep(
     n_prompts = _check_int("n_prompts", n_prompts, 1)
     n_shots = _check_int("n_shots", n_shots, 0)
     batch_size = rows_per_forward(batch_size)
-    if kind not in _SWEEP_KINDS:
-        raise ValueError(f"unknown kind {kind!r} for a layer sweep; use one of {', '.join(map(repr, _SWEEP_KINDS))}")
-    if mode is None:
-        mode = "add" if kind == "function" else "replace"
-    mode = _check_mode(mode, None, alpha)
-    splits = tuple(splits) if not isinstance(splits, str) else (splits,)
-    if not splits or any(s not in _SPLITS for s in splits) or len(set(splits)) != len(splits):
-        raise ValueError(f"splits must be distinct names from {_SPLITS} (selection split first, report split last), got {splits!r}")
+    mode, splits = _sweep_mode_and_splits(kind, mode, alpha, splits)
     ls = _check_layers(model, layers)
     prompt_kw = prompt_options("layer_sweep", prompt_kw)
     # every prompt first: bad input fails before any forward pass
@@ -1289,35 +1282,17 @@ def layer_sweep(
 
     if ck is None:
         vecs, icl_mean = vectors_and_icl(list(range(T)))
-        if center:
-            vecs = vecs - vecs.mean(0, keepdim=True)
+        vecs = vecs - vecs.mean(0, keepdim=True) if center else vecs
         grid, base = grid_of(list(range(T)), vecs)
-    else:  # task by task, every finished part on disk (centring needs every task's vectors first)
-        for t, task in enumerate(task_list):
-            if ("vectors", task.name) not in ck:
-                v, im = vectors_and_icl([t])
-                ck.record(("vectors", task.name), {"vectors": v[0], "icl": im[0]})
-        vecs = torch.stack([ck[("vectors", t.name)]["vectors"] for t in task_list])
-        icl_mean = torch.stack([ck[("vectors", t.name)]["icl"] for t in task_list])
-        if center:
-            vecs = vecs - vecs.mean(0, keepdim=True)
-        for t, task in enumerate(task_list):
-            if ("grid", task.name) not in ck:
-                g, b = grid_of([t], vecs[t:t + 1])
-                ck.record(("grid", task.name), {"grid": g[0], "base": b[0]})
-        grid = torch.stack([ck[("grid", t.name)]["grid"] for t in task_list])
-        base = torch.stack([ck[("grid", t.name)]["base"] for t in task_list])
-    n_eval = torch.as_tensor([len(b) for z in plan.zero_shot for b in z]).reshape(T, len(splits))
+    else:
+        vecs, icl_mean, grid, base = _checkpointed_sweep(ck, task_list, vectors_and_icl, grid_of, center=center)
     made = dict(n_prompts=n_prompts, n_shots=n_shots, dummy_query=bool(dummy_query)) if not plan.given else dict(
         source="prompts", n_prompts=max(len(b) for b in plan.context), n_shots=int(getattr(plan.context[0], "n_shots", -1)))
     meta = _make_meta(model, [t.name for t in task_list], seed, kind=kind, **made, center=bool(center),
                       seconds=time.perf_counter() - t0, hook=POSITION_RULE,
                       **({"function_kw": dict(function_kw)} if function_kw else {}), executor=executor_meta(executor),
                       **prompt_record(prompt_kw))
-    return SweepResult(tasks=tuple(t.name for t in task_list), families=tuple(t.family for t in task_list),
-                       layers=tuple(ls), splits=splits, accuracy=grid[..., 0], zero_shot=base[..., 0], icl=icl_mean[:, 0],
-                       n_eval=n_eval, vectors=vecs, logprob=grid[..., 1], zero_shot_logprob=base[..., 1],
-                       icl_logprob=icl_mean[:, 1], mode=mode, alpha=float(alpha), kind=kind, meta=meta)
+    return _sweep_result(plan, ls, splits, vecs, icl_mean, grid, base, mode=mode, alpha=alpha, kind=kind, meta=meta)
 
 
 @dataclass
@@ -1330,6 +1305,53 @@ class _SweepPlan:
     zero_shot: list[list[Any]]  # [task][split] query prompts the vectors are patched into
     icl: list[Any]  # ICL baseline prompts on the report split's queries (None: not measured)
     given: bool = False
+
+
+def _sweep_mode_and_splits(kind: str, mode: str | None, alpha: float, splits: Any) -> tuple[str, tuple[str, ...]]:
+    """The checked patch mode (``add`` for function vectors, ``replace`` for the others by default,
+    Todd et al. 2024 §2.3 / Hendel et al. 2023 §3.1) and the splits (selection split first, report split last)."""
+    if kind not in _SWEEP_KINDS:
+        raise ValueError(f"unknown kind {kind!r} for a layer sweep; use one of {', '.join(map(repr, _SWEEP_KINDS))}")
+    if mode is None:
+        mode = "add" if kind == "function" else "replace"
+    mode = _check_mode(mode, None, alpha)
+    splits = tuple(splits) if not isinstance(splits, str) else (splits,)
+    if not splits or any(s not in _SPLITS for s in splits) or len(set(splits)) != len(splits):
+        raise ValueError(f"splits must be distinct names from {_SPLITS} (selection split first, report split last), got {splits!r}")
+    return mode, splits
+
+
+def _sweep_result(plan: Any, ls: Sequence[int], splits: tuple[str, ...], vecs: Tensor, icl_mean: Tensor, grid: Tensor,
+                  base: Tensor, *, mode: str, alpha: float, kind: str, meta: ResultMeta) -> "SweepResult":
+    """The :class:`SweepResult` of a sweep's tensors: ``grid`` ``[task, split, layer, (accuracy, log-prob)]``,
+    ``base`` ``[task, split, 2]`` (zero-shot), ``icl_mean`` ``[task, 2]``."""
+    tasks = plan.tasks
+    n_eval = torch.as_tensor([len(b) for z in plan.zero_shot for b in z]).reshape(len(tasks), len(splits))
+    return SweepResult(tasks=tuple(t.name for t in tasks), families=tuple(t.family for t in tasks),
+                       layers=tuple(ls), splits=splits, accuracy=grid[..., 0], zero_shot=base[..., 0], icl=icl_mean[:, 0],
+                       n_eval=n_eval, vectors=vecs, logprob=grid[..., 1], zero_shot_logprob=base[..., 1],
+                       icl_logprob=icl_mean[:, 1], mode=mode, alpha=float(alpha), kind=kind, meta=meta)
+
+
+def _checkpointed_sweep(ck: Any, task_list: Sequence[Any], vectors_and_icl: Callable, grid_of: Callable, *,
+                        center: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The sweep task by task, every finished part on disk: each task's vectors and ICL scores first
+    (centring needs every task's vectors), then each task's grid; parts already in ``ck`` are read."""
+    for t, task in enumerate(task_list):
+        if ("vectors", task.name) not in ck:
+            v, im = vectors_and_icl([t])
+            ck.record(("vectors", task.name), {"vectors": v[0], "icl": im[0]})
+    vecs = torch.stack([ck[("vectors", t.name)]["vectors"] for t in task_list])
+    icl_mean = torch.stack([ck[("vectors", t.name)]["icl"] for t in task_list])
+    if center:
+        vecs = vecs - vecs.mean(0, keepdim=True)
+    for t, task in enumerate(task_list):
+        if ("grid", task.name) not in ck:
+            g, b = grid_of([t], vecs[t:t + 1])
+            ck.record(("grid", task.name), {"grid": g[0], "base": b[0]})
+    grid = torch.stack([ck[("grid", t.name)]["grid"] for t in task_list])
+    base = torch.stack([ck[("grid", t.name)]["base"] for t in task_list])
+    return vecs, icl_mean, grid, base
 
 
 def _sweep_plan(model: Any, tasks: Any, *, kind: str, splits: tuple[str, ...], n_prompts: int, n_shots: int, seed: int,
