@@ -36,7 +36,7 @@ from torch import Tensor
 from ..checks import check_int as _check_int
 from ..engine.batch import rows_inputs
 from ..engine.plan import rows_per_forward
-from ..results import LayerHeadGrid, ResultMeta, Saved, Tabular, WithMeta
+from ..results import LayerHeadGrid, Plotted, ResultMeta, Saved, Tabular, WithMeta
 from ..tasks import task_name as _task_name
 from ..vocabulary import BATCH_SIZE, FINAL, FINAL_POSITION, N_PROMPTS, PROGRESS, final_alias
 
@@ -131,7 +131,7 @@ class _Moments:
 
 
 @dataclass(frozen=True, eq=False)
-class HeadStats(WithMeta, LayerHeadGrid, Tabular):
+class HeadStats(Plotted, WithMeta, LayerHeadGrid, Tabular):
     """Per task, per layer, per head: mean, population variance and count of ``hook_z``.
 
     Shapes (``pos`` only when ``per_position``; ``pos`` is right-aligned: index ``-1`` is the last
@@ -212,12 +212,6 @@ class HeadStats(WithMeta, LayerHeadGrid, Tabular):
         what = f"task {task}" if task is not None else f"mean over {len(self.tasks)} tasks"
         return layer_head_heatmap(norm, title=f"‖task-mean hook_z‖ per head<br><sup>{what} · {self.positions}</sup>",
                                   zlabel="‖z̄‖", transpose=transpose, layers=self.layers or None)
-
-    def to_html(self, path: str | Path, task: Any = None) -> Path:
-        """Standalone HTML of :meth:`plot` (plotly.js embedded)."""
-        from ..plot import save_figure
-
-        return save_figure(self.plot(task), path, png=False)[0]
 
     def __repr__(self) -> str:
         pos = f", pos={self.n_positions}" if self.per_position else ""

@@ -70,7 +70,7 @@ from ..engine.plan import RowsBatch, rows_per_forward, length_buckets, pad_id_of
 from ..engine.readout import run_rows, run_shared, tree_mask_ok
 from ..inputs.text import prompt_options, prompt_record
 from ..metrics import accepted_ids, accepted_metric, cat_accepted
-from ..results import ResultMeta, Tabular, WithMeta, check_same_model, load_result, load_tensors, save_tensors
+from ..results import Plotted, ResultMeta, Tabular, WithMeta, check_same_model, load_result, load_tensors, save_tensors
 
 __all__ = [
     "TaskVector",
@@ -106,7 +106,7 @@ _LABEL = {"task": "TV", "instruction": "IV", "ensemble": "TV+IV", "function": "F
 
 
 @dataclass(frozen=True, eq=False)
-class TaskVector(WithMeta, Tabular):
+class TaskVector(Plotted, WithMeta, Tabular):
     """A vector in the residual stream at one layer, applied at the final separator.
 
     Attributes:
@@ -184,12 +184,6 @@ class TaskVector(WithMeta, Tabular):
         return line_plot(list(range(self.d_model)), {self.task: self.vector.float()}, xlabel="residual dimension",
                          ylabel="component",
                          title=title or f"{self.kind} vector — {self.task}<br><sup>layer {self.layer} · ‖v‖ {self.norm:.3g}</sup>")
-
-    def to_html(self, path: str | Path) -> Path:
-        """Standalone HTML of :meth:`plot` (plotly.js embedded)."""
-        from ..plot import save_figure
-
-        return save_figure(self.plot(), path, png=False)[0]
 
     def records(self) -> list[dict[str, Any]]:
         """One row: task, kind, layer, norm, d_model, model and how it was made (the scalar settings
