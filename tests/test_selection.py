@@ -336,6 +336,26 @@ def test_compare_selections_structure(tiny_llama, tmp_path):
     assert cmp.accuracy[0, 0].item() == pytest.approx(first_token_accuracy(logits, batch))
 
 
+def test_compare_selections_skips_cie_once_when_it_cannot_run(tiny_llama, monkeypatch):
+    """When CIE top-k cannot be computed for the first group, it is tried once and the later groups skip it:
+    one note, a NaN column, every other column scored."""
+    calls = []
+
+    def failing_cie(*args, **kw):
+        calls.append(kw)
+        raise ImportError("no CIE here")
+
+    monkeypatch.setattr(sel_mod, "_cie_scores", failing_cie)
+    cmp = compare_selections(tiny_llama, ["antonym", "country_capital", "english_french"], k=2, per="family",
+                             methods=("zero_shot", "rho_topk", "cie_topk"), n_mean_prompts=4, n_shots=2,
+                             n_prompts=4, progress=False)
+    notes = [n for n in cmp.notes if n.startswith("CIE top-k skipped")]
+    assert len(calls) == 1 and notes == ["CIE top-k skipped: ImportError: no CIE here"], (calls, cmp.notes)
+    col = cmp.methods.index("cie_topk")
+    assert torch.isnan(cmp.accuracy[:, col]).all() and not torch.isnan(cmp.accuracy[:, :col]).any()
+    assert set(cmp.selections["rho_topk"]) == {"linguistic", "knowledge", "translation"}
+
+
 def test_soft_selection_beats_zero_shot_on_organism(organism):
     """On the trained organism a few soft-α steps on one task already lift held-out accuracy well above zero-shot."""
     sel = soft_select(organism, ["country_capital"], steps=30, lr=0.1, n_prompts=8, n_mean_prompts=50, progress=False)

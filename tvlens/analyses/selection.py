@@ -1519,6 +1519,7 @@ def compare_selections(
     gen = torch.Generator().manual_seed(seed)
     chosen: dict[str, dict[str, Selection]] = {}
     ks: dict[str, int] = {}
+    cie_on = "cie_topk" in methods  # off for the later groups once CIE top-k could not be computed
     learn = dict(seed=seed, progress=progress, fast=fast, max_memory=max_memory, prompt_kw=prompt_kw,
                  reinforce_kw=reinforce_kw, soft_kw=soft_kw, cie_kw=cie_kw)
     for group, g_tasks in groups.items():
@@ -1526,8 +1527,9 @@ def compare_selections(
         fixed = _learnt_selections(model, group, g_tasks, means[idx], methods, selections, ready, **learn)
         ks[group] = k_g = k if k is not None else (len(fixed["reinforce"]) if "reinforce" in fixed and len(fixed["reinforce"])
                                                    else min(8, info.n_layers * info.n_heads))
-        fixed.update(_fixed_size_selections(model, g_tasks, k_g, methods, rho, given is not None, notes, seed=seed,
-                                            prompt_kw=prompt_kw, cie_kw=cie_kw))
+        sized, cie_on = _fixed_size_selections(model, g_tasks, k_g, rho, cie_on, given is not None, notes, seed=seed,
+                                               prompt_kw=prompt_kw, cie_kw=cie_kw)
+        fixed.update(sized)
         rows = _weightings(info, fixed, methods, n_random, k_g, gen)
         if given is None:
             obj = PatchObjective.build(model, g_tasks, means[idx], n_prompts=n_prompts, split="test", seed=seed,
@@ -1619,26 +1621,29 @@ def _learnt_selections(model: Any, group: str, g_tasks: Sequence[Any], g_means: 
     return fixed
 
 
-def _fixed_size_selections(model: Any, g_tasks: Sequence[Any], k: int, methods: Sequence[str], rho: Tensor | None,
-                           ready: bool, notes: list[str], *, seed: int, prompt_kw: Mapping[str, Any],
-                           cie_kw: Any) -> dict[str, Selection]:
-    """The top-``k`` heads by ρ (over all tasks) and by CIE (Todd et al. 2024, averaged over the group)."""
+def _fixed_size_selections(model: Any, g_tasks: Sequence[Any], k: int, rho: Tensor | None, cie: bool, ready: bool,
+                           notes: list[str], *, seed: int, prompt_kw: Mapping[str, Any],
+                           cie_kw: Any) -> tuple[dict[str, Selection], bool]:
+    """The top-``k`` heads by ρ (over all tasks) and, if ``cie``, by CIE (Todd et al. 2024, averaged
+    over the group); and whether CIE top-k is still to be computed for the next groups (once it
+    cannot be, the note says why once and the later groups skip it)."""
     names = [t.name for t in g_tasks]
     out: dict[str, Selection] = {}
     if rho is not None:
         out["rho_topk"] = Selection.from_heads(model, _topk_heads(rho, k), method="rho_topk", tasks=names, k=k)
-    if "cie_topk" not in methods or any(n.startswith("CIE top-k skipped") for n in notes):
-        return out
+    if not cie:
+        return out, False
     if ready:
         notes.append("CIE top-k skipped: ready prompts have no task whose text prompts function_vector would build")
-        return out
+        return out, False
     try:
-        cie = torch.stack([_cie_scores(model, t, seed=seed, k=k, **{**prompt_kw, **dict(cie_kw or {})})
-                           for t in g_tasks]).mean(0)
-        out["cie_topk"] = Selection.from_heads(model, _topk_heads(cie, k), method="cie_topk", tasks=names, k=k)
+        cie_scores = torch.stack([_cie_scores(model, t, seed=seed, k=k, **{**prompt_kw, **dict(cie_kw or {})})
+                                  for t in g_tasks]).mean(0)
     except (ImportError, AttributeError) as err:
         notes.append(f"CIE top-k skipped: {type(err).__name__}: {err}")
-    return out
+        return out, False
+    out["cie_topk"] = Selection.from_heads(model, _topk_heads(cie_scores, k), method="cie_topk", tasks=names, k=k)
+    return out, True
 
 
 def _weightings(info: Any, fixed: Mapping[str, Selection], methods: Sequence[str], n_random: int, k: int,
