@@ -423,6 +423,31 @@ def test_prompt_batch_container(word_model):
         dataclasses.replace(batch, queries=batch.queries[:2])
 
 
+def test_every_batch_takes_rows_alike(word_model):
+    """Text, context and canvas batches take rows by number, negative number or boolean mask alike, and slice
+    every per-row field (tensors along their first axis, tuples) with them; a row out of range names the range."""
+    from tvlens.inputs.canvas import canvases
+    from tvlens.inputs.text import context_prompts
+
+    batches = [icl_prompts(word_model, "country_capital", n_prompts=5, n_shots=2, seed=0, dummy_query=True),
+               context_prompts(word_model, "country_capital", n_prompts=5, n_shots=2, seed=0),
+               canvases("hflip", 5, seed=0)]
+    for batch in batches:
+        ways = [batch.select([0, 3, 4]), batch.select([0, -2, -1]), batch.select(torch.tensor([1, 0, 0, 1, 1], dtype=torch.bool))]
+        for got in ways:
+            assert len(got) == 3
+            for f in dataclasses.fields(batch):
+                v, w = getattr(batch, f.name), getattr(got, f.name)
+                if isinstance(v, torch.Tensor):
+                    assert torch.equal(w, v[[0, 3, 4]]), (type(batch).__name__, f.name)
+                elif isinstance(v, tuple) and v:
+                    assert w == tuple(v[i] for i in (0, 3, 4)), (type(batch).__name__, f.name)
+                else:
+                    assert w == v, (type(batch).__name__, f.name)
+        with pytest.raises(IndexError, match="takes rows -5..4"):
+            batch.select([5])
+
+
 # ------------------------------------------------------------------------------------------------
 # bad input: clear errors before any work
 

@@ -8,9 +8,10 @@ and returns an :class:`EngineBatch`.
 from __future__ import annotations
 
 from collections.abc import Iterator
+import dataclasses
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol, Sequence
 
 import torch
 from jaxtyping import Int
@@ -18,7 +19,7 @@ from torch import Tensor
 
 from ..checks import check_int
 
-__all__ = ["Inputs", "EngineBatch", "RowSlicing", "as_batch", "rows_inputs"]
+__all__ = ["Inputs", "EngineBatch", "RowSlicing", "row_index", "as_batch", "rows_inputs"]
 
 class Inputs(Protocol):
     """What the engine needs from a batch (a :class:`tvlens.PromptBatch`, a canvas or multimodal batch).
@@ -35,9 +36,40 @@ class Inputs(Protocol):
     tokens: Int[Tensor, "batch pos"]
 
 
+def row_index(index: Sequence[int] | Tensor, n: int) -> list[int]:
+    """The rows (``0..n-1``) that ``index`` names, by torch's indexing rules: row numbers (negative
+    from the end) or a boolean mask of ``n``; anything else raises IndexError naming the range."""
+    index = index.cpu() if isinstance(index, Tensor) else torch.as_tensor(list(index), dtype=torch.long)
+    try:
+        return torch.arange(n)[index.reshape(-1) if index.numel() else index.long()].tolist()
+    except IndexError as err:
+        raise IndexError(f"{err}: a batch of {n} prompts takes rows -{n}..{n - 1} or a boolean mask of {n}") from None
+
+
 class RowSlicing:
     """Slices and chunks of a batch class that defines ``__len__`` and ``select(rows)`` (text,
-    multimodal): every way of taking rows goes through its one ``select``."""
+    multimodal): every way of taking rows goes through its one ``select``.
+
+    A dataclass batch's ``select`` can take its per-row fields from :meth:`_row_fields`: every tensor
+    (along its first axis) and every non-empty tuple is one entry per row, except the fields the
+    class names in ``_NOT_PER_ROW`` (images, several to a row), which its ``select`` takes itself.
+    A field added to such a batch is then sliced with its rows without touching ``select``.
+    """
+
+    _NOT_PER_ROW: ClassVar[tuple[str, ...]] = ()
+
+    def _row_fields(self, idx: list[int]) -> dict[str, Any]:
+        """Every per-row field at rows ``idx``, as ``dataclasses.replace`` takes them."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            if f.name in self._NOT_PER_ROW:
+                continue
+            if isinstance(v, Tensor) and v.ndim:
+                out[f.name] = v[torch.as_tensor(idx, dtype=torch.long, device=v.device)]
+            elif isinstance(v, tuple) and v:
+                out[f.name] = tuple(v[i] for i in idx)
+        return out
 
     def slice(self, start: int, stop: int | None = None) -> Any:
         """Rows ``start:stop`` (padding width unchanged, so results of chunks concatenate along pos)."""

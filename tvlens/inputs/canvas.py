@@ -38,6 +38,7 @@ import torch
 from jaxtyping import Float, Int, UInt8
 from torch import Tensor
 
+from ..engine.batch import RowSlicing, row_index
 from ..organisms.visual import canvas as _cv
 from ..organisms.visual import images as _im
 
@@ -165,7 +166,7 @@ class CanvasLayout:
 
 
 @dataclass(frozen=True, eq=False)
-class CanvasBatch:
+class CanvasBatch(RowSlicing):
     """Canvases whose query-out cell the model inpaints — the engine's inputs protocol for visual ICL.
 
     - ``tokens`` ``[batch, pos]``: palette codes and ``[MASK]`` in raster order (no padding);
@@ -235,9 +236,8 @@ class CanvasBatch:
         return {}
 
     def select(self, index: Any) -> "CanvasBatch":
-        """The canvases ``index`` (a tensor or sequence of row indices)."""
-        idx = torch.as_tensor(index, dtype=torch.long).reshape(-1)
-        return replace(self, tokens=self.tokens[idx], targets=self.targets[idx], tasks=tuple(self.tasks[i] for i in idx.tolist()))
+        """The canvases ``index`` (row numbers or a boolean mask)."""
+        return replace(self, **self._row_fields(row_index(index, len(self))))
 
     # ---- images ----
     def cells(self) -> Int[Tensor, "batch cell gh gw"]:

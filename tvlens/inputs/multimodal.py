@@ -46,13 +46,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 import torch
 from jaxtyping import Bool, Int, UInt8
 from torch import Tensor
 
+from ..engine.batch import row_index
 from .text import PromptBatch, PromptRows, TokenClass, _build, _Layout, icl_prompts
 
 __all__ = [
@@ -259,6 +260,9 @@ class MultimodalBatch(PromptRows):
     image_items: tuple[tuple[str, int], ...] = ()
     options: Mapping[str, Any] = field(default_factory=dict)
 
+    #: one entry per image (a row may hold several) or, for ``pixel_values``, per patch: taken by :meth:`select`
+    _NOT_PER_ROW: ClassVar[tuple[str, ...]] = ("pixel_values", "image_grid_thw", "images", "image_items")
+
     def __post_init__(self) -> None:
         b, p = self.tokens.shape
         if self.attention_mask.shape != (b, p) or self.token_class.shape != (b, p):
@@ -343,25 +347,13 @@ class MultimodalBatch(PromptRows):
 
     def select(self, index: Sequence[int] | Tensor) -> "MultimodalBatch":
         """Rows ``index`` (row numbers or a boolean mask) with their own images; padding width unchanged."""
-        n = len(self)
-        index = index.cpu() if isinstance(index, Tensor) else torch.as_tensor(list(index))
-        try:  # torch's own indexing rules: row numbers (negative from the end) or a boolean mask
-            idx = torch.arange(n)[index.reshape(-1) if index.numel() else index.long()].tolist()
-        except IndexError as err:
-            raise IndexError(f"{err}: a batch of {n} prompts takes rows -{n}..{n - 1} or a boolean mask of {n}") from None
-        t = torch.as_tensor(idx, dtype=torch.long)
+        idx = row_index(index, len(self))
         imgs, pix = self._image_rows(idx)
-        pick = lambda xs: tuple(xs[i] for i in idx) if xs else xs  # noqa: E731
         it, pt = torch.as_tensor(imgs, dtype=torch.long), torch.as_tensor(pix, dtype=torch.long)
         return dataclasses.replace(
-            self, tokens=self.tokens[t], attention_mask=self.attention_mask[t], token_class=self.token_class[t],
-            answer_ids=self.answer_ids[t], answer_tokens=pick(self.answer_tokens), queries=pick(self.queries),
-            answers=pick(self.answers), n_images=self.n_images[t],
+            self, **self._row_fields(idx),
             pixel_values=None if self.pixel_values is None else self.pixel_values[pt.to(self.pixel_values.device)],
             image_grid_thw=None if self.image_grid_thw is None else self.image_grid_thw[it],
-            token_type_ids=None if self.token_type_ids is None else self.token_type_ids[t],
-            texts=pick(self.texts), demos=pick(self.demos), other_answers=pick(self.other_answers),
-            other_answer_tokens=pick(self.other_answer_tokens),
             images=None if self.images is None else self.images[it],
             image_items=tuple(self.image_items[k] for k in imgs) if self.image_items else (),
         )

@@ -70,7 +70,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..checks import check_int as _check_int
-from ..engine.batch import RowSlicing
+from ..engine.batch import RowSlicing, row_index
 from ..engine.plan import rows_per_forward
 from ..vocabulary import BATCH_SIZE, N_PROMPTS
 
@@ -257,30 +257,8 @@ class PromptBatch(PromptRows):
         )
 
     def select(self, index: Sequence[int] | Tensor) -> "PromptBatch":
-        """The rows ``index`` (a list of row numbers or a boolean mask), padding width unchanged."""
-        idx = _row_index(index, len(self))
-        t = torch.as_tensor(idx, dtype=torch.long, device=self.tokens.device)
-
-        def pick(xs: tuple) -> tuple:
-            return tuple(xs[i] for i in idx) if xs else xs
-
-        return dataclasses.replace(
-            self,
-            tokens=self.tokens[t],
-            attention_mask=self.attention_mask[t],
-            token_class=self.token_class[t],
-            answer_ids=self.answer_ids[t],
-            answer_tokens=pick(self.answer_tokens),
-            queries=pick(self.queries),
-            answers=pick(self.answers),
-            texts=pick(self.texts),
-            demos=pick(self.demos),
-            real_queries=pick(self.real_queries),
-            real_answers=pick(self.real_answers),
-            real_answer_tokens=pick(self.real_answer_tokens),
-            other_answers=pick(self.other_answers),
-            other_answer_tokens=pick(self.other_answer_tokens),
-        )
+        """The rows ``index`` (row numbers or a boolean mask), padding width unchanged."""
+        return dataclasses.replace(self, **self._row_fields(row_index(index, len(self))))
 
     def trimmed(self) -> "PromptBatch":
         """The same prompts without the leading columns that are padding in every row."""
@@ -302,18 +280,6 @@ class PromptBatch(PromptRows):
             f"PromptBatch(task={self.task!r}, n_prompts={len(self)}, n_shots={self.n_shots}, seed={self.seed}, "
             f"pos={self.tokens.shape[1]}{', ' + opts if opts else ''})"
         )
-
-
-def _row_index(index: Sequence[int] | Tensor, n: int) -> list[int]:
-    """The row numbers ``index`` names (a list of row numbers or a boolean mask), each checked against ``n`` rows."""
-    if isinstance(index, Tensor):
-        idx = index.nonzero().flatten().tolist() if index.dtype == torch.bool else index.flatten().tolist()
-    else:
-        idx = [int(i) for i in index]
-    for i in idx:
-        if not -n <= i < n:
-            raise IndexError(f"row {i} out of range for a batch of {n} prompts")
-    return idx
 
 
 @dataclass(frozen=True, eq=False)
@@ -338,13 +304,8 @@ class ContextPrompts(RowSlicing):
         return int(self.tokens.shape[0])
 
     def select(self, index: Sequence[int] | Tensor) -> "ContextPrompts":
-        """The rows ``index`` (a list of row numbers or a boolean mask), padding width unchanged."""
-        idx = _row_index(index, len(self))
-        t = torch.as_tensor(idx, dtype=torch.long, device=self.tokens.device)
-        pick = lambda xs: tuple(xs[i] for i in idx) if xs else xs  # noqa: E731
-        return dataclasses.replace(self, tokens=self.tokens[t], attention_mask=self.attention_mask[t],
-                                   token_class=self.token_class[t], texts=pick(self.texts),
-                                   queries=pick(self.queries), demos=pick(self.demos))
+        """The rows ``index`` (row numbers or a boolean mask), padding width unchanged."""
+        return dataclasses.replace(self, **self._row_fields(row_index(index, len(self))))
 
     def __repr__(self) -> str:
         return (f"ContextPrompts(task={self.task!r}, n_prompts={len(self)}, n_shots={self.n_shots}, seed={self.seed}, "
