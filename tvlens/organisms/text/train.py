@@ -55,6 +55,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tvlens.organisms.resid_hook import ResidHook
 from tvlens.organisms.text.tokenizer import NEWLINE, SEPARATOR, build_tokenizer, words_of
 
 __all__ = ["ModelShape", "TrainConfig", "EpisodeSampler", "build_model", "train", "main", "MICRO"]
@@ -310,33 +311,6 @@ def build_model(shape: ModelShape, tokenizer: Any, seed: int):
     return model
 
 
-class _ResidHook:
-    """Forward pre-hook on decoder layer ``L``: its input is ``blocks.L.hook_resid_pre``.
-    Captures it (``capture``) or replaces positions of it (``patch``)."""
-
-    def __init__(self):
-        self.captured: torch.Tensor | None = None
-        self.mode: str | None = None
-        self.patch_rows: torch.Tensor | None = None
-        self.patch_pos: torch.Tensor | None = None
-        self.patch_value: torch.Tensor | None = None
-
-    def __call__(self, module, args, kwargs):
-        if self.mode is None:
-            return None
-        hs = args[0] if args else kwargs["hidden_states"]
-        if self.mode == "capture":
-            self.captured = hs
-            return None
-        hs = hs.clone()
-        hs[self.patch_rows, self.patch_pos] = self.patch_value.to(hs.dtype)
-        if args:
-            return (hs, *args[1:]), kwargs
-        kwargs = dict(kwargs)
-        kwargs["hidden_states"] = hs
-        return args, kwargs
-
-
 def _answer_loss(model, tokens: torch.Tensor, targets: torch.Tensor):
     """CE over answer positions only (the unembedding is applied to those positions only)."""
     hidden = model.model(input_ids=tokens).last_hidden_state
@@ -491,7 +465,7 @@ def _train(cfg, out, tasks, tokenizer, snapshot, resume, micro, verbose, t_start
     if rng_states is not None:  # mid-run resume (crash recovery): continue the same streams
         for r_, st in zip((rng, rng2, rng_tvp), rng_states):
             r_.setstate(st)
-    hook = _ResidHook()
+    hook = ResidHook()
     handle = None
     if cfg.tvp_layer is not None:
         handle = model.model.layers[cfg.tvp_layer].register_forward_pre_hook(hook, with_kwargs=True)
@@ -518,10 +492,14 @@ def _train(cfg, out, tasks, tokenizer, snapshot, resume, micro, verbose, t_start
             batch = sampler.batch(rng2 if phase2 else rng, cfg.batch_size)
             tokens, targets = batch.tokens.to(device), batch.targets.to(device)
             use_tvp = phase2 and cfg.tvp_layer is not None
+            # the whole residual is kept and indexed after the forward, as when the shipped organism was
+            # trained: indexing it inside the hook changes the order gradients are summed in (weights ~1e-7 apart)
             hook.mode = "capture" if use_tvp else None
+            hook.rows = hook.pos = None
             loss, logits, sel = _answer_loss(model, tokens, targets)
             total_loss = loss
             if use_tvp:
+                # the few-shot rows whose final-separator residual is patched into their zero-shot partners
                 src_rows = [
                     b for b in range(len(batch.task_idx))
                     if batch.n_shots[b] >= cfg.tvp_min_shots and not batch.instruction[b]
@@ -532,9 +510,9 @@ def _train(cfg, out, tasks, tokenizer, snapshot, resume, micro, verbose, t_start
                     src = hook.captured[rows_t, seps_t]
                     zt, ztg, zsep = sampler.zero_shot_partners(rng_tvp, batch, src_rows)
                     hook.mode = "patch"
-                    hook.patch_rows = torch.arange(len(src_rows), device=device)
-                    hook.patch_pos = torch.tensor(zsep, device=device)
-                    hook.patch_value = src
+                    hook.rows = torch.arange(len(src_rows), device=device)
+                    hook.pos = torch.tensor(zsep, device=device)
+                    hook.value = src
                     tvp_loss, zlogits, zsel = _answer_loss(model, zt.to(device), ztg.to(device))
                     total_loss = total_loss + cfg.tvp_weight * tvp_loss
                     tvp_sum += tvp_loss.item()
@@ -544,7 +522,7 @@ def _train(cfg, out, tasks, tokenizer, snapshot, resume, micro, verbose, t_start
                     firsts = first.to(device)[zsel]
                     tvp_acc_sum += (zlogits.argmax(-1)[firsts] == ztg.to(device)[zsel][firsts]).float().mean().item()
                 hook.mode = None
-                hook.captured = None
+                hook.captured = hook.value = None
             for g in opt.param_groups:
                 g["lr"] = _lr_at(cfg, step)
             opt.zero_grad(set_to_none=True)

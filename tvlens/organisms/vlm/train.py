@@ -59,6 +59,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..resid_hook import ResidHook
+
 from .build import build_vlm, decoder_layers, language_model, save_vlm
 from .images import DOMAIN_TASKS, domain_of_task
 from .prompts import Image, Prompt, PromptCodec, collate
@@ -177,28 +179,6 @@ class Sampler:
 
 # ----------------------------------------------------------------------------------------------
 # model plumbing
-
-
-class ResidHook:
-    """Forward pre-hook on decoder layer ``L``: its input is ``blocks.L.hook_resid_pre``. Captures
-    the rows/positions ``(rows, pos)`` of it, or overwrites them with ``value``."""
-
-    def __init__(self) -> None:
-        self.mode: str | None = None
-        self.rows = self.pos = self.value = self.captured = None
-
-    def __call__(self, module, args, kwargs):
-        if self.mode is None:
-            return None
-        hs = args[0] if args else kwargs["hidden_states"]
-        if self.mode == "capture":
-            self.captured = hs[self.rows, self.pos]
-            return None
-        hs = hs.clone()
-        hs[self.rows, self.pos] = self.value.to(hs.dtype)
-        if args:
-            return (hs, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": hs}
 
 
 def answer_loss(model: Any, tokens, mask, pv, targets, reduction: str = "mean") -> torch.Tensor:
