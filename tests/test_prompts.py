@@ -433,7 +433,8 @@ def test_every_batch_takes_rows_alike(word_model):
                context_prompts(word_model, "country_capital", n_prompts=5, n_shots=2, seed=0),
                canvases("hflip", 5, seed=0)]
     for batch in batches:
-        ways = [batch.select([0, 3, 4]), batch.select([0, -2, -1]), batch.select(torch.tensor([1, 0, 0, 1, 1], dtype=torch.bool))]
+        ways = [batch.select([0, 3, 4]), batch.select([0, -2, -1]), batch.select(torch.tensor([1, 0, 0, 1, 1], dtype=torch.bool)),
+                batch.select([True, False, False, True, True]), batch.select(np.array([0, 3, 4]))]
         for got in ways:
             assert len(got) == 3
             for f in dataclasses.fields(batch):

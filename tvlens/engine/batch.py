@@ -39,7 +39,7 @@ class Inputs(Protocol):
 def row_index(index: Sequence[int] | Tensor, n: int) -> list[int]:
     """The rows (``0..n-1``) that ``index`` names, by torch's indexing rules: row numbers (negative
     from the end) or a boolean mask of ``n``; anything else raises IndexError naming the range."""
-    index = index.cpu() if isinstance(index, Tensor) else torch.as_tensor(list(index), dtype=torch.long)
+    index = index.cpu() if isinstance(index, Tensor) else torch.as_tensor(list(index))  # a list of bools is a mask
     try:
         return torch.arange(n)[index.reshape(-1) if index.numel() else index.long()].tolist()
     except IndexError as err:
