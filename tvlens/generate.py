@@ -179,7 +179,6 @@ def generate(
     """
     import torch
 
-    from . import hooks as _hooks
     from .engine.plan import DEFAULT_BATCH
     from .inputs.text import _pad_id, _tokenizer_of
     from .models import require_compatible
@@ -188,6 +187,36 @@ def generate(
     max_new_tokens = _check_number("max_new_tokens", max_new_tokens, minimum=1, integer=True)
     batch_size = DEFAULT_BATCH if batch_size is None else _check_number("batch_size", batch_size, minimum=1, integer=True)
     seed = _check_number("seed", seed, minimum=0, integer=True)
+    _check_decoding(do_sample, stop_at_eos, temperature, top_k, top_p, vector_at)
+    tokens, mask = _prompts(model, prompts, attention_mask, prepend_bos)
+    tok = _tokenizer_of(model) if getattr(model, "tokenizer", None) is not None else None
+    if eos_token_id is None and tok is not None:
+        eos_token_id = getattr(tok, "eos_token_id", None)
+    pad = _pad_id(tok) if tok is not None else 0
+    d_vocab = int(model.cfg.d_vocab)
+    if int(tokens.max()) >= d_vocab or int(tokens.min()) < 0:
+        raise ValueError(f"prompt token ids must be in 0..{d_vocab - 1} for this model; got {int(tokens.min())}..{int(tokens.max())}")
+    mode, site, value = _vector_site(model, vector, mode, alpha, layer)
+
+    step = _Decoding(model, site, value, mode, vector_at, int(tokens.shape[1]), do_sample, temperature, top_k, top_p,
+                     pad, eos_token_id if stop_at_eos else None)
+    gen = torch.Generator().manual_seed(seed)
+    outs, lens, fins = zip(*[step.run(tokens[i:i + batch_size], mask[i:i + batch_size], max_new_tokens, gen)
+                             for i in range(0, tokens.shape[0], batch_size)])
+    steps = max(o.shape[1] for o in outs)
+    out = torch.cat([torch.nn.functional.pad(o, (0, steps - o.shape[1]), value=pad) for o in outs])
+    lengths = torch.cat(lens)
+    texts = tuple(tok.decode(out[i, : int(lengths[i])].tolist(), skip_special_tokens=True) if tok is not None else ""
+                  for i in range(out.shape[0]))
+    options = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                   top_p=top_p, seed=seed, vector=None if vector is None else vector.describe(), mode=mode,
+                   vector_at=vector_at if vector is not None else None)
+    return Generation(tokens=out, lengths=lengths, finished=torch.cat(fins), texts=texts, prompt_tokens=tokens,
+                      prompt_mask=mask, pad_id=pad, options=options)
+
+
+def _check_decoding(do_sample: Any, stop_at_eos: Any, temperature: Any, top_k: Any, top_p: Any, vector_at: Any) -> None:
+    """Refuse decoding options that are malformed or that greedy decoding would ignore."""
     if not isinstance(do_sample, bool) or not isinstance(stop_at_eos, bool):
         raise TypeError("do_sample and stop_at_eos must be True or False")
     _check_number("temperature", temperature, minimum=0, strict=True)
@@ -200,89 +229,95 @@ def generate(
                          "for greedy decoding")
     if vector_at not in _VECTOR_AT:
         raise ValueError(f"vector_at must be one of {_VECTOR_AT}, got {vector_at!r}")
-    tokens, mask = _prompts(model, prompts, attention_mask, prepend_bos)
-    tok = _tokenizer_of(model) if getattr(model, "tokenizer", None) is not None else None
-    if eos_token_id is None and tok is not None:
-        eos_token_id = getattr(tok, "eos_token_id", None)
-    pad = _pad_id(tok) if tok is not None else 0
-    d_vocab = int(model.cfg.d_vocab)
-    if int(tokens.max()) >= d_vocab or int(tokens.min()) < 0:
-        raise ValueError(f"prompt token ids must be in 0..{d_vocab - 1} for this model; got {int(tokens.min())}..{int(tokens.max())}")
 
-    value = site = None
-    if vector is not None:
-        from .vectors.activation import TaskVector, _check_mode
 
-        if not isinstance(vector, TaskVector):
-            raise TypeError(f"vector must be a tvlens.TaskVector (tvlens.task_vector, function_vector, ...), got {type(vector).__name__}")
-        mode = _check_mode(mode, vector, alpha)
-        target = vector.check_model(model, layer=layer)
-        site = _site(model, target)
-        value = vector.vector * float(alpha) if mode == "add" else vector.vector
-    elif mode is not None or layer is not None or alpha != 1.0:
-        raise ValueError("mode, alpha and layer describe how a vector is applied: pass vector=... or leave them out")
+def _vector_site(model: Any, vector: Any, mode: str | None, alpha: float,
+                 layer: int | None) -> tuple[str | None, str | None, Tensor | None]:
+    """The vector's mode, the hook it is applied at and the value written there (``alpha`` folded in
+    for ``"add"``); all ``None`` without a vector."""
+    if vector is None:
+        if mode is not None or layer is not None or alpha != 1.0:
+            raise ValueError("mode, alpha and layer describe how a vector is applied: pass vector=... or leave them out")
+        return None, None, None
+    from .vectors.activation import TaskVector, _check_mode
 
-    device = _hooks.device_of(model)
-    gen = torch.Generator().manual_seed(seed)
-    outs, lens, fins = [], [], []
-    n_prompt = tokens.shape[1]
-    with torch.no_grad():
-        for start in range(0, tokens.shape[0], batch_size):
-            t = tokens[start:start + batch_size].to(device)
-            m = mask[start:start + batch_size].to(device)
-            real = m.bool()
-            done = torch.zeros(t.shape[0], dtype=torch.bool)
-            n_gen = torch.zeros(t.shape[0], dtype=torch.long)
-            new: list[Tensor] = []
+    if not isinstance(vector, TaskVector):
+        raise TypeError(f"vector must be a tvlens.TaskVector (tvlens.task_vector, function_vector, ...), got {type(vector).__name__}")
+    mode = _check_mode(mode, vector, alpha)
+    site = _site(model, vector.check_model(model, layer=layer))
+    return mode, site, vector.vector * float(alpha) if mode == "add" else vector.vector
+
+
+@dataclass(frozen=True)
+class _Decoding:
+    """How one chunk of left-padded prompts is continued: the model, the vector's hook (if any) and
+    where it applies, the choice of the next token, the end-of-sequence token (``None``: never stop)."""
+
+    model: Any
+    site: str | None
+    value: Tensor | None
+    mode: str | None
+    vector_at: str
+    n_prompt: int
+    do_sample: bool
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    pad: int
+    eos: int | None
+
+    def where(self, real: Bool[Tensor, "batch pos"], width: int) -> Bool[Tensor, "batch pos"]:
+        """The positions the vector is written at in a sequence of ``width`` (prompt and new tokens)."""
+        import torch
+
+        rows, device = real.shape[0], real.device
+        if self.vector_at == "final":
+            where = torch.zeros(width, dtype=torch.bool, device=device)
+            where[self.n_prompt - 1] = True
+            return where.expand(rows, -1)
+        new = (torch.zeros if self.vector_at == "prompt" else torch.ones)(rows, width - self.n_prompt, dtype=torch.bool,
+                                                                           device=device)
+        return torch.cat([real, new], 1)
+
+    def hooks(self, real: Tensor, width: int) -> list:
+        if self.value is None:
+            return []
+        where, value, mode = self.where(real, width), self.value, self.mode
+
+        def patch(act: Tensor, hook: Any = None) -> Tensor:
+            act = act.clone()
+            v = value.to(act.device, act.dtype)
+            act[where] = v if mode == "replace" else act[where] + v
+            return act
+        return [(self.site, patch)]
+
+    def run(self, tokens: Int[Tensor, "batch pos"], mask: Int[Tensor, "batch pos"], max_new_tokens: int,
+            gen: torch.Generator) -> tuple[Int[Tensor, "batch new"], Int[Tensor, " batch"], Bool[Tensor, " batch"]]:
+        """Up to ``max_new_tokens`` new tokens per row (``pad`` after a row ended), their counts, which rows ended."""
+        import torch
+
+        from . import hooks as _hooks
+
+        device = _hooks.device_of(self.model)
+        t, m = tokens.to(device), mask.to(device)
+        real = m.bool()
+        done = torch.zeros(t.shape[0], dtype=torch.bool)
+        n_gen = torch.zeros(t.shape[0], dtype=torch.long)
+        new: list[Tensor] = []
+        with torch.no_grad():
             for _ in range(max_new_tokens):
-                hooks = []
-                if value is not None:
-                    width = t.shape[1]
-                    if vector_at == "final":
-                        where = torch.zeros(width, dtype=torch.bool, device=device)
-                        where[n_prompt - 1] = True
-                        where = where.expand(t.shape[0], -1)
-                    elif vector_at == "prompt":
-                        where = torch.cat([real, torch.zeros(t.shape[0], width - n_prompt, dtype=torch.bool,
-                                                             device=device)], 1)
-                    else:
-                        where = torch.cat([real, torch.ones(t.shape[0], width - n_prompt, dtype=torch.bool,
-                                                            device=device)], 1)
-
-                    def patch(act: Tensor, hook: Any = None, where: Tensor = where) -> Tensor:
-                        act = act.clone()
-                        v = value.to(act.device, act.dtype)
-                        act[where] = v if mode == "replace" else act[where] + v
-                        return act
-
-                    hooks = [(site, patch)]
-                logits = _hooks.run(model, t, attention_mask=m, fwd_hooks=hooks)[:, -1].float().cpu()
-                if do_sample:
-                    nxt = _sample(logits, temperature, top_k, top_p, gen)
-                else:
-                    nxt = logits.argmax(-1)
-                nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+                logits = _hooks.run(self.model, t, attention_mask=m, fwd_hooks=self.hooks(real, t.shape[1]))[:, -1].float().cpu()
+                nxt = _sample(logits, self.temperature, self.top_k, self.top_p, gen) if self.do_sample else logits.argmax(-1)
+                nxt = torch.where(done, torch.full_like(nxt, self.pad), nxt)
                 n_gen += (~done).long()
                 new.append(nxt)
-                if stop_at_eos and eos_token_id is not None:
-                    done |= nxt == int(eos_token_id)
+                if self.eos is not None:
+                    done |= nxt == int(self.eos)
                 t = torch.cat([t, nxt[:, None].to(device)], 1)
                 m = torch.cat([m, torch.ones_like(m[:, :1])], 1)
                 if bool(done.all()):
                     break
-            outs.append(torch.stack(new, 1))
-            lens.append(n_gen)
-            fins.append(done)
-    steps = max(o.shape[1] for o in outs)
-    out = torch.cat([torch.nn.functional.pad(o, (0, steps - o.shape[1]), value=pad) for o in outs])
-    lengths = torch.cat(lens)
-    texts = tuple(tok.decode(out[i, : int(lengths[i])].tolist(), skip_special_tokens=True) if tok is not None else ""
-                  for i in range(out.shape[0]))
-    options = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                   top_p=top_p, seed=seed, vector=None if vector is None else vector.describe(), mode=mode,
-                   vector_at=vector_at if vector is not None else None)
-    return Generation(tokens=out, lengths=lengths, finished=torch.cat(fins), texts=texts, prompt_tokens=tokens,
-                      prompt_mask=mask, pad_id=pad, options=options)
+        return torch.stack(new, 1), n_gen, done
 
 
 def _sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, gen: torch.Generator) -> Tensor:
