@@ -956,55 +956,25 @@ def _run_lens(model, batch, pos_idx, pos_label, sel_layers, top_k, decoder, word
 
     prob_sum = torch.zeros((L, info.d_vocab), dtype=torch.float32, device=device)  # (no float64 on MPS)
     out = {k: torch.full((n_rows, L), float("nan")) for k in ("answer_rank", "answer_prob", "input_rank", "input_prob", "task_rank", "task_prob")}
-    word_rank = torch.full((n_rows, L, n_words), float("nan"))
-    word_prob = torch.full((n_rows, L, n_words), float("nan"))
+    word = {k: torch.full((n_rows, L, n_words), float("nan")) for k in ("word_rank", "word_prob")}
     # stop the forward after the last block we read from, when the final residual is not needed
     stop = {} if sel_layers[-1] == info.n_layers else {"stop_at_layer": sel_layers[-1] + 1}
     lens_name = _lens_name(decoder)
 
     for start in range(0, n_rows, batch_size):
         end = min(n_rows, start + batch_size)
-        b = end - start
-        rows = torch.arange(b, device=device)
+        rows = torch.arange(end - start, device=device)
         cols = pos_idx[start:end].to(device)
         acts, _ = read(model, tokens[start:end], attention_mask[start:end], hook_names, at=(rows, cols), **stop,
                        **rows_inputs(batch, start, end))
-        store = {i: acts[name] for i, name in enumerate(hook_names)}
         ans = answer_ids[start:end].to(device)
         inp = input_ids[start:end].to(device)
-        for li, layer in enumerate(sel_layers):
-            logits = decoder(store[li], layer).to(device)
+        for li, (layer, name) in enumerate(zip(sel_layers, hook_names)):
+            logits = decoder(acts[name], layer).to(device)
             logp = logits.log_softmax(-1)
             prob_sum[li] += logp.exp().sum(0)
-            a_rank = _ranks(logits, ans[:, None])[:, 0]
-            out["answer_rank"][start:end, li] = a_rank.cpu()
-            out["answer_prob"][start:end, li] = logp.gather(1, ans[:, None])[:, 0].exp().cpu()
-            ok = inp >= 0
-            i_rank = _ranks(logits, inp.clamp(min=0)[:, None])[:, 0]
-            i_prob = logp.gather(1, inp.clamp(min=0)[:, None])[:, 0].exp()
-            nan = torch.full_like(i_rank, float("nan"))
-            out["input_rank"][start:end, li] = torch.where(ok, i_rank, nan).cpu()
-            out["input_prob"][start:end, li] = torch.where(ok, i_prob, nan).cpu()
-            if n_words:
-                ids = cand_t.expand(b, -1)
-                c_rank = _ranks(logits, ids)
-                c_prob = logp.gather(1, ids).exp()
-                # a task word that *is* this prompt's answer or input says nothing about the task
-                excluded = (ids == ans[:, None]) | (ids == inp[:, None])
-                c_rank = torch.where(excluded, torch.full_like(c_rank, float("inf")), c_rank)
-                c_prob = torch.where(excluded, torch.full_like(c_prob, -1.0), c_prob)
-                w_rank = torch.full((b, n_words), float("inf"), device=device).scatter_reduce(1, owner_t.expand(b, -1), c_rank, "amin")
-                w_prob = torch.full((b, n_words), -1.0, device=device).scatter_reduce(1, owner_t.expand(b, -1), c_prob, "amax")
-                undefined = torch.isinf(w_rank)
-                w_rank = torch.where(undefined, torch.full_like(w_rank, float("nan")), w_rank)
-                w_prob = torch.where(undefined, torch.full_like(w_prob, float("nan")), w_prob)
-                word_rank[start:end, li] = w_rank.cpu()
-                word_prob[start:end, li] = w_prob.cpu()
-                best = torch.where(undefined, torch.full_like(w_rank, float("inf")), w_rank).min(1)
-                has = torch.isfinite(best.values)
-                out["task_rank"][start:end, li] = torch.where(has, best.values, torch.full_like(best.values, float("nan"))).cpu()
-                bp = w_prob.gather(1, best.indices[:, None])[:, 0]
-                out["task_prob"][start:end, li] = torch.where(has, bp, torch.full_like(bp, float("nan"))).cpu()
+            for key, v in _layer_scores(logits, logp, ans, inp, cand_t, owner_t, n_words).items():
+                (word if key.startswith("word_") else out)[key][start:end, li] = v.cpu()
 
     mean = (prob_sum / n_rows).cpu()
     top = mean.topk(top_k, dim=-1)
@@ -1022,10 +992,46 @@ def _run_lens(model, batch, pos_idx, pos_label, sel_layers, top_k, decoder, word
     )
     return LensResult(
         layers=tuple(sel_layers), n_layers=info.n_layers, top_ids=top.indices, top_probs=top.values, top_tokens=top_tokens,
-        **out, task_words=tuple(words), task_word_rank=_nanmean(word_rank, 0), task_word_prob=_nanmean(word_prob, 0),
+        **out, task_words=tuple(words), task_word_rank=_nanmean(word["word_rank"], 0), task_word_prob=_nanmean(word["word_prob"], 0),
         answer_ids=answer_ids.cpu(), input_ids=input_ids.cpu(), position=pos_label, lens=lens_name, task=task_name,
         family=family, mean_probs=mean if keep_distribution else None, token_strings=extra_tokens, meta=meta,
     )
+
+
+def _layer_scores(logits: Float[Tensor, "batch d_vocab"], logp: Float[Tensor, "batch d_vocab"], ans: Int[Tensor, " batch"],
+                  inp: Int[Tensor, " batch"], cand: Int[Tensor, " cand"], owner: Int[Tensor, " cand"],
+                  n_words: int) -> dict[str, Tensor]:
+    """One layer's lens read-out of a chunk (Luo et al. 2024, §4): rank (1 = top, among the logits) and probability of
+    each row's answer, its input (NaN where there is none: ``inp < 0``) and, with task words, the best
+    ranked of them (``task_*``) and each word's best token (``word_*``, ``[batch, word]``; a word whose
+    tokens are only this row's answer or input says nothing about the task: NaN)."""
+    a_rank = _ranks(logits, ans[:, None])[:, 0]
+    ok = inp >= 0
+    i_rank = _ranks(logits, inp.clamp(min=0)[:, None])[:, 0]
+    i_prob = logp.gather(1, inp.clamp(min=0)[:, None])[:, 0].exp()
+    nan = torch.full_like(i_rank, float("nan"))
+    out = dict(answer_rank=a_rank, answer_prob=logp.gather(1, ans[:, None])[:, 0].exp(),
+               input_rank=torch.where(ok, i_rank, nan), input_prob=torch.where(ok, i_prob, nan))
+    if not n_words:
+        return out
+    b = logp.shape[0]
+    ids = cand.expand(b, -1)
+    c_rank = _ranks(logits, ids)
+    c_prob = logp.gather(1, ids).exp()
+    excluded = (ids == ans[:, None]) | (ids == inp[:, None])
+    c_rank = torch.where(excluded, torch.full_like(c_rank, float("inf")), c_rank)
+    c_prob = torch.where(excluded, torch.full_like(c_prob, -1.0), c_prob)
+    w_rank = torch.full((b, n_words), float("inf"), device=logp.device).scatter_reduce(1, owner.expand(b, -1), c_rank, "amin")
+    w_prob = torch.full((b, n_words), -1.0, device=logp.device).scatter_reduce(1, owner.expand(b, -1), c_prob, "amax")
+    undefined = torch.isinf(w_rank)
+    out["word_rank"] = torch.where(undefined, torch.full_like(w_rank, float("nan")), w_rank)
+    out["word_prob"] = torch.where(undefined, torch.full_like(w_prob, float("nan")), w_prob)
+    best = w_rank.min(1)  # undefined words are +inf already
+    has = torch.isfinite(best.values)
+    bp = out["word_prob"].gather(1, best.indices[:, None])[:, 0]
+    out["task_rank"] = torch.where(has, best.values, torch.full_like(best.values, float("nan")))
+    out["task_prob"] = torch.where(has, bp, torch.full_like(bp, float("nan")))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
