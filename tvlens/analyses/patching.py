@@ -705,79 +705,27 @@ def attribution_patch_heads(
     # the same checks as patch_heads over every head (the gradient covers all of them at once)
     sw = _HeadSweep.check(model, target, source, positions=positions, metric=metric, component=component,
                           layers=None, heads=None, sites=None, normalize=normalize)
-    info, positions, n_units, tgt, src, means = sw.info, sw.positions, sw.n_units, sw.tgt, sw.src, sw.means
+    positions, tgt, src, means = sw.positions, sw.tgt, sw.src, sw.means
     t0 = time.perf_counter()
-    L, P = info.n_layers, tgt.n_pos
-    dev = _hooks.device_of(model)
-    est_chunks, tvals, svals = [], [], []
-    for g0, g1 in _prompt_groups(len(tgt), batch_size):
-        tg = tgt.slice(g0, g1)
-        leaves: dict[int, Tensor] = {}
-        acts: dict[int, Tensor] = {}
-
-        def tap(layer: int):
-            def fn(act: Tensor, hook: Any = None) -> Tensor:
-                leaf = torch.zeros_like(act, requires_grad=True)
-                leaves[layer], acts[layer] = leaf, act.detach()
-                return act + leaf
-            return fn
-
-        with torch.enable_grad():
-            logits = _hooks.run(model, tg.tokens.to(dev), attention_mask=tg.mask.to(dev),
-                                fwd_hooks=[(act_name(component, l), tap(l)) for l in range(L)])[:, -1]
-            fn = resolve_metric(metric, tg, logits.detach())
-            m = fn(logits[:, None])[:, 0]
-            grads = torch.autograd.grad(m.sum(), [leaves[l] for l in range(L)])
-        tvals.append(m.detach())
-        if means is None:
-            s_acts, s_logits = capture_acts(model, src.slice(g0, g1), component, list(range(L)),
-                                             final_only=positions == "final")
-            svals.append(fn(s_logits[:, None])[:, 0])
-        per_layer = []
-        for l in range(L):
-            here = slice(-1, None) if positions == "final" else slice(None)  # [b, pos|1, unit, d_head]
-            new = means[l].to(dev, acts[l].dtype)[None, None] if means is not None else s_acts[l]
-            contrib = ((new - acts[l][:, here]).float() * grads[l][:, here].float()).sum(-1)  # [b, pos, unit]
-            if positions == "each":
-                per_layer.append(contrib.transpose(1, 2))  # [b, unit, pos]
-            else:
-                per_layer.append(contrib.sum(1))  # [b, unit]
-        est_chunks.append(torch.stack(per_layer, 1).detach())  # [b, layer, unit(, pos)]
+    chunks = [_attribution_chunk(model, tgt.slice(g0, g1), None if means is not None else src.slice(g0, g1), means,
+                                 metric, positions, component, sw.info.n_layers)
+              for g0, g1 in _prompt_groups(len(tgt), batch_size)]
+    est_chunks, tvals, svals = zip(*chunks)
     per_prompt = torch.cat(est_chunks, 0)
     values = per_prompt.mean(0)
     target_value = float(torch.cat(tvals).mean())
-    source_value = float(torch.cat(svals).mean()) if svals else None
+    source_value = float(torch.cat(svals).mean()) if means is None else None
     dims = ("layer", "head", "pos") if positions == "each" else ("layer", "head")
     seconds = time.perf_counter() - t0
-    exact = None
-    corr = None
+    exact = corr = exact_seconds = None
     if confirm_top:
-        flat = values.abs().reshape(-1)
-        k = flat.numel() if confirm_top == "all" else min(int(confirm_top), flat.numel())
-        idx = flat.topk(k).indices.tolist()
-        coords = [tuple(int(x) for x in torch.unravel_index(torch.tensor(i), values.shape)) for i in idx]
-        exact = torch.full(values.shape, float("nan"))
-        by_pos: dict[int, list[tuple[int, int]]] = {}
-        for c in coords:
-            by_pos.setdefault(c[2] if positions == "each" else -1, []).append((c[0], c[1]))
         t1 = time.perf_counter()
-        for p, sl in by_pos.items():
-            res = _exact_subset(model, tgt, source if means is None else means, positions, p, metric, component, sl,
-                                batch_size, max_memory, progress)
-            for (l, h), v in zip(sl, res):
-                if positions == "each":
-                    exact[l, h, p] = v - target_value
-                else:
-                    exact[l, h] = v - target_value
+        exact, corr = _confirm_top(model, tgt, source if means is None else means, values, confirm_top, target_value,
+                                   positions=positions, metric=metric, component=component, batch_size=batch_size,
+                                   max_memory=max_memory, progress=progress)
         exact_seconds = time.perf_counter() - t1
-        est = torch.stack([values[c].cpu() for c in coords]).float()
-        ex = torch.stack([exact[c] for c in coords]).float()
-        if len(coords) >= 2 and float(est.std()) > 0 and float(ex.std()) > 0:
-            corr = float(torch.corrcoef(torch.stack([est, ex]))[0, 1])
         if normalize and source_value is not None and source_value != target_value:
             exact = exact / (source_value - target_value)
-    else:
-        exact_seconds = None
     meta = _meta(model, what=f"attribution patching ({component}, positions={positions})", positions=positions,
                  component=component, n_prompts=len(tgt), seconds=seconds, exact_seconds=exact_seconds,
                  confirmed=0 if not confirm_top else (values.numel() if confirm_top == "all" else int(confirm_top)))
@@ -788,6 +736,67 @@ def attribution_patch_heads(
                        source_value=source_value, normalized=normalize, per_prompt=per_prompt.cpu(),
                        method="attribution", exact=exact, correlation=corr,
                        pos_labels=_pos_labels(model, tgt) if positions == "each" else None, meta=meta)
+
+
+def _attribution_chunk(model: Any, tg: EngineBatch, sg: EngineBatch | None, means: Tensor | None, metric: Any,
+                       positions: str, component: str, n_layers: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One chunk of prompts: the linearised effect of every head, ``[batch, layer, unit]`` (``[..., pos]``
+    for ``"each"``), from one forward and backward on the target ``tg`` and one forward on the source
+    ``sg`` (or the ``means`` written in); and the target's and source's per-prompt metric."""
+    dev = _hooks.device_of(model)
+    leaves: dict[int, Tensor] = {}
+    acts: dict[int, Tensor] = {}
+
+    def tap(layer: int):
+        # a zero leaf added to the activation: its gradient is d metric / d activation
+        def fn(act: Tensor, hook: Any = None) -> Tensor:
+            leaf = torch.zeros_like(act, requires_grad=True)
+            leaves[layer], acts[layer] = leaf, act.detach()
+            return act + leaf
+        return fn
+
+    with torch.enable_grad():
+        logits = _hooks.run(model, tg.tokens.to(dev), attention_mask=tg.mask.to(dev),
+                            fwd_hooks=[(act_name(component, l), tap(l)) for l in range(n_layers)])[:, -1]
+        fn = resolve_metric(metric, tg, logits.detach())
+        m = fn(logits[:, None])[:, 0]
+        grads = torch.autograd.grad(m.sum(), [leaves[l] for l in range(n_layers)])
+    sval = None
+    if sg is not None:
+        s_acts, s_logits = capture_acts(model, sg, component, list(range(n_layers)), final_only=positions == "final")
+        sval = fn(s_logits[:, None])[:, 0]
+    here = slice(-1, None) if positions == "final" else slice(None)  # [b, pos|1, unit, d_head]
+    per_layer = []
+    for l in range(n_layers):
+        new = means[l].to(dev, acts[l].dtype)[None, None] if means is not None else s_acts[l]
+        contrib = ((new - acts[l][:, here]).float() * grads[l][:, here].float()).sum(-1)  # [b, pos, unit]
+        per_layer.append(contrib.transpose(1, 2) if positions == "each" else contrib.sum(1))  # [b, unit(, pos)]
+    return torch.stack(per_layer, 1).detach(), m.detach(), sval
+
+
+def _confirm_top(model: Any, tgt: EngineBatch, source: Any, values: Tensor, confirm_top: int | str, target_value: float, *,
+                 positions: str, metric: Any, component: str, batch_size: Any, max_memory: Any,
+                 progress: bool) -> tuple[Tensor, float | None]:
+    """The exact patching effect (:func:`patch_heads`) of the ``confirm_top`` sites of largest
+    ``|estimate|`` (NaN elsewhere), and the Pearson correlation of estimate and exact effect over them."""
+    flat = values.abs().reshape(-1)
+    k = flat.numel() if confirm_top == "all" else min(int(confirm_top), flat.numel())
+    idx = flat.topk(k).indices.tolist()
+    coords = [tuple(int(x) for x in torch.unravel_index(torch.tensor(i), values.shape)) for i in idx]
+    exact = torch.full(values.shape, float("nan"))
+    by_pos: dict[int, list[tuple[int, int]]] = {}
+    for c in coords:
+        by_pos.setdefault(c[2] if positions == "each" else -1, []).append((c[0], c[1]))
+    for p, sl in by_pos.items():
+        res = _exact_subset(model, tgt, source, positions, p, metric, component, sl, batch_size, max_memory, progress)
+        for (l, h), v in zip(sl, res):
+            exact[(l, h, p) if positions == "each" else (l, h)] = v - target_value
+    est = torch.stack([values[c].cpu() for c in coords]).float()
+    ex = torch.stack([exact[c] for c in coords]).float()
+    corr = None
+    if len(coords) >= 2 and float(est.std()) > 0 and float(ex.std()) > 0:
+        corr = float(torch.corrcoef(torch.stack([est, ex]))[0, 1])
+    return exact, corr
 
 
 def _exact_subset(model: Any, tgt: EngineBatch, source: Any, positions: str, p: int, metric: Any, component: str,
