@@ -238,7 +238,6 @@ def finetune(
     split's zero-shot and ``eval_shots``-shot accuracy are logged. ``model`` is deep-copied first
     and never changed. All arguments and prompts are checked before the copy is made.
     """
-    from ..inputs.text import icl_prompts
     from ..tasks import resolve_tasks
 
     if method not in METHODS:
@@ -264,14 +263,8 @@ def finetune(
     task_list = resolve_tasks(tasks)
     _check_tasks(task_list, shots, min_train_pairs)
 
-    train = [icl_prompts(model, t, n_prompts=n_prompts, n_shots=k, split="train", seed=seed) for t in task_list for k in shots]
-    dev = []
-    for t in task_list:
-        n = min(n_eval_prompts, len({x for x, _ in t.split("dev")}))
-        z = icl_prompts(model, t, n_prompts=n, n_shots=0, split="dev", seed=seed)
-        dev.append((z, icl_prompts(model, t, queries=list(zip(z.queries, z.answers)), n_shots=eval_shots, seed=seed)))
-    rows = _rows(train)
-    pad = int(train[0].options.get("pad_token_id", 0))
+    train, dev = _finetune_prompts(model, task_list, shots, n_prompts=n_prompts, n_eval_prompts=n_eval_prompts,
+                                   eval_shots=eval_shots, seed=seed)
     targets = None
     if method == "lora":
         targets = lora_targets(model) if target_modules is None else target_modules
@@ -280,52 +273,12 @@ def finetune(
     work = copy.deepcopy(model)
     if device is not None:
         work = work.to(device)
-    dev_device = next(work.parameters()).device
     work.eval()  # dropout off: the same seed gives the same weights
-    pm = None
-    if method == "full":
-        params = [p for p in work.parameters()]
-        for p in params:
-            p.requires_grad_(True)
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            pm = peft_model(work, rank=rank, lora_alpha=alpha, target_modules=targets)
-        params = [p for p in work.parameters() if p.requires_grad]
+    params, pm = _trainable(work, method, seed=seed, rank=rank, lora_alpha=alpha, target_modules=targets)
     n_trained = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    gen = torch.Generator().manual_seed(seed)
-
-    losses: list[float] = []
-    evals: list[int] = []
-    zs_log: list[list[float]] = []
-    icl_log: list[list[float]] = []
-
-    def log(step: int) -> None:
-        with torch.no_grad():
-            zs, icl = _dev_scores(work, dev)
-        evals.append(step)
-        zs_log.append(zs)
-        icl_log.append(icl)
-        _LOG.info("step %d: dev zero-shot %s, %d-shot %s", step, _fmt(task_list, zs), eval_shots, _fmt(task_list, icl))
-
-    from tqdm.auto import tqdm
-
-    log(0)
-    bar = tqdm(range(1, steps + 1), desc=f"fine-tune ({method})", disable=not progress, leave=False)
-    for step in bar:
-        idx = torch.randperm(len(rows), generator=gen)[:batch_size].tolist()
-        tokens, mask, tgt = _collate([rows[i] for i in idx], loss, pad)
-        logits = work(tokens.to(dev_device), attention_mask=mask.to(dev_device))
-        value = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.to(dev_device).reshape(-1),
-                                ignore_index=-100)
-        opt.zero_grad(set_to_none=True)
-        value.backward()
-        opt.step()
-        losses.append(value.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if step % eval_every == 0 or step == steps:
-            log(step)
+    curves = _train(work, opt, train, dev, task_list, method=method, steps=steps, batch_size=batch_size, loss=loss,
+                    eval_every=eval_every, eval_shots=eval_shots, seed=seed, progress=progress)
     for p in work.parameters():
         p.requires_grad_(False)
 
@@ -339,9 +292,81 @@ def finetune(
         vector = WeightVector.between(model, work, task=_label(task_list), kind="full", seed=seed, **extra)
         tuned = work
     meta = ResultMeta.for_model(model, tasks=[t.name for t in task_list], seed=seed, **extra)
-    return FineTuned(model=tuned, vector=vector, tasks=tuple(t.name for t in task_list), loss=torch.tensor(losses),
-                     eval_steps=tuple(evals), zero_shot=torch.tensor(zs_log), icl=torch.tensor(icl_log),
+    return FineTuned(model=tuned, vector=vector, tasks=tuple(t.name for t in task_list), **curves,
                      n_trained=n_trained, seconds=time.perf_counter() - t0, meta=meta)
+
+
+def _finetune_prompts(model: Any, task_list: Sequence[Any], shots: Sequence[int], *, n_prompts: int, n_eval_prompts: int,
+                      eval_shots: int, seed: int) -> tuple[list[Any], list[tuple[Any, Any]]]:
+    """The training prompts (``n_prompts`` train-split ``k``-shot prompts per task and ``k``) and, per
+    task, the dev split's zero-shot prompts with their ``eval_shots``-shot twins (same queries)."""
+    from ..inputs.text import icl_prompts
+
+    train = [icl_prompts(model, t, n_prompts=n_prompts, n_shots=k, split="train", seed=seed) for t in task_list for k in shots]
+    dev = []
+    for t in task_list:
+        n = min(n_eval_prompts, len({x for x, _ in t.split("dev")}))
+        z = icl_prompts(model, t, n_prompts=n, n_shots=0, split="dev", seed=seed)
+        dev.append((z, icl_prompts(model, t, queries=list(zip(z.queries, z.answers)), n_shots=eval_shots, seed=seed)))
+    return train, dev
+
+
+def _trainable(work: Any, method: str, *, seed: int, rank: int, lora_alpha: float,
+               target_modules: Any) -> tuple[list[torch.nn.Parameter], Any]:
+    """The parameters ``method`` trains in the copy ``work`` (every weight, or fresh LoRA adapters seeded
+    by ``seed`` under a private RNG), and the peft model holding the adapters (``None`` for ``"full"``)."""
+    if method == "full":
+        params = list(work.parameters())
+        for p in params:
+            p.requires_grad_(True)
+        return params, None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        pm = peft_model(work, rank=rank, lora_alpha=lora_alpha, target_modules=target_modules)
+    return [p for p in work.parameters() if p.requires_grad], pm
+
+
+def _train(work: Any, opt: torch.optim.Optimizer, train: Sequence[Any], dev: Sequence[tuple[Any, Any]],
+           task_list: Sequence[Any], *, method: str, steps: int, batch_size: int, loss: str, eval_every: int,
+           eval_shots: int, seed: int, progress: bool) -> dict[str, Any]:
+    """``steps`` AdamW steps on minibatches drawn by ``torch.Generator(seed)``; the dev scores at step 0,
+    every ``eval_every`` steps and at the end. Returns FineTuned's curves (loss, eval_steps, zero_shot, icl)."""
+    from tqdm.auto import tqdm
+
+    rows = _rows(train)
+    pad = int(train[0].options.get("pad_token_id", 0))
+    device = next(work.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    evals: list[int] = []
+    zs_log: list[list[float]] = []
+    icl_log: list[list[float]] = []
+
+    def log(step: int) -> None:
+        with torch.no_grad():
+            zs, icl = _dev_scores(work, dev)
+        evals.append(step)
+        zs_log.append(zs)
+        icl_log.append(icl)
+        _LOG.info("step %d: dev zero-shot %s, %d-shot %s", step, _fmt(task_list, zs), eval_shots, _fmt(task_list, icl))
+
+    log(0)
+    bar = tqdm(range(1, steps + 1), desc=f"fine-tune ({method})", disable=not progress, leave=False)
+    for step in bar:
+        idx = torch.randperm(len(rows), generator=gen)[:batch_size].tolist()
+        tokens, mask, tgt = _collate([rows[i] for i in idx], loss, pad)
+        logits = work(tokens.to(device), attention_mask=mask.to(device))
+        value = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.to(device).reshape(-1),
+                                ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+        losses.append(value.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if step % eval_every == 0 or step == steps:
+            log(step)
+    return dict(loss=torch.tensor(losses), eval_steps=tuple(evals), zero_shot=torch.tensor(zs_log),
+                icl=torch.tensor(icl_log))
 
 
 def _label(task_list: Sequence[Any]) -> str:
