@@ -1155,12 +1155,7 @@ def visual_study(
     info = ModelInfo.of(model)
     ev = {v: concat([canvases(t, n_eval, examples=v, seed=seed + 1000) for t in names]) for v in ("shown", "masked", "blank")}
     ev["noisy"] = concat([canvases(t, n_eval, seed=seed + 1000, noise=noise) for t in names])
-    preds, baselines, exact, changed = {}, {}, {}, {}
-    for v, b in ev.items():
-        preds[v], sc = _icl_scores(model, b)
-        label = {"shown": "1-shot ICL", "noisy": f"ICL noise {noise}", "masked": "masked example", "blank": "blank example"}[v]
-        baselines[label], exact[label] = _by_task(b, sc.code_acc), _by_task(b, sc.exact)
-        changed[label] = _by_task(b, sc.changed)
+    preds, baselines, exact, changed = _study_baselines(model, ev, noise)
     say("baselines " + ", ".join(f"{k} {v['mean']:.3f}" for k, v in baselines.items()))
 
     stats = canvas_means(model, names, n=n_means, seed=seed)
@@ -1177,41 +1172,18 @@ def visual_study(
 
     space = rho.top_pairs(candidates)
     groups = {"multi": names, **({t: [t] for t in names} if per_task else {})}
+    search = dict(candidates=space, samples=samples, lr=lr, sparsity=sparsity, seed=seed, progress=progress)
     comparison, selections, patched_preds = [], {}, {}
     for group, g_tasks in groups.items():
         sel_batch = concat([canvases(t, n_select, examples="masked", seed=seed + 2000, split="train") for t in g_tasks])
         obj = CanvasPatch(model, sel_batch, stats)
-        eval_rows = [i for i, t in enumerate(target_ev.tasks) if t in g_tasks]
-        found: dict[str, PairSelection] = {}
         budget_g = budget if group == "multi" or task_budget is None else task_budget
-        for m in methods:
-            if m == "reinforce":
-                found[m] = reinforce_pairs(obj, candidates=space, steps=budget_g // samples, samples=samples, sparsity=sparsity,
-                                           seed=seed, init_logit=0.0, lr=lr)
-            elif m == "soft":
-                found[m] = soft_pairs(obj, candidates=space, steps=max(1, budget_g // 3), l1=sparsity, seed=seed,
-                                      init_logit=0.0, lr=0.2)
-            elif m == "cma":
-                found[m] = cma_pairs(obj, candidates=space, budget=budget_g, popsize=samples, sparsity=sparsity, seed=seed)
-            elif m == "grs":
-                found[m] = grs_pairs(obj, candidates=space, budget=budget_g, samples=samples, sparsity=sparsity, seed=seed,
-                                     init_p=0.5)
-            else:
-                raise ValueError(f"unknown method {m!r}; use some of reinforce, soft, cma, grs")
-        selections[group] = found
+        found = selections[group] = {m: _search_pairs(m, obj, budget=budget_g, **search) for m in methods}
+        eval_rows = [i for i, t in enumerate(target_ev.tasks) if t in g_tasks]
         sub = obj_ev if group == "multi" else CanvasPatch(model, target_ev.select(eval_rows), stats)
-        extra = [("soft, α > 0.5 as a 0/1 mask", found["soft"].mask.float())] if "soft" in found else []
-        weights = torch.stack([s.weights for s in found.values()] + [topk_pairs(rho, max(1, s.k)) for s in found.values()]
-                              + [w for _, w in extra])
+        rows, weights = _selection_rows(found, rho, group)
         accs = sub.per_task(weights)
-        for j, (m, s) in enumerate(found.items()):
-            comparison.append({"method": m, "group": group, "k": s.k, "evaluations": s.evaluations,
-                               "acc": {t: float(v[j]) for t, v in accs.items()}, "seconds": s.seconds})
-            comparison.append({"method": f"top-k ρ (k of {m})", "group": group, "k": max(1, s.k), "evaluations": 0,
-                               "acc": {t: float(v[len(found) + j]) for t, v in accs.items()}})
-        for j, (name, w) in enumerate(extra):
-            comparison.append({"method": name, "group": group, "k": int(w.sum()), "evaluations": 0,
-                               "acc": {t: float(v[2 * len(found) + j]) for t, v in accs.items()}})
+        comparison += [{**row, "acc": {t: float(v[j]) for t, v in accs.items()}} for row, j in rows]
         if group == "multi":
             pr = sub.predictions(weights[:len(found)])
             patched_preds = {m: pr[:, j] for j, m in enumerate(found)}
@@ -1219,15 +1191,7 @@ def visual_study(
 
     if noise:  # Hojel et al.'s claim, patched vs 1-shot: means of noisy canvases against one noisy example
         noisy = CanvasPatch(model, target_ev, canvas_means(model, names, n=n_means, seed=seed, noise=noise))
-        n_all = rho.per_position.numel()
-        rows_ = [(f"top-k ρ, noise-{noise} means", k, topk_pairs(rho, k)) for k in (*ks, n_all)]
-        if "reinforce" in selections["multi"]:
-            rows_.append((f"reinforce, noise-{noise} means", selections["multi"]["reinforce"].k,
-                          selections["multi"]["reinforce"].weights))
-        acc = noisy.per_task(torch.stack([w for *_, w in rows_]))
-        for j, (name, k, _) in enumerate(rows_):
-            comparison.append({"method": name, "group": "multi", "k": int(k), "evaluations": 0,
-                               "acc": {t: float(v[j]) for t, v in acc.items()}})
+        comparison += _noisy_means_rows(noisy, rho, ks, selections["multi"].get("reinforce"), noise)
         say(f"noise-{noise} means")
 
     best_k = curve.best_k(0.9, "exact") or curve.ks[-1]
@@ -1251,3 +1215,64 @@ def visual_study(
                 "seed": seed, "best_k": best_k}
     return VisualStudy(tuple(names), baselines, exact, changed, rho, curve, heads, comparison, selections, arith, figures, settings,
                        time.perf_counter() - t0)
+
+
+def _study_baselines(model: Any, ev: Mapping[str, Any], noise: int) -> tuple[dict, dict, dict, dict]:
+    """Predictions, and per-task code accuracy, exact-cell accuracy and accuracy on the changed codes, of
+    the study's held-out canvases: 1-shot ICL, noisy ICL, masked and blank example rows."""
+    labels = {"shown": "1-shot ICL", "noisy": f"ICL noise {noise}", "masked": "masked example", "blank": "blank example"}
+    preds, baselines, exact, changed = {}, {}, {}, {}
+    for v, b in ev.items():
+        preds[v], sc = _icl_scores(model, b)
+        label = labels[v]
+        baselines[label], exact[label] = _by_task(b, sc.code_acc), _by_task(b, sc.exact)
+        changed[label] = _by_task(b, sc.changed)
+    return preds, baselines, exact, changed
+
+
+def _search_pairs(method: str, obj: Any, *, candidates: Any, budget: int, samples: int, lr: float, sparsity: float,
+                  seed: int, progress: bool) -> PairSelection:
+    """One (head, position) search of the study, at ``budget`` mask evaluations (Hojel et al. 2024, §3.2)."""
+    if method == "reinforce":
+        return reinforce_pairs(obj, candidates=candidates, steps=budget // samples, samples=samples, sparsity=sparsity,
+                               seed=seed, init_logit=0.0, lr=lr, progress=progress)
+    if method == "soft":
+        return soft_pairs(obj, candidates=candidates, steps=max(1, budget // 3), l1=sparsity, seed=seed, init_logit=0.0,
+                          lr=0.2, progress=progress)
+    if method == "cma":
+        return cma_pairs(obj, candidates=candidates, budget=budget, popsize=samples, sparsity=sparsity, seed=seed,
+                         progress=progress)
+    if method == "grs":
+        return grs_pairs(obj, candidates=candidates, budget=budget, samples=samples, sparsity=sparsity, seed=seed,
+                         init_p=0.5, progress=progress)
+    raise ValueError(f"unknown method {method!r}; use some of reinforce, soft, cma, grs")
+
+
+def _selection_rows(found: Mapping[str, PairSelection], rho: VisualTaskness,
+                    group: str) -> tuple[list[tuple[dict[str, Any], int]], Float[Tensor, "mask layer head pos"]]:
+    """One group's comparison rows — each selection beside the top-k ρ of its k, then soft α > 0.5 as a
+    0/1 mask — each with the index of its mask in the stack returned beside them."""
+    extra = [("soft, α > 0.5 as a 0/1 mask", found["soft"].mask.float())] if "soft" in found else []
+    weights = torch.stack([s.weights for s in found.values()] + [topk_pairs(rho, max(1, s.k)) for s in found.values()]
+                          + [w for _, w in extra])
+    n = len(found)
+    rows: list[tuple[dict[str, Any], int]] = []  # (row, its column of weights), each selection beside its top-k ρ
+    for j, (m, s) in enumerate(found.items()):
+        rows.append(({"method": m, "group": group, "k": s.k, "evaluations": s.evaluations, "seconds": s.seconds}, j))
+        rows.append(({"method": f"top-k ρ (k of {m})", "group": group, "k": max(1, s.k), "evaluations": 0}, n + j))
+    rows += [({"method": name, "group": group, "k": int(w.sum()), "evaluations": 0}, 2 * n + j)
+             for j, (name, w) in enumerate(extra)]
+    return rows, weights
+
+
+def _noisy_means_rows(noisy: Any, rho: VisualTaskness, ks: Sequence[int], reinforce: PairSelection | None,
+                      noise: int) -> list[dict[str, Any]]:
+    """Comparison rows of top-k ρ (every k, and all pairs) and of REINFORCE's mask, patched with the
+    means of noisy canvases."""
+    n_all = rho.per_position.numel()
+    rows = [(f"top-k ρ, noise-{noise} means", k, topk_pairs(rho, k)) for k in (*ks, n_all)]
+    if reinforce is not None:
+        rows.append((f"reinforce, noise-{noise} means", reinforce.k, reinforce.weights))
+    acc = noisy.per_task(torch.stack([w for *_, w in rows]))
+    return [{"method": name, "group": "multi", "k": int(k), "evaluations": 0, "acc": {t: float(v[j]) for t, v in acc.items()}}
+            for j, (name, k, _) in enumerate(rows)]
