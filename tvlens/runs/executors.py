@@ -326,6 +326,94 @@ def _probe(address: str, timeout: float = 3.0) -> None:
             f"{port}`, check the address, or use RayExecutor(address=None) to start a local cluster") from err
 
 
+class _RayRound:
+    """The state of one :meth:`RayExecutor.run`: the units still queued, those in flight (by object
+    ref: the unit and its worker's index), the dead workers, and what a finished or lost unit does.
+
+    Units go one at a time to the least busy live worker, at most ``_IN_FLIGHT`` each, so a short
+    queue spreads over the workers; a unit whose worker died goes back to the front of the queue.
+    """
+
+    def __init__(self, ex: "RayExecutor", ray: Any, todo: Sequence[Unit], results: dict, report: RunReport,
+                 checkpoint: Any, bar: Any, *, n_units: int) -> None:
+        self.ex, self.ray, self.results, self.report = ex, ray, results, report
+        self.checkpoint, self.bar, self.n_units = checkpoint, bar, n_units
+        self.queue = deque(todo)
+        self.inflight: dict[Any, tuple[Unit, int]] = {}
+        self.dead: set[int] = set()
+        self.shared: dict[int, Any] = {}
+
+    def put(self, x: Any) -> Any:
+        """A :class:`Shared` argument as one object ref for the whole run; anything else as it is."""
+        if isinstance(x, Shared):
+            if id(x) not in self.shared:
+                self.shared[id(x)] = (self.ray.put(x.value), x)  # keep x alive: ids stay unique
+            return self.shared[id(x)][0]
+        return x
+
+    def submit(self, i: int) -> None:
+        u = self.queue.popleft()
+        ref = self.ex._actors[i].run.remote(u.fn, u.key, *map(self.put, u.args),
+                                            **{n: self.put(v) for n, v in u.kwargs.items()})
+        self.inflight[ref] = (u, i)
+
+    def fill(self) -> None:
+        load = {i: 0 for i in range(len(self.ex._actors)) if i not in self.dead}
+        for _, i in self.inflight.values():
+            if i in load:
+                load[i] += 1
+        while self.queue and load:
+            i = min(load, key=lambda j: (load[j], j))
+            if load[i] >= _IN_FLIGHT:
+                break
+            self.submit(i)
+            load[i] += 1
+
+    def lost(self, u: Unit, i: int) -> None:
+        """Worker ``i`` died running ``u``: replace it (while restarts last) and queue ``u`` again first."""
+        if i not in self.dead:
+            self.dead.add(i)
+            self.report.worker_deaths += 1
+            self.ex._replace(self.ray, i, self.dead)
+        self.queue.appendleft(u)
+        self.report.resubmitted.append(_unit_key(u.key))
+        if len(self.dead) >= len(self.ex._actors):
+            resume = (" and kept in the checkpoint: re-run with the same checkpoint= to resume"
+                      if self.checkpoint is not None else "")
+            raise RuntimeError(
+                f"every Ray worker died and max_restarts={self.ex.max_restarts} replacements are used up; "
+                f"{len(self.results)} of {self.n_units} units are finished{resume}; "
+                "check the workers' memory (a replica per worker) or raise max_restarts") from None
+        self.fill()
+
+    def done(self, u: Unit, i: int, res: dict[str, Tensor]) -> None:
+        """Keep ``u``'s result once (a unit resubmitted after a fault may finish twice)."""
+        k = _unit_key(u.key)
+        who = f"ray:{self.ex._info[i].get('host', '?')}:{self.ex._info[i].get('pid', '?')}"
+        if k in self.results:
+            self.report.duplicates_dropped += 1
+        else:
+            if self.bar is not None:
+                self.bar.set_postfix(workers=len(self.ex._actors) - len(self.dead))
+            _keep(k, res, who, results=self.results, report=self.report, checkpoint=self.checkpoint, bar=self.bar,
+                  on_result=self.ex.on_result)
+        self.fill()
+
+    def close(self) -> None:
+        """Cancel what is still running (after an error), close the bar, forget the dead workers
+        (the live ones are kept for the next run)."""
+        for ref in list(self.inflight):
+            try:
+                self.ray.cancel(ref)
+            except Exception:
+                pass
+        if self.bar is not None:
+            self.bar.close()
+        if self.dead:
+            self.ex._actors = [a for j, a in enumerate(self.ex._actors) if j not in self.dead]
+            self.ex._info = [x for j, x in enumerate(self.ex._info) if j not in self.dead]
+
+
 class RayExecutor:
     """Run units on Ray actors, each holding a model replica loaded with :func:`tvlens.load_model`.
 
@@ -533,86 +621,26 @@ class RayExecutor:
         ray = self._ray()
         report = RunReport(self.name, len(self._actors), units=len(units), from_checkpoint=len(results))
         lost = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError)
-        shared: dict[int, Any] = {}
-
-        def put(x: Any) -> Any:
-            if isinstance(x, Shared):
-                if id(x) not in shared:
-                    shared[id(x)] = (ray.put(x.value), x)  # keep x alive: ids stay unique
-                return shared[id(x)][0]
-            return x
-
-        queue = deque(todo)
-        inflight: dict[Any, tuple[Unit, int]] = {}
-        dead: set[int] = set()
         bar = _progress_bar(len(units), len(results), f"{desc} [ray x{len(self._actors)}]", progress and len(units) > 1)
-
-        def submit(i: int) -> None:
-            u = queue.popleft()
-            ref = self._actors[i].run.remote(u.fn, u.key, *map(put, u.args), **{n: put(v) for n, v in u.kwargs.items()})
-            inflight[ref] = (u, i)
-
-        def fill() -> None:
-            load = {i: 0 for i in range(len(self._actors)) if i not in dead}
-            for _, i in inflight.values():
-                if i in load:
-                    load[i] += 1
-            while queue and load:  # one unit at a time to the least busy worker: a short queue spreads out
-                i = min(load, key=lambda j: (load[j], j))
-                if load[i] >= _IN_FLIGHT:
-                    break
-                submit(i)
-                load[i] += 1
-
+        rnd = _RayRound(self, ray, todo, results, report, checkpoint, bar, n_units=len(units))
         try:
-            fill()
-            while inflight:
-                ready, _ = ray.wait(list(inflight), num_returns=1)
-                ref = ready[0]
-                u, i = inflight.pop(ref)
-                k = _unit_key(u.key)
+            rnd.fill()
+            while rnd.inflight:
+                ready, _ = ray.wait(list(rnd.inflight), num_returns=1)
+                u, i = rnd.inflight.pop(ready[0])
                 try:
-                    res = ray.get(ref)
+                    res = ray.get(ready[0])
                 except lost:
-                    if i not in dead:
-                        dead.add(i)
-                        report.worker_deaths += 1
-                        self._replace(ray, i, dead)
-                    queue.appendleft(u)
-                    report.resubmitted.append(k)
-                    if len(dead) >= len(self._actors):
-                        raise RuntimeError(
-                            f"every Ray worker died and max_restarts={self.max_restarts} replacements are used up; "
-                            f"{len(results)} of {len(units)} units are finished"
-                            f"{' and kept in the checkpoint: re-run with the same checkpoint= to resume' if checkpoint is not None else ''}; "
-                            "check the workers' memory (a replica per worker) or raise max_restarts") from None
-                    fill()
+                    rnd.lost(u, i)
                     continue
                 except ray.exceptions.RayTaskError as err:  # the unit itself failed: a real error, not a fault
                     cause = getattr(err, "cause", None)
                     if isinstance(cause, BaseException):
                         raise cause from None
                     raise
-                who = f"ray:{self._info[i].get('host', '?')}:{self._info[i].get('pid', '?')}"
-                if k in results:  # computed twice (resubmitted after a fault): merge it once
-                    report.duplicates_dropped += 1
-                else:
-                    if bar is not None:
-                        bar.set_postfix(workers=len(self._actors) - len(dead))
-                    _keep(k, res, who, results=results, report=report, checkpoint=checkpoint, bar=bar,
-                          on_result=self.on_result)
-                fill()
+                rnd.done(u, i, res)
         finally:
-            for ref in list(inflight):  # an error above: do not leave units running
-                try:
-                    ray.cancel(ref)
-                except Exception:
-                    pass
-            if bar is not None:
-                bar.close()
-            if dead:  # forget dead replicas; keep the live ones for the next run
-                self._actors = [a for j, a in enumerate(self._actors) if j not in dead]
-                self._info = [x for j, x in enumerate(self._info) if j not in dead]
+            rnd.close()
             report.seconds = time.perf_counter() - t0
             self.last_run = report
         missing = [u.key for u in units if _unit_key(u.key) not in results]
