@@ -48,7 +48,7 @@ def row_index(index: Sequence[int] | Tensor, n: int) -> list[int]:
 
 class RowSlicing:
     """Slices and chunks of a batch class that defines ``__len__`` and ``select(rows)`` (text,
-    multimodal): every way of taking rows goes through its one ``select``.
+    multimodal, canvas): every way of taking rows goes through its one ``select``.
 
     A dataclass batch's ``select`` can take its per-row fields from :meth:`_row_fields`: every tensor
     (along its first axis) and every non-empty tuple is one entry per row, except the fields the
