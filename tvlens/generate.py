@@ -198,8 +198,9 @@ def generate(
         raise ValueError(f"prompt token ids must be in 0..{d_vocab - 1} for this model; got {int(tokens.min())}..{int(tokens.max())}")
     mode, site, value = _vector_site(model, vector, mode, alpha, layer)
 
-    step = _Decoding(model, site, value, mode, vector_at, int(tokens.shape[1]), do_sample, temperature, top_k, top_p,
-                     pad, eos_token_id if stop_at_eos else None)
+    step = _Decoding(model=model, site=site, value=value, mode=mode, vector_at=vector_at, n_prompt=int(tokens.shape[1]),
+                     do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, pad=pad,
+                     eos=eos_token_id if stop_at_eos else None)
     gen = torch.Generator().manual_seed(seed)
     outs, lens, fins = zip(*[step.run(tokens[i:i + batch_size], mask[i:i + batch_size], max_new_tokens, gen)
                              for i in range(0, tokens.shape[0], batch_size)])
