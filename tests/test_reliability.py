@@ -239,6 +239,7 @@ def _api():
     from tvlens.inputs.text import evaluate_icl, icl_prompts
     from tvlens.analyses.selection import compare_selections, reinforce_select, soft_select
     from tvlens.analyses.taskness import head_means, taskness
+    from tvlens.analyses.visual import visual_study
     from tvlens.vectors.activation import TaskVector, apply_vector, function_vector, instruction_vector, layer_sweep, task_vector
 
     L = lambda e: e.llama  # noqa: E731
@@ -401,6 +402,11 @@ def _api():
         Bad("selection-from-other-model", lambda e, t: tvlens.Selection.load(e.sel_file, model=e.gpt2), ValueError,
             ("not with the loaded model", "load the model it came from")),
         Bad("k-0", lambda e, t: compare_selections(L(e), TASKS, k=0, progress=False), ValueError, ("k=0", ">= 1")),
+        Bad("visual-study-unknown-method", lambda e, t: visual_study(e.visual, ["hflip", "gray"], methods=("reinforce", "bogus"),
+                                                                    progress=False),
+            ValueError, ("bogus", "reinforce, soft, cma, grs")),
+        Bad("visual-study-one-task", lambda e, t: visual_study(e.visual, ["hflip"], progress=False), ValueError,
+            ("at least 2 tasks", "pass more tasks")),
         Bad("loo-baseline-one-sample", lambda e, t: reinforce_select(L(e), TASKS, baseline="loo", samples_per_step=1,
                                                                    progress=False),
             ValueError, ("samples_per_step=1", "two samples")),

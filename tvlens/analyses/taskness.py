@@ -764,9 +764,7 @@ def rho_token(
         raise ValueError(f"eps={eps} must be > 0 (it floors a zero within-task variance); the default is {DEFAULT_EPS}")
     if means.shape != variances.shape:
         raise ValueError(f"means {tuple(means.shape)} and variances {tuple(variances.shape)} differ in shape")
-    n_tasks = means.shape[0]
-    if n_tasks < 2:
-        raise ValueError(f"ρ_token compares tasks: it needs at least 2 tasks, got {n_tasks}; pass more tasks")
+    _check_task_count(means.shape[0])
     means = means.to(torch.float64)
     variances = variances.to(torch.float64)
     c = counts.to(torch.float64)
@@ -940,17 +938,21 @@ def taskness(model: Any, tasks: Any = None, *, eps: float = DEFAULT_EPS, **kw: A
                 f"ρ_token compares tasks, but tasks is one PromptBatch (the prompts of one task{f', {one!r}' if one else ''}); "
                 "pass one PromptBatch per task in a list, e.g. [tvlens.icl_prompts(model, 'antonym'), "
                 "tvlens.icl_prompts(model, 'country_capital')], or task names")
-        if len(task_list) < 2:
-            raise ValueError(f"ρ_token compares tasks: it needs at least 2 tasks, got {len(task_list)}; pass more tasks")
+        _check_task_count(len(task_list))
         if not eps > 0:
             raise ValueError(f"eps={eps} must be > 0 (it floors a zero within-task variance); the default is {DEFAULT_EPS}")
         stats = head_means(model, task_list, **kw)
     return taskness_from_stats(stats, eps=eps)
 
 
+def _check_task_count(n_tasks: int) -> None:
+    """Refuse fewer than two tasks: ρ_token is a between-task over within-task variance ratio (Hojel et al. 2024, §3.1)."""
+    if n_tasks < 2:
+        raise ValueError(f"ρ_token compares tasks: it needs at least 2 tasks, got {n_tasks}; pass more tasks")
+
+
 def taskness_from_stats(stats: HeadStats, *, eps: float = DEFAULT_EPS) -> Taskness:
-    if stats.n_tasks < 2:
-        raise ValueError(f"ρ_token compares tasks: it needs at least 2 tasks, got {stats.n_tasks}; pass more tasks")
+    _check_task_count(stats.n_tasks)
     meta = {k: stats.meta.get(k) for k in ("model", "config_hash", "n_prompts", "n_shots", "seed", "tvlens_version",
                                            "executor")}
     meta["eps"] = eps

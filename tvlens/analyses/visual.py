@@ -49,7 +49,7 @@ from ..organisms.visual.images import TASKS as VISUAL_TASKS
 from ..organisms.visual.images import apply_task
 from ..results import LayerHeadGrid, Plotted, ResultMeta, Saved, Tabular, WithMeta
 from ..vocabulary import BATCH_SIZE, PROGRESS
-from .taskness import HeadStats, Taskness, head_means, taskness_from_stats
+from .taskness import HeadStats, Taskness, _check_task_count, head_means, taskness_from_stats
 
 __all__ = [
     "VISUAL_TASKS",
@@ -1149,6 +1149,10 @@ def visual_study(
     """
     t0 = time.perf_counter()
     names = _resolve_visual_tasks(tasks)
+    _check_task_count(len(names))  # ρ is the study's second step; refuse one task before the first
+    unknown = [m for m in methods if m not in _STUDY_SEARCHES]
+    if unknown:  # refused before the first forward, not when the loop reaches the method
+        raise ValueError(f"unknown method(s) {unknown}; use some of {', '.join(_STUDY_SEARCHES)}")
     say = (lambda m: print(f"[visual] {m} ({time.perf_counter() - t0:.0f}s)", flush=True)) if progress else (lambda m: None)
     from ..models import ModelInfo
 
@@ -1230,6 +1234,9 @@ def _study_baselines(model: Any, ev: Mapping[str, Any], noise: int) -> tuple[dic
     return preds, baselines, exact, changed
 
 
+_STUDY_SEARCHES = ("reinforce", "soft", "cma", "grs")
+
+
 def _search_pairs(method: str, obj: Any, *, candidates: Any, budget: int, samples: int, lr: float, sparsity: float,
                   seed: int, progress: bool) -> PairSelection:
     """One (head, position) search of the study, at ``budget`` mask evaluations (Hojel et al. 2024, §3.2)."""
@@ -1245,7 +1252,7 @@ def _search_pairs(method: str, obj: Any, *, candidates: Any, budget: int, sample
     if method == "grs":
         return grs_pairs(obj, candidates=candidates, budget=budget, samples=samples, sparsity=sparsity, seed=seed,
                          init_p=0.5, progress=progress)
-    raise ValueError(f"unknown method {method!r}; use some of reinforce, soft, cma, grs")
+    raise ValueError(f"unknown method {method!r}; use some of {', '.join(_STUDY_SEARCHES)}")
 
 
 def _selection_rows(found: Mapping[str, PairSelection], rho: VisualTaskness,
