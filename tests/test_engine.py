@@ -405,3 +405,89 @@ def test_rows_keep_their_own_extra_inputs():
     assert pad_inputs(rows[1], 3)["pixel_values"] is rows[1]["pixel_values"]  # only position inputs are padded
     with pytest.raises(ValueError, match="not each row's own"):
         RowsBatch(tokens, mask, None, inputs={"pixel_values": torch.zeros(3, 3, 2, 2)}).select([0])
+
+
+def _swapped_during(model, fn):
+    """Run ``fn`` and say whether the attention modules ran the delegated forward during it."""
+    from tvlens.engine.attention import _attention_modules
+
+    seen = []
+
+    def spy(act, hook):
+        seen.append(all("forward" in vars(a) for a in _attention_modules(model)))
+    model.blocks[0].hook_resid_pre.add_hook(spy)
+    try:
+        out = fn()
+    finally:
+        model.blocks[0].hook_resid_pre.remove_hooks()
+    return out, seen
+
+
+def test_delegated_attention_is_bit_identical_and_always_restored(tiny_model):
+    """Final-position reads run attention as the wrapped HF module computes it: the same bits as the
+    bridge's own attention (the reference: the same read with delegation off), nothing left behind."""
+    from tvlens.engine.attention import _attention_modules, delegation_ok
+    from tvlens.engine.readout import run_rows
+
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randint(1, 60, (int(n),), generator=g) for n in (5, 9, 3, 12, 7)]  # padded chunks
+    info = tvlens.ModelInfo.of(tiny_model)
+    layers = list(range(info.n_layers + 1))
+    try:
+        capabilities.remember(tiny_model, "delegated_attention", False)
+        ref, ref_caps = run_rows(tiny_model, rows, capture=layers, batch_size=3)
+        capabilities.forget(tiny_model)
+        assert delegation_ok(tiny_model)
+        (got, caps), seen = _swapped_during(tiny_model, lambda: run_rows(tiny_model, rows, capture=layers, batch_size=3))
+    finally:
+        capabilities.forget(tiny_model)
+    assert seen and all(seen)
+    assert torch.equal(got, ref) and all(torch.equal(caps[l], ref_caps[l]) for l in layers)
+    assert not any("forward" in vars(a) for a in _attention_modules(tiny_model))
+
+
+def test_delegation_steps_aside_for_hooks_inside_attention(tiny_llama, batch):
+    """A pass that reads inside attention, or a model with a hook attached there, keeps the bridge's
+    attention: pre-softmax scores are read as scores, and a user's edit of them still acts."""
+    from tvlens.engine.readout import final_logits, read
+
+    name = "blocks.0.attn.hook_attn_scores"
+    (acts, _), seen = _swapped_during(tiny_llama, lambda: read(tiny_llama, batch.tokens, batch.attention_mask, [name], last=True))
+    _, cache = tiny_llama.run_with_cache(batch.tokens, attention_mask=batch.attention_mask, names_filter=[name])
+    assert seen == [False]
+    torch.testing.assert_close(acts[name], cache[name][:, -1:], rtol=0, atol=0)  # read(last=True) takes [:, -1:]
+
+    def boost(scores, hook):
+        return scores + torch.where(torch.isfinite(scores), 3.0, 0.0) * (torch.arange(scores.shape[-1]) == 1)
+    plain = final_logits(tiny_llama, batch)
+    tiny_llama.blocks[0].attn.hook_attn_scores.add_hook(boost)
+    try:
+        got, seen = _swapped_during(tiny_llama, lambda: final_logits(tiny_llama, batch))
+        ref = tiny_llama(batch.tokens, attention_mask=batch.attention_mask)[:, -1]
+    finally:
+        tiny_llama.blocks[0].attn.hook_attn_scores.remove_hooks()
+    assert seen == [False] and not torch.allclose(got, plain)
+    torch.testing.assert_close(got, ref)
+
+
+def test_delegation_is_refused_where_it_would_change_a_number(tiny_llama, monkeypatch):
+    """The per-model check compares the delegated attention with the bridge's: a delegate that is off
+    by 1e-4 is never used, and the reads keep the bridge's numbers."""
+    from tvlens.engine import attention
+    from tvlens.engine.readout import run_rows
+
+    real = attention._base_forward()
+
+    def off(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        return (out[0] + 1e-4, *out[1:])
+    rows = [torch.tensor([3, 4, 5, 6]), torch.tensor([7, 8])]
+    ref, _ = run_rows(tiny_llama, rows)
+    capabilities.forget(tiny_llama)
+    monkeypatch.setattr(attention, "_base_forward", lambda: off)
+    try:
+        assert not attention.delegation_ok(tiny_llama)
+        (got, _), seen = _swapped_during(tiny_llama, lambda: run_rows(tiny_llama, rows))
+    finally:
+        capabilities.forget(tiny_llama)
+    assert seen and not any(seen) and torch.equal(got, ref)

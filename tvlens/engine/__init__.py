@@ -14,7 +14,9 @@ Analyses say *what* to read or change; the engine decides *how* to run it exactl
   run, then last-token recompute, suffix recompute, or whole forwards with columns along the batch
   axis, chosen by what the model supports;
 * :mod:`~tvlens.engine.capabilities` — the one cache of per-model capability checks;
-* :mod:`~tvlens.engine.kv` — the hand-off of cached keys / values to the bridge's attention.
+* :mod:`~tvlens.engine.kv` — the hand-off of cached keys / values to the bridge's attention;
+* :mod:`~tvlens.engine.attention` — read-outs that read nothing inside attention run it as the
+  wrapped Hugging Face module computes it (checked against the bridge's own once per model).
 
 Metrics live in :mod:`tvlens.metrics`, hooks and hook names in :mod:`tvlens.hooks`.
 """

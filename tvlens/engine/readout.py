@@ -5,8 +5,10 @@ chosen blocks, and the logits), optionally with one residual replaced or added t
 :func:`run_shared` runs two prompts that share a prefix as one packed sequence with a tree-shaped
 attention mask (Hendel et al. 2023's prefix trick, without a KV cache); :func:`capture_acts`
 reads whole activations at chosen hooks.  Capabilities these rely on (``logits_to_keep``, the
-last block's MLP on one position, 4D masks) are checked once per model in
-:mod:`tvlens.engine.capabilities`.
+last block's MLP on one position, 4D masks, attention run by the wrapped module) are checked once
+per model in :mod:`tvlens.engine.capabilities`.  Every forward here that reads only real positions
+goes through :func:`run_final`, which hands attention to the wrapped Hugging Face module when no
+hook reads inside it (:mod:`tvlens.engine.attention`).
 """
 
 from __future__ import annotations
@@ -20,25 +22,34 @@ from torch import Tensor
 from .. import hooks as _hooks
 from ..hooks import act_name, resid_name
 from . import capabilities
+from .attention import delegated
 from .batch import EngineBatch, as_batch
 from .plan import gather_inputs, length_buckets, pad_id_of, pad_left, rows_per_forward
 
-__all__ = ["read", "all_logits", "final_logits", "forward_last", "run_rows", "run_shared", "capture_acts", "last_token_only", "pack", "packed_chunk",
+__all__ = ["read", "all_logits", "final_logits", "run_final", "forward_last", "run_rows", "run_shared", "capture_acts", "last_token_only", "pack", "packed_chunk",
            "common_prefix"]
+
+def run_final(model: Any, tokens: Tensor, *, fwd_hooks: Sequence[tuple[Any, Any]] = (), **kw: Any) -> Tensor:
+    """One hooked forward of which only real (not padding) positions are read: attention runs as the
+    wrapped model computes it where that is exact and no hook reads inside it
+    (:func:`tvlens.engine.attention.delegated`)."""
+    with delegated(model, [name for name, _ in fwd_hooks]):
+        return _hooks.run(model, tokens, fwd_hooks=fwd_hooks, **kw)
+
 
 def forward_last(model: Any, tokens: Tensor, mask: Tensor, fwd_hooks: list, **kw: Any) -> Tensor:
     """Final-position logits; asks the model for the last position only when it supports it."""
     # learnt on the first call: a model whose forward does not take the keyword says so by TypeError
     if capabilities.known(model, "logits_to_keep", True):
         try:
-            out = _hooks.run(model, tokens, attention_mask=mask, fwd_hooks=fwd_hooks, logits_to_keep=1, **kw)
+            out = run_final(model, tokens, attention_mask=mask, fwd_hooks=fwd_hooks, logits_to_keep=1, **kw)
             capabilities.remember(model, "logits_to_keep", True)
             return out[:, -1]
         except TypeError as err:
             if "logits_to_keep" not in str(err):
                 raise
             capabilities.remember(model, "logits_to_keep", False)
-    return _hooks.run(model, tokens, attention_mask=mask, fwd_hooks=fwd_hooks, **kw)[:, -1]
+    return run_final(model, tokens, attention_mask=mask, fwd_hooks=fwd_hooks, **kw)[:, -1]
 
 
 def last_token_only(act: Tensor, hook: Any = None) -> Tensor:
@@ -67,8 +78,8 @@ def _check_final_only(model: Any) -> bool:
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, info.d_vocab, (2, 6), generator=g).to(_hooks.device_of(model))
     try:
-        ref = _hooks.run(model, tokens)[:, -1]
-        got = _hooks.run(model, tokens, fwd_hooks=[(name, last_token_only)])[:, -1]
+        ref = run_final(model, tokens)[:, -1]
+        got = run_final(model, tokens, fwd_hooks=[(name, last_token_only)])[:, -1]
         return bool(torch.allclose(got.float(), ref.float(), atol=1e-4, rtol=1e-4))
     except Exception:
         return False
@@ -131,7 +142,7 @@ def run_rows(
         if logits:
             out[it] = forward_last(model, tokens.to(device), mask.to(device), fwd, **extra).detach().to("cpu", torch.float32)
         else:
-            _hooks.run(model, tokens.to(device), attention_mask=mask.to(device), fwd_hooks=fwd, stop_at_layer=stop, **extra)
+            run_final(model, tokens.to(device), attention_mask=mask.to(device), fwd_hooks=fwd, stop_at_layer=stop, **extra)
     return out, caps
 
 
@@ -195,13 +206,13 @@ def _check_tree_mask(model: Any) -> bool:
             store["r"] = act.detach().clone()
 
         dev = _hooks.device_of(model)
-        _hooks.run(model, torch.cat([prefix, a])[None].to(dev), fwd_hooks=[(act_name("resid_pre", layer), grab)])
+        run_final(model, torch.cat([prefix, a])[None].to(dev), fwd_hooks=[(act_name("resid_pre", layer), grab)])
         ref_a = store["r"][0, -1]
-        ref_b = _hooks.run(model, torch.cat([prefix, b])[None].to(dev))[0, -1]
+        ref_b = run_final(model, torch.cat([prefix, b])[None].to(dev))[0, -1]
         t, p, al = pack(prefix, a, b)
         dtype = next(model.parameters()).dtype
         tokens, pos, mask, a_end = packed_chunk(model, [(t, p, al, 5 + 2 - 1)], 0, dtype, dev)
-        got_b = _hooks.run(model, tokens, attention_mask=mask, position_ids=pos,
+        got_b = run_final(model, tokens, attention_mask=mask, position_ids=pos,
                            fwd_hooks=[(act_name("resid_pre", layer), grab)])[0, -1]
         got_a = store["r"][0, int(a_end[0])]
         tol = 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
@@ -319,12 +330,15 @@ def read(
             store[name] = got.detach().to(cast) if cast is not None else got.detach().clone()
         return fn
 
+    # padding positions may differ between attention implementations: whole reads keep the bridge's own
+    real = mask is None or bool((mask[at[0].to(mask.device), at[1].to(mask.device)] if at is not None else mask[:, -1]).all())
+    run = run_final if (at is not None or last) and real else _hooks.run
     device = _hooks.device_of(model)
     if at is not None:
         at = (at[0].to(device), at[1].to(device))
     kw = {} if stop_at_layer is None else {"stop_at_layer": stop_at_layer}
-    out = _hooks.run(model, tokens.to(device), attention_mask=None if mask is None else mask.to(device),
-                     fwd_hooks=[(name, grab(name)) for name in names], **kw, **model_inputs)
+    out = run(model, tokens.to(device), attention_mask=None if mask is None else mask.to(device),
+              fwd_hooks=[(name, grab(name)) for name in names], **kw, **model_inputs)
     logits = out[:, -1].detach() if stop_at_layer is None and isinstance(out, Tensor) and out.ndim == 3 else None
     return store, logits
 
