@@ -41,6 +41,18 @@ def _base_forward() -> Any:
 
 def _attention_modules(model: Any) -> list[Any]:
     """The blocks' attention bridges whose forward re-implements the one of their base class (else [])."""
+    return capabilities.cached(model, "attention_modules", lambda: _find_attention(model))
+
+
+def _hook_points(model: Any) -> list[Any]:
+    """Every hook point inside those attention modules (their layout does not change: found once)."""
+    from transformer_lens.hook_points import HookPoint
+
+    return capabilities.cached(model, "attention_hook_points", lambda: [
+        m for a in _attention_modules(model) for m in a.modules() if isinstance(m, HookPoint)])
+
+
+def _find_attention(model: Any) -> list[Any]:
     base = _base_forward()
     blocks = getattr(model, "blocks", None)
     if base is None or blocks is None:
@@ -54,13 +66,10 @@ def _attention_modules(model: Any) -> list[Any]:
     return mods if any(type(a).forward is not base for a in mods) else []
 
 
-def _hooked_inside(attn: Any) -> bool:
-    """Whether any hook point inside ``attn`` carries a hook someone attached (the HF module's own
+def _hooked_inside(model: Any) -> bool:
+    """Whether any hook point inside attention carries a hook someone attached (the HF module's own
     output-capturing hooks are not hook points: they run on the delegated path as in plain HF)."""
-    from transformer_lens.hook_points import HookPoint
-
-    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-               for m in attn.modules() if isinstance(m, HookPoint))
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in _hook_points(model))
 
 
 def _asks_inside(names: Sequence[Any]) -> bool:
@@ -87,7 +96,7 @@ def delegated(model: Any, names: Sequence[Any] = ()) -> Iterator[None]:
     """Within the block, the model's attention runs as the wrapped HF module computes it, when that
     is exact for this model and the pass's hook ``names`` read nothing inside attention."""
     mods = _attention_modules(model)
-    if not mods or _asks_inside(names) or any(_hooked_inside(a) for a in mods) or not delegation_ok(model):
+    if not mods or _asks_inside(names) or _hooked_inside(model) or not delegation_ok(model):
         yield
         return
     with _swapped(mods):
