@@ -439,11 +439,22 @@ def test_delegated_attention_is_bit_identical_and_always_restored(tiny_model):
         capabilities.forget(tiny_model)
         assert delegation_ok(tiny_model)
         (got, caps), seen = _swapped_during(tiny_model, lambda: run_rows(tiny_model, rows, capture=layers, batch_size=3))
+        restored = not any("forward" in vars(a) for a in _attention_modules(tiny_model))
+
+        def fail(act, hook):
+            raise RuntimeError("a hook that fails mid-forward")
+        tiny_model.blocks[0].hook_resid_pre.add_hook(fail)  # the checks above are cached: only the pass fails
+        try:
+            with pytest.raises(RuntimeError, match="fails mid-forward"):
+                run_rows(tiny_model, rows, batch_size=3)
+        finally:
+            tiny_model.blocks[0].hook_resid_pre.remove_hooks()
+        restored_after_error = not any("forward" in vars(a) for a in _attention_modules(tiny_model))
     finally:
         capabilities.forget(tiny_model)
     assert seen and all(seen)
     assert torch.equal(got, ref) and all(torch.equal(caps[l], ref_caps[l]) for l in layers)
-    assert not any("forward" in vars(a) for a in _attention_modules(tiny_model))
+    assert restored and restored_after_error
 
 
 def test_delegation_steps_aside_for_hooks_inside_attention(tiny_llama, batch):
