@@ -29,6 +29,7 @@ from .plan import gather_inputs, length_buckets, pad_id_of, pad_left, rows_per_f
 __all__ = ["read", "all_logits", "final_logits", "run_final", "forward_last", "run_rows", "run_shared", "capture_acts", "last_token_only", "pack", "packed_chunk",
            "common_prefix"]
 
+
 def run_final(model: Any, tokens: Tensor, *, fwd_hooks: Sequence[tuple[Any, Any]] = (), **kw: Any) -> Tensor:
     """One hooked forward of which only real (not padding) positions are read: attention runs as the
     wrapped model computes it where that is exact and no hook reads inside it
