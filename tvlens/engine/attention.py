@@ -31,12 +31,17 @@ from . import capabilities
 __all__ = ["delegated", "delegation_ok"]
 
 
-def _base_forward() -> Any:
+def _attention_bridge() -> type | None:
     try:
         from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
     except ImportError:  # TransformerLens 3 (HookedTransformer): no bridge, nothing to delegate
         return None
-    return AttentionBridge.forward
+    return AttentionBridge
+
+
+def _base_forward() -> Any:
+    cls = _attention_bridge()
+    return None if cls is None else cls.forward
 
 
 def _attention_modules(model: Any) -> list[Any]:
@@ -53,15 +58,12 @@ def _hook_points(model: Any) -> list[Any]:
 
 
 def _find_attention(model: Any) -> list[Any]:
-    base = _base_forward()
+    cls, base = _attention_bridge(), _base_forward()
     blocks = getattr(model, "blocks", None)
-    if base is None or blocks is None:
+    if cls is None or base is None or blocks is None:
         return []
     mods = [getattr(b, "attn", None) for b in blocks]
-    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
-
-    if not mods or not all(isinstance(a, AttentionBridge) and getattr(a, "original_component", None) is not None
-                           for a in mods):
+    if not mods or not all(isinstance(a, cls) and getattr(a, "original_component", None) is not None for a in mods):
         return []
     return mods if any(type(a).forward is not base for a in mods) else []
 
